@@ -1,0 +1,110 @@
+"""The `trainrun` command: the only module that touches Hydra.
+
+Before Hydra creates a run directory, the overrides of a single run are composed and
+validated here ("preflight"), so that bad input gets one line, `trainrun: error: <key>:
+<what is wrong and what is allowed>`, exit status 2, and nothing on disk changes.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib import resources
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from trainrun.config import Config, register_schemas, to_config, validate
+from trainrun.errors import ConfigError
+
+CONF = "trainrun.conf"
+
+register_schemas()
+
+
+def options(group: str) -> list[str]:
+    """The options of a config group, as conf/<group>/*.yaml names them."""
+    folder = resources.files(CONF) / group
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def explain(exc: Exception) -> ConfigError:
+    """A Hydra/OmegaConf composition error as one ConfigError line."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    if isinstance(exc, ConfigError):
+        return exc
+    if isinstance(exc, OverrideParseException):
+        return ConfigError("override", str(exc).splitlines()[0].replace("Error parsing ", ""))
+    if isinstance(exc, MissingConfigException):
+        missing = (exc.missing_cfg_file or "").strip("/")
+        if "/" in missing:
+            group, option = missing.split("/", 1)
+            return ConfigError(group, f"unknown option {option!r}; allowed: {', '.join(options(group))}")
+        return ConfigError("config", str(exc).splitlines()[0])
+    cause = exc.__cause__ or exc
+    key = getattr(cause, "full_key", None) or "config"
+    schema = getattr(cause, "object_type", None)
+    text = str(cause).splitlines()[0]
+    if " not in " in text and schema is not None:
+        import dataclasses
+
+        allowed = ", ".join(f.name for f in dataclasses.fields(schema))
+        return ConfigError(key, f"unknown key; allowed keys here: {allowed}")
+    return ConfigError(key, text)
+
+
+def load(cfg: DictConfig) -> Config:
+    return validate(to_config(cfg))
+
+
+def preflight(argv: list[str]) -> None:
+    """Compose and validate a single run's overrides; raise ConfigError if they are bad.
+
+    Multirun jobs and Hydra's informational flags (--help, --cfg, ...) are left to Hydra;
+    each multirun job validates itself when it starts.
+    """
+    if any(a.startswith("-") for a in argv):
+        return
+    overrides = [a for a in argv if not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    from hydra import compose, initialize_config_module
+
+    try:
+        with initialize_config_module(config_module=CONF, version_base=None):
+            cfg = compose(config_name="config", overrides=overrides)
+    except Exception as exc:
+        raise explain(exc) from None
+    load(cfg)
+
+
+def fail(error: ConfigError) -> None:
+    print(f"trainrun: error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+@hydra.main(version_base=None, config_path="pkg://trainrun.conf", config_name="config")
+def _job(cfg: DictConfig) -> float:
+    from hydra.core.hydra_config import HydraConfig
+
+    from trainrun import runner
+
+    hc = HydraConfig.get()
+    try:
+        config = load(cfg)
+        choices = {g: o for g, o in hc.runtime.choices.items() if not g.startswith("hydra")}
+        summary = runner.run(config, Path(hc.runtime.output_dir), OmegaConf.to_yaml(cfg), choices)
+    except ConfigError as error:
+        fail(error)
+    return summary["best_val_loss"]
+
+
+def main() -> None:
+    try:
+        preflight(sys.argv[1:])
+    except ConfigError as error:
+        fail(error)
+    _job()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""The configuration: one schema per group option, one root schema, one validate().
+
+Config flows one way: YAML option (conf/) -> its schema (a dataclass registered here in
+Hydra's ConfigStore, so unknown keys and wrong types fail at composition) -> `to_config`
+(turns the composed DictConfig into dataclass instances) -> `validate` (every cross-field
+rule, each naming the dotted key) -> the builders, each given its own section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from trainrun.clip import CLIPPERS, ClipConfig
+from trainrun.data import DATA, DataConfig
+from trainrun.errors import ConfigError, require_in, require_positive
+from trainrun.model import ModelConfig
+from trainrun.optimizers import OPTIMIZERS, OptimizerConfig
+from trainrun.precision import PRECISIONS, PrecisionConfig
+from trainrun.schedules import SCHEDULES, SchedulerConfig
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = MISSING  # optimizer updates, not micro-batches
+    grad_accum_steps: int = MISSING  # micro-batches per update
+    eval_every: int = MISSING  # updates between validations (and one at the end)
+    eval_batches: int = MISSING  # validation micro-batches of data.batch_size sequences
+    log_every: int = MISSING  # updates between train/loss, grad_norm, tokens/s records
+    ckpt_every: int = MISSING  # updates between checkpoints (and one at the end)
+    keep_last: int = MISSING  # newest checkpoints kept (the final one is always kept)
+    seed: int = MISSING
+    device: str = MISSING  # auto | cpu | cuda
+    compile: bool = MISSING  # torch.compile the model
+    max_skipped: int = MISSING  # consecutive non-finite updates before the run stops
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    optimizer: OptimizerConfig = MISSING
+    scheduler: SchedulerConfig = MISSING
+    clip: ClipConfig = MISSING
+    precision: PrecisionConfig = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    resume: str | None = None  # null | auto | a run directory
+
+
+GROUPS = {
+    "data": DATA,
+    "optimizer": OPTIMIZERS,
+    "scheduler": SCHEDULES,
+    "clip": CLIPPERS,
+    "precision": PRECISIONS,
+}
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def register_schemas() -> None:
+    """Put every schema in Hydra's ConfigStore; each conf/<group>/<option>.yaml extends
+    `<option>_schema` of its group, and conf/config.yaml extends `schema`."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(name="schema", node=Config)
+    store.store(group="model", name="model_schema", node=ModelConfig)
+    for group, registry in GROUPS.items():
+        for option, schema in registry.items():
+            store.store(group=group, name=f"{option}_schema", node=schema)
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """The composed DictConfig as dataclass instances, rejecting keys added with `+`."""
+    _reject_unknown_keys(cfg, "")
+    try:
+        return OmegaConf.to_object(cfg)
+    except Exception as exc:  # MissingMandatoryValue, interpolation errors
+        key = getattr(exc, "full_key", None) or "config"
+        raise ConfigError(key, str(exc).splitlines()[0]) from None
+
+
+def _reject_unknown_keys(node: Any, prefix: str) -> None:
+    if not isinstance(node, DictConfig):
+        return
+    schema = OmegaConf.get_type(node)
+    allowed = (
+        {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    )
+    for key in node.keys():
+        dotted = f"{prefix}{key}"
+        if allowed is not None and key not in allowed:
+            raise ConfigError(
+                dotted, f"unknown key; allowed keys here: {', '.join(sorted(allowed))}"
+            )
+        if not OmegaConf.is_missing(node, key):
+            _reject_unknown_keys(node._get_node(key), f"{dotted}.")
+
+
+def option_name(section: Any, registry: dict[str, type]) -> str:
+    """The group option (`cosine`, `adamw`, ...) whose schema `section` is an instance of."""
+    for name, schema in registry.items():
+        if type(section) is schema:
+            return name
+    raise TypeError(f"{type(section).__name__} is not registered")
+
+
+def validate(cfg: Config) -> Config:
+    """Check every cross-field rule; raise ConfigError naming the first key that is wrong."""
+    t = cfg.trainer
+    for key in ("max_steps", "grad_accum_steps", "eval_every", "eval_batches", "log_every",
+                "ckpt_every", "keep_last", "max_skipped"):
+        require_positive(f"trainer.{key}", getattr(t, key))
+    require_in("trainer.device", t.device, DEVICES)
+    cfg.model.validate("model")
+    cfg.data.validate("data")
+    if cfg.data.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(
+            "data.seq_len",
+            f"{cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; "
+            f"lower data.seq_len or raise model.max_seq_len",
+        )
+    cfg.optimizer.validate("optimizer")
+    cfg.scheduler.validate("scheduler", t.max_steps)
+    cfg.clip.validate("clip")
+    cfg.precision.validate("precision")
+    if cfg.resume is not None and cfg.resume != "auto" and not cfg.resume.strip():
+        raise ConfigError("resume", "allowed: null, auto, or a run directory")
+    return cfg

@@ -1,0 +1,98 @@
+"""What the user sees, and train.log.
+
+On a terminal: the resolved config, a rich progress bar (update k/N, loss, lr, tokens/s,
+ETA) and messages above it. Elsewhere (nohup, a file, CI): plain one-line records every
+log_every updates, with no colour codes and no carriage returns. Every message and record
+also goes to train.log as plain text.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+RECORD = {"record": True}  # `extra` of a per-log_every record: the bar shows it on a terminal
+
+
+class _NotRecords(logging.Filter):
+    def filter(self, rec: logging.LogRecord) -> bool:
+        return not getattr(rec, "record", False)
+
+
+class Console:
+    def __init__(self, log_path: Path, interactive: bool | None = None):
+        self.interactive = sys.stdout.isatty() if interactive is None else interactive
+        self.log = logging.getLogger("trainrun.run")
+        self.log.setLevel(logging.INFO)
+        self.log.propagate = False
+        self.file_handler = logging.FileHandler(log_path, encoding="utf-8")
+        self.file_handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        self.log.addHandler(self.file_handler)
+        self.progress = None
+        if self.interactive:
+            from rich.console import Console as RichConsole
+            from rich.logging import RichHandler
+
+            self.rich = RichConsole()
+            self.term_handler = RichHandler(console=self.rich, show_path=False, markup=False)
+            self.term_handler.addFilter(_NotRecords())
+        else:
+            self.rich = None
+            self.term_handler = logging.StreamHandler(sys.stdout)
+            self.term_handler.setFormatter(logging.Formatter("%(message)s"))
+        self.log.addHandler(self.term_handler)
+
+    def info(self, msg: str) -> None:
+        self.log.info(msg)
+
+    def warning(self, msg: str) -> None:
+        self.log.warning(msg)
+
+    def record(self, msg: str) -> None:
+        """A per-log_every record: train.log always; the terminal only when not interactive."""
+        self.log.info(msg, extra=RECORD)
+
+    def config(self, yaml_text: str) -> None:
+        self.file_handler.handle(self.log.makeRecord(
+            self.log.name, logging.INFO, __file__, 0, "config:\n" + yaml_text, None, None))
+        if self.rich is not None:
+            from rich.syntax import Syntax
+
+            self.rich.print(Syntax(yaml_text, "yaml", theme="ansi_dark"))
+
+    def start_progress(self, total: int, completed: int) -> None:
+        if self.rich is None:
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("update"), MofNCompleteColumn(), BarColumn(),
+            TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=self.rich,
+        )
+        self.task = self.progress.add_task("train", total=total, completed=completed,
+                                           loss="-", lr="-", tps="-")
+        self.progress.start()
+
+    def advance(self, k: int, **fields: str) -> None:
+        """Move the bar to update k, with new loss/lr/tps text where given."""
+        if self.progress is not None:
+            self.progress.update(self.task, completed=k, **fields)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+        for handler in (self.file_handler, self.term_handler):
+            self.log.removeHandler(handler)
+            handler.close()

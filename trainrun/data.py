@@ -1,0 +1,208 @@
+"""Data: documents read through `datasets`, byte-level tokens, and fixed-length sequences.
+
+Every source yields two splits of documents (train, validation). Each document becomes its
+UTF-8 bytes (ids 0..255) followed by an end-of-document id (256); the tokenized splits are
+cached by `datasets`, so sweeps and resumed runs do not tokenize again. With packing the
+documents are concatenated and cut into windows of seq_len + 1 tokens; without it each
+document is one sequence, truncated and padded, with padding excluded from the loss.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import MISSING
+
+from trainrun.errors import ConfigError, require_positive, require_range
+
+VOCAB_SIZE = 257
+EOT = 256  # end of document; also the input id at padded positions
+IGNORE = -100  # target id excluded from the loss (padding)
+SPLIT_SEED = 0  # the train/validation split never depends on trainer.seed
+
+
+@dataclass
+class DataConfig:
+    batch_size: int = MISSING  # sequences per micro-batch, per process
+    seq_len: int = MISSING  # tokens per sequence
+    packing: bool = MISSING  # concatenate documents into windows (false: one per sequence)
+    val_fraction: float = MISSING  # documents held out when the source has no validation split
+
+    def validate(self, prefix: str) -> None:
+        require_positive(f"{prefix}.batch_size", self.batch_size)
+        require_positive(f"{prefix}.seq_len", self.seq_len)
+        require_range(f"{prefix}.val_fraction", self.val_fraction, 0.0, 0.5)
+
+    def documents(self):
+        """A `datasets.DatasetDict` with splits `train` and `validation` and a `text` column."""
+        raise NotImplementedError
+
+
+@dataclass
+class BuiltinDataConfig(DataConfig):
+    """The Python standard library's own top-level modules: real text on every machine."""
+
+    def documents(self):
+        import datasets
+
+        files = sorted(str(p) for p in Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+        ds = datasets.load_dataset("text", data_files=files, split="train", sample_by="document")
+        return _hold_out(ds, self.val_fraction)
+
+
+@dataclass
+class TextDataConfig(DataConfig):
+    """Local files by extension: .txt (a document per line), .jsonl/.json, .csv, .parquet
+    (a document per row, its text in `text_column`)."""
+
+    files: str = MISSING  # glob patterns, comma-separated
+    text_column: str = MISSING
+
+    def paths(self) -> list[str]:
+        patterns = [p.strip() for p in self.files.split(",") if p.strip()]
+        return sorted({f for p in patterns for f in glob.glob(os.path.expanduser(p), recursive=True)
+                       if os.path.isfile(f)})
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        paths = self.paths()
+        if not paths:
+            raise ConfigError(f"{prefix}.files", f"{self.files!r} matches no file")
+        if all(os.path.getsize(p) == 0 for p in paths):
+            raise ConfigError(f"{prefix}.files", f"{self.files!r} matches only empty files")
+        kinds = {_BUILDERS.get(Path(p).suffix.lower()) for p in paths}
+        if None in kinds or len(kinds) > 1:
+            raise ConfigError(
+                f"{prefix}.files",
+                f"{self.files!r}: the files must share one extension of {', '.join(_BUILDERS)}",
+            )
+
+    def documents(self):
+        import datasets
+
+        paths = self.paths()
+        builder = _BUILDERS[Path(paths[0]).suffix.lower()]
+        ds = datasets.load_dataset(builder, data_files=paths, split="train")
+        return _hold_out(_text_column(ds, self.text_column, "data.text_column"), self.val_fraction)
+
+
+@dataclass
+class HFDataConfig(DataConfig):
+    """`datasets.load_dataset(path, name)`: the hub (network or local cache) or a local dir."""
+
+    path: str = MISSING
+    name: str | None = None  # the data set's configuration
+    train_split: str = MISSING
+    val_split: str | None = None  # null: hold out val_fraction of train_split
+    text_column: str = MISSING
+
+    def documents(self):
+        import datasets
+
+        train = datasets.load_dataset(self.path, self.name, split=self.train_split)
+        train = _text_column(train, self.text_column, "data.text_column")
+        if self.val_split is None:
+            return _hold_out(train, self.val_fraction)
+        val = datasets.load_dataset(self.path, self.name, split=self.val_split)
+        val = _text_column(val, self.text_column, "data.text_column")
+        return datasets.DatasetDict(train=train, validation=val)
+
+
+DATA = {"builtin": BuiltinDataConfig, "text": TextDataConfig, "hf": HFDataConfig}
+_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _text_column(ds, column: str, key: str):
+    if column not in ds.column_names:
+        raise ConfigError(key, f"no column {column!r}; the data has {', '.join(ds.column_names)}")
+    return ds.select_columns([column]).rename_column(column, "text") if column != "text" else ds
+
+
+def _hold_out(ds, val_fraction: float):
+    import datasets
+
+    ds = ds.select_columns(["text"])
+    if len(ds) < 2:
+        raise ConfigError("data", f"{len(ds)} document(s); at least 2 are needed to hold one out")
+    n_val = max(1, round(val_fraction * len(ds)))
+    split = ds.train_test_split(test_size=n_val, seed=SPLIT_SEED)
+    return datasets.DatasetDict(train=split["train"], validation=split["test"])
+
+
+def encode(batch: dict) -> dict:
+    """Byte-level tokenization: UTF-8 bytes then EOT; empty documents are dropped."""
+    ids = [np.append(np.frombuffer(t.encode("utf-8"), np.uint8).astype(np.uint16), EOT)
+           for t in batch["text"] if t and t.strip()]
+    return {"ids": ids}
+
+
+def decode(ids) -> str:
+    return bytes(int(i) for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class Sequences:
+    """Fixed-length training sequences; `batch(indices)` -> inputs, targets (B, T) int64."""
+
+    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, seq_len: int, packing: bool):
+        self.tokens, self.offsets, self.seq_len, self.packing = tokens, offsets, seq_len, packing
+        if packing:
+            self.n = (len(tokens) - 1) // seq_len
+        else:
+            lengths = np.diff(offsets)
+            self.starts = offsets[:-1][lengths >= 2]  # a document needs one target at least
+            self.lengths = np.minimum(lengths[lengths >= 2], seq_len + 1)
+            self.n = len(self.starts)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        T = self.seq_len
+        cols = np.arange(T + 1)
+        if self.packing:
+            rows = self.tokens[np.asarray(indices)[:, None] * T + cols].astype(np.int64)
+            x, y = rows[:, :-1], rows[:, 1:]
+        else:
+            starts, lengths = self.starts[indices], self.lengths[indices]
+            real = cols < lengths[:, None]
+            pos = np.where(real, starts[:, None] + cols, 0)
+            rows = np.where(real, self.tokens[pos], EOT).astype(np.int64)
+            x = rows[:, :-1]
+            y = np.where(real[:, 1:], rows[:, 1:], IGNORE)
+        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+
+    def num_targets(self, indices: np.ndarray) -> int:
+        """Target tokens (those the loss counts) in the sequences `indices`."""
+        if self.packing:
+            return len(indices) * self.seq_len
+        return int((self.lengths[indices] - 1).sum())
+
+
+def load(cfg: DataConfig) -> dict[str, Sequences]:
+    """The tokenized splits as Sequences, tokenization cached by `datasets`."""
+    import datasets
+
+    datasets.disable_progress_bars()  # they write carriage returns; the run logs its own lines
+    datasets.logging.set_verbosity_error()
+    docs = cfg.documents()
+    out = {}
+    for split in ("train", "validation"):
+        tokenized = docs[split].map(
+            encode, batched=True, remove_columns=docs[split].column_names
+        )
+        column = tokenized.data.column("ids").combine_chunks()
+        tokens = column.flatten().to_numpy(zero_copy_only=False).astype(np.uint16, copy=False)
+        offsets = column.offsets.to_numpy()
+        seqs = Sequences(tokens, offsets - offsets[0], cfg.seq_len, cfg.packing)
+        if len(seqs) == 0:
+            raise ConfigError(
+                "data", f"the {split} split has no sequence of data.seq_len={cfg.seq_len} tokens"
+            )
+        out[split] = seqs
+    return out

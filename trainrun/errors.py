@@ -1,0 +1,37 @@
+"""The one error that bad input raises, and the checks most keys share."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """Bad input: `key` is the dotted config key, `message` says what is wrong and allowed.
+
+    The CLI prints it as one line, `trainrun: error: <key>: <message>`, and exits with 2.
+    """
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+def require_positive(key: str, value: float, *, allow_zero: bool = False) -> None:
+    """A finite number > 0 (or >= 0 with allow_zero)."""
+    ok = value is not None and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(key, f"got {value}; allowed: a finite number {bound}")
+
+
+def require_range(key: str, value: float, low: float, high: float) -> None:
+    """low <= value <= high."""
+    if not (math.isfinite(value) and low <= value <= high):
+        raise ConfigError(key, f"got {value}; allowed: {low} <= {key.rsplit('.', 1)[-1]} <= {high}")
+
+
+def require_in(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(key, f"got {value!r}; allowed: {', '.join(map(str, allowed))}")

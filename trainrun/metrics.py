@@ -1,0 +1,95 @@
+"""TensorBoard scalars, per-log_every records and metrics.json (SPEC §6).
+
+x-axis = update number k. `train/lr` is written at every update; the training loss (mean
+over the updates since the last record), grad norm, clip coefficient, loss scale and
+throughput at k = 1 and every log_every updates. Values stay on the device between
+records: one host read per record, none per update.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from trainrun.console import Console
+from trainrun.update import UpdateResult
+
+SUMMARY_KEYS = ("status", "steps", "tokens", "train_loss", "val_loss", "best_val_loss",
+                "skipped_updates", "wall_seconds", "tokens_per_sec")
+
+
+class Metrics:
+    def __init__(self, run_dir: Path, console: Console, log_every: int, max_steps: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_dir, self.console = run_dir, console
+        self.log_every, self.max_steps = log_every, max_steps
+        self.writer = SummaryWriter(str(run_dir / "tb"))
+        self.started = time.perf_counter()
+        self._reset_window()
+        self.train_loss = math.nan  # the last recorded one
+        self.tokens_per_sec = math.nan
+
+    def _reset_window(self) -> None:
+        self.loss_sum, self.updates, self.tokens = None, 0, 0
+        self.window_start = time.perf_counter()
+
+    def update(self, k: int, lr: float, result: UpdateResult, tokens: int,
+               loss_scale: torch.Tensor | None, skipped_updates: int) -> None:
+        """Update k is done: it applied `lr` and trained on `tokens` target tokens."""
+        self.writer.add_scalar("train/lr", lr, k)
+        loss = result.loss.detach()
+        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+        self.updates += 1
+        self.tokens += tokens
+        if k == 1 or k % self.log_every == 0 or k == self.max_steps:
+            self._record(k, lr, result, loss_scale, skipped_updates)
+        else:
+            self.console.advance(k)
+
+    def _record(self, k, lr, result, loss_scale, skipped_updates) -> None:
+        values = [self.loss_sum / self.updates, result.grad_norm, result.clip_coef]
+        if loss_scale is not None:
+            values.append(loss_scale)
+        values = torch.stack([v.float().reshape(()).cpu() for v in values]).tolist()  # one sync
+        loss, grad_norm, clip_coef = values[:3]
+        seconds = time.perf_counter() - self.window_start
+        tps = self.tokens / seconds if seconds > 0 else math.nan
+        self.train_loss, self.tokens_per_sec = loss, tps
+        w = self.writer
+        w.add_scalar("train/loss", loss, k)
+        w.add_scalar("train/grad_norm", grad_norm, k)
+        w.add_scalar("train/clip_coef", clip_coef, k)
+        w.add_scalar("train/tokens_per_sec", tps, k)
+        w.add_scalar("train/skipped_updates", skipped_updates, k)
+        text = (f"step {k}/{self.max_steps} | loss {loss:.4f} | lr {lr:.3e} | "
+                f"grad_norm {grad_norm:.3f} | clip_coef {clip_coef:.3f} | tok/s {tps:,.0f}")
+        if loss_scale is not None:
+            w.add_scalar("train/loss_scale", values[3], k)
+            text += f" | loss_scale {values[3]:g}"
+        if skipped_updates:
+            text += f" | skipped {skipped_updates}"
+        self.console.record(text)
+        self.console.advance(k, loss=f"{loss:.4f}", lr=f"{lr:.2e}", tps=f"{tps:,.0f}")
+        self._reset_window()
+
+    def validation(self, k: int, loss: float, seconds: float) -> None:
+        """val/loss at update k; the `seconds` it took do not count against tokens/s."""
+        self.window_start += seconds
+        self.writer.add_scalar("val/loss", loss, k)
+        self.console.record(f"val step {k}/{self.max_steps} | val_loss {loss:.4f}")
+
+    def finish(self, summary: dict, hparams: dict) -> dict:
+        """Write metrics.json and the HParams entry; return the summary as written."""
+        summary = {"wall_seconds": round(time.perf_counter() - self.started, 3), **summary}
+        summary = {key: summary.get(key) for key in SUMMARY_KEYS} | summary
+        (self.run_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        finals = {f"hparam/{key}": summary[key] for key in ("best_val_loss", "val_loss", "train_loss")
+                  if isinstance(summary[key], float) and math.isfinite(summary[key])}
+        self.writer.add_hparams(hparams, finals, run_name=".")
+        self.writer.close()
+        return summary

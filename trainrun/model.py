@@ -1,0 +1,143 @@
+"""A decoder-only Transformer: pre-norm blocks, causal attention, GELU MLP, learned
+positions, and an output head tied to the token embedding."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from omegaconf import MISSING
+
+from trainrun.errors import ConfigError, require_positive, require_range
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = MISSING  # width of the residual stream
+    n_layers: int = MISSING
+    n_heads: int = MISSING  # d_model must be a multiple of n_heads
+    d_ff: int = MISSING  # hidden width of the MLP
+    dropout: float = MISSING  # on embeddings, attention weights and residual branches
+    max_seq_len: int = MISSING  # number of learned positions
+
+    def validate(self, prefix: str) -> None:
+        for key in ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+            require_positive(f"{prefix}.{key}", getattr(self, key))
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"{prefix}.d_model",
+                f"{self.d_model} is not a multiple of {prefix}.n_heads={self.n_heads}",
+            )
+        require_range(f"{prefix}.dropout", self.dropout, 0.0, 0.99)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.dropout = cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        # (B, T, C) -> (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, nh, T, hs)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.proj = nn.Linear(cfg.d_ff, cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(cfg.d_model)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_mlp = nn.LayerNorm(cfg.d_model)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln_attn(x)))
+        return x + self.drop(self.mlp(self.ln_mlp(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        self.head.weight = self.tok_emb.weight  # tied
+        self.apply(self._init)
+        # GPT-2: residual projections scaled down by the depth of the residual stream
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx (B, T) token ids -> logits (B, T, vocab_size)."""
+        T = idx.shape[1]
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+    def num_params(self) -> int:
+        """Parameters counted once (the tied head is the token embedding)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (forward + backward), as in the PaLM appendix:
+        6 per non-embedding parameter plus attention's 12·L·d·T."""
+        n = self.num_params() - self.pos_emb.weight.numel()
+        return 6 * n + 12 * self.cfg.n_layers * self.cfg.d_model * seq_len
+
+
+def parameter_kinds(model: nn.Module) -> dict[str, str]:
+    """Each parameter's name -> its kind: `embedding`, `norm`, `bias` or `weight`.
+
+    The optimizer uses the kinds to keep weight decay off biases, norm gains and
+    embeddings; AGC and LARS use them to leave biases and norms alone.
+    """
+    kinds, seen = {}, set()
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(prefix=module_name, recurse=False):
+            if id(p) in seen:  # the tied head is the embedding
+                continue
+            seen.add(id(p))
+            if isinstance(module, nn.Embedding):
+                kinds[name] = "embedding"
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.BatchNorm1d)):
+                kinds[name] = "norm"
+            elif name.endswith("bias"):
+                kinds[name] = "bias"
+            else:
+                kinds[name] = "weight"
+    return kinds

@@ -1,0 +1,125 @@
+"""Precision policy (SPEC §5): fp32; bf16 autocast; fp16 autocast with dynamic loss
+scaling; auto picks bf16 on a GPU that supports it, fp16 on one that does not, fp32 on CPU.
+fp16 and bf16 also run on the CPU through torch's CPU autocast and GradScaler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from omegaconf import MISSING
+
+from trainrun.errors import ConfigError, require_positive
+
+
+@dataclass
+class PrecisionConfig:
+    def validate(self, prefix: str) -> None:
+        pass
+
+    def mode(self, device: torch.device) -> str:
+        """fp32, bf16 or fp16 on this device."""
+        raise NotImplementedError
+
+
+@dataclass
+class FP32Config(PrecisionConfig):
+    def mode(self, device):
+        return "fp32"
+
+
+@dataclass
+class BF16Config(PrecisionConfig):
+    def mode(self, device):
+        return "bf16"
+
+
+@dataclass
+class FP16Config(PrecisionConfig):
+    """Dynamic loss scaling, with torch.amp.GradScaler's parameter names."""
+
+    init_scale: float = MISSING
+    growth_factor: float = MISSING
+    backoff_factor: float = MISSING
+    growth_interval: int = MISSING
+
+    def validate(self, prefix: str) -> None:
+        require_positive(f"{prefix}.init_scale", self.init_scale)
+        require_positive(f"{prefix}.growth_interval", self.growth_interval)
+        if not self.growth_factor > 1:
+            raise ConfigError(f"{prefix}.growth_factor",
+                              f"got {self.growth_factor}; allowed: growth_factor > 1")
+        if not 0 < self.backoff_factor < 1:
+            raise ConfigError(f"{prefix}.backoff_factor",
+                              f"got {self.backoff_factor}; allowed: 0 < backoff_factor < 1")
+
+    def mode(self, device):
+        return "fp16"
+
+
+@dataclass
+class AutoConfig(FP16Config):
+    """bf16 on a GPU with bfloat16, fp16 (with these scaler keys) on one without, fp32 on CPU."""
+
+    def mode(self, device):
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+PRECISIONS = {"fp32": FP32Config, "bf16": BF16Config, "fp16": FP16Config, "auto": AutoConfig}
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Precision:
+    """Autocast for the forward pass and, under fp16, the loss scaler.
+
+    `scale(loss)` before backward; `unscale_(optimizer)` before clipping; `step(optimizer)`
+    applies the update unless the scaler found non-finite gradients.
+    """
+
+    def __init__(self, cfg: PrecisionConfig, device: torch.device):
+        self.mode = cfg.mode(device)
+        self.device = device
+        self.dtype = DTYPES[self.mode]
+        if self.mode == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError("precision", "bf16 was asked for on a GPU without bfloat16 support; "
+                                           "allowed here: fp16, fp32, auto")
+        self.scaler = None
+        if self.mode == "fp16":
+            self.scaler = torch.amp.GradScaler(
+                device.type, init_scale=cfg.init_scale, growth_factor=cfg.growth_factor,
+                backoff_factor=cfg.backoff_factor, growth_interval=cfg.growth_interval,
+            )
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.scaler.scale(loss) if self.scaler else loss
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler:
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+
+    def loss_scale(self) -> torch.Tensor | None:
+        """The current loss scale as a device tensor (None without a scaler)."""
+        return self.scaler._scale if self.scaler else None
+
+    def state_dict(self) -> dict:
+        return self.scaler.state_dict() if self.scaler else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaler and state:
+            self.scaler.load_state_dict(state)

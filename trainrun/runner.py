@@ -1,0 +1,117 @@
+"""Build a run from its validated config and train it: the one place where the sections
+of the config meet the components they configure."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainrun import data, runinfo
+from trainrun.config import Config
+from trainrun.console import Console
+from trainrun.errors import ConfigError
+from trainrun.loop import Counters, Trainer, fit
+from trainrun.metrics import Metrics
+from trainrun.model import GPT
+from trainrun.optimizers import build_optimizer
+from trainrun.order import DataOrder
+from trainrun.precision import Precision
+from trainrun.schedules import build_schedule
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device", "cuda was asked for but no CUDA GPU is available; "
+                                            "allowed here: auto, cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def hparams(cfg: Config, choices: dict[str, str]) -> dict:
+    """Flat hyper-parameters for TensorBoard's HParams view."""
+    flat = {f"{group}": option for group, option in choices.items()}
+
+    def walk(prefix: str, node: dict) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(f"{prefix}{key}.", value)
+            else:
+                flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    walk("", asdict(cfg))
+    return flat
+
+
+def prepare(cfg: Config) -> tuple[torch.device, Precision]:
+    """The checks that need the machine (device, precision support), before any model or
+    data is built."""
+    device = resolve_device(cfg.trainer.device)
+    return device, Precision(cfg.precision, device)
+
+
+def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str]) -> dict:
+    """Train the run described by cfg in run_dir; return the metrics.json summary."""
+    device, precision = prepare(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    console = Console(run_dir / "train.log")
+    try:
+        console.config(config_yaml)
+        console.info("options: " + " ".join(f"{g}={o}" for g, o in choices.items()))
+        trainer = build(cfg, device, precision, console)
+        metrics = Metrics(run_dir, console, cfg.trainer.log_every, cfg.trainer.max_steps)
+        runinfo.write(run_dir, device)
+        meta = {"config": json.loads(json.dumps(asdict(cfg))), "model": asdict(cfg.model)}
+        try:
+            summary = fit(trainer, metrics, console, run_dir / "checkpoints", meta)
+        except Exception:
+            metrics.finish({"status": "failed", "steps": trainer.counters.k}, hparams(cfg, choices))
+            raise
+        summary = metrics.finish(summary, hparams(cfg, choices))
+        console.info(
+            f"done: {summary['steps']} updates, val_loss {summary['val_loss']:.4f} "
+            f"(best {summary['best_val_loss']:.4f}), {summary['tokens_per_sec']:,.0f} tok/s, "
+            f"{summary['wall_seconds']:.1f}s; run directory {run_dir}"
+        )
+        return summary
+    finally:
+        console.close()
+
+
+def build(cfg: Config, device: torch.device, precision: Precision, console: Console) -> Trainer:
+    t = cfg.trainer
+    seed_everything(t.seed)
+    splits = data.load(cfg.data)
+    model = GPT(cfg.model, data.VOCAB_SIZE).to(device)
+    forward = torch.compile(model) if t.compile else model
+    optimizer = build_optimizer(cfg.optimizer, model, device)
+    schedule = build_schedule(cfg.scheduler, cfg.optimizer.lr, t.max_steps)
+    sequences_per_update = cfg.data.batch_size * t.grad_accum_steps
+    console.info(
+        f"device {device}, precision {precision.mode}; model {model.num_params():,} parameters; "
+        f"data {len(splits['train']):,} train / {len(splits['validation']):,} validation "
+        f"sequences of {cfg.data.seq_len} tokens"
+    )
+    console.info(
+        f"update = {t.grad_accum_steps} micro-batch(es) x {cfg.data.batch_size} sequences = "
+        f"{sequences_per_update} sequences, up to {sequences_per_update * cfg.data.seq_len:,} "
+        f"tokens; {t.max_steps} updates"
+    )
+    return Trainer(
+        cfg=t, model=forward, raw_model=model, optimizer=optimizer, schedule=schedule,
+        clipper=cfg.clip.build(), precision=precision, train=splits["train"],
+        val=splits["validation"], order=DataOrder(len(splits["train"]), t.seed),
+        batch_size=cfg.data.batch_size, device=device, counters=Counters(),
+    )
+
