@@ -1,6 +1,8 @@
 """Gradient clipping (SPEC §5), applied once per update to the complete (unscaled) gradients.
 
-A clipper is called with the gradients and returns two 0-dim tensors on their device, the
+A clipper is built from the model (`ClipConfig.build(model)`, so that it can tell biases and
+norms apart) and called once per update with the parameters that have gradients; it
+clips their `.grad` in place and returns two 0-dim tensors on their device, the
 pre-clip global L2 norm (`train/grad_norm`) and the coefficient it applied
 (`train/clip_coef`); nothing here reads a value back to the host, so clipping adds no
 host-device synchronization. Clippers with history keep it in state_dict().
@@ -17,6 +19,7 @@ from omegaconf import MISSING
 from trainrun.errors import ConfigError, require_positive
 
 Tensors = list[torch.Tensor]
+Params = list[torch.nn.Parameter]
 
 
 def global_norm(grads: Tensors, norm_type: float = 2.0) -> torch.Tensor:
@@ -32,12 +35,13 @@ class ClipConfig:
     def validate(self, prefix: str) -> None:
         pass
 
-    def build(self) -> Clipper:
+    def build(self, model: torch.nn.Module) -> Clipper:
         raise NotImplementedError
 
 
 class Clipper:
-    def __call__(self, grads: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip the gradients of `params` in place; return (pre-clip global L2 norm, coef)."""
         raise NotImplementedError
 
     def state_dict(self) -> dict:
@@ -49,13 +53,13 @@ class Clipper:
 
 @dataclass
 class NoClipConfig(ClipConfig):
-    def build(self) -> Clipper:
+    def build(self, model):
         return NoClip()
 
 
 class NoClip(Clipper):
-    def __call__(self, grads):
-        norm = global_norm(grads)
+    def __call__(self, params):
+        norm = global_norm([p.grad for p in params])
         return norm, torch.ones_like(norm)
 
 
@@ -72,7 +76,7 @@ class NormClipConfig(ClipConfig):
         if self.norm_type not in (1, 2, math.inf):
             raise ConfigError(f"{prefix}.norm_type", f"got {self.norm_type}; allowed: 1, 2, inf")
 
-    def build(self) -> Clipper:
+    def build(self, model):
         return NormClip(self.max_norm, float(self.norm_type), self.per_param)
 
 
@@ -80,7 +84,8 @@ class NormClip(Clipper):
     def __init__(self, max_norm: float, norm_type: float, per_param: bool):
         self.max_norm, self.norm_type, self.per_param = max_norm, norm_type, per_param
 
-    def __call__(self, grads):
+    def __call__(self, params):
+        grads = [p.grad for p in params]
         pre = global_norm(grads)
         if not grads:
             return pre, torch.ones_like(pre)

@@ -110,7 +110,7 @@ def build(cfg: Config, device: torch.device, precision: Precision, console: Cons
     )
     return Trainer(
         cfg=t, model=forward, raw_model=model, optimizer=optimizer, schedule=schedule,
-        clipper=cfg.clip.build(), precision=precision, train=splits["train"],
+        clipper=cfg.clip.build(model), precision=precision, train=splits["train"],
         val=splits["validation"], order=DataOrder(len(splits["train"]), t.seed),
         batch_size=cfg.data.batch_size, device=device, counters=Counters(),
     )

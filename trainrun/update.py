@@ -46,9 +46,9 @@ def train_update(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch
         precision.scale(loss).backward()
         total += loss.detach()
     precision.unscale_(optimizer)  # clipping sees the true gradients
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"]
-             if p.grad is not None]
-    grad_norm, clip_coef = clipper(grads)
+    params = [p for group in optimizer.param_groups for p in group["params"]
+              if p.grad is not None]
+    grad_norm, clip_coef = clipper(params)
     precision.step(optimizer)
     optimizer.zero_grad(set_to_none=True)
     return UpdateResult(total, grad_norm, clip_coef)

@@ -1,0 +1,111 @@
+"""Shared fixtures: the real config composed with Hydra's compose API, a small corpus
+written by the tests themselves, short in-process runs, and TensorBoard readers."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose as hydra_compose
+from hydra import initialize_config_module
+from omegaconf import OmegaConf, open_dict
+
+from trainrun.cli import load
+from trainrun.config import Config
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A model and run small enough for a test to train in a second or two on a CPU.
+TINY = [
+    "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64",
+    "model.max_seq_len=64", "data.seq_len=32", "data.batch_size=4",
+    "trainer.max_steps=20", "trainer.eval_every=10", "trainer.eval_batches=2",
+    "trainer.log_every=5", "trainer.device=cpu", "precision=fp32",
+]
+
+WORDS = ("the model learns a schedule of rates and every update counts tokens while "
+         "gradients flow through layers of attention to predict the next byte").split()
+
+
+def make_corpus(path: Path, n_docs: int = 300, seed: int = 0) -> Path:
+    """Lines (documents) of very different lengths: 1 to 60 words."""
+    rng = random.Random(seed)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.choice([1, 2, 5, 20, 60])))
+             for _ in range(n_docs)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    return make_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
+
+
+@pytest.fixture(autouse=True)
+def _hf_cache(tmp_path_factory, monkeypatch):
+    """Keep the `datasets` cache of the tests in one temporary folder, offline."""
+    cache = tmp_path_factory.getbasetemp() / "hf-cache"
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+
+
+def config(*overrides: str) -> Config:
+    """The validated Config of `trainrun <overrides>`."""
+    with initialize_config_module(config_module="trainrun.conf", version_base=None):
+        return load(hydra_compose(config_name="config", overrides=list(overrides)))
+
+
+def train(run_dir: Path, *overrides: str) -> dict:
+    """Run `trainrun <overrides>` in this process into run_dir; return metrics.json."""
+    from trainrun import runner
+
+    with initialize_config_module(config_module="trainrun.conf", version_base=None):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides),
+                            return_hydra_config=True)
+        choices = {g: o for g, o in cfg.hydra.runtime.choices.items() if not g.startswith("hydra")}
+        with open_dict(cfg):
+            del cfg["hydra"]
+        yaml = OmegaConf.to_yaml(cfg)
+        runner.run(load(cfg), run_dir, yaml, choices)
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def tiny(corpus: Path, *overrides: str) -> list[str]:
+    """TINY on the test corpus, then `overrides`."""
+    return [*TINY, "data=text", f"data.files={corpus}", *overrides]
+
+
+def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of a TensorBoard scalar tag, in the order written."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    if tag not in acc.Tags()["scalars"]:
+        return []
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def cli(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None):
+    """Run the real `trainrun` console script in a subprocess."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    exe = Path(sys.executable).with_name("trainrun")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "trainrun"]
+    return subprocess.run([*cmd, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
