@@ -1,0 +1,127 @@
+"""A short real run through the `trainrun` console script: the run directory, TensorBoard
+tags, metrics.json, env.json and what the console shows (SPEC §6)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import cli, scalars, tiny
+
+N, LOG_EVERY, EVAL_EVERY, CKPT_EVERY = 12, 5, 6, 4
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, corpus):
+    """One real run with stdout a pipe (not a terminal), shared by the tests below."""
+    cwd = tmp_path_factory.mktemp("cwd")
+    run_dir = cwd / "run"
+    proc = cli(*tiny(corpus, f"trainer.max_steps={N}", f"trainer.log_every={LOG_EVERY}",
+                     f"trainer.eval_every={EVAL_EVERY}", f"trainer.ckpt_every={CKPT_EVERY}",
+                     "trainer.keep_last=2", f"hydra.run.dir={run_dir}"), cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    return run_dir, proc.stdout
+
+
+def test_run_directory_layout(run):
+    run_dir, _ = run
+    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "train.log", "metrics.json",
+                 "env.json"):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
+    assert ckpts == ["step-00000008", "step-00000012"]  # keep_last=2 of 4, 8, 12
+    assert (run_dir / "checkpoints/latest").read_text().strip() == "step-00000012"
+    for ckpt in ckpts:
+        files = {p.name for p in (run_dir / "checkpoints" / ckpt).iterdir()}
+        assert files == {"model.safetensors", "trainer_state.pt", "meta.json"}
+    assert not list((run_dir / "checkpoints").glob(".tmp*"))
+
+
+def test_metrics_json(run):
+    run_dir, _ = run
+    m = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("status", "steps", "tokens", "train_loss", "val_loss", "best_val_loss",
+                "skipped_updates", "wall_seconds", "tokens_per_sec"):
+        assert key in m, key
+    assert m["status"] == "completed"
+    assert m["steps"] == N
+    assert m["tokens"] == N * 4 * 32  # packed: batch_size 4 × seq_len 32 targets per update
+    assert m["skipped_updates"] == 0
+    assert m["best_val_loss"] <= m["val_loss"]
+    assert m["val_loss"] == pytest.approx(scalars(run_dir, "val/loss")[-1][1], rel=1e-6)
+    assert m["tokens_per_sec"] > 0 and m["wall_seconds"] > 0
+
+
+def test_env_json(run):
+    env = json.loads((run[0] / "env.json").read_text())
+    assert env["packages"]["torch"] and env["python"] and env["host"]
+    assert any("trainer.max_steps" in a for a in env["argv"])
+
+
+def test_tensorboard_tags(run):
+    run_dir, _ = run
+    assert [s for s, _ in scalars(run_dir, "train/lr")] == list(range(1, N + 1))
+    logged = [1, 5, 10, 12]  # k = 1, every log_every, and the last update
+    for tag in ("train/loss", "train/grad_norm", "train/clip_coef", "train/tokens_per_sec",
+                "train/skipped_updates"):
+        assert [s for s, _ in scalars(run_dir, tag)] == logged, tag
+    assert [s for s, _ in scalars(run_dir, "val/loss")] == [6, 12]
+    assert scalars(run_dir, "train/loss_scale") == []  # fp32: no loss scaler
+
+
+def test_plain_output_when_not_a_terminal(run):
+    run_dir, stdout = run
+    assert "\x1b" not in stdout and "\r" not in stdout
+    steps = [int(k) for k in re.findall(r"^step (\d+)/12 \|", stdout, re.M)]
+    assert steps == [1, 5, 10, 12]
+    assert re.search(r"^val step 12/12 \| val_loss \d+\.\d+$", stdout, re.M)
+    log = (run_dir / "train.log").read_text()
+    assert "step 10/12 | loss" in log and "config:" in log and "\x1b" not in log
+
+
+def test_progress_bar_and_config_on_a_terminal(tmp_path, corpus):
+    """Under a pseudo-terminal the resolved config and a rich progress bar are shown."""
+    main, child = pty.openpty()
+    env = {**os.environ, "COLUMNS": "160", "TERM": "xterm"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainrun", *tiny(corpus, f"hydra.run.dir={tmp_path / 'run'}")],
+        stdout=child, stderr=child, cwd=tmp_path, env=env,
+    )
+    os.close(child)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    assert proc.wait(timeout=120) == 0
+    screen = b"".join(chunks).decode(errors="replace")
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen)
+    assert "d_model" in plain  # the resolved config
+    assert "20/20" in plain and "tok/s" in plain and "ETA" in plain  # the bar's fields
+    assert "step 5/20 |" not in plain  # records go to train.log, not over the bar
+    assert "step 5/20 |" in (tmp_path / "run/train.log").read_text()
+
+
+@pytest.mark.slow
+def test_default_run_trains(tmp_path):
+    """`trainrun` with no arguments: under 2 minutes on a 2-core CPU, val loss at most 0.6 ×
+    the first logged training loss."""
+    proc = cli(f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((tmp_path / "run/metrics.json").read_text())
+    first = scalars(tmp_path / "run", "train/loss")[0]
+    assert m["status"] == "completed"
+    assert first[0] == 1
+    assert m["val_loss"] <= 0.6 * first[1], (m["val_loss"], first)
+    print(f"default run: {m['wall_seconds']:.1f}s, first loss {first[1]:.3f}, "
+          f"val_loss {m['val_loss']:.3f}, ratio {m['val_loss'] / first[1]:.3f}")
