@@ -59,6 +59,8 @@ def save(root: Path, k: int, model: torch.nn.Module, state: dict, meta: dict,
     files = {name: sha256(tmp / name) for name in (MODEL_FILE, STATE_FILE)}
     meta = {"step": k, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sha256": files, **meta}
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    # fault injection for crash-safety tests: a pause with the checkpoint half written
+    time.sleep(float(os.environ.get("TRAINRUN_SAVE_PAUSE", "0")))
     for name in (MODEL_FILE, STATE_FILE, META_FILE):
         _fsync(tmp / name)
     _fsync(tmp)

@@ -74,7 +74,14 @@ def preflight(argv: list[str]) -> None:
             cfg = compose(config_name="config", overrides=overrides)
     except Exception as exc:
         raise explain(exc) from None
-    load(cfg)
+    config = load(cfg)
+    if config.resume is not None:
+        from trainrun import resume
+
+        run_dir = next((Path(a.split("=", 1)[1]) for a in reversed(argv)
+                        if a.startswith("hydra.run.dir=")), None)
+        if run_dir is not None or config.resume != "auto":
+            resume.locate(config, run_dir or Path(config.resume))
 
 
 def fail(error: ConfigError) -> None:
@@ -98,8 +105,23 @@ def _job(cfg: DictConfig) -> float:
     return summary["best_val_loss"]
 
 
+def resume_argv(argv: list[str]) -> list[str]:
+    """`resume=<run dir>` continues that run: its saved overrides, then these."""
+    from trainrun import resume
+
+    value = next((a.split("=", 1)[1] for a in reversed(argv) if a.startswith("resume=")), None)
+    if value in (None, "null", "auto") or any(a.startswith("-") for a in argv):
+        return argv
+    run_dir = Path(value).expanduser().resolve()
+    if not (run_dir / "checkpoints").is_dir():
+        raise ConfigError("resume", f"{value}: no checkpoints/ in that directory; allowed: "
+                                    f"a run directory with a checkpoint, auto, or null")
+    return resume.argv_for(run_dir, argv)
+
+
 def main() -> None:
     try:
+        sys.argv[1:] = resume_argv(sys.argv[1:])
         preflight(sys.argv[1:])
     except ConfigError as error:
         fail(error)

@@ -8,7 +8,9 @@ also goes to train.log as plain text.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -88,6 +90,24 @@ class Console:
         """Move the bar to update k, with new loss/lr/tps text where given."""
         if self.progress is not None:
             self.progress.update(self.task, completed=k, **fields)
+
+    def detach_terminal(self) -> None:
+        """After SIGHUP: stop writing to the terminal, which is gone; a file or pipe that
+        stdout/stderr point to is still written, and so is train.log."""
+        ttys = [fd for fd in (1, 2) if os.isatty(fd)]
+        if not ttys:
+            return
+        devnull = open(os.devnull, "w")
+        for fd in ttys:
+            os.dup2(devnull.fileno(), fd)  # also silences C-level writes
+        if 1 in ttys:
+            self.log.removeHandler(self.term_handler)
+            progress, self.progress = self.progress, None
+            if progress is not None:
+                progress.console.file = devnull
+                with contextlib.suppress(OSError, ValueError):
+                    progress.stop()
+        self.log.warning("SIGHUP: the terminal is gone; training goes on, logging to train.log")
 
     def close(self) -> None:
         if self.progress is not None:

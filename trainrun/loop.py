@@ -1,97 +1,92 @@
-"""The training loop: `fit()` runs updates k = 1..max_steps, validating and saving on
-their cadences. The components live in `Trainer`, whose state_dict() is everything a
-resumed run needs besides the weights."""
+"""The training loop: `fit()` runs updates k = c.k + 1 .. max_steps, validating and saving
+on their cadences, until the run completes, fails or is asked to stop."""
 
 from __future__ import annotations
 
-import math
-import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from trainrun import checkpoint
-from trainrun.clip import Clipper
-from trainrun.config import TrainerConfig
 from trainrun.console import Console
-from trainrun.data import Sequences
 from trainrun.metrics import Metrics
-from trainrun.order import DataOrder, micro_batches
-from trainrun.precision import Precision
-from trainrun.schedules import Schedule
-from trainrun.update import loss_sum, train_update
+from trainrun.order import micro_batches
+from trainrun.signals import Signals, name
+from trainrun.state import Trainer
+from trainrun.update import UpdateResult, loss_sum, train_update
 
 
 @dataclass
-class Counters:
-    k: int = 0  # updates applied
-    tokens: int = 0  # target tokens trained on
-    skipped_updates: int = 0
-    val_loss: float = math.nan
-    best_val_loss: float = math.inf
+class Outputs:
+    metrics: Metrics
+    console: Console
+    ckpt_root: Path  # run_dir / "checkpoints"
+    meta: dict  # written into every checkpoint's meta.json
 
 
-@dataclass
-class Trainer:
-    cfg: TrainerConfig
-    model: torch.nn.Module  # what runs forward (compiled when trainer.compile)
-    raw_model: torch.nn.Module  # what is saved
-    optimizer: torch.optim.Optimizer
-    schedule: Schedule
-    clipper: Clipper
-    precision: Precision
-    train: Sequences
-    val: Sequences
-    order: DataOrder
-    batch_size: int
-    device: torch.device
-    counters: Counters
-
-    def state_dict(self) -> dict:
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "schedule": self.schedule.state_dict(),
-            "clipper": self.clipper.state_dict(),
-            "scaler": self.precision.state_dict(),
-            "order": self.order.state_dict(),
-            "counters": asdict(self.counters),
-            "rng": rng_state(),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
-        self.clipper.load_state_dict(state["clipper"])
-        self.precision.load_state_dict(state["scaler"])
-        self.order.load_state_dict(state["order"])
-        self.counters = Counters(**state["counters"])
-        set_rng_state(state["rng"])
+def fit(t: Trainer, out: Outputs, signals: Signals) -> str:
+    """Train until k = max_steps; return the status: completed, stopped or failed."""
+    cfg, c = t.cfg, t.counters
+    out.console.start_progress(cfg.max_steps, c.k)
+    t.model.train()
+    while c.k < cfg.max_steps:
+        k = c.k + 1
+        lr = t.schedule.apply(t.optimizer, k)
+        result, n_targets = one_update(t)
+        if result.stepped:
+            c.k, c.tokens, c.skipped_in_a_row = k, c.tokens + n_targets, 0
+            out.metrics.update(k, lr, result, n_targets, t.precision.loss_scale(),
+                               c.skipped_updates)
+            if k % cfg.eval_every == 0 or k == cfg.max_steps:
+                validate(t, out)
+            if k % cfg.ckpt_every == 0 or k == cfg.max_steps:
+                save(t, out)
+        elif skip(t, out, result, k):
+            save(t, out)  # the last good state: a skipped update changed nothing
+            return "failed"
+        if signals.requested is not None:
+            save(t, out)
+            out.console.warning(f"{name(signals.requested)}: stopped after update {c.k}")
+            return "stopped"
+    return "completed"
 
 
-def rng_state() -> dict:
-    """Python's, NumPy's and torch's generators (CPU and every CUDA device), as tensors and
-    plain values so that torch.load(weights_only=True) can read them back."""
-    version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "python": [version, list(internal), gauss],
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
+def one_update(t: Trainer) -> tuple[UpdateResult, int]:
+    """Train on the next window of the data order; return the result and its target count."""
+    indices = t.order.next_window(t.batch_size * t.cfg.grad_accum_steps)
+    batches = [t.train.batch(ix) for ix in micro_batches(indices, t.batch_size)]
+    n_targets = t.train.num_targets(indices)
+    result = train_update(t.model, batches, n_targets, t.optimizer, t.clipper, t.precision,
+                          t.device)
+    return result, n_targets
 
 
-def set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+def skip(t: Trainer, out: Outputs, result: UpdateResult, k: int) -> bool:
+    """Count a skipped update; True when trainer.max_skipped in a row mean the run must stop.
+
+    Under fp16 an overflow of the scaled gradients is the loss scaler's normal search for
+    its scale and does not count towards max_skipped; a non-finite loss always does.
+    """
+    c = t.counters
+    c.skipped_updates += 1
+    loss_finite = bool(torch.isfinite(result.loss))  # read back only on a skipped update
+    if t.precision.mode != "fp16" or not loss_finite:
+        c.skipped_in_a_row += 1
+    what = "loss" if not loss_finite else "gradients"
+    scale = t.precision.loss_scale()
+    detail = f"; loss scale now {scale.item():g}" if scale is not None else ""
+    out.console.warning(f"update {k} skipped: non-finite {what}{detail} "
+                        f"({c.skipped_updates} skipped so far); k and the schedule stay at {k}")
+    if c.skipped_in_a_row >= t.cfg.max_skipped:
+        out.console.warning(
+            f"stopping: {c.skipped_in_a_row} updates in a row had a non-finite loss or "
+            f"gradients (trainer.max_skipped={t.cfg.max_skipped}); the last good state is "
+            f"checkpoint step {c.k}")
+        return True
+    return False
 
 
 @torch.no_grad()
@@ -110,35 +105,15 @@ def evaluate(t: Trainer, n_batches: int) -> float:
     return (total / count).item()
 
 
-def fit(t: Trainer, metrics: Metrics, console: Console, ckpt_root: Path, meta: dict) -> dict:
-    """Run updates until k = max_steps; return the summary for metrics.json."""
-    cfg, c = t.cfg, t.counters
-    window = t.batch_size * cfg.grad_accum_steps
-    console.start_progress(cfg.max_steps, c.k)
-    started, start_tokens = time.perf_counter(), c.tokens
-    t.model.train()
-    while c.k < cfg.max_steps:
-        k = c.k + 1
-        lr = t.schedule.apply(t.optimizer, k)
-        indices = t.order.next_window(window)
-        batches = [t.train.batch(ix) for ix in micro_batches(indices, t.batch_size)]
-        n_targets = t.train.num_targets(indices)
-        result = train_update(t.model, batches, n_targets, t.optimizer, t.clipper,
-                              t.precision, t.device)
-        c.k, c.tokens = k, c.tokens + n_targets
-        metrics.update(k, lr, result, n_targets, t.precision.loss_scale(), c.skipped_updates)
-        if k % cfg.eval_every == 0 or k == cfg.max_steps:
-            eval_start = time.perf_counter()
-            c.val_loss = evaluate(t, cfg.eval_batches)
-            c.best_val_loss = min(c.best_val_loss, c.val_loss)
-            t.schedule.observe(c.val_loss)
-            metrics.validation(k, c.val_loss, time.perf_counter() - eval_start)
-        if k % cfg.ckpt_every == 0 or k == cfg.max_steps:
-            checkpoint.save(ckpt_root, k, t.raw_model, t.state_dict(), meta, cfg.keep_last)
-    seconds = time.perf_counter() - started
-    return {
-        "status": "completed", "steps": c.k, "tokens": c.tokens,
-        "train_loss": metrics.train_loss, "val_loss": c.val_loss,
-        "best_val_loss": c.best_val_loss, "skipped_updates": c.skipped_updates,
-        "tokens_per_sec": (c.tokens - start_tokens) / seconds if seconds > 0 else math.nan,
-    }
+def validate(t: Trainer, out: Outputs) -> None:
+    c = t.counters
+    started = time.perf_counter()
+    c.val_loss = evaluate(t, t.cfg.eval_batches)
+    c.best_val_loss = min(c.best_val_loss, c.val_loss)
+    t.schedule.observe(c.val_loss)
+    out.metrics.validation(c.k, c.val_loss, time.perf_counter() - started)
+
+
+def save(t: Trainer, out: Outputs) -> None:
+    checkpoint.save(out.ckpt_root, t.counters.k, t.raw_model, t.state_dict(), out.meta,
+                    t.cfg.keep_last)

@@ -23,13 +23,18 @@ SUMMARY_KEYS = ("status", "steps", "tokens", "train_loss", "val_loss", "best_val
 
 
 class Metrics:
-    def __init__(self, run_dir: Path, console: Console, log_every: int, max_steps: int):
+    def __init__(self, run_dir: Path, console: Console, log_every: int, max_steps: int,
+                 first_step: int = 1):
+        """first_step > 1 continues a resumed run: TensorBoard drops whatever an earlier
+        process logged at steps >= first_step, so curves have no duplicated steps."""
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir, self.console = run_dir, console
         self.log_every, self.max_steps = log_every, max_steps
-        self.writer = SummaryWriter(str(run_dir / "tb"))
+        self.writer = SummaryWriter(str(run_dir / "tb"),
+                                    purge_step=first_step if first_step > 1 else None)
         self.started = time.perf_counter()
+        self.session_tokens = 0
         self._reset_window()
         self.train_loss = math.nan  # the last recorded one
         self.tokens_per_sec = math.nan
@@ -46,6 +51,7 @@ class Metrics:
         self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
         self.updates += 1
         self.tokens += tokens
+        self.session_tokens += tokens
         if k == 1 or k % self.log_every == 0 or k == self.max_steps:
             self._record(k, lr, result, loss_scale, skipped_updates)
         else:
@@ -82,6 +88,11 @@ class Metrics:
         self.window_start += seconds
         self.writer.add_scalar("val/loss", loss, k)
         self.console.record(f"val step {k}/{self.max_steps} | val_loss {loss:.4f}")
+
+    def tokens_per_second(self) -> float:
+        """Target tokens trained on per second of this process's run."""
+        seconds = time.perf_counter() - self.started
+        return self.session_tokens / seconds if seconds > 0 else math.nan
 
     def finish(self, summary: dict, hparams: dict) -> dict:
         """Write metrics.json and the HParams entry; return the summary as written."""

@@ -76,8 +76,8 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 class Precision:
     """Autocast for the forward pass and, under fp16, the loss scaler.
 
-    `scale(loss)` before backward; `unscale_(optimizer)` before clipping; `step(optimizer)`
-    applies the update unless the scaler found non-finite gradients.
+    `scale(loss)` before backward; `unscale_(optimizer)` before clipping; `step(optimizer,
+    finite)` applies the update unless the gradients are not finite.
     """
 
     def __init__(self, cfg: PrecisionConfig, device: torch.device):
@@ -106,12 +106,22 @@ class Precision:
         if self.scaler:
             self.scaler.unscale_(optimizer)
 
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.scaler:
-            self.scaler.step(optimizer)
-            self.scaler.update()
-        else:
+    def step(self, optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> bool:
+        """Step unless the update must be skipped; return whether it stepped.
+
+        fp32/bf16: skipped when `finite` (loss and gradient norm) is False. fp16: the
+        scaler decides, and a skip shows as the loss scale going down (backoff). That holds
+        for fused optimizers too, which skip inside their kernel without setting any flag.
+        """
+        if self.scaler is None:
+            if not finite.item():
+                return False
             optimizer.step()
+            return True
+        before = self.scaler._scale.clone()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        return not bool(self.scaler._scale < before)
 
     def loss_scale(self) -> torch.Tensor | None:
         """The current loss scale as a device tensor (None without a scaler)."""

@@ -5,23 +5,27 @@ from __future__ import annotations
 
 import json
 import random
+import shlex
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from trainrun import data, runinfo
+from trainrun import checkpoint, data, resume, runinfo
 from trainrun.config import Config
 from trainrun.console import Console
 from trainrun.errors import ConfigError
-from trainrun.loop import Counters, Trainer, fit
+from trainrun.loop import Outputs, fit
 from trainrun.metrics import Metrics
 from trainrun.model import GPT
 from trainrun.optimizers import build_optimizer
 from trainrun.order import DataOrder
 from trainrun.precision import Precision
 from trainrun.schedules import build_schedule
+from trainrun.signals import Signals
+from trainrun.state import Counters, Trainer
 
 
 def resolve_device(name: str) -> torch.device:
@@ -61,32 +65,67 @@ def prepare(cfg: Config) -> tuple[torch.device, Precision]:
     return device, Precision(cfg.precision, device)
 
 
+class RunStopped(SystemExit):
+    """The run ended early: stopped by a signal (128 + its number) or failed (1)."""
+
+
 def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str]) -> dict:
-    """Train the run described by cfg in run_dir; return the metrics.json summary."""
+    """Train (or continue) the run described by cfg in run_dir; return the metrics.json
+    summary. Raises RunStopped when a signal stopped the run or it failed."""
     device, precision = prepare(cfg)
+    resume_from, warnings = resume.locate(cfg, run_dir)  # before anything is written
     run_dir.mkdir(parents=True, exist_ok=True)
     console = Console(run_dir / "train.log")
     try:
         console.config(config_yaml)
         console.info("options: " + " ".join(f"{g}={o}" for g, o in choices.items()))
+        for warning in warnings:
+            console.warning(warning)
         trainer = build(cfg, device, precision, console)
-        metrics = Metrics(run_dir, console, cfg.trainer.log_every, cfg.trainer.max_steps)
+        if resume_from is not None:
+            trainer.load_state_dict(checkpoint.load(resume_from, trainer.raw_model))
+            console.info(f"resumed from {resume_from} at update {trainer.counters.k}")
+        metrics = Metrics(run_dir, console, cfg.trainer.log_every, cfg.trainer.max_steps,
+                          first_step=trainer.counters.k + 1)
         runinfo.write(run_dir, device)
-        meta = {"config": json.loads(json.dumps(asdict(cfg))), "model": asdict(cfg.model)}
+        meta = {"config": json.loads(json.dumps(asdict(cfg))),
+                "data_source": type(cfg.data).__name__}
+        outputs = Outputs(metrics, console, run_dir / "checkpoints", meta)
+        status = "failed"
         try:
-            summary = fit(trainer, metrics, console, run_dir / "checkpoints", meta)
-        except Exception:
-            metrics.finish({"status": "failed", "steps": trainer.counters.k}, hparams(cfg, choices))
-            raise
-        summary = metrics.finish(summary, hparams(cfg, choices))
-        console.info(
-            f"done: {summary['steps']} updates, val_loss {summary['val_loss']:.4f} "
-            f"(best {summary['best_val_loss']:.4f}), {summary['tokens_per_sec']:,.0f} tok/s, "
-            f"{summary['wall_seconds']:.1f}s; run directory {run_dir}"
-        )
-        return summary
+            with Signals(on_hangup=console.detach_terminal) as signals:
+                status = fit(trainer, outputs, signals)
+        finally:
+            summary = metrics.finish(summarize(trainer, metrics, status), hparams(cfg, choices))
+        return finish(summary, run_dir, console, signals)
     finally:
         console.close()
+
+
+def summarize(t: Trainer, metrics: Metrics, status: str) -> dict:
+    c = t.counters
+    return {"status": status, "steps": c.k, "tokens": c.tokens, "train_loss": metrics.train_loss,
+            "val_loss": c.val_loss, "best_val_loss": c.best_val_loss,
+            "skipped_updates": c.skipped_updates, "tokens_per_sec": metrics.tokens_per_second()}
+
+
+def finish(summary: dict, run_dir: Path, console: Console, signals: Signals) -> dict:
+    """Report how the run ended; raise RunStopped unless it completed."""
+    if summary["status"] == "stopped":
+        console.info(f"stopped at update {summary['steps']}; to continue: "
+                     f"trainrun resume={shlex.quote(str(run_dir))}")
+        raise RunStopped(signals.exit_status)
+    if summary["status"] == "failed":
+        print(f"trainrun: failed: too many non-finite updates in a row at update "
+              f"{summary['steps']}; last good checkpoint in {run_dir / 'checkpoints'}",
+              file=sys.stderr)
+        raise RunStopped(1)
+    console.info(
+        f"done: {summary['steps']} updates, val_loss {summary['val_loss']:.4f} "
+        f"(best {summary['best_val_loss']:.4f}), {summary['tokens_per_sec']:,.0f} tok/s, "
+        f"{summary['wall_seconds']:.1f}s; run directory {run_dir}"
+    )
+    return summary
 
 
 def build(cfg: Config, device: torch.device, precision: Precision, console: Console) -> Trainer:
@@ -96,7 +135,7 @@ def build(cfg: Config, device: torch.device, precision: Precision, console: Cons
     model = GPT(cfg.model, data.VOCAB_SIZE).to(device)
     forward = torch.compile(model) if t.compile else model
     optimizer = build_optimizer(cfg.optimizer, model, device)
-    schedule = build_schedule(cfg.scheduler, cfg.optimizer.lr, t.max_steps)
+    schedule = build_schedule(cfg.scheduler, cfg.optimizer.lr, t.max_steps, cfg.model.d_model)
     sequences_per_update = cfg.data.batch_size * t.grad_accum_steps
     console.info(
         f"device {device}, precision {precision.mode}; model {model.num_params():,} parameters; "
@@ -108,6 +147,8 @@ def build(cfg: Config, device: torch.device, precision: Precision, console: Cons
         f"{sequences_per_update} sequences, up to {sequences_per_update * cfg.data.seq_len:,} "
         f"tokens; {t.max_steps} updates"
     )
+    for note in schedule.notes():  # noam: optimizer.lr unused, warmup longer than the run
+        console.warning(note)
     return Trainer(
         cfg=t, model=forward, raw_model=model, optimizer=optimizer, schedule=schedule,
         clipper=cfg.clip.build(model), precision=precision, train=splits["train"],

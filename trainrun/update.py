@@ -4,7 +4,12 @@ The loss of an update is the mean over every target token of all its micro-batch
 §5): each micro-batch contributes sum(token losses) / n_targets, where n_targets counts the
 whole window, so accumulating k micro-batches of b sequences equals one batch of k·b
 sequences whatever the sequences' lengths. n_targets is known on the host before the first
-forward pass (it comes from the data, not from the device), so normalizing costs no sync.
+forward pass (it comes from the data, not from the device), so normalizing costs no sync;
+under DDP every rank knows the whole window, so it needs no all-reduce either.
+
+An update whose loss or gradients are not finite is skipped (SPEC §5): the optimizer does
+not step, and the caller neither advances k nor the schedule. Deciding that costs one
+host read per update, the only one in the hot path: the next update's lr depends on it.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ class UpdateResult:
     loss: torch.Tensor  # token-mean training loss of the update (0-dim, on the device)
     grad_norm: torch.Tensor  # pre-clip global L2 norm of the gradients
     clip_coef: torch.Tensor  # the coefficient the clipper applied
+    stepped: bool  # False: skipped for non-finite gradients, nothing was changed
 
 
 def loss_sum(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -49,6 +55,6 @@ def train_update(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch
     params = [p for group in optimizer.param_groups for p in group["params"]
               if p.grad is not None]
     grad_norm, clip_coef = clipper(params)
-    precision.step(optimizer)
+    stepped = precision.step(optimizer, torch.isfinite(total) & torch.isfinite(grad_norm))
     optimizer.zero_grad(set_to_none=True)
-    return UpdateResult(total, grad_norm, clip_coef)
+    return UpdateResult(total, grad_norm, clip_coef, stepped)
