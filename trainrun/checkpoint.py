@@ -51,8 +51,9 @@ def save(root: Path, k: int, model: torch.nn.Module, state: dict, meta: dict,
     final = root / step_name(k)
     if final.exists():  # already saved at this update (a periodic save, then the final one)
         return final
+    for leftover in root.glob(".tmp-*"):  # from a process killed while saving
+        shutil.rmtree(leftover, ignore_errors=True)
     tmp = root / f".tmp-{step_name(k)}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_model(model, str(tmp / MODEL_FILE))
     torch.save(state, tmp / STATE_FILE)

@@ -1,0 +1,177 @@
+"""Long jobs survive (SPEC §7), with real processes and real signals: exact resume, SIGTERM,
+a damaged newest checkpoint, and SIGKILL in the middle of writing a checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import cli, scalars, tiny, weights
+
+from trainrun import checkpoint
+
+N = 16
+
+
+def overrides(corpus, run_dir: Path, *extra: str) -> list[str]:
+    # dropout on: the RNG restore matters; accumulation: the data position matters
+    return tiny(corpus, f"trainer.max_steps={N}", "trainer.ckpt_every=4", "trainer.keep_last=10",
+                "trainer.eval_every=6", "model.dropout=0.2", "trainer.grad_accum_steps=3",
+                "trainer.log_every=2", f"hydra.run.dir={run_dir}", *extra)
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    name = (run_dir / "checkpoints/latest").read_text().strip()
+    return weights(run_dir / "checkpoints" / name / "model.safetensors")
+
+
+def assert_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def rewind(run_dir: Path, copy: Path, step: int) -> Path:
+    """A copy of run_dir as it was when checkpoint `step` was the newest."""
+    shutil.copytree(run_dir, copy)
+    for path in checkpoint.complete(copy / "checkpoints"):
+        if int(path.name.split("-")[1]) > step:
+            shutil.rmtree(path)
+    (copy / "checkpoints/latest").write_text(checkpoint.step_name(step) + "\n")
+    return copy
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory, corpus):
+    """An uninterrupted run of N updates."""
+    cwd = tmp_path_factory.mktemp("full")
+    proc = cli(*overrides(corpus, cwd / "run"), cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    return cwd / "run"
+
+
+def test_resume_is_bit_identical(full, tmp_path):
+    part = rewind(full, tmp_path / "part", 8)
+    proc = cli(f"resume={part}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed from" in proc.stdout
+    assert_identical(final_weights(part), final_weights(full))
+    m = json.loads((part / "metrics.json").read_text())
+    assert m["status"] == "completed" and m["steps"] == N
+    # TensorBoard: the resumed curve continues without duplicated or reordered steps
+    assert [s for s, _ in scalars(part, "train/lr")] == list(range(1, N + 1))
+    assert scalars(part, "train/loss") == pytest.approx(scalars(full, "train/loss"))
+
+
+def test_resume_extends_the_run_with_a_larger_max_steps(full, tmp_path):
+    run = rewind(full, tmp_path / "extend", N)
+    proc = cli(f"resume={run}", f"trainer.max_steps={N + 4}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((run / "metrics.json").read_text())["steps"] == N + 4
+    assert [s for s, _ in scalars(run, "train/lr")] == list(range(1, N + 5))
+
+
+def test_resume_refuses_a_different_model_and_leaves_the_run_untouched(full, tmp_path):
+    run = rewind(full, tmp_path / "refuse", N)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for change in ("model.d_model=64", "data.seq_len=16", "trainer.seed=7"):
+        proc = cli(f"resume={run}", change, cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("trainrun: error: "), proc.stderr
+        assert change.split("=")[0] in lines[0]
+        assert "Traceback" not in proc.stderr
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_resume_without_a_checkpoint_is_an_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = cli(f"resume={tmp_path / 'empty'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("trainrun: error: resume:")
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_resume_auto_starts_fresh_then_continues(corpus, tmp_path):
+    run = tmp_path / "auto"
+    args = overrides(corpus, run, "resume=auto", "trainer.max_steps=8")
+    first = cli(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "resumed from" not in first.stdout
+    again = cli(*args[:-1], "trainer.max_steps=12", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "resumed from" in again.stdout and "step-00000008" in again.stdout
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 12
+
+
+def start(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "trainrun", *args], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+
+def wait_for(predicate, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_sigterm_checkpoints_and_resume_finishes_identically(full, corpus, tmp_path):
+    run = tmp_path / "term"
+    proc = start(overrides(corpus, run), tmp_path)
+    log = run / "train.log"
+    wait_for(lambda: log.exists() and "step 6/" in log.read_text())
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM == 143, err
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["status"] == "stopped"
+    stopped_at = m["steps"]
+    assert 6 <= stopped_at < N
+    assert (run / "checkpoints/latest").read_text().strip() == checkpoint.step_name(stopped_at)
+    assert f"trainrun resume={run}" in out
+    resumed = cli(f"resume={run}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_identical(final_weights(run), final_weights(full))
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(full, tmp_path):
+    run = rewind(full, tmp_path / "damaged", 12)
+    newest = run / "checkpoints/step-00000012/model.safetensors"
+    data = bytearray(newest.read_bytes())
+    data[-10:] = bytes(10)  # same size, different weights
+    newest.write_bytes(bytes(data))
+    proc = cli(f"resume={run}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "step-00000012 is damaged" in proc.stdout + proc.stderr
+    assert "resumed from" in proc.stdout and "step-00000008" in proc.stdout
+    assert json.loads((run / "metrics.json").read_text())["steps"] == N
+    assert_identical(final_weights(run), final_weights(full))
+
+
+def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one(full, corpus, tmp_path):
+    run = tmp_path / "killed"
+    # the writer pauses with checkpoint 8 half written (TRAINRUN_SAVE_PAUSE), and is killed
+    proc = start(overrides(corpus, run), tmp_path, env={"TRAINRUN_SAVE_PAUSE": "1"})
+    wait_for(lambda: list((run / "checkpoints").glob(".tmp-step-00000008-*")))
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert (run / "checkpoints/latest").read_text().strip() == "step-00000004"
+    assert checkpoint.verify(run / "checkpoints/step-00000004") is None
+    assert not (run / "checkpoints/step-00000008").exists()
+    resumed = cli(f"resume={run}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "step-00000004" in resumed.stdout
+    assert_identical(final_weights(run), final_weights(full))
+    assert not list((run / "checkpoints").glob(".tmp-*"))  # the leftover was cleaned up
