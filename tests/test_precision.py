@@ -1,0 +1,147 @@
+"""Mixed precision and counting updates the way they really happened (SPEC §5): skipped
+updates advance neither k nor the schedule, clipping sees unscaled gradients, fp16 and
+bf16 train on the CPU, and max_skipped stops a run that keeps producing non-finite losses."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from conftest import TINY, cli, config, scalars, tiny, train, weights
+
+from trainrun.clip import NormClip
+from trainrun.data import VOCAB_SIZE
+from trainrun.model import GPT
+from trainrun.optimizers import param_groups
+from trainrun.precision import Precision
+from trainrun.update import train_update
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def cosine(k: int, base: float, n: int, w: int) -> float:
+    """SPEC §4 cosine with warmup, written out independently."""
+    if k <= w:
+        return base * k / w
+    e, d = k - w - 1, n - w
+    return (1 + math.cos(math.pi * e / d)) / 2 * base
+
+
+def test_fp16_with_a_huge_initial_scale_skips_then_trains(tmp_path, corpus):
+    n = 12
+    run = tmp_path / "fp16"
+    m = train(run, *tiny(corpus, "precision=fp16", "precision.init_scale=1e30",
+                         f"trainer.max_steps={n}", "scheduler.warmup_steps=3", "scheduler.warmup_ratio=null",
+                         "trainer.log_every=1"))
+    assert m["status"] == "completed"
+    assert m["steps"] == n
+    assert m["skipped_updates"] > 0
+    lr = scalars(run, "train/lr")
+    assert [s for s, _ in lr] == list(range(1, n + 1))  # no gaps, no repeats
+    for k, value in lr:
+        assert value == pytest.approx(cosine(k, 3e-3, n, 3), rel=1e-6, abs=1e-12)
+    # the scale came down from 1e30 by backing off once per skipped update
+    scales = scalars(run, "train/loss_scale")
+    assert scales[0][1] == pytest.approx(1e30 * 0.5 ** m["skipped_updates"], rel=1e-6)
+    assert scalars(run, "train/skipped_updates")[-1][1] == m["skipped_updates"]
+    assert "skipped: non-finite gradients" in (run / "train.log").read_text()
+    losses = [v for _, v in scalars(run, "train/loss")]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("mode", ["fp32", "fp16"])
+@pytest.mark.parametrize("kernel", [{"fused": True}, {"foreach": True}])
+def test_a_non_finite_gradient_changes_nothing(mode, kernel):
+    cfg = config(*TINY)
+    torch.manual_seed(0)
+    model = GPT(cfg.model, VOCAB_SIZE)
+    opt = torch.optim.AdamW(param_groups(model, cfg.optimizer), lr=1e-3, **kernel)
+    precision = Precision(config(f"precision={mode}").precision, torch.device("cpu"))
+    x = torch.randint(0, VOCAB_SIZE, (2, 16))
+    batch = [(x, torch.roll(x, -1, 1))]
+    clipper = NormClip(1.0, 2.0, False)
+    first = train_update(model, batch, 32, opt, clipper, precision, torch.device("cpu"))
+    assert first.stepped  # a good update, so that the optimizer has state to protect
+    before_weights = copy.deepcopy(model.state_dict())
+    before_state = copy.deepcopy(opt.state_dict())
+    hook = model.blocks[0].mlp.fc.weight.register_hook(lambda g: g * math.inf)
+    bad = train_update(model, batch, 32, opt, clipper, precision, torch.device("cpu"))
+    hook.remove()
+    assert not bad.stepped
+    after_state = opt.state_dict()
+    for key, value in before_weights.items():
+        assert torch.equal(model.state_dict()[key], value), key
+    for i, state in before_state["state"].items():
+        for name, value in state.items():
+            assert torch.equal(after_state["state"][i][name], value), (i, name)
+
+
+def test_max_skipped_stops_a_run_whose_loss_is_never_finite(tmp_path, corpus):
+    # a huge lr makes the weights overflow after the first update: every loss is then inf/nan
+    run = tmp_path / "diverged"
+    proc = cli(*tiny(corpus, "optimizer.lr=1e30", "scheduler=constant", "trainer.max_skipped=3",
+                     f"hydra.run.dir={run}"), cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("trainrun: failed:")
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["status"] == "failed"
+    assert m["steps"] == 1 and m["skipped_updates"] == 3
+    latest = (run / "checkpoints/latest").read_text().strip()
+    assert latest == "step-00000001"
+    good = weights(run / "checkpoints" / latest / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in good.values())
+
+
+def test_clipping_sees_unscaled_gradients(tmp_path, corpus):
+    """train/grad_norm at k = 1 under fp16 (scale 65536) is the fp32 norm, not 65536× it."""
+    norms = {}
+    for mode in ("fp32", "fp16"):
+        run = tmp_path / mode
+        train(run, *tiny(corpus, f"precision={mode}", "trainer.max_steps=1"))
+        norms[mode] = scalars(run, "train/grad_norm")[0][1]
+    assert norms["fp16"] == pytest.approx(norms["fp32"], rel=0.02)
+
+
+@pytest.mark.parametrize("mode", ["bf16", "fp16"])
+def test_half_precision_trains_on_cpu(tmp_path, corpus, mode):
+    run = tmp_path / mode
+    m = train(run, *tiny(corpus, f"precision={mode}", "trainer.max_steps=20"))
+    losses = [v for _, v in scalars(run, "train/loss")]
+    assert m["status"] == "completed" and m["steps"] == 20
+    assert losses[-1] < losses[0] - 0.5
+
+
+@pytest.mark.parametrize("mode, tolerance", [("bf16", 0.05), ("fp16", 0.01)])
+def test_accumulation_is_close_in_half_precision(tmp_path, corpus, mode, tolerance):
+    final = {}
+    for batch_size, accum in [(8, 1), (4, 2), (2, 4)]:
+        run = tmp_path / f"{mode}-{batch_size}x{accum}"
+        train(run, *tiny(corpus, f"precision={mode}", "data.packing=false",
+                         f"data.batch_size={batch_size}", f"trainer.grad_accum_steps={accum}",
+                         "trainer.max_steps=6", "optimizer=sgd", "optimizer.lr=0.5",
+                         "scheduler=constant"))
+        final[accum] = weights(run / "checkpoints/step-00000006/model.safetensors")
+    for accum in (2, 4):
+        diff = max(((final[accum][k] - final[1][k]).abs().max() / final[1][k].abs().max()).item()
+                   for k in final[1])
+        assert diff < tolerance, (accum, diff)
+
+
+def test_auto_is_fp32_on_cpu():
+    assert Precision(config("precision=auto").precision, torch.device("cpu")).mode == "fp32"
+
+
+@cuda
+@pytest.mark.parametrize("mode", ["fp16", "bf16", "auto"])
+def test_cuda_precisions_train_with_fused_adamw(tmp_path, corpus, mode):
+    run = tmp_path / mode
+    m = train(run, *tiny(corpus, f"precision={mode}", "trainer.device=cuda",
+                         "trainer.max_steps=30"))
+    losses = [v for _, v in scalars(run, "train/loss")]
+    assert m["status"] == "completed" and losses[-1] < losses[0]
+    expected = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    assert Precision(config(f"precision={mode}").precision,
+                     torch.device("cuda")).mode == (expected if mode == "auto" else mode)
