@@ -25,6 +25,7 @@ class _NotRecords(logging.Filter):
 class Console:
     def __init__(self, log_path: Path, interactive: bool | None = None):
         self.interactive = sys.stdout.isatty() if interactive is None else interactive
+        self.tty_fds = [fd for fd in (1, 2) if os.isatty(fd)]  # a hung-up tty no longer says so
         self.log = logging.getLogger("trainrun.run")
         self.log.setLevel(logging.INFO)
         self.log.propagate = False
@@ -94,7 +95,7 @@ class Console:
     def detach_terminal(self) -> None:
         """After SIGHUP: stop writing to the terminal, which is gone; a file or pipe that
         stdout/stderr point to is still written, and so is train.log."""
-        ttys = [fd for fd in (1, 2) if os.isatty(fd)]
+        ttys, self.tty_fds = self.tty_fds, []
         if not ttys:
             return
         devnull = open(os.devnull, "w")
