@@ -74,7 +74,7 @@ class TextDataConfig(DataConfig):
         paths = self.paths()
         if not paths:
             raise ConfigError(f"{prefix}.files", f"{self.files!r} matches no file")
-        if all(os.path.getsize(p) == 0 for p in paths):
+        if all(_is_empty(p) for p in paths):
             raise ConfigError(f"{prefix}.files", f"{self.files!r} matches only empty files")
         kinds = {_BUILDERS.get(Path(p).suffix.lower()) for p in paths}
         if None in kinds or len(kinds) > 1:
@@ -105,17 +105,45 @@ class HFDataConfig(DataConfig):
     def documents(self):
         import datasets
 
-        train = datasets.load_dataset(self.path, self.name, split=self.train_split)
-        train = _text_column(train, self.text_column, "data.text_column")
+        train = _text_column(self._split(self.train_split, "data.train_split"),
+                             self.text_column, "data.text_column")
         if self.val_split is None:
             return _hold_out(train, self.val_fraction)
-        val = datasets.load_dataset(self.path, self.name, split=self.val_split)
-        val = _text_column(val, self.text_column, "data.text_column")
+        val = _text_column(self._split(self.val_split, "data.val_split"),
+                           self.text_column, "data.text_column")
         return datasets.DatasetDict(train=train, validation=val)
+
+    def _split(self, split: str, key: str):
+        """One split, with the usual ways of not finding it as one ConfigError line."""
+        import datasets
+        from datasets.exceptions import DatasetNotFoundError
+
+        try:
+            return datasets.load_dataset(self.path, self.name, split=split)
+        except (FileNotFoundError, DatasetNotFoundError, ConnectionError) as exc:
+            why = str(exc).splitlines()[0].rstrip(".")
+            raise ConfigError("data.path", f"{self.path!r}: {why}; allowed: a local folder, or "
+                              f"a data set on the hub (network or local cache)") from None
+        except ValueError as exc:  # datasets' "Unknown split ..."
+            if "split" not in str(exc).lower():
+                raise
+            raise ConfigError(key, f"{split!r}: {str(exc).splitlines()[0]}") from None
 
 
 DATA = {"builtin": BuiltinDataConfig, "text": TextDataConfig, "hf": HFDataConfig}
 _BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _is_empty(path: str) -> bool:
+    """No byte at all, or (a text-like file) nothing but white space; reads only as far as
+    the first character that is not white space."""
+    if Path(path).suffix.lower() == ".parquet":
+        return os.path.getsize(path) == 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 16):
+            if block.strip():
+                return False
+    return True
 
 
 def _text_column(ds, column: str, key: str):
@@ -143,7 +171,8 @@ def encode(batch: dict) -> dict:
 
 
 def decode(ids) -> str:
-    return bytes(int(i) for i in ids if i < 256).decode("utf-8", errors="replace")
+    """The text of byte ids; EOT, IGNORE and any other id outside 0..255 are left out."""
+    return bytes(int(i) for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
 
 class Sequences:
@@ -152,7 +181,7 @@ class Sequences:
     def __init__(self, tokens: np.ndarray, offsets: np.ndarray, seq_len: int, packing: bool):
         self.tokens, self.offsets, self.seq_len, self.packing = tokens, offsets, seq_len, packing
         if packing:
-            self.n = (len(tokens) - 1) // seq_len
+            self.n = max(0, len(tokens) - 1) // seq_len
         else:
             lengths = np.diff(offsets)
             self.starts = offsets[:-1][lengths >= 2]  # a document needs one target at least
@@ -184,18 +213,32 @@ class Sequences:
         return int((self.lengths[indices] - 1).sum())
 
 
-def load(cfg: DataConfig) -> dict[str, Sequences]:
-    """The tokenized splits as Sequences, tokenization cached by `datasets`."""
+def tokenize(cfg: DataConfig):
+    """The documents' splits as a `datasets.DatasetDict` with one column, `ids`.
+
+    `Dataset.map` writes the result into the `datasets` cache (next to the source's own
+    cache files), keyed by the fingerprint of the source and of `encode`; the next run on
+    the same data reads it back instead of tokenizing again.
+    """
     import datasets
 
     datasets.disable_progress_bars()  # they write carriage returns; the run logs its own lines
     datasets.logging.set_verbosity_error()
     docs = cfg.documents()
+    return datasets.DatasetDict({
+        split: docs[split].map(encode, batched=True, remove_columns=docs[split].column_names,
+                               features=datasets.Features(ids=datasets.Sequence(
+                                   datasets.Value("uint16"))))
+        for split in ("train", "validation")
+    })
+
+
+def load(cfg: DataConfig) -> dict[str, Sequences]:
+    """The tokenized splits as Sequences, tokenization cached by `datasets`."""
+    tokenized_splits = tokenize(cfg)
     out = {}
     for split in ("train", "validation"):
-        tokenized = docs[split].map(
-            encode, batched=True, remove_columns=docs[split].column_names
-        )
+        tokenized = tokenized_splits[split]
         column = tokenized.data.column("ids").combine_chunks()
         tokens = column.flatten().to_numpy(zero_copy_only=False).astype(np.uint16, copy=False)
         offsets = column.offsets.to_numpy()

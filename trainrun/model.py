@@ -27,9 +27,12 @@ class ModelConfig:
         for key in ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
             require_positive(f"{prefix}.{key}", getattr(self, key))
         if self.d_model % self.n_heads:
+            small = [h for h in range(1, math.isqrt(self.d_model) + 1) if self.d_model % h == 0]
+            divisors = sorted({*small, *(self.d_model // h for h in small)})
             raise ConfigError(
-                f"{prefix}.d_model",
-                f"{self.d_model} is not a multiple of {prefix}.n_heads={self.n_heads}",
+                f"{prefix}.n_heads",
+                f"{self.n_heads} does not divide {prefix}.d_model={self.d_model}; "
+                f"allowed: a divisor of {self.d_model} ({', '.join(map(str, divisors))})",
             )
         require_range(f"{prefix}.dropout", self.dropout, 0.0, 0.99)
 
@@ -103,6 +106,8 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, vocab_size)."""
         T = idx.shape[1]
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens; the model has {self.cfg.max_seq_len} positions")
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
         for block in self.blocks:
@@ -126,13 +131,18 @@ def parameter_kinds(model: nn.Module) -> dict[str, str]:
     The optimizer uses the kinds to keep weight decay off biases, norm gains and
     embeddings; AGC and LARS use them to leave biases and norms alone.
     """
+    # A parameter shared by several modules (the head tied to the token embedding) is
+    # named as named_parameters() names it, by its first owner, and is an embedding if
+    # any owner is one, whatever order the modules were registered in.
+    embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding)
+                  for p in m.parameters(recurse=False)}
     kinds, seen = {}, set()
     for module_name, module in model.named_modules():
         for name, p in module.named_parameters(prefix=module_name, recurse=False):
-            if id(p) in seen:  # the tied head is the embedding
+            if id(p) in seen:
                 continue
             seen.add(id(p))
-            if isinstance(module, nn.Embedding):
+            if id(p) in embeddings:
                 kinds[name] = "embedding"
             elif isinstance(module, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.BatchNorm1d)):
                 kinds[name] = "norm"

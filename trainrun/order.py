@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from trainrun.errors import ConfigError
+
 
 def permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     """The order of epoch `epoch` (0-based) over n sequences."""
@@ -37,19 +39,32 @@ class DataOrder:
         return {"n": self.n, "seed": self.seed, "epoch": self.epoch, "offset": self.offset}
 
     def load_state_dict(self, state: dict) -> None:
-        if (state["n"], state["seed"]) != (self.n, self.seed):
-            raise ValueError(
-                f"data order of {state['n']} sequences with seed {state['seed']} does not match "
-                f"this run's {self.n} sequences with seed {self.seed}"
+        if state["seed"] != self.seed:
+            raise ConfigError(
+                "trainer.seed", f"{self.seed} differs from the checkpoint's {state['seed']}, "
+                f"which fixed the data order; allowed: {state['seed']}"
+            )
+        if state["n"] != self.n:
+            raise ConfigError(
+                "data", f"{self.n} training sequences, the checkpoint's data had {state['n']}; "
+                f"allowed: the data and data.seq_len of the checkpoint"
             )
         self.epoch, self.offset = state["epoch"], state["offset"]
         self._perm = permutation(self.n, self.seed, self.epoch)
 
 
-def micro_batches(window: np.ndarray, batch_size: int, rank: int = 0, world_size: int = 1):
+def micro_batches(window: np.ndarray, batch_size: int, rank: int = 0,
+                  world_size: int = 1) -> list[np.ndarray]:
     """This rank's share of an update's window, cut into micro-batches of batch_size.
 
-    Under DDP each rank takes a contiguous slice of the global window.
+    The window is cut into world_size contiguous shares, rank 0 first (the first shares one
+    sequence longer when world_size does not divide it); concatenated in rank order they
+    are the window. Every rank gets the same number of micro-batches, enough for the
+    largest share, so that the ranks' forward/backward passes and gradient all-reduces
+    pair up under DDP: at the short end of an epoch a rank's last micro-batches may hold
+    fewer than batch_size sequences, or none. With one process there is never an empty one.
     """
-    share = np.array_split(window, world_size)[rank]
-    return [share[i : i + batch_size] for i in range(0, len(share), batch_size)]
+    shares = np.array_split(np.asarray(window), world_size)
+    count = -(-len(shares[0]) // batch_size)
+    share = shares[rank]
+    return [share[i * batch_size : (i + 1) * batch_size] for i in range(count)]
