@@ -75,6 +75,9 @@ def preflight(argv: list[str]) -> None:
     except Exception as exc:
         raise explain(exc) from None
     config = load(cfg)
+    from trainrun.runner import prepare
+
+    prepare(config)  # the device and precision this machine can run
     if config.resume is not None:
         from trainrun import resume
 
@@ -119,9 +122,28 @@ def resume_argv(argv: list[str]) -> list[str]:
     return resume.argv_for(run_dir, argv)
 
 
+WARMUP_KEYS = ("scheduler.warmup_steps", "scheduler.warmup_ratio")
+
+
+def one_warmup_key(argv: list[str]) -> list[str]:
+    """Giving warmup_steps on the command line replaces the option's default warmup_ratio,
+    and vice versa; giving both stays an error (validate() reports it)."""
+    given = {k for k in WARMUP_KEYS for a in argv if a.lstrip("+").startswith(k + "=")}
+    if len(given) != 1:
+        return argv
+    (other,) = set(WARMUP_KEYS) - given
+    return [*argv, f"{other}=null"]
+
+
+def arguments(argv: list[str]) -> list[str]:
+    """The overrides `trainrun argv` runs with: a resumed run's saved ones first, and one
+    warmup key replacing the other."""
+    return one_warmup_key(resume_argv(argv))
+
+
 def main() -> None:
     try:
-        sys.argv[1:] = resume_argv(sys.argv[1:])
+        sys.argv[1:] = arguments(sys.argv[1:])
         preflight(sys.argv[1:])
     except ConfigError as error:
         fail(error)

@@ -115,6 +115,8 @@ def validate(cfg: Config) -> Config:
                 "ckpt_every", "keep_last", "max_skipped"):
         require_positive(f"trainer.{key}", getattr(t, key))
     require_in("trainer.device", t.device, DEVICES)
+    if not 0 <= t.seed < 2**32:
+        raise ConfigError("trainer.seed", f"got {t.seed}; allowed: 0 <= seed < 2**32")
     cfg.model.validate("model")
     cfg.data.validate("data")
     if cfg.data.seq_len > cfg.model.max_seq_len:

@@ -37,7 +37,9 @@ class DataConfig:
     def validate(self, prefix: str) -> None:
         require_positive(f"{prefix}.batch_size", self.batch_size)
         require_positive(f"{prefix}.seq_len", self.seq_len)
-        require_range(f"{prefix}.val_fraction", self.val_fraction, 0.0, 0.5)
+        if not 0 < self.val_fraction <= 0.5:
+            raise ConfigError(f"{prefix}.val_fraction",
+                              f"got {self.val_fraction}; allowed: 0 < val_fraction <= 0.5")
 
     def documents(self):
         """A `datasets.DatasetDict` with splits `train` and `validation` and a `text` column."""
