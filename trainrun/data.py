@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from omegaconf import MISSING
 
-from trainrun.errors import ConfigError, require_positive, require_range
+from trainrun.errors import ConfigError, require_positive
 
 VOCAB_SIZE = 257
 EOT = 256  # end of document; also the input id at padded positions
