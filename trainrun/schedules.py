@@ -1,116 +1,113 @@
-"""Learning-rate schedules (SPEC §4), counted in optimizer updates.
+"""Learning-rate schedules (SPEC §4), counted in optimizer updates: the registry and the
+schedule bound to a run.
 
 `lr(k)` is the rate that update k = 1..N applies, and what `train/lr` logs at step k.
 Warmup, where a schedule has it: lr(k) = base·k/W for k <= W; then the schedule's decay
 runs with e = k − W − 1 = 0, 1, ..., D − 1 over D = N − W updates. Each option's schema
-implements `decay(e, D, base)`; schedules with their own warmup override `lr` instead.
+(conf/scheduler/<option>.yaml extends `<option>_schema`) implements `decay(e, D, base)`, or
+`lr(k, ...)` when it has its own warmup:
+
+    schedule_base.py        SchedulerConfig: warmup, the contract, shared checks
+    schedule_decays.py      constant, step, multistep, exponential, cosine, cosine_restarts,
+                            linear, polynomial, wsd
+    schedule_own_warmup.py  onecycle, noam, inverse_sqrt
+    schedule_plateau.py     plateau (ReduceLROnPlateau on val/loss)
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+import torch
 
-from omegaconf import MISSING
+from trainrun.errors import ConfigError
+from trainrun.schedule_base import SchedulerConfig
+from trainrun.schedule_decays import (
+    ConstantConfig,
+    CosineConfig,
+    CosineRestartsConfig,
+    ExponentialConfig,
+    LinearConfig,
+    MultiStepConfig,
+    PolynomialConfig,
+    StepConfig,
+    WSDConfig,
+)
+from trainrun.schedule_own_warmup import InverseSqrtConfig, NoamConfig, OneCycleConfig
+from trainrun.schedule_plateau import PlateauConfig
 
-from trainrun.errors import ConfigError, require_positive
+__all__ = ["SCHEDULES", "Schedule", "SchedulerConfig", "build_schedule"]
 
-
-@dataclass
-class SchedulerConfig:
-    warmup_steps: int | None = None  # W; or
-    warmup_ratio: float | None = None  # W = round(warmup_ratio × N)
-
-    def validate(self, prefix: str, max_steps: int) -> None:
-        if self.warmup_steps is not None and self.warmup_ratio is not None:
-            raise ConfigError(
-                f"{prefix}.warmup_steps",
-                f"given together with {prefix}.warmup_ratio; set one of them and the other to null",
-            )
-        if self.warmup_steps is not None:
-            require_positive(f"{prefix}.warmup_steps", self.warmup_steps, allow_zero=True)
-        if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(
-                f"{prefix}.warmup_ratio", f"got {self.warmup_ratio}; allowed: 0 <= warmup_ratio < 1"
-            )
-        w = self.warmup(max_steps)
-        if w >= max_steps:
-            key = "warmup_steps" if self.warmup_steps is not None else "warmup_ratio"
-            raise ConfigError(
-                f"{prefix}.{key}",
-                f"warmup of {w} updates is not shorter than trainer.max_steps={max_steps}; "
-                f"allowed: fewer warmup updates than the run has",
-            )
-
-    def warmup(self, max_steps: int) -> int:
-        """W, the number of warmup updates."""
-        if self.warmup_steps is not None:
-            return self.warmup_steps
-        if self.warmup_ratio is not None:
-            return round(self.warmup_ratio * max_steps)
-        return 0
-
-    def lr(self, k: int, base: float, max_steps: int) -> float:
-        """The rate update k (1-based) applies."""
-        w = self.warmup(max_steps)
-        if k <= w:
-            return base * k / w
-        return self.decay(k - w - 1, max_steps - w, base)
-
-    def decay(self, e: int, d: int, base: float) -> float:
-        """The rate after warmup at e = 0..d-1."""
-        raise NotImplementedError
-
-
-@dataclass
-class ConstantConfig(SchedulerConfig):
-    def decay(self, e: int, d: int, base: float) -> float:
-        return base
-
-
-@dataclass
-class CosineConfig(SchedulerConfig):
-    """CosineAnnealingLR(T_max=D, eta_min=min_lr) after warmup."""
-
-    min_lr: float = MISSING
-
-    def validate(self, prefix: str, max_steps: int) -> None:
-        super().validate(prefix, max_steps)
-        require_positive(f"{prefix}.min_lr", self.min_lr, allow_zero=True)
-
-    def decay(self, e: int, d: int, base: float) -> float:
-        return self.min_lr + (base - self.min_lr) * (1 + math.cos(math.pi * e / d)) / 2
-
-
-SCHEDULES = {"constant": ConstantConfig, "cosine": CosineConfig}
+SCHEDULES: dict[str, type[SchedulerConfig]] = {
+    "constant": ConstantConfig,
+    "step": StepConfig,
+    "multistep": MultiStepConfig,
+    "exponential": ExponentialConfig,
+    "cosine": CosineConfig,
+    "cosine_restarts": CosineRestartsConfig,
+    "onecycle": OneCycleConfig,
+    "linear": LinearConfig,
+    "polynomial": PolynomialConfig,
+    "noam": NoamConfig,
+    "inverse_sqrt": InverseSqrtConfig,
+    "wsd": WSDConfig,
+    "plateau": PlateauConfig,
+}
 
 
 class Schedule:
-    """A schedule bound to its run: `schedule(k)` is lr(k). Stateless schedules have an
-    empty state; the plateau schedule keeps its evaluation history here."""
+    """A schedule bound to its run: `schedule(k)` is lr(k). Its state is the validation
+    history (k, val/loss) for schedules driven by val/loss (plateau), else empty."""
 
     def __init__(self, cfg: SchedulerConfig, base_lr: float, max_steps: int):
         self.cfg, self.base_lr, self.max_steps = cfg, base_lr, max_steps
+        self.evals: list[tuple[int, float]] = []
+        self.k = 0  # the update that apply() last prepared; observe() is measured after it
 
     def __call__(self, k: int) -> float:
-        return self.cfg.lr(k, self.base_lr, self.max_steps)
+        return self.cfg.lr(k, self.base_lr, self.max_steps, self.evals)
 
-    def apply(self, optimizer, k: int) -> float:
-        """Set every parameter group's lr to lr(k) before update k; return lr(k)."""
+    def apply(self, optimizer: torch.optim.Optimizer, k: int) -> float:
+        """Set every parameter group's lr to lr(k) before update k (and, for onecycle with
+        cycle_momentum, its momentum or betas[0] as OneCycleLR does); return lr(k)."""
+        self.k = k
         lr = self(k)
+        momentum = self.cfg.momentum(k, self.max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
+            if momentum is not None:
+                _set_momentum(optimizer, group, momentum)
         return lr
 
     def observe(self, val_loss: float) -> None:
-        """A validation result; only schedules driven by val/loss use it."""
+        """The validation loss measured after the update last applied."""
+        if self.cfg.uses_val_loss:
+            self.evals.append((self.k, float(val_loss)))
+
+    def notes(self) -> list[str]:
+        """Lines for the run's log (noam: optimizer.lr unused; warmup longer than the run)."""
+        return self.cfg.notes(self.base_lr, self.max_steps)
 
     def state_dict(self) -> dict:
-        return {}
+        if not self.cfg.uses_val_loss:
+            return {}
+        return {"evals": [[k, loss] for k, loss in self.evals]}  # plain lists: weights_only
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        self.evals = [(int(k), float(loss)) for k, loss in state.get("evals", [])]
+        self.k = self.evals[-1][0] if self.evals else 0
 
 
-def build_schedule(cfg: SchedulerConfig, base_lr: float, max_steps: int) -> Schedule:
-    return Schedule(cfg, base_lr, max_steps)
+def _set_momentum(optimizer: torch.optim.Optimizer, group: dict, momentum: float) -> None:
+    """OneCycleLR's rule: beta1 where the optimizer has betas, else momentum."""
+    if "betas" in optimizer.defaults:
+        group["betas"] = (momentum, *group["betas"][1:])
+    elif "momentum" in optimizer.defaults:
+        group["momentum"] = momentum
+    else:
+        raise ConfigError("scheduler.cycle_momentum", f"{type(optimizer).__name__} has neither "
+                          f"momentum nor betas; set scheduler.cycle_momentum=false")
+
+
+def build_schedule(cfg: SchedulerConfig, base_lr: float, max_steps: int,
+                   d_model: int | None = None) -> Schedule:
+    """The schedule of a run of max_steps updates; d_model is the model's (noam's default)."""
+    return Schedule(cfg.bind(d_model), base_lr, max_steps)

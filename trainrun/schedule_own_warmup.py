@@ -1,0 +1,140 @@
+"""Schedules with their own warmup, defined directly as lr(k): onecycle, noam, inverse_sqrt."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from omegaconf import MISSING
+
+from trainrun.errors import ConfigError, require_in, require_positive
+from trainrun.schedule_base import Evals, SchedulerConfig, require_int
+
+
+def _anneal(strategy: str, start: float, end: float, pct: float) -> float:
+    """torch OneCycleLR's annealing from start (pct = 0) to end (pct = 1)."""
+    if strategy == "cos":
+        return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+    return (end - start) * pct + start
+
+
+@dataclass
+class OneCycleConfig(SchedulerConfig):
+    """OneCycleLR(max_lr=base, total_steps=N) at last_epoch = k − 1, momentum included."""
+
+    pct_start: float = MISSING  # fraction of the run spent raising the rate
+    anneal_strategy: str = MISSING  # cos | linear
+    div_factor: float = MISSING  # first rate = base / div_factor
+    final_div_factor: float = MISSING  # last rate = first rate / final_div_factor
+    three_phase: bool = MISSING  # rise, fall back to the first rate, then anneal
+    cycle_momentum: bool = MISSING  # move momentum / beta1 against the rate
+    base_momentum: float = MISSING  # momentum at the peak rate
+    max_momentum: float = MISSING  # momentum at the lowest rates
+
+    def validate(self, prefix: str, max_steps: int) -> None:
+        for key in ("warmup_steps", "warmup_ratio"):
+            if getattr(self, key) is not None:
+                raise ConfigError(f"{prefix}.{key}", f"got {getattr(self, key)}; onecycle has its "
+                                  f"own warmup ({prefix}.pct_start); allowed: null")
+        if not 0 < self.pct_start < 1:
+            raise ConfigError(f"{prefix}.pct_start",
+                              f"got {self.pct_start}; allowed: 0 < pct_start < 1")
+        if self.pct_start * max_steps <= 1:
+            raise ConfigError(f"{prefix}.pct_start", f"the rising phase, pct_start × "
+                              f"trainer.max_steps = {self.pct_start * max_steps:g} updates, must "
+                              f"be longer than 1 update")
+        if self.three_phase and self.pct_start >= 0.5:
+            raise ConfigError(f"{prefix}.pct_start", f"got {self.pct_start} with three_phase=true; "
+                              f"allowed: 0 < pct_start < 0.5 (two phases of pct_start each)")
+        require_in(f"{prefix}.anneal_strategy", self.anneal_strategy, ("cos", "linear"))
+        require_positive(f"{prefix}.div_factor", self.div_factor)
+        require_positive(f"{prefix}.final_div_factor", self.final_div_factor)
+        for key in ("base_momentum", "max_momentum"):
+            value = getattr(self, key)
+            if not 0 <= value < 1:
+                raise ConfigError(f"{prefix}.{key}", f"got {value}; allowed: 0 <= {key} < 1")
+        if self.base_momentum > self.max_momentum:
+            raise ConfigError(f"{prefix}.base_momentum", f"{self.base_momentum} exceeds "
+                              f"{prefix}.max_momentum={self.max_momentum}")
+
+    def _phase(self, step: int, n: int) -> tuple[int, float]:
+        """(phase index, fraction of it done) at last_epoch = step, as torch finds them."""
+        if self.three_phase:
+            ends = [float(self.pct_start * n) - 1, float(2 * self.pct_start * n) - 2, n - 1]
+        else:
+            ends = [float(self.pct_start * n) - 1, n - 1]
+        start = 0.0
+        for i, end in enumerate(ends):
+            if step <= end or i == len(ends) - 1:
+                return i, (step - start) / (end - start)
+            start = end
+        raise AssertionError("unreachable")
+
+    def lr(self, k: int, base: float, max_steps: int, evals: Evals = ()) -> float:
+        initial = base / self.div_factor
+        lowest = initial / self.final_div_factor
+        points = [initial, base, initial, lowest] if self.three_phase else [initial, base, lowest]
+        i, pct = self._phase(k - 1, max_steps)
+        return _anneal(self.anneal_strategy, points[i], points[i + 1], pct)
+
+    def momentum(self, k: int, max_steps: int) -> float | None:
+        if not self.cycle_momentum:
+            return None
+        hi, lo = self.max_momentum, self.base_momentum
+        points = [hi, lo, hi, hi] if self.three_phase else [hi, lo, hi]
+        i, pct = self._phase(k - 1, max_steps)
+        return _anneal(self.anneal_strategy, points[i], points[i + 1], pct)
+
+
+@dataclass
+class NoamConfig(SchedulerConfig):
+    """Vaswani et al. 2017: lr(k) = scale·d_model^−0.5·min(k^−0.5, k·W^−1.5), for every k;
+    optimizer.lr is not used. W may exceed the run (the rate then rises throughout)."""
+
+    scale: float = MISSING
+    d_model: int | None = None  # null: the model's d_model
+
+    def validate(self, prefix: str, max_steps: int) -> None:
+        self.check_warmup_keys(prefix)
+        require_positive(f"{prefix}.scale", self.scale)
+        if self.d_model is not None:
+            require_int(f"{prefix}.d_model", self.d_model, 1)
+        if self.warmup(max_steps) < 1:
+            raise ConfigError(f"{prefix}.{self.warmup_key()}", f"a warmup of "
+                              f"{self.warmup(max_steps)} updates; noam needs at least 1 (set "
+                              f"{prefix}.warmup_steps, 4000 in the paper)")
+
+    def bind(self, d_model: int | None) -> NoamConfig:
+        return self if self.d_model is not None else dataclasses.replace(self, d_model=d_model)
+
+    def lr(self, k: int, base: float, max_steps: int, evals: Evals = ()) -> float:
+        if self.d_model is None:
+            raise ValueError("noam needs d_model: build the schedule with the model's d_model")
+        w = self.warmup(max_steps)
+        return self.scale * self.d_model ** -0.5 * min(k ** -0.5, k * w ** -1.5)
+
+    def notes(self, base: float, max_steps: int) -> list[str]:
+        w = self.warmup(max_steps)
+        lines = [f"scheduler=noam: optimizer.lr={base:g} is not used; lr(k) = scale·d_model^-0.5"
+                 f"·min(k^-0.5, k·W^-1.5) with scale={self.scale:g}, d_model={self.d_model}, "
+                 f"W={w}"]
+        if w >= max_steps:
+            lines.append(f"scheduler=noam: warmup of {w} updates is not shorter than "
+                         f"trainer.max_steps={max_steps}: the rate rises for the whole run")
+        return lines
+
+
+@dataclass
+class InverseSqrtConfig(SchedulerConfig):
+    """fairseq inverse_sqrt: base·k/W for k <= W, then base·sqrt(W/k) (noam named by its peak)."""
+
+    def validate(self, prefix: str, max_steps: int) -> None:
+        super().validate(prefix, max_steps)
+        if self.warmup(max_steps) < 1:
+            raise ConfigError(f"{prefix}.{self.warmup_key()}", f"a warmup of "
+                              f"{self.warmup(max_steps)} updates; inverse_sqrt needs at least 1")
+
+    def lr(self, k: int, base: float, max_steps: int, evals: Evals = ()) -> float:
+        w = self.warmup(max_steps)
+        return base * k / w if k <= w else base * math.sqrt(w / k)
