@@ -21,6 +21,12 @@ from trainrun.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
 
+# One intra-op thread for the tests and every process they start: tiny models gain nothing
+# from more, and several processes each spinning 2 OpenMP threads on 2 cores slow down
+# many-fold. The default-run test gives its process every core again.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
+
 # A model and run small enough for a test to train in a second or two on a CPU.
 TINY = [
     "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64",

@@ -116,7 +116,8 @@ def test_progress_bar_and_config_on_a_terminal(tmp_path, corpus):
 def test_default_run_trains(tmp_path):
     """`trainrun` with no arguments: under 2 minutes on a 2-core CPU, val loss at most 0.6 ×
     the first logged training loss."""
-    proc = cli(f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=240)
+    proc = cli(f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=240,
+               env={"OMP_NUM_THREADS": str(os.cpu_count())})
     assert proc.returncode == 0, proc.stderr
     m = json.loads((tmp_path / "run/metrics.json").read_text())
     first = scalars(tmp_path / "run", "train/loss")[0]
