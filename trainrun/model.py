@@ -125,6 +125,9 @@ class GPT(nn.Module):
         return 6 * n + 12 * self.cfg.n_layers * self.cfg.d_model * seq_len
 
 
+KINDS = ("bias", "norm", "embedding", "weight")  # what parameter_kinds() tells apart
+
+
 def parameter_kinds(model: nn.Module) -> dict[str, str]:
     """Each parameter's name -> its kind: `embedding`, `norm`, `bias` or `weight`.
 

@@ -18,9 +18,7 @@ from omegaconf import MISSING
 
 from trainrun.errors import ConfigError, require_in, require_positive
 from trainrun.layerwise import LAMB, LARS
-from trainrun.model import parameter_kinds
-
-KINDS = ("bias", "norm", "embedding", "weight")
+from trainrun.model import KINDS, parameter_kinds
 
 
 def require_fraction(key: str, value: float, *, allow_one: bool = False) -> None:
