@@ -75,11 +75,14 @@ def skip(t: Trainer, out: Outputs, result: UpdateResult, k: int) -> bool:
     loss_finite = bool(torch.isfinite(result.loss))  # read back only on a skipped update
     if t.precision.mode != "fp16" or not loss_finite:
         c.skipped_in_a_row += 1
-    what = "loss" if not loss_finite else "gradients"
-    scale = t.precision.loss_scale()
-    detail = f"; loss scale now {scale.item():g}" if scale is not None else ""
-    out.console.warning(f"update {k} skipped: non-finite {what}{detail} "
-                        f"({c.skipped_updates} skipped so far); k and the schedule stay at {k}")
+    # every non-finite loss is reported; loss-scale overflows at 1, 2, 4, 8, ... skips
+    if not loss_finite or c.skipped_updates & (c.skipped_updates - 1) == 0:
+        what = "loss" if not loss_finite else "gradients"
+        scale = t.precision.loss_scale()
+        detail = f"; loss scale now {scale.item():g}" if scale is not None else ""
+        out.console.warning(f"update {k} skipped: non-finite {what}{detail} "
+                            f"({c.skipped_updates} skipped so far); k and the schedule stay "
+                            f"at {k}")
     if c.skipped_in_a_row >= t.cfg.max_skipped:
         out.console.warning(
             f"stopping: {c.skipped_in_a_row} updates in a row had a non-finite loss or "
