@@ -82,7 +82,8 @@ def test_resume_extends_the_run_with_a_larger_max_steps(full, tmp_path):
 def test_resume_refuses_a_different_model_and_leaves_the_run_untouched(full, tmp_path):
     run = rewind(full, tmp_path / "refuse", N)
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    for change in ("model.d_model=64", "data.seq_len=16", "trainer.seed=7"):
+    for change in ("model.d_model=64", "data.seq_len=16", "trainer.seed=7", "optimizer=lars",
+                   "optimizer.no_decay=[bias]"):
         proc = cli(f"resume={run}", change, cwd=tmp_path)
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
@@ -113,6 +114,10 @@ def test_resume_auto_starts_fresh_then_continues(corpus, tmp_path):
     assert json.loads((run / "metrics.json").read_text())["steps"] == 12
 
 
+def reject_non_json(constant: str):
+    raise ValueError(f"metrics.json holds {constant}, which is not JSON")
+
+
 def start(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "trainrun", *args], cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -134,7 +139,7 @@ def test_sigterm_checkpoints_and_resume_finishes_identically(full, corpus, tmp_p
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM == 143, err
-    m = json.loads((run / "metrics.json").read_text())
+    m = json.loads((run / "metrics.json").read_text(), parse_constant=reject_non_json)
     assert m["status"] == "stopped"
     stopped_at = m["steps"]
     assert 6 <= stopped_at < N
@@ -157,6 +162,24 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(full, tmp_path):
     assert "resumed from" in proc.stdout and "step-00000008" in proc.stdout
     assert json.loads((run / "metrics.json").read_text())["steps"] == N
     assert_identical(final_weights(run), final_weights(full))
+    # the damaged one was set aside and written anew: every checkpoint listed is intact
+    assert (run / "checkpoints/.damaged-step-00000012").is_dir()
+    listed = checkpoint.complete(run / "checkpoints")
+    assert [p.name for p in listed][-2:] == ["step-00000012", "step-00000016"]
+    assert all(checkpoint.verify(p) is None for p in listed)
+
+
+def test_pruning_after_a_damaged_checkpoint_keeps_a_resumable_run(full, tmp_path):
+    run = rewind(full, tmp_path / "prune", 12)
+    (run / "checkpoints/step-00000012/trainer_state.pt").write_bytes(b"truncated")
+    proc = cli(f"resume={run}", "trainer.keep_last=1", "trainer.ckpt_every=1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    listed = checkpoint.complete(run / "checkpoints")
+    assert [p.name for p in listed] == ["step-00000016"]
+    assert (run / "checkpoints/latest").read_text().strip() == "step-00000016"
+    assert checkpoint.verify(listed[0]) is None
+    again = cli(f"resume={run}", f"trainer.max_steps={N + 1}", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
 
 
 def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one(full, corpus, tmp_path):

@@ -126,3 +126,32 @@ def test_default_run_trains(tmp_path):
     assert m["val_loss"] <= 0.6 * first[1], (m["val_loss"], first)
     print(f"default run: {m['wall_seconds']:.1f}s, first loss {first[1]:.3f}, "
           f"val_loss {m['val_loss']:.3f}, ratio {m['val_loss'] / first[1]:.3f}")
+
+
+def test_a_failing_job_does_not_stop_the_sweep(tmp_path, corpus):
+    sweep = tmp_path / "sweep"
+    proc = cli("-m", *tiny(corpus, "trainer.max_steps=3"), "optimizer.lr=-1,1e-3",
+               f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "trainrun: error: optimizer.lr: got -1.0" in proc.stderr
+    assert json.loads((sweep / "1/metrics.json").read_text())["status"] == "completed"
+    assert not (sweep / "0/metrics.json").exists()
+
+
+def test_metrics_json_is_strict_json_when_a_loss_was_never_measured(tmp_path):
+    """No validation yet (a run stopped early): the losses are null, not NaN/Infinity."""
+    from trainrun.console import Console
+    from trainrun.metrics import Metrics
+
+    console = Console(tmp_path / "train.log", interactive=False)
+    metrics = Metrics(tmp_path, console, log_every=1, max_steps=10)
+    metrics.finish({"status": "stopped", "steps": 0, "tokens": 0, "train_loss": float("nan"),
+                    "val_loss": float("nan"), "best_val_loss": float("inf"),
+                    "skipped_updates": 0, "tokens_per_sec": float("nan")}, {"lr": 0.1})
+    console.close()
+
+    def reject(constant):
+        raise ValueError(constant)
+
+    m = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=reject)
+    assert m["val_loss"] is None and m["best_val_loss"] is None and m["status"] == "stopped"

@@ -7,6 +7,7 @@ validated here ("preflight"), so that bad input gets one line, `trainrun: error:
 
 from __future__ import annotations
 
+import math
 import sys
 from importlib import resources
 from pathlib import Path
@@ -16,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainrun.config import Config, register_schemas, to_config, validate
 from trainrun.errors import ConfigError
+from trainrun.resume import WARMUP_KEYS
 
 CONF = "trainrun.conf"
 
@@ -94,17 +96,27 @@ def fail(error: ConfigError) -> None:
 
 @hydra.main(version_base=None, config_path="pkg://trainrun.conf", config_name="config")
 def _job(cfg: DictConfig) -> float:
+    """One run; in a sweep, returns its best validation loss (inf if it failed) to Hydra."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from trainrun import runner
 
     hc = HydraConfig.get()
+    in_sweep = hc.mode == RunMode.MULTIRUN
     try:
         config = load(cfg)
         choices = {g: o for g, o in hc.runtime.choices.items() if not g.startswith("hydra")}
         summary = runner.run(config, Path(hc.runtime.output_dir), OmegaConf.to_yaml(cfg), choices)
     except ConfigError as error:
-        fail(error)
+        if not in_sweep:
+            fail(error)
+        print(f"trainrun: error: {error} (job {hc.job.num}; the sweep goes on)", file=sys.stderr)
+        return math.inf
+    except runner.RunStopped as stop:
+        if not in_sweep or stop.code != 1:  # a signal stops the whole sweep
+            raise
+        return math.inf
     return summary["best_val_loss"]
 
 
@@ -120,9 +132,6 @@ def resume_argv(argv: list[str]) -> list[str]:
         raise ConfigError("resume", f"{value}: no checkpoints/ in that directory; allowed: "
                                     f"a run directory with a checkpoint, auto, or null")
     return resume.argv_for(run_dir, argv)
-
-
-WARMUP_KEYS = ("scheduler.warmup_steps", "scheduler.warmup_ratio")
 
 
 def one_warmup_key(argv: list[str]) -> list[str]:

@@ -38,8 +38,9 @@ def fit(t: Trainer, out: Outputs, signals: Signals) -> str:
         result, n_targets = one_update(t)
         if result.stepped:
             c.k, c.tokens, c.skipped_in_a_row = k, c.tokens + n_targets, 0
-            out.metrics.update(k, lr, result, n_targets, t.precision.loss_scale(),
-                               c.skipped_updates)
+            recorded = out.metrics.update(k, lr, result, n_targets, t.precision.loss_scale(),
+                                          c.skipped_updates)
+            c.train_loss = c.train_loss if recorded is None else recorded
             if k % cfg.eval_every == 0 or k == cfg.max_steps:
                 validate(t, out)
             if k % cfg.ckpt_every == 0 or k == cfg.max_steps:
@@ -47,7 +48,7 @@ def fit(t: Trainer, out: Outputs, signals: Signals) -> str:
         elif skip(t, out, result, k):
             save(t, out)  # the last good state: a skipped update changed nothing
             return "failed"
-        if signals.requested is not None:
+        if signals.requested is not None and c.k < cfg.max_steps:
             save(t, out)
             out.console.warning(f"{name(signals.requested)}: stopped after update {c.k}")
             return "stopped"

@@ -36,16 +36,15 @@ class Metrics:
         self.started = time.perf_counter()
         self.session_tokens = 0
         self._reset_window()
-        self.train_loss = math.nan  # the last recorded one
-        self.tokens_per_sec = math.nan
 
     def _reset_window(self) -> None:
         self.loss_sum, self.updates, self.tokens = None, 0, 0
         self.window_start = time.perf_counter()
 
     def update(self, k: int, lr: float, result: UpdateResult, tokens: int,
-               loss_scale: torch.Tensor | None, skipped_updates: int) -> None:
-        """Update k is done: it applied `lr` and trained on `tokens` target tokens."""
+               loss_scale: torch.Tensor | None, skipped_updates: int) -> float | None:
+        """Update k is done: it applied `lr` and trained on `tokens` target tokens. Returns
+        the training loss when this update writes a record."""
         self.writer.add_scalar("train/lr", lr, k)
         loss = result.loss.detach()
         self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
@@ -53,19 +52,19 @@ class Metrics:
         self.tokens += tokens
         self.session_tokens += tokens
         if k == 1 or k % self.log_every == 0 or k == self.max_steps:
-            self._record(k, lr, result, loss_scale, skipped_updates)
-        else:
-            self.console.advance(k)
+            return self._record(k, lr, result, loss_scale, skipped_updates)
+        self.console.advance(k)
+        return None
 
-    def _record(self, k, lr, result, loss_scale, skipped_updates) -> None:
+    def _record(self, k, lr, result, loss_scale, skipped_updates) -> float:
         values = [self.loss_sum / self.updates, result.grad_norm, result.clip_coef]
         if loss_scale is not None:
             values.append(loss_scale)
-        values = torch.stack([v.float().reshape(()).cpu() for v in values]).tolist()  # one sync
+        device = values[0].device
+        values = torch.stack([v.float().reshape(()).to(device) for v in values]).tolist()  # one sync
         loss, grad_norm, clip_coef = values[:3]
         seconds = time.perf_counter() - self.window_start
         tps = self.tokens / seconds if seconds > 0 else math.nan
-        self.train_loss, self.tokens_per_sec = loss, tps
         w = self.writer
         w.add_scalar("train/loss", loss, k)
         w.add_scalar("train/grad_norm", grad_norm, k)
@@ -82,6 +81,7 @@ class Metrics:
         self.console.record(text)
         self.console.advance(k, loss=f"{loss:.4f}", lr=f"{lr:.2e}", tps=f"{tps:,.0f}")
         self._reset_window()
+        return loss
 
     def validation(self, k: int, loss: float, seconds: float) -> None:
         """val/loss at update k; the `seconds` it took do not count against tokens/s."""
@@ -92,15 +92,23 @@ class Metrics:
     def tokens_per_second(self) -> float:
         """Target tokens trained on per second of this process's run."""
         seconds = time.perf_counter() - self.started
-        return self.session_tokens / seconds if seconds > 0 else math.nan
+        return self.session_tokens / seconds if self.session_tokens else math.nan
 
     def finish(self, summary: dict, hparams: dict) -> dict:
         """Write metrics.json and the HParams entry; return the summary as written."""
         summary = {"wall_seconds": round(time.perf_counter() - self.started, 3), **summary}
-        summary = {key: summary.get(key) for key in SUMMARY_KEYS} | summary
-        (self.run_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        summary = {key: _finite_or_none(summary.get(key)) for key in SUMMARY_KEYS}
+        (self.run_dir / "metrics.json").write_text(
+            json.dumps(summary, indent=2, allow_nan=False) + "\n")
         finals = {f"hparam/{key}": summary[key] for key in ("best_val_loss", "val_loss", "train_loss")
-                  if isinstance(summary[key], float) and math.isfinite(summary[key])}
+                  if summary[key] is not None}
         self.writer.add_hparams(hparams, finals, run_name=".")
         self.writer.close()
         return summary
+
+
+def _finite_or_none(value):
+    """JSON has no NaN or Infinity: a loss never measured (no validation yet) is null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -8,6 +8,7 @@ directory of this very command when it holds a checkpoint, and starts fresh othe
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,21 +16,37 @@ from trainrun import checkpoint
 from trainrun.config import Config
 from trainrun.errors import ConfigError
 
-# What a resumed run may not change: the model's shape, the data, and the data order's seed.
+# What a resumed run may not change: the model's shape, the data and the data order's seed,
+# and the optimizer (its state would not fit).
 SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len")
 DATA_KEYS_FREE = ("batch_size",)  # the order does not depend on it (SPEC §3)
+OPTIMIZER_GROUP_KEYS = ("no_decay", "exclude")  # they decide the parameter groups
+WARMUP_KEYS = ("scheduler.warmup_steps", "scheduler.warmup_ratio")
 
 
-def find(run_dir: Path) -> tuple[Path | None, list[str]]:
-    """The newest intact checkpoint of run_dir (None if there is none), and a warning for
-    each newer one that is damaged."""
-    warnings = []
+def find(run_dir: Path) -> tuple[Path | None, dict[Path, str]]:
+    """The newest intact checkpoint of run_dir (None if there is none), and what is wrong
+    with each newer one that is damaged."""
+    damaged = {}
     for path in reversed(checkpoint.complete(run_dir / "checkpoints")):
         problem = checkpoint.verify(path)
         if problem is None:
-            return path, warnings
-        warnings.append(f"checkpoint {path} is damaged ({problem}); using an older one")
-    return None, warnings
+            return path, damaged
+        damaged[path] = problem
+    return None, damaged
+
+
+def set_aside(damaged: dict[Path, str]) -> list[str]:
+    """Rename damaged checkpoints to .damaged-<name>, out of `latest`'s and pruning's way, so
+    that the resumed run writes them anew; return a warning for each."""
+    warnings = []
+    for path, problem in damaged.items():
+        aside = path.with_name(f".damaged-{path.name}")
+        shutil.rmtree(aside, ignore_errors=True)
+        path.rename(aside)
+        warnings.append(f"checkpoint {path} is damaged ({problem}); moved to {aside.name}, "
+                        f"resuming from an older one")
+    return warnings
 
 
 def argv_for(run_dir: Path, argv: list[str]) -> list[str]:
@@ -39,6 +56,8 @@ def argv_for(run_dir: Path, argv: list[str]) -> list[str]:
 
     saved_file = run_dir / ".hydra" / "overrides.yaml"
     saved = list(OmegaConf.load(saved_file)) if saved_file.is_file() else []
+    if any(a.lstrip("+").startswith(WARMUP_KEYS) for a in argv):  # a new warmup replaces
+        saved = [o for o in saved if not o.lstrip("+").startswith(WARMUP_KEYS)]
     merged: dict[str, str] = {}
     for override in [*saved, *argv]:
         key = override.split("=", 1)[0].lstrip("+~")
@@ -48,38 +67,43 @@ def argv_for(run_dir: Path, argv: list[str]) -> list[str]:
     return [*merged.values(), f"resume={run_dir}", f"hydra.run.dir={run_dir}"]
 
 
+def schemas(cfg: Config) -> dict[str, str]:
+    """The schema (group option) of each section, for meta.json."""
+    return {section: type(getattr(cfg, section)).__name__ for section in ("data", "optimizer")}
+
+
 def check_compatible(cfg: Config, meta: dict, path: Path) -> None:
     """Refuse a config that changes what the checkpoint at `path` was trained with."""
-    saved = meta["config"]
-    now = asdict(cfg)
-    changed = [f"model.{k}" for k in SHAPE_KEYS if saved["model"][k] != now["model"][k]]
-    changed += [f"data.{k}" for k in saved["data"]
-                if k not in DATA_KEYS_FREE and saved["data"].get(k) != now["data"].get(k)]
-    changed += [f"data ({type(cfg.data).__name__})"] if saved.get("data_source") not in (
-        None, type(cfg.data).__name__) else []
+    saved, now = meta["config"], asdict(cfg)
+    changed = [(key, saved_schema) for key, saved_schema in meta["schemas"].items()
+               if saved_schema != schemas(cfg)[key]]
+    changed += [(f"model.{k}", saved["model"][k]) for k in SHAPE_KEYS
+                if saved["model"][k] != now["model"][k]]
+    changed += [(f"data.{k}", v) for k, v in saved["data"].items()
+                if k not in DATA_KEYS_FREE and v != now["data"].get(k)]
+    changed += [(f"optimizer.{k}", v) for k, v in saved["optimizer"].items()
+                if k in OPTIMIZER_GROUP_KEYS and v != now["optimizer"].get(k)]
     if saved["trainer"]["seed"] != now["trainer"]["seed"]:
-        changed.append("trainer.seed")
+        changed.append(("trainer.seed", saved["trainer"]["seed"]))
     if changed:
-        key = changed[0]
-        section, _, name = key.partition(".")
-        old = saved.get(section, {}).get(name) if name else saved.get("data_source")
+        key, old = changed[0]
         raise ConfigError(
             key, f"the checkpoint {path.name} was trained with {old!r}; a resumed run keeps "
-                 f"the model's shape, the data and the seed (allowed: {old!r})")
+                 f"the model's shape, the data, the seed and the optimizer (allowed: {old!r})")
 
 
-def locate(cfg: Config, run_dir: Path) -> tuple[Path | None, list[str]]:
-    """The checkpoint this run continues from (None: start fresh) and warnings.
+def locate(cfg: Config, run_dir: Path) -> tuple[Path | None, dict[Path, str]]:
+    """The checkpoint this run continues from (None: start fresh) and the damaged ones.
 
     resume=<dir> must hold an intact checkpoint; resume=auto may hold none.
     """
     if cfg.resume is None:
-        return None, []
-    path, warnings = find(run_dir)
+        return None, {}
+    path, damaged = find(run_dir)
     if path is None and cfg.resume != "auto":
         raise ConfigError("resume", f"{cfg.resume}: no intact checkpoint in "
                                     f"{run_dir / 'checkpoints'}; allowed: a run directory "
                                     f"with one, auto, or null")
     if path is not None:
         check_compatible(cfg, checkpoint.read_meta(path), path)
-    return path, warnings
+    return path, damaged

@@ -73,13 +73,13 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str]) -
     """Train (or continue) the run described by cfg in run_dir; return the metrics.json
     summary. Raises RunStopped when a signal stopped the run or it failed."""
     device, precision = prepare(cfg)
-    resume_from, warnings = resume.locate(cfg, run_dir)  # before anything is written
+    resume_from, damaged = resume.locate(cfg, run_dir)  # before anything is written
     run_dir.mkdir(parents=True, exist_ok=True)
     console = Console(run_dir / "train.log")
     try:
         console.config(config_yaml)
         console.info("options: " + " ".join(f"{g}={o}" for g, o in choices.items()))
-        for warning in warnings:
+        for warning in resume.set_aside(damaged):
             console.warning(warning)
         trainer = build(cfg, device, precision, console)
         if resume_from is not None:
@@ -88,8 +88,7 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str]) -
         metrics = Metrics(run_dir, console, cfg.trainer.log_every, cfg.trainer.max_steps,
                           first_step=trainer.counters.k + 1)
         runinfo.write(run_dir, device)
-        meta = {"config": json.loads(json.dumps(asdict(cfg))),
-                "data_source": type(cfg.data).__name__}
+        meta = {"config": json.loads(json.dumps(asdict(cfg))), "schemas": resume.schemas(cfg)}
         outputs = Outputs(metrics, console, run_dir / "checkpoints", meta)
         status = "failed"
         try:
@@ -104,7 +103,7 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str]) -
 
 def summarize(t: Trainer, metrics: Metrics, status: str) -> dict:
     c = t.counters
-    return {"status": status, "steps": c.k, "tokens": c.tokens, "train_loss": metrics.train_loss,
+    return {"status": status, "steps": c.k, "tokens": c.tokens, "train_loss": c.train_loss,
             "val_loss": c.val_loss, "best_val_loss": c.best_val_loss,
             "skipped_updates": c.skipped_updates, "tokens_per_sec": metrics.tokens_per_second()}
 
@@ -120,11 +119,10 @@ def finish(summary: dict, run_dir: Path, console: Console, signals: Signals) -> 
               f"{summary['steps']}; last good checkpoint in {run_dir / 'checkpoints'}",
               file=sys.stderr)
         raise RunStopped(1)
-    console.info(
-        f"done: {summary['steps']} updates, val_loss {summary['val_loss']:.4f} "
-        f"(best {summary['best_val_loss']:.4f}), {summary['tokens_per_sec']:,.0f} tok/s, "
-        f"{summary['wall_seconds']:.1f}s; run directory {run_dir}"
-    )
+    shown = {k: "n/a" if v is None else v for k, v in summary.items()}
+    console.info(f"done: {shown['steps']} updates, val_loss {shown['val_loss']:.6} "
+                 f"(best {shown['best_val_loss']:.6}), {shown['tokens_per_sec']:.6} tok/s, "
+                 f"{shown['wall_seconds']:.1f}s; run directory {run_dir}")
     return summary
 
 

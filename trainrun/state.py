@@ -25,6 +25,7 @@ class Counters:
     tokens: int = 0  # target tokens trained on
     skipped_updates: int = 0  # all skipped updates
     skipped_in_a_row: int = 0  # those that count towards trainer.max_skipped
+    train_loss: float = math.nan  # the last one recorded
     val_loss: float = math.nan
     best_val_loss: float = math.inf
 
