@@ -141,11 +141,26 @@ class CosineRestartsConfig(SchedulerConfig):
         require_decay_factor(f"{prefix}.cycle_decay", self.cycle_decay)
 
     def decay(self, e: int, d: int, base: float) -> float:
-        t, period, cycle = e, self.T_0, 0
-        while t >= period:
-            t, period, cycle = t - period, period * self.T_mult, cycle + 1
+        cycle, t, period = self.position(e)
         peak = base * self.cycle_decay ** cycle
         return self.min_lr + (peak - self.min_lr) * (1 + math.cos(math.pi * t / period)) / 2
+
+    def position(self, e: int) -> tuple[int, int, int]:
+        """(cycle i, updates into it, its length) at e, in O(1): cycle i starts at
+        T_0·(T_mult^i − 1)/(T_mult − 1) (at T_0·i when T_mult = 1)."""
+        if self.T_mult == 1:
+            cycle, t = divmod(e, self.T_0)
+            return cycle, t, self.T_0
+
+        def start(i: int) -> int:
+            return self.T_0 * (self.T_mult**i - 1) // (self.T_mult - 1)
+
+        cycle = int(math.log(e * (self.T_mult - 1) / self.T_0 + 1, self.T_mult))
+        while start(cycle + 1) <= e:  # the float log may be one off at a boundary
+            cycle += 1
+        while start(cycle) > e:
+            cycle -= 1
+        return cycle, e - start(cycle), self.T_0 * self.T_mult**cycle
 
 
 @dataclass
