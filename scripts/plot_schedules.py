@@ -16,7 +16,8 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from trainrun.lrpreview import compose, curve
+from trainrun.cli import compose
+from trainrun.lrpreview import curve
 from trainrun.schedules import SCHEDULES
 
 EVAL_EVERY = 25

@@ -16,7 +16,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_module
 from omegaconf import OmegaConf, open_dict
 
-from trainrun.cli import load
+from trainrun.cli import compose, load
 from trainrun.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,8 +67,7 @@ def _hf_cache(tmp_path_factory, monkeypatch):
 
 def config(*overrides: str) -> Config:
     """The validated Config of `trainrun <overrides>`."""
-    with initialize_config_module(config_module="trainrun.conf", version_base=None):
-        return load(hydra_compose(config_name="config", overrides=list(overrides)))
+    return compose([list(overrides)])[0]
 
 
 def train(run_dir: Path, *overrides: str) -> dict:

@@ -129,13 +129,23 @@ def test_default_run_trains(tmp_path):
 
 
 def test_a_failing_job_does_not_stop_the_sweep(tmp_path, corpus):
+    """Job 0 diverges (its loss is never finite after one update) and fails; job 1 runs."""
     sweep = tmp_path / "sweep"
-    proc = cli("-m", *tiny(corpus, "trainer.max_steps=3"), "optimizer.lr=-1,1e-3",
+    proc = cli("-m", *tiny(corpus, "trainer.max_steps=3", "scheduler=constant",
+                           "trainer.max_skipped=2"), "optimizer.lr=1e30,1e-3",
                f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "trainrun: error: optimizer.lr: got -1.0" in proc.stderr
+    assert "trainrun: failed:" in proc.stderr
+    assert json.loads((sweep / "0/metrics.json").read_text())["status"] == "failed"
     assert json.loads((sweep / "1/metrics.json").read_text())["status"] == "completed"
-    assert not (sweep / "0/metrics.json").exists()
+
+
+def test_a_bad_value_in_a_sweep_fails_before_any_job(tmp_path, corpus):
+    proc = cli("-m", *tiny(corpus), "optimizer.lr=1e-3,-1", "optimizer=adamw,adamx",
+               cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("trainrun: error: ") and proc.stderr.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []  # no multirun/ directory
 
 
 def test_metrics_json_is_strict_json_when_a_loss_was_never_measured(tmp_path):

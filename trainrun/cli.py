@@ -60,37 +60,71 @@ def load(cfg: DictConfig) -> Config:
     return validate(to_config(cfg))
 
 
-def preflight(argv: list[str]) -> None:
-    """Compose and validate a single run's overrides; raise ConfigError if they are bad.
+def task_overrides(argv: list[str]) -> list[str]:
+    """The overrides that compose the task config: no flags, nothing of Hydra's own."""
+    return [a for a in argv if not a.startswith("-")
+            and not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
 
-    Multirun jobs and Hydra's informational flags (--help, --cfg, ...) are left to Hydra;
-    each multirun job validates itself when it starts.
-    """
-    if any(a.startswith("-") for a in argv):
-        return
-    overrides = [a for a in argv if not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
-    from hydra import compose, initialize_config_module
+
+def sweep(overrides: list[str]) -> tuple[list[list[str]], set[str]]:
+    """Each job's overrides as Hydra's basic sweeper expands them (the cartesian product of
+    comma-separated values), and the keys that are swept."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
-        with initialize_config_module(config_module=CONF, version_base=None):
-            cfg = compose(config_name="config", overrides=overrides)
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
+        jobs = BasicSweeper.split_arguments(parsed, None)[0] if swept else [overrides]
     except Exception as exc:
         raise explain(exc) from None
-    config = load(cfg)
+    return [list(job) for job in jobs], swept
+
+
+def compose(jobs: list[list[str]]) -> list[Config]:
+    """The validated Config of each job's overrides, composed as `trainrun` composes them."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    configs = []
+    with initialize_config_module(config_module=CONF, version_base=None):
+        for overrides in jobs:
+            try:
+                cfg = hydra_compose(config_name="config", overrides=overrides)
+            except Exception as exc:
+                raise explain(exc) from None
+            configs.append(load(cfg))
+    return configs
+
+
+def preflight(argv: list[str]) -> None:
+    """Compose and validate the overrides of every job `trainrun argv` would run (each job
+    of a basic sweep too); raise ConfigError if any is bad, before anything is written.
+
+    Hydra's informational flags (--help, --cfg, ...) and other sweepers are left to Hydra.
+    """
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    flags = [a for a in argv if a.startswith("-") and a not in ("-m", "--multirun")]
+    if flags or any(a.lstrip("+").startswith("hydra/sweeper=") for a in argv):
+        return
+    overrides = task_overrides(argv)
+    jobs, swept = sweep(overrides) if multirun else ([overrides], set())
     from trainrun.runner import prepare
 
-    prepare(config)  # the device and precision this machine can run
-    if config.resume is not None:
-        from trainrun import resume
+    run_dir = next((Path(a.split("=", 1)[1]) for a in reversed(argv)
+                    if a.startswith("hydra.run.dir=")), None)
+    for config in compose(jobs):
+        prepare(config)  # the device and precision this machine can run
+        if config.resume is not None and not multirun:
+            from trainrun import resume
 
-        run_dir = next((Path(a.split("=", 1)[1]) for a in reversed(argv)
-                        if a.startswith("hydra.run.dir=")), None)
-        if run_dir is not None or config.resume != "auto":
-            resume.locate(config, run_dir or Path(config.resume))
+            if run_dir is not None or config.resume != "auto":
+                resume.locate(config, run_dir or Path(config.resume))
 
 
-def fail(error: ConfigError) -> None:
-    print(f"trainrun: error: {error}", file=sys.stderr)
+def fail(error: ConfigError, prog: str = "trainrun") -> None:
+    """Bad input: one line on stderr, exit status 2."""
+    print(f"{prog}: error: {error}", file=sys.stderr)
     sys.exit(2)
 
 

@@ -182,16 +182,10 @@ def default_out() -> Path:
     return out
 
 
-def fail(error: ConfigError) -> None:
-    print(f"{PROG}: error: {error}", file=sys.stderr)
-    sys.exit(2)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     from trainrun import runner
-    from trainrun.cli import arguments
+    from trainrun.cli import arguments, compose, fail, task_overrides
     from trainrun.console import Console
-    from trainrun.lrpreview import compose
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
@@ -200,12 +194,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.perf_counter()
     try:
         test, out, overrides = parse_args(argv)
-        overrides = [o for o in arguments(overrides)
-                     if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
+        overrides = task_overrides(arguments(overrides))
         (cfg,) = compose([overrides])
         device, precision = runner.prepare(cfg)
     except ConfigError as error:
-        fail(error)
+        fail(error, PROG)
     out = out or default_out()
     out.mkdir(parents=True, exist_ok=True)
     console = Console(out / "lrfind.log")
@@ -213,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         try:
             trainer = runner.build(cfg, device, precision, console)
         except ConfigError as error:  # found while loading the data
-            fail(error)
+            fail(error, PROG)
         console.info(f"lr range test: up to {test.num_updates} updates, lr {test.start_lr:.1e} "
                      f"to {test.end_lr:.1e} (exponential); smoothing {test.smoothing:g}, stop "
                      f"when the smoothed loss exceeds {test.diverge:g} × its best")

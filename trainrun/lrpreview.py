@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainrun.cli import CONF, arguments, explain, load
+from trainrun.cli import arguments, compose, fail, sweep
 from trainrun.config import Config, option_name
 from trainrun.errors import ConfigError
 from trainrun.schedules import SCHEDULES, build_schedule
@@ -71,37 +71,11 @@ def parse_args(argv: Sequence[str]) -> tuple[bool, Path | None, list[str]]:
 def expand(overrides: list[str], multirun: bool) -> list[tuple[str, list[str]]]:
     """(label, overrides) of each job: one without -m, Hydra's cartesian product with it.
     A job's label is its values of the swept keys ('' when nothing is swept)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-        swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
-        if swept and not multirun:
-            raise ConfigError(sorted(swept)[0], "is a sweep (several values); add -m to show "
-                                                "one curve per value")
-        jobs = BasicSweeper.split_arguments(parsed, None)[0] if swept else [overrides]
-    except ConfigError:
-        raise
-    except Exception as exc:
-        raise explain(exc) from None
+    jobs, swept = sweep(overrides)
+    if swept and not multirun:
+        raise ConfigError(sorted(swept)[0], "is a sweep (several values); add -m to show "
+                                            "one curve per value")
     return [(" ".join(a for a in job if a.split("=", 1)[0] in swept), job) for job in jobs]
-
-
-def compose(jobs: list[list[str]]) -> list[Config]:
-    """The validated Config of `trainrun <overrides>` for each job."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-
-    configs = []
-    with initialize_config_module(config_module=CONF, version_base=None):
-        for overrides in jobs:
-            try:
-                cfg = hydra_compose(config_name="config", overrides=overrides)
-            except Exception as exc:
-                raise explain(exc) from None
-            configs.append(load(cfg))
-    return configs
 
 
 def curve(label: str, cfg: Config, evals: Sequence[tuple[int, float]] = ()) -> Curve:
@@ -175,11 +149,6 @@ def write_png(curves: list[Curve], path: Path, title: str = "learning-rate sched
     fig.savefig(path, dpi=120)
 
 
-def fail(error: ConfigError) -> None:
-    print(f"{PROG}: error: {error}", file=sys.stderr)
-    sys.exit(2)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
@@ -191,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         configs = compose([job for _, job in jobs])
         curves = [curve(label, cfg) for (label, _), cfg in zip(jobs, configs, strict=True)]
     except ConfigError as error:
-        fail(error)
+        fail(error, PROG)
     try:
         print(f"{summary(curves)}\n\n{ascii_plot(curves)}", flush=True)
     except BrokenPipeError:  # `trainrun-lr | head`
