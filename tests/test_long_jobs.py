@@ -10,20 +10,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, tiny
+from conftest import REPO, tiny, wait_for
 
 TRAINRUN = f"{sys.executable} -m trainrun"
-
-
-def wait_for(predicate, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def completed(run_dir: Path) -> bool:

@@ -9,12 +9,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli, scalars, tiny, weights
+from conftest import cli, scalars, tiny, wait_for, weights
 
 from trainrun import checkpoint
 
@@ -122,13 +121,6 @@ def start(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Pop
     return subprocess.Popen([sys.executable, "-m", "trainrun", *args], cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-
-
-def wait_for(predicate, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def test_sigterm_checkpoints_and_resume_finishes_identically(full, corpus, tmp_path):
