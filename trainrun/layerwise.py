@@ -24,12 +24,26 @@ def trust_ratio(numerator: Tensors, denominator: Tensors, scale: float = 1.0,
     return list(torch.where((a > 0) & (b > 0), ratio, torch.ones_like(ratio)).unbind())
 
 
-def _with_grads(group: dict) -> tuple[Tensors, Tensors]:
-    params = [p for p in group["params"] if p.grad is not None]
-    return params, [p.grad for p in params]
+class _Layerwise(torch.optim.Optimizer):
+    """step() for both: each group's parameters that have gradients go to _update()."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._update(group, params, [p.grad for p in params])
+        return loss
+
+    def _update(self, group: dict, params: Tensors, grads: Tensors) -> None:
+        raise NotImplementedError
 
 
-class LARS(torch.optim.Optimizer):
+class LARS(_Layerwise):
     """LARS (You et al. 2017), on top of torch.optim.SGD with momentum.
 
     For each parameter tensor w with gradient g:
@@ -54,25 +68,15 @@ class LARS(torch.optim.Optimizer):
                         trust_coef=trust_coef, lars_exclude=lars_exclude)
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params, grads = _with_grads(group)
-            if not params:
-                continue
-            wd, momentum = group["weight_decay"], group["momentum"]
-            steps = torch._foreach_add(grads, params, alpha=wd) if wd else grads
-            if not group["lars_exclude"]:
-                steps = torch._foreach_mul(steps, trust_ratio(params, grads,
-                                                              group["trust_coef"], wd))
-            if momentum:
-                steps = self._momentum(params, steps, momentum)
-            torch._foreach_add_(params, steps, alpha=-group["lr"])
-        return loss
+    def _update(self, group: dict, params: Tensors, grads: Tensors) -> None:
+        wd, momentum = group["weight_decay"], group["momentum"]
+        steps = torch._foreach_add(grads, params, alpha=wd) if wd else grads
+        if not group["lars_exclude"]:
+            steps = torch._foreach_mul(steps, trust_ratio(params, grads,
+                                                          group["trust_coef"], wd))
+        if momentum:
+            steps = self._momentum(params, steps, momentum)
+        torch._foreach_add_(params, steps, alpha=-group["lr"])
 
     def _momentum(self, params: Tensors, steps: Tensors, momentum: float) -> Tensors:
         """The momentum buffers after this step (new ones start as the step itself)."""
@@ -90,7 +94,7 @@ class LARS(torch.optim.Optimizer):
         return [self.state[p]["momentum_buffer"] for p in params]
 
 
-class LAMB(torch.optim.Optimizer):
+class LAMB(_Layerwise):
     """LAMB (You et al. 2019, Algorithm 2), per parameter tensor w with gradient g at its
     t-th step (t = 1, 2, ...):
 
@@ -111,38 +115,28 @@ class LAMB(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params, grads = _with_grads(group)
-            if not params:
-                continue
-            beta1, beta2 = group["betas"]
-            m, v, steps = [], [], []
-            for p in params:
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                m.append(state["exp_avg"])
-                v.append(state["exp_avg_sq"])
-                steps.append(state["step"])
-            torch._foreach_lerp_(m, grads, 1 - beta1)
-            torch._foreach_mul_(v, beta2)
-            torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
-            denom = torch._foreach_sqrt(v)
-            torch._foreach_div_(denom, [math.sqrt(1 - beta2**t) for t in steps])
-            torch._foreach_add_(denom, group["eps"])
-            r = torch._foreach_div(m, denom)
-            torch._foreach_div_(r, [1 - beta1**t for t in steps])
-            if group["weight_decay"]:
-                torch._foreach_add_(r, params, alpha=group["weight_decay"])
-            torch._foreach_mul_(r, trust_ratio(params, r))
-            torch._foreach_add_(params, r, alpha=-group["lr"])
-        return loss
+    def _update(self, group: dict, params: Tensors, grads: Tensors) -> None:
+        beta1, beta2 = group["betas"]
+        m, v, steps = [], [], []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+            m.append(state["exp_avg"])
+            v.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        torch._foreach_lerp_(m, grads, 1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, [math.sqrt(1 - beta2**t) for t in steps])
+        torch._foreach_add_(denom, group["eps"])
+        r = torch._foreach_div(m, denom)
+        torch._foreach_div_(r, [1 - beta1**t for t in steps])
+        if group["weight_decay"]:
+            torch._foreach_add_(r, params, alpha=group["weight_decay"])
+        torch._foreach_mul_(r, trust_ratio(params, r))
+        torch._foreach_add_(params, r, alpha=-group["lr"])
