@@ -309,14 +309,14 @@ LOSSES = {k: 3 + 2 * math.exp(-k / 50) + 0.05 * math.sin(k * 1.3)
           for k in range(EVAL_EVERY, N + 1, EVAL_EVERY)}
 
 
-def plateau_reference(w: int, losses: dict[int, float], base: float = BASE,
+def plateau_reference(w: int, losses: dict[int, float], base: float = BASE, n: int = N,
                       **kwargs) -> list[float]:
     """ReduceLROnPlateau fed the evaluations made after update W or later."""
     p = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.SGD([p], lr=base)
     reference = sched.ReduceLROnPlateau(opt, **kwargs)
     lrs = []
-    for k in range(1, N + 1):
+    for k in range(1, n + 1):
         lrs.append(base * k / w if k <= w else opt.param_groups[0]["lr"])
         if k in losses and k >= w:
             reference.step(losses[k])
@@ -558,7 +558,7 @@ def test_training_logs_lr_of_every_update(option, accum, tmp_path: Path, corpus)
         assert list(val) == [3, 6, 9, 12, 15, 16]
         keys = dict(factor=0.5, patience=0, threshold=0.5, threshold_mode="rel", cooldown=0,
                     min_lr=0.0)
-        expected = plateau_run_reference(base, w, val, keys)
+        expected = plateau_reference(w, val, base=base, n=RUN_N, **keys)
         assert len(set(expected[w:])) >= 3  # reductions happened
         states = sorted(tmp_path.glob("checkpoints/step-*/trainer_state.pt"))
         evals = torch.load(states[-1], weights_only=True)["schedule"]["evals"]
@@ -572,15 +572,3 @@ def test_training_logs_lr_of_every_update(option, accum, tmp_path: Path, corpus)
         log = (tmp_path / "train.log").read_text()
         assert "optimizer.lr=0.01 is not used" in log
         assert "warmup of 40 updates is not shorter than trainer.max_steps=16" in log
-
-
-def plateau_run_reference(base, w, val, keys) -> list[float]:
-    p = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.SGD([p], lr=base)
-    reference = sched.ReduceLROnPlateau(opt, **keys)
-    lrs = []
-    for k in range(1, RUN_N + 1):
-        lrs.append(base * k / w if k <= w else opt.param_groups[0]["lr"])
-        if k in val and k >= w:
-            reference.step(val[k])
-    return lrs
