@@ -8,17 +8,7 @@
 # The run directory is fixed up front (hydra.run.dir) unless you pass one yourself.
 set -euo pipefail
 
-run_dir=""
-for arg in "$@"; do
-  case "$arg" in hydra.run.dir=*) run_dir="${arg#hydra.run.dir=}" ;; esac
-done
-args=("$@")
-if [ -z "$run_dir" ]; then
-  run_dir="outputs/$(date +%Y-%m-%d)/$(date +%H-%M-%S)"
-  args+=("hydra.run.dir=$run_dir")
-fi
-mkdir -p "$run_dir"
-trainrun_cmd=${TRAINRUN:-trainrun}
+source "$(dirname "$0")/run-dir.sh"
 
 nohup $trainrun_cmd "${args[@]}" > "$run_dir/console.out" 2>&1 < /dev/null &
 pid=$!

@@ -8,19 +8,8 @@
 # TRAINRUN_SESSION names the session (default: trainrun-<date>-<time>).
 set -euo pipefail
 
-stamp="$(date +%Y-%m-%d)/$(date +%H-%M-%S)"
-run_dir=""
-for arg in "$@"; do
-  case "$arg" in hydra.run.dir=*) run_dir="${arg#hydra.run.dir=}" ;; esac
-done
-args=("$@")
-if [ -z "$run_dir" ]; then
-  run_dir="outputs/$stamp"
-  args+=("hydra.run.dir=$run_dir")
-fi
-mkdir -p "$run_dir"
+source "$(dirname "$0")/run-dir.sh"
 session="${TRAINRUN_SESSION:-trainrun-${stamp//\//-}}"
-trainrun_cmd=${TRAINRUN:-trainrun}
 
 command="$trainrun_cmd $(printf '%q ' "${args[@]}"); echo \"trainrun exited with status \$?\"; exec \$SHELL"
 tmux new-session -d -s "$session" -c "$PWD" "$command"
