@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from omegaconf import MISSING
 
 from trainrun.errors import ConfigError, require_in, require_positive
-from trainrun.schedule_base import Evals, SchedulerConfig, require_int
+from trainrun.schedules.base import Evals, SchedulerConfig, require_int
 
 
 def _anneal(strategy: str, start: float, end: float, pct: float) -> float:

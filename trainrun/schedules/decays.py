@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from omegaconf import MISSING
 
 from trainrun.errors import ConfigError, require_in, require_positive
-from trainrun.schedule_base import (
+from trainrun.schedules.base import (
     Evals,
     SchedulerConfig,
     require_decay_factor,

@@ -1,5 +1,6 @@
-"""Learning-rate schedules (SPEC §4), counted in optimizer updates: the registry and the
-schedule bound to a run.
+"""Learning-rate schedules (SPEC §4), counted in optimizer updates. This package's interface:
+the registry SCHEDULES, the schemas' base SchedulerConfig, the schedule bound to a run
+(Schedule) and build_schedule.
 
 `lr(k)` is the rate that update k = 1..N applies, and what `train/lr` logs at step k.
 Warmup, where a schedule has it: lr(k) = base·k/W for k <= W; then the schedule's decay
@@ -7,11 +8,11 @@ runs with e = k − W − 1 = 0, 1, ..., D − 1 over D = N − W updates. Each 
 (conf/scheduler/<option>.yaml extends `<option>_schema`) implements `decay(e, D, base)`, or
 `lr(k, ...)` when it has its own warmup:
 
-    schedule_base.py        SchedulerConfig: warmup, the contract, shared checks
-    schedule_decays.py      constant, step, multistep, exponential, cosine, cosine_restarts,
-                            linear, polynomial, wsd
-    schedule_own_warmup.py  onecycle, noam, inverse_sqrt
-    schedule_plateau.py     plateau (ReduceLROnPlateau on val/loss)
+    base.py        SchedulerConfig: warmup, the contract, shared checks
+    decays.py      constant, step, multistep, exponential, cosine, cosine_restarts,
+                   linear, polynomial, wsd
+    own_warmup.py  onecycle, noam, inverse_sqrt
+    plateau.py     plateau (ReduceLROnPlateau on val/loss)
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from __future__ import annotations
 import torch
 
 from trainrun.errors import ConfigError
-from trainrun.schedule_base import SchedulerConfig
-from trainrun.schedule_decays import (
+from trainrun.schedules.base import SchedulerConfig
+from trainrun.schedules.decays import (
     ConstantConfig,
     CosineConfig,
     CosineRestartsConfig,
@@ -31,8 +32,8 @@ from trainrun.schedule_decays import (
     StepConfig,
     WSDConfig,
 )
-from trainrun.schedule_own_warmup import InverseSqrtConfig, NoamConfig, OneCycleConfig
-from trainrun.schedule_plateau import PlateauConfig
+from trainrun.schedules.own_warmup import InverseSqrtConfig, NoamConfig, OneCycleConfig
+from trainrun.schedules.plateau import PlateauConfig
 
 __all__ = ["SCHEDULES", "Schedule", "SchedulerConfig", "build_schedule"]
 

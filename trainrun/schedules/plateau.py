@@ -15,7 +15,7 @@ from typing import ClassVar
 from omegaconf import MISSING
 
 from trainrun.errors import ConfigError, require_in, require_positive
-from trainrun.schedule_base import Evals, SchedulerConfig, require_int, require_rate
+from trainrun.schedules.base import Evals, SchedulerConfig, require_int, require_rate
 
 EPS = 1e-8  # ReduceLROnPlateau's default: reductions smaller than this are ignored
 
