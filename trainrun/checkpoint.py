@@ -49,9 +49,7 @@ def save(root: Path, k: int, model: torch.nn.Module, state: dict, meta: dict,
     keep the keep_last newest."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_name(k)
-    if final.exists():  # already saved at this update (a periodic save, then the final one)
-        return final
-    for leftover in root.glob(".tmp-*"):  # from a process killed while saving
+    for leftover in [*root.glob(".tmp-*"), *root.glob(".old-*")]:  # a process killed saving
         shutil.rmtree(leftover, ignore_errors=True)
     tmp = root / f".tmp-{step_name(k)}-{os.getpid()}"
     tmp.mkdir()
@@ -65,7 +63,13 @@ def save(root: Path, k: int, model: torch.nn.Module, state: dict, meta: dict,
     for name in (MODEL_FILE, STATE_FILE, META_FILE):
         _fsync(tmp / name)
     _fsync(tmp)
-    os.rename(tmp, final)
+    if final.exists():  # never kept in place of this run's own state: replaced
+        old = root / f".old-{final.name}-{os.getpid()}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
     _fsync(root)
     _write_latest(root, final.name)
     _prune(root, keep_last)
@@ -98,12 +102,14 @@ def verify(path: Path) -> str | None:
     """None if checkpoint `path` is intact, else what is wrong with it."""
     try:
         meta = json.loads((path / META_FILE).read_text())
+        if sorted(meta["sha256"]) != sorted((MODEL_FILE, STATE_FILE)):
+            return f"{META_FILE} does not list exactly {MODEL_FILE} and {STATE_FILE}"
         for name, digest in meta["sha256"].items():
             if not (path / name).is_file():
                 return f"{name} is missing"
             if sha256(path / name) != digest:
                 return f"{name} does not match its sha256 in {META_FILE}"
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         return f"{META_FILE} is unreadable ({exc})"
     return None
 

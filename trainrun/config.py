@@ -61,16 +61,18 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def register_schemas() -> None:
-    """Put every schema in Hydra's ConfigStore; each conf/<group>/<option>.yaml extends
-    `<option>_schema` of its group, and conf/config.yaml extends `schema`."""
+    """Put every schema in Hydra's ConfigStore, in groups of their own (`schemas/<group>`)
+    so that they are never among the options a user picks from: each
+    conf/<group>/<option>.yaml extends `/schemas/<group>/<option>`, and conf/config.yaml
+    extends `schemas/root`."""
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
-    store.store(name="schema", node=Config)
-    store.store(group="model", name="model_schema", node=ModelConfig)
+    store.store(group="schemas", name="root", node=Config)
+    store.store(group="schemas/model", name="model", node=ModelConfig)
     for group, registry in GROUPS.items():
         for option, schema in registry.items():
-            store.store(group=group, name=f"{option}_schema", node=schema)
+            store.store(group=f"schemas/{group}", name=option, node=schema)
 
 
 def to_config(cfg: DictConfig) -> Config:

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import sys
+from logging.handlers import MemoryHandler
 from pathlib import Path
 
 RECORD = {"record": True}  # `extra` of a per-log_every record: the bar shows it on a terminal
@@ -23,16 +24,20 @@ class _NotRecords(logging.Filter):
 
 
 class Console:
-    def __init__(self, log_path: Path, interactive: bool | None = None):
+    """With no log_path, lines are held in memory until `open_log()` writes them, so that a
+    run refused while it is being built leaves no train.log behind."""
+
+    def __init__(self, log_path: Path | None = None, interactive: bool | None = None):
         self.interactive = sys.stdout.isatty() if interactive is None else interactive
         self.tty_fds = [fd for fd in (1, 2) if os.isatty(fd)]  # a hung-up tty no longer says so
         self.log = logging.getLogger("trainrun.run")
         self.log.setLevel(logging.INFO)
         self.log.propagate = False
-        self.file_handler = logging.FileHandler(log_path, encoding="utf-8")
-        self.file_handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        self.file_handler: logging.Handler = MemoryHandler(capacity=1 << 30,
+                                                           flushLevel=logging.CRITICAL + 1)
         self.log.addHandler(self.file_handler)
+        if log_path is not None:
+            self.open_log(log_path)
         self.progress = None
         if self.interactive:
             from rich.console import Console as RichConsole
@@ -46,6 +51,18 @@ class Console:
             self.term_handler = logging.StreamHandler(sys.stdout)
             self.term_handler.setFormatter(logging.Formatter("%(message)s"))
         self.log.addHandler(self.term_handler)
+
+    def open_log(self, log_path: Path) -> None:
+        """Start writing train.log (appending), beginning with the lines held so far."""
+        held = self.file_handler
+        self.file_handler = logging.FileHandler(log_path, encoding="utf-8")
+        self.file_handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        held.setTarget(self.file_handler)
+        held.flush()
+        self.log.removeHandler(held)
+        held.close()
+        self.log.addHandler(self.file_handler)
 
     def info(self, msg: str) -> None:
         self.log.info(msg)

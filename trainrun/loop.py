@@ -25,6 +25,7 @@ class Outputs:
     console: Console
     ckpt_root: Path  # run_dir / "checkpoints"
     meta: dict  # written into every checkpoint's meta.json
+    saved_k: int | None = None  # the update whose checkpoint this run last wrote or loaded
 
 
 def fit(t: Trainer, out: Outputs, signals: Signals) -> str:
@@ -119,5 +120,9 @@ def validate(t: Trainer, out: Outputs) -> None:
 
 
 def save(t: Trainer, out: Outputs) -> None:
+    """Checkpoint update k, once (a periodic save and a stop can fall on the same k)."""
+    if out.saved_k == t.counters.k:
+        return
     checkpoint.save(out.ckpt_root, t.counters.k, t.raw_model, t.state_dict(), out.meta,
                     t.cfg.keep_last)
+    out.saved_k = t.counters.k

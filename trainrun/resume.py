@@ -1,13 +1,16 @@
-"""Resuming a run (SPEC §7): which checkpoint to continue from, and whether the config
-asked for may continue it.
+"""Resuming a run (SPEC §7): which checkpoint to continue from, whether the config asked
+for may continue it, and the command that continues a run.
 
-`trainrun resume=<run dir>` re-composes the run's saved overrides (.hydra/overrides.yaml)
-with the new ones on top and runs in that directory; `resume=auto` continues the run
-directory of this very command when it holds a checkpoint, and starts fresh otherwise.
+`trainrun resume=<run dir>` re-composes the run's saved overrides (.hydra/overrides.yaml,
+checked and merged by trainrun.cli.overrides) with the new ones on top and runs in that
+directory; `resume=auto` continues the run directory of this very command when it holds a
+checkpoint, and starts fresh otherwise.
 """
 
 from __future__ import annotations
 
+import re
+import shlex
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -21,7 +24,24 @@ from trainrun.errors import ConfigError
 SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len")
 DATA_KEYS_FREE = ("batch_size",)  # the order does not depend on it (SPEC §3)
 OPTIMIZER_GROUP_KEYS = ("no_decay", "exclude")  # they decide the parameter groups
-WARMUP_KEYS = ("scheduler.warmup_steps", "scheduler.warmup_ratio")
+PLAIN = re.compile(r"[A-Za-z0-9_./-]*/[A-Za-z0-9_./-]*")  # a path Hydra reads as itself
+
+
+def quote(value: str) -> str:
+    """`value` as an override value that Hydra's grammar and OmegaConf read back unchanged:
+    as it is when it is a plain path, else double-quoted with quotes, backslashes before a
+    quote or the end, and `${` escaped (commas, brackets, `=`, spaces and non-ASCII are then
+    safe)."""
+    if PLAIN.fullmatch(value):
+        return value
+    escaped = re.sub(r'(\\*)(\$\{|"|$)',
+                     lambda m: m.group(1) * 2 + ("\\" + m.group(2) if m.group(2) else ""), value)
+    return f'"{escaped}"'
+
+
+def command(run_dir: Path) -> str:
+    """The shell command that continues run_dir, ready to copy."""
+    return f"trainrun {shlex.quote('resume=' + quote(str(run_dir)))}"
 
 
 def find(run_dir: Path) -> tuple[Path | None, dict[Path, str]]:
@@ -47,24 +67,6 @@ def set_aside(damaged: dict[Path, str]) -> list[str]:
         warnings.append(f"checkpoint {path} is damaged ({problem}); moved to {aside.name}, "
                         f"resuming from an older one")
     return warnings
-
-
-def argv_for(run_dir: Path, argv: list[str]) -> list[str]:
-    """The overrides that continue run_dir: its saved ones, then the new ones (the last
-    value of a key wins), then the run directory itself."""
-    from omegaconf import OmegaConf
-
-    saved_file = run_dir / ".hydra" / "overrides.yaml"
-    saved = list(OmegaConf.load(saved_file)) if saved_file.is_file() else []
-    if any(a.lstrip("+").startswith(WARMUP_KEYS) for a in argv):  # a new warmup replaces
-        saved = [o for o in saved if not o.lstrip("+").startswith(WARMUP_KEYS)]
-    merged: dict[str, str] = {}
-    for override in [*saved, *argv]:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if key not in ("resume", "hydra.run.dir"):
-            merged.pop(key, None)
-            merged[key] = override
-    return [*merged.values(), f"resume={run_dir}", f"hydra.run.dir={run_dir}"]
 
 
 def schemas(cfg: Config) -> dict[str, str]:
@@ -105,5 +107,10 @@ def locate(cfg: Config, run_dir: Path) -> tuple[Path | None, dict[Path, str]]:
                                     f"{run_dir / 'checkpoints'}; allowed: a run directory "
                                     f"with one, auto, or null")
     if path is not None:
-        check_compatible(cfg, checkpoint.read_meta(path), path)
+        try:
+            check_compatible(cfg, checkpoint.read_meta(path), path)
+        except (KeyError, TypeError, AttributeError) as exc:  # a meta.json edited by hand
+            raise ConfigError("resume", f"{path / checkpoint.META_FILE}: not a meta.json that "
+                                        f"trainrun wrote (bad or missing {exc}); allowed: a "
+                                        f"checkpoint written by trainrun") from None
     return path, damaged

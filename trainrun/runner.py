@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import shlex
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -69,27 +68,37 @@ class RunStopped(SystemExit):
     """The run ended early: stopped by a signal (128 + its number) or failed (1)."""
 
 
-def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str]) -> dict:
+def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
+        record: dict[str, str] | None = None) -> dict:
     """Train (or continue) the run described by cfg in run_dir; return the metrics.json
-    summary. Raises RunStopped when a signal stopped the run or it failed."""
+    summary. Raises RunStopped when a signal stopped the run or it failed.
+
+    Nothing is written into run_dir until the run is built and its checkpoint loaded: a run
+    refused before then (ConfigError) leaves the directory as it found it, and removes it if
+    it was empty. `record` (name -> text) is written into run_dir/.hydra once it starts."""
     device, precision = prepare(cfg)
-    resume_from, damaged = resume.locate(cfg, run_dir)  # before anything is written
-    run_dir.mkdir(parents=True, exist_ok=True)
-    console = Console(run_dir / "train.log")
+    resume_from, damaged = resume.locate(cfg, run_dir)
+    if cfg.resume is None:
+        refuse_used(run_dir)
+    console = Console()
     try:
-        console.config(config_yaml)
-        console.info("options: " + " ".join(f"{g}={o}" for g, o in choices.items()))
-        for warning in resume.set_aside(damaged):
-            console.warning(warning)
-        trainer = build(cfg, device, precision, console)
-        if resume_from is not None:
-            trainer.load_state_dict(checkpoint.load(resume_from, trainer.raw_model))
-            console.info(f"resumed from {resume_from} at update {trainer.counters.k}")
+        try:
+            console.config(config_yaml)
+            console.info("options: " + " ".join(f"{g}={o}" for g, o in choices.items()))
+            trainer = build(cfg, device, precision, console)
+            if resume_from is not None:
+                trainer.load_state_dict(checkpoint.load(resume_from, trainer.raw_model))
+                console.info(f"resumed from {resume_from} at update {trainer.counters.k}")
+        except BaseException:
+            remove_if_empty(run_dir)
+            raise
+        start(run_dir, console, record or {}, damaged)
         metrics = Metrics(run_dir, console, cfg.trainer.log_every, cfg.trainer.max_steps,
                           first_step=trainer.counters.k + 1)
         runinfo.write(run_dir, device)
         meta = {"config": json.loads(json.dumps(asdict(cfg))), "schemas": resume.schemas(cfg)}
-        outputs = Outputs(metrics, console, run_dir / "checkpoints", meta)
+        outputs = Outputs(metrics, console, run_dir / "checkpoints", meta,
+                          saved_k=trainer.counters.k if resume_from is not None else None)
         status = "failed"
         try:
             with Signals(on_hangup=console.detach_terminal) as signals:
@@ -99,6 +108,47 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str]) -
         return finish(summary, run_dir, console, signals)
     finally:
         console.close()
+
+
+# What a run writes into its directory: another run there would mix with it or overwrite it.
+RUN_FILES = ("checkpoints", "metrics.json", "train.log", "tb", ".hydra")
+
+
+def refuse_used(run_dir: Path) -> None:
+    """A fresh run goes into a directory that holds no other run."""
+    held = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if not held:
+        return
+    if resume.find(run_dir)[0] is not None:
+        allowed = f"`{resume.command(run_dir)}` to continue it, or another hydra.run.dir"
+    else:
+        allowed = "another hydra.run.dir (it has no checkpoint to resume from)"
+    raise ConfigError("hydra.run.dir", f"{run_dir} already holds a run ({', '.join(held)}); "
+                                       f"allowed: {allowed}")
+
+
+def remove_if_empty(run_dir: Path) -> None:
+    """Remove a run directory left empty (Hydra makes it before the run is built), and its
+    empty parents inside the working directory (outputs/<date>/)."""
+    cwd = Path.cwd().resolve()
+    path = run_dir.resolve()
+    while path != cwd and cwd in path.parents:
+        try:
+            path.rmdir()  # only an empty directory
+        except OSError:
+            return
+        path = path.parent
+
+
+def start(run_dir: Path, console: Console, record: dict[str, str],
+          damaged: dict[Path, str]) -> None:
+    """The run has started: from here on it writes into run_dir."""
+    console.open_log(run_dir / "train.log")
+    for name, text in record.items():
+        (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+        (run_dir / ".hydra" / name).write_text(text, encoding="utf-8")
+    for warning in resume.set_aside(damaged):
+        console.warning(warning)
 
 
 def summarize(t: Trainer, metrics: Metrics, status: str) -> dict:
@@ -112,7 +162,7 @@ def finish(summary: dict, run_dir: Path, console: Console, signals: Signals) -> 
     """Report how the run ended; raise RunStopped unless it completed."""
     if summary["status"] == "stopped":
         console.info(f"stopped at update {summary['steps']}; to continue: "
-                     f"trainrun resume={shlex.quote(str(run_dir))}")
+                     f"{resume.command(run_dir)}")
         raise RunStopped(signals.exit_status)
     if summary["status"] == "failed":
         print(f"trainrun: failed: too many non-finite updates in a row at update "
@@ -134,6 +184,7 @@ def build(cfg: Config, device: torch.device, precision: Precision, console: Cons
     forward = torch.compile(model) if t.compile else model
     optimizer = build_optimizer(cfg.optimizer, model, device)
     schedule = build_schedule(cfg.scheduler, cfg.optimizer.lr, t.max_steps, cfg.model.d_model)
+    schedule.check(optimizer)
     sequences_per_update = cfg.data.batch_size * t.grad_accum_steps
     console.info(
         f"device {device}, precision {precision.mode}; model {model.num_params():,} parameters; "

@@ -1,33 +1,33 @@
-"""The `trainrun` command: the only module that touches Hydra.
+"""The `trainrun` command: the only package that touches Hydra.
 
 Before Hydra creates a run directory, the overrides of a single run are composed and
 validated here ("preflight"), so that bad input gets one line, `trainrun: error: <key>:
-<what is wrong and what is allowed>`, exit status 2, and nothing on disk changes.
+<what is wrong and what is allowed>`, exit status 2, and nothing on disk changes. Hydra
+writes nothing into a run directory itself (`hydra.output_subdir=null`): the run writes
+.hydra/ once it has really started, so a refused or failed start changes no file.
+
+    overrides.py  override lists: group options, "one of these keys" pairs, resume's
+                  saved overrides (a run directory is data, never code)
+    help.py       `trainrun --help`
 """
 
 from __future__ import annotations
 
 import math
 import sys
-from importlib import resources
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from trainrun.cli.overrides import CONF, continue_run, key, one_of, options
 from trainrun.config import Config, register_schemas, to_config, validate
 from trainrun.errors import ConfigError
-from trainrun.resume import WARMUP_KEYS
 
-CONF = "trainrun.conf"
+__all__ = ["arguments", "compose", "fail", "load", "main", "options", "preflight", "sweep",
+           "task_overrides"]
 
 register_schemas()
-
-
-def options(group: str) -> list[str]:
-    """The options of a config group, as conf/<group>/*.yaml names them."""
-    folder = resources.files(CONF) / group
-    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
 def explain(exc: Exception) -> ConfigError:
@@ -138,10 +138,15 @@ def _job(cfg: DictConfig) -> float:
 
     hc = HydraConfig.get()
     in_sweep = hc.mode == RunMode.MULTIRUN
+    # what Hydra would have saved in .hydra/, written by the run once it has started
+    record = {"config.yaml": OmegaConf.to_yaml(cfg),
+              "hydra.yaml": OmegaConf.to_yaml(HydraConfig.instance().cfg),
+              "overrides.yaml": OmegaConf.to_yaml(hc.overrides.task)}
     try:
         config = load(cfg)
         choices = {g: o for g, o in hc.runtime.choices.items() if not g.startswith("hydra")}
-        summary = runner.run(config, Path(hc.runtime.output_dir), OmegaConf.to_yaml(cfg), choices)
+        summary = runner.run(config, Path(hc.runtime.output_dir), OmegaConf.to_yaml(cfg), choices,
+                             record)
     except ConfigError as error:
         if not in_sweep:
             fail(error)
@@ -156,40 +161,48 @@ def _job(cfg: DictConfig) -> float:
 
 def resume_argv(argv: list[str]) -> list[str]:
     """`resume=<run dir>` continues that run: its saved overrides, then these."""
-    from trainrun import resume
-
-    value = next((a.split("=", 1)[1] for a in reversed(argv) if a.startswith("resume=")), None)
-    if value in (None, "null", "auto") or any(a.startswith("-") for a in argv):
+    given = [a for a in argv if key(a) == "resume" and not a.startswith("-")]
+    if not given or any(a.startswith("-") for a in argv):
+        return argv
+    value = override_value(given[-1])
+    if value in (None, "auto"):
         return argv
     run_dir = Path(value).expanduser().resolve()
     if not (run_dir / "checkpoints").is_dir():
         raise ConfigError("resume", f"{value}: no checkpoints/ in that directory; allowed: "
                                     f"a run directory with a checkpoint, auto, or null")
-    return resume.argv_for(run_dir, argv)
+    return continue_run(run_dir, argv)
 
 
-def one_warmup_key(argv: list[str]) -> list[str]:
-    """Giving warmup_steps on the command line replaces the option's default warmup_ratio,
-    and vice versa; giving both stays an error (validate() reports it)."""
-    given = {k for k in WARMUP_KEYS for a in argv if a.lstrip("+").startswith(k + "=")}
-    if len(given) != 1:
-        return argv
-    (other,) = set(WARMUP_KEYS) - given
-    return [*argv, f"{other}=null"]
+def override_value(override: str):
+    """The value of one override as Hydra reads it (quotes and escapes undone)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return OverridesParser.create().parse_override(override).value()
+    except Exception as exc:
+        raise explain(exc) from None
 
 
 def arguments(argv: list[str]) -> list[str]:
     """The overrides `trainrun argv` runs with: a resumed run's saved ones first, and one
-    warmup key replacing the other."""
-    return one_warmup_key(resume_argv(argv))
+    key of a "one of these keys" pair replacing the other."""
+    return one_of(resume_argv(argv))
 
 
 def main() -> None:
+    if any(a in ("--help", "-h") for a in sys.argv[1:]):
+        from trainrun.cli.help import usage
+
+        print(usage())
+        return
     try:
         sys.argv[1:] = arguments(sys.argv[1:])
         preflight(sys.argv[1:])
     except ConfigError as error:
         fail(error)
+    # first, as Hydra takes no override after a flag's value; the run writes .hydra/ itself
+    sys.argv[1:1] = ["hydra.output_subdir=null"]
     _job()
 
 

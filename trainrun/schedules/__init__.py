@@ -78,6 +78,12 @@ class Schedule:
                 _set_momentum(optimizer, group, momentum)
         return lr
 
+    def check(self, optimizer: torch.optim.Optimizer) -> None:
+        """Raise ConfigError now, before the run starts, if the optimizer cannot follow this
+        schedule (a cycled momentum needs momentum or betas)."""
+        if self.cfg.momentum(1, self.max_steps) is not None:
+            _momentum_key(optimizer)
+
     def observe(self, val_loss: float) -> None:
         """The validation loss measured after the update last applied."""
         if self.cfg.uses_val_loss:
@@ -97,15 +103,20 @@ class Schedule:
         self.k = self.evals[-1][0] if self.evals else 0
 
 
-def _set_momentum(optimizer: torch.optim.Optimizer, group: dict, momentum: float) -> None:
+def _momentum_key(optimizer: torch.optim.Optimizer) -> str:
     """OneCycleLR's rule: beta1 where the optimizer has betas, else momentum."""
-    if "betas" in optimizer.defaults:
+    for key in ("betas", "momentum"):
+        if key in optimizer.defaults:
+            return key
+    raise ConfigError("scheduler.cycle_momentum", f"{type(optimizer).__name__} has neither "
+                      f"momentum nor betas; set scheduler.cycle_momentum=false")
+
+
+def _set_momentum(optimizer: torch.optim.Optimizer, group: dict, momentum: float) -> None:
+    if _momentum_key(optimizer) == "betas":
         group["betas"] = (momentum, *group["betas"][1:])
-    elif "momentum" in optimizer.defaults:
-        group["momentum"] = momentum
     else:
-        raise ConfigError("scheduler.cycle_momentum", f"{type(optimizer).__name__} has neither "
-                          f"momentum nor betas; set scheduler.cycle_momentum=false")
+        group["momentum"] = momentum
 
 
 def build_schedule(cfg: SchedulerConfig, base_lr: float, max_steps: int,

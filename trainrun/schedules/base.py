@@ -25,6 +25,12 @@ class SchedulerConfig:
     warmup_ratio: float | None = None  # W = round(warmup_ratio × N)
 
     uses_val_loss: ClassVar[bool] = False  # True: lr also depends on the evaluations (plateau)
+    # "One of these keys" pairs (side, other side). Naming keys of one side only, on the
+    # command line or on resume, sets the other side's keys to null (trainrun.cli.overrides);
+    # naming both sides with values is an error (validate).
+    one_of: ClassVar[tuple[tuple[tuple[str, ...], tuple[str, ...]], ...]] = (
+        (("warmup_steps",), ("warmup_ratio",)),
+    )
 
     def validate(self, prefix: str, max_steps: int) -> None:
         self.check_warmup_keys(prefix)

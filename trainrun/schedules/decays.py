@@ -83,6 +83,8 @@ class ExponentialConfig(SchedulerConfig):
     decay_steps: int | None = MISSING
     staircase: bool = MISSING
 
+    one_of = (*SchedulerConfig.one_of, (("gamma",), ("decay_rate", "decay_steps")))
+
     def validate(self, prefix: str, max_steps: int) -> None:
         super().validate(prefix, max_steps)
         if self.gamma is not None:
@@ -219,6 +221,8 @@ class WSDConfig(SchedulerConfig):
     decay_ratio: float | None = MISSING
     decay_type: str = MISSING  # linear | cosine | 1-sqrt
     min_lr: float = MISSING
+
+    one_of = (*SchedulerConfig.one_of, (("decay_steps",), ("decay_ratio",)))
 
     def validate(self, prefix: str, max_steps: int) -> None:
         super().validate(prefix, max_steps)

@@ -1,0 +1,60 @@
+"""`trainrun --help`: what trainrun is, each config group with its real options (the schemas
+stored beside them in Hydra's ConfigStore are not options), and a few commands to copy.
+Hydra's own flags keep working and `--hydra-help` still prints Hydra's help."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from trainrun.cli.overrides import default_options, groups, options
+from trainrun.config import TrainerConfig
+
+PURPOSE = {
+    "model": "the decoder-only Transformer's size",
+    "data": "what it trains on: the built-in corpus, local files, a datasets source",
+    "optimizer": "the optimizer; optimizer.lr is the peak learning rate",
+    "scheduler": "the learning-rate schedule over trainer.max_steps updates, with warmup",
+    "clip": "gradient clipping, once per update",
+    "precision": "fp32, or bf16/fp16 autocast (fp16 with dynamic loss scaling)",
+}
+
+EXAMPLES = [
+    ("trainrun", "tiny GPT on the built-in corpus; a CPU is enough"),
+    ("trainrun scheduler=noam clip.max_norm=1.0", "any option and any key"),
+    ("trainrun -m scheduler=cosine,noam optimizer.lr=1e-3,3e-4", "a sweep of 4 runs"),
+    ("trainrun resume=outputs/2026-11-21/14-03-12", "continue a run from its checkpoint"),
+    ("trainrun --cfg job optimizer=lamb", "print the composed config, run nothing"),
+    ("trainrun-lr scheduler=wsd", "preview a schedule without training"),
+]
+
+HYDRA_FLAGS = [
+    ("-m, --multirun", "run a sweep (comma-separated values, or a sweeper's search)"),
+    ("-c, --cfg job|hydra|all", "print the config instead of running"),
+    ("--info", "what Hydra composed and from where"),
+    ("--hydra-help", "Hydra's own help and flags"),
+]
+
+
+def usage() -> str:
+    defaults = default_options()
+    width = max(len(g) for g in groups()) + 2
+    lines = ["usage: trainrun [KEY=VALUE | GROUP=OPTION ...] [-m] [--cfg job] [--hydra-help]",
+             "",
+             "trainrun trains a Transformer with exact learning-rate schedules, clipping,",
+             "mixed precision and gradient accumulation. Every key can be overridden as",
+             "key=value, and each group's option as group=option.",
+             "",
+             "Config groups (* = default):"]
+    for group in groups():
+        shown = [f"{o}*" if o == defaults.get(group) else o for o in options(group)]
+        lines.append(f"  {group:<{width}}{PURPOSE.get(group, '')}")
+        lines.append(f"  {'':<{width}}{', '.join(shown)}")
+    trainer = ", ".join(f.name for f in dataclasses.fields(TrainerConfig))
+    lines += ["", "Plain keys:", f"  trainer.{{{trainer}}}",
+              "  data.batch_size, data.seq_len, resume=null|auto|<run directory>", "",
+              "Examples:"]
+    lines += [f"  {command:<58}# {why}" for command, why in EXAMPLES]
+    lines += ["", "Flags:"]
+    lines += [f"  {flag:<26}{why}" for flag, why in HYDRA_FLAGS]
+    lines += ["", "A group's keys: trainrun --cfg job GROUP=OPTION. The README documents all."]
+    return "\n".join(lines)
