@@ -4,6 +4,7 @@ tags, metrics.json, env.json and what the console shows (SPEC §6)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import pty
 import re
@@ -11,9 +12,30 @@ import subprocess
 import sys
 
 import pytest
-from conftest import cli, scalars, tiny
+from conftest import cli, scalars, tiny, train
 
 N, LOG_EVERY, EVAL_EVERY, CKPT_EVERY = 12, 5, 6, 4
+
+VAL_LINE = re.compile(
+    r"update (\d+)/(\d+): val_loss (\S+) \(best (\S+)(?:, (improved)| at update (\d+))?\)")
+
+
+def shown_validations(text: str) -> list[tuple]:
+    """(k, N, val_loss, best, "improved" or the update of the best) per validation line."""
+    return [(int(k), int(n), float(v), float(best), "improved" if improved else int(at))
+            for k, n, v, best, improved, at in VAL_LINE.findall(text)]
+
+
+def expected_validations(run_dir, n: int) -> list[tuple]:
+    """The same worked out from TensorBoard's val/loss: the best is the lowest so far, and a
+    validation improves when it is lower than every earlier one."""
+    expected, best, best_k = [], math.inf, None
+    for k, v in scalars(run_dir, "val/loss"):
+        if v < best:
+            best, best_k = v, k
+        expected.append((k, n, pytest.approx(v, abs=1e-4), pytest.approx(best, abs=1e-4),
+                         "improved" if best_k == k else best_k))
+    return expected
 
 
 @pytest.fixture(scope="module")
@@ -80,13 +102,20 @@ def test_plain_output_when_not_a_terminal(run):
     assert "\x1b" not in stdout and "\r" not in stdout
     steps = [int(k) for k in re.findall(r"^step (\d+)/12 \|", stdout, re.M)]
     assert steps == [1, 5, 10, 12]
-    assert re.search(r"^val step 12/12 \| val_loss \d+\.\d+$", stdout, re.M)
+    assert re.search(r"^update 12/12: val_loss \d+\.\d{4} \(best \d+\.\d{4}"
+                     r"(, improved| at update 6)\)$", stdout, re.M)
+    shown = shown_validations(stdout)
+    assert shown == expected_validations(run_dir, N) and len(shown) == 2
+    # one line per validation: besides these, only the final "done:" line names val_loss
+    assert sum("val_loss" in line for line in stdout.splitlines()) == len(shown) + 1
     log = (run_dir / "train.log").read_text()
     assert "step 10/12 | loss" in log and "config:" in log and "\x1b" not in log
+    assert shown_validations(log) == shown
 
 
-def test_progress_bar_and_config_on_a_terminal(tmp_path, corpus):
-    """Under a pseudo-terminal the resolved config and a rich progress bar are shown."""
+def test_progress_bar_config_and_validation_on_a_terminal(tmp_path, corpus):
+    """Under a pseudo-terminal the resolved config, a rich progress bar with the last
+    val_loss, and each validation's line above the bar as it happens are shown."""
     main, child = pty.openpty()
     env = {**os.environ, "COLUMNS": "160", "TERM": "xterm"}
     proc = subprocess.Popen(
@@ -109,7 +138,36 @@ def test_progress_bar_and_config_on_a_terminal(tmp_path, corpus):
     assert "d_model" in plain  # the resolved config
     assert "20/20" in plain and "tok/s" in plain and "ETA" in plain  # the bar's fields
     assert "step 5/20 |" not in plain  # records go to train.log, not over the bar
-    assert "step 5/20 |" in (tmp_path / "run/train.log").read_text()
+    log = (tmp_path / "run/train.log").read_text()
+    assert "step 5/20 |" in log
+    lines = re.split(r"\r\n|\r|\n", plain)
+    done = next(i for i, line in enumerate(lines) if "done:" in line)
+    shown_at = [i for i, line in enumerate(lines) if VAL_LINE.search(line)]
+    assert shown_at and max(shown_at) < done
+    shown = shown_validations(plain)
+    assert shown == expected_validations(tmp_path / "run", 20) and len(shown) == 2
+    assert shown_validations(log) == shown
+    bars = [line for line in lines if "ETA" in line]
+    val_loss = json.loads((tmp_path / "run/metrics.json").read_text())["val_loss"]
+    assert "val_loss -" in bars[0] and f"val_loss {val_loss:.4f}" in bars[-1]
+
+
+def test_a_validation_that_does_not_improve_names_the_best_update(tmp_path, corpus):
+    """A rate too small to move fp32 weights: every validation measures the same loss, so
+    only the first improves and the next points back to it."""
+    run_dir = tmp_path / "run"
+    train(run_dir, *tiny(corpus, "trainer.max_steps=4", "trainer.eval_every=2",
+                         "optimizer.lr=1e-30", "scheduler=constant"))
+    shown = shown_validations((run_dir / "train.log").read_text())
+    assert shown == expected_validations(run_dir, 4)
+    assert [where for *_, where in shown] == ["improved", 2]
+
+
+def test_a_validation_line_without_a_known_best():
+    """A NaN first val_loss sets no best (nor does a checkpoint older than best_val_step)."""
+    from trainrun.metrics import validation_line
+
+    assert validation_line(3, 10, math.nan, math.inf, 0) == "update 3/10: val_loss nan (best inf)"
 
 
 @pytest.mark.slow

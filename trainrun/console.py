@@ -1,9 +1,10 @@
 """What the user sees, and train.log.
 
-On a terminal: the resolved config, a rich progress bar (update k/N, loss, lr, tokens/s,
-ETA) and messages above it. Elsewhere (nohup, a file, CI): plain one-line records every
-log_every updates, with no colour codes and no carriage returns. Every message and record
-also goes to train.log as plain text.
+On a terminal: the resolved config, a rich progress bar (update k/N, loss, last val_loss,
+lr, tokens/s, ETA) and messages above it, validation results among them. Elsewhere
+(nohup, a file, CI): the same messages, and plain one-line records every log_every
+updates, with no colour codes and no carriage returns. Every message and record also goes
+to train.log as plain text.
 """
 
 from __future__ import annotations
@@ -96,16 +97,17 @@ class Console:
 
         self.progress = Progress(
             TextColumn("update"), MofNCompleteColumn(), BarColumn(),
-            TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"),
+            TextColumn("loss {task.fields[loss]}  val_loss {task.fields[val]}  "
+                       "lr {task.fields[lr]}  {task.fields[tps]} tok/s"),
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
             console=self.rich,
         )
         self.task = self.progress.add_task("train", total=total, completed=completed,
-                                           loss="-", lr="-", tps="-")
+                                           loss="-", val="-", lr="-", tps="-")
         self.progress.start()
 
     def advance(self, k: int, **fields: str) -> None:
-        """Move the bar to update k, with new loss/lr/tps text where given."""
+        """Move the bar to update k, with new loss/val/lr/tps text where given."""
         if self.progress is not None:
             self.progress.update(self.task, completed=k, **fields)
 

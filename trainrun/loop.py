@@ -114,9 +114,11 @@ def validate(t: Trainer, out: Outputs) -> None:
     c = t.counters
     started = time.perf_counter()
     c.val_loss = evaluate(t, t.cfg.eval_batches)
-    c.best_val_loss = min(c.best_val_loss, c.val_loss)
+    if c.val_loss < c.best_val_loss:  # False for NaN: a NaN is never the best
+        c.best_val_loss, c.best_val_step = c.val_loss, c.k
     t.schedule.observe(c.val_loss)
-    out.metrics.validation(c.k, c.val_loss, time.perf_counter() - started)
+    out.metrics.validation(c.k, c.val_loss, c.best_val_loss, c.best_val_step,
+                           time.perf_counter() - started)
 
 
 def save(t: Trainer, out: Outputs) -> None:

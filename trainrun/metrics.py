@@ -83,11 +83,15 @@ class Metrics:
         self._reset_window()
         return loss
 
-    def validation(self, k: int, loss: float, seconds: float) -> None:
-        """val/loss at update k; the `seconds` it took do not count against tokens/s."""
+    def validation(self, k: int, loss: float, best: float, best_step: int,
+                   seconds: float) -> None:
+        """val/loss at update k, the best so far and the update that measured it; the
+        `seconds` validation took do not count against tokens/s."""
         self.window_start += seconds
         self.writer.add_scalar("val/loss", loss, k)
-        self.console.record(f"val step {k}/{self.max_steps} | val_loss {loss:.4f}")
+        # a message, not a record: validation is rare enough to show above the bar too
+        self.console.info(validation_line(k, self.max_steps, loss, best, best_step))
+        self.console.advance(k, val=f"{loss:.4f}")
 
     def tokens_per_second(self) -> float:
         """Target tokens trained on per second of this process's run."""
@@ -105,6 +109,17 @@ class Metrics:
         self.writer.add_hparams(hparams, finals, run_name=".")
         self.writer.close()
         return summary
+
+
+def validation_line(k: int, max_steps: int, loss: float, best: float, best_step: int) -> str:
+    """The one line a validation prints (terminal, plain output and train.log alike):
+    `update 100/500: val_loss 2.3141 (best 2.3141, improved)` when update k set the best,
+    else `... (best 2.2010 at update 100)`; best_step 0 means no best is known."""
+    if best_step == k:
+        where = ", improved"
+    else:
+        where = f" at update {best_step}" if best_step else ""
+    return f"update {k}/{max_steps}: val_loss {loss:.4f} (best {best:.4f}{where})"
 
 
 def _finite_or_none(value):

@@ -28,6 +28,7 @@ class Counters:
     train_loss: float = math.nan  # the last one recorded
     val_loss: float = math.nan
     best_val_loss: float = math.inf
+    best_val_step: int = 0  # the update that measured best_val_loss; 0: none yet
 
 
 @dataclass
