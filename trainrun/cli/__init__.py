@@ -3,8 +3,8 @@
 Before Hydra creates a run directory, the overrides of a single run are composed and
 validated here ("preflight"), so that bad input gets one line, `trainrun: error: <key>:
 <what is wrong and what is allowed>`, exit status 2, and nothing on disk changes. Hydra
-writes nothing into a run directory itself (`hydra.output_subdir=null`): the run writes
-.hydra/ once it has really started, so a refused or failed start changes no file.
+writes nothing into a run directory itself (`hydra.output_subdir: null` in conf/config.yaml):
+the run writes .hydra/ once it has really started, so a refused or failed start changes no file.
 
     overrides.py  override lists: group options, "one of these keys" pairs, resume's
                   saved overrides (a run directory is data, never code)
@@ -161,8 +161,8 @@ def _job(cfg: DictConfig) -> float:
 
 def resume_argv(argv: list[str]) -> list[str]:
     """`resume=<run dir>` continues that run: its saved overrides, then these."""
-    given = [a for a in argv if key(a) == "resume" and not a.startswith("-")]
-    if not given or any(a.startswith("-") for a in argv):
+    given = [a for a in argv if key(a) == "resume"]
+    if not given:
         return argv
     value = override_value(given[-1])
     if value in (None, "auto"):
@@ -184,10 +184,38 @@ def override_value(override: str):
         raise explain(exc) from None
 
 
+# Hydra's flags that take a value, and --info's optional one
+VALUED_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name",
+                "-cn", "--config-dir", "-cd", "--experimental-rerun")
+INFO_TOPICS = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
+
+
+def split_flags(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Hydra's flags (with their values) and the overrides, each in their order."""
+    flags, overrides, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("-"):
+            overrides.append(arg)
+        else:
+            flags.append(arg)
+            valued = arg in VALUED_FLAGS or (arg in ("--info", "-i") and i + 1 < len(argv)
+                                             and argv[i + 1] in INFO_TOPICS)
+            if valued and i + 1 < len(argv):
+                i += 1
+                flags.append(argv[i])
+        i += 1
+    return flags, overrides
+
+
 def arguments(argv: list[str]) -> list[str]:
-    """The overrides `trainrun argv` runs with: a resumed run's saved ones first, and one
-    key of a "one of these keys" pair replacing the other."""
-    return one_of(resume_argv(argv))
+    """The arguments `trainrun argv` runs with: Hydra's flags, then the overrides (Hydra takes
+    no override after a flag's value), a resumed run's saved ones first, and one key of a
+    "one of these keys" pair replacing the other."""
+    flags, overrides = split_flags(argv)
+    if not flags:  # with a flag (--cfg, --config-dir, ...) Hydra runs no resumable job
+        overrides = resume_argv(overrides)
+    return [*flags, *one_of(overrides)]
 
 
 def main() -> None:
@@ -201,8 +229,6 @@ def main() -> None:
         preflight(sys.argv[1:])
     except ConfigError as error:
         fail(error)
-    # first, as Hydra takes no override after a flag's value; the run writes .hydra/ itself
-    sys.argv[1:1] = ["hydra.output_subdir=null"]
     _job()
 
 

@@ -75,7 +75,7 @@ def one_of(overrides: list[str]) -> list[str]:
     nulls = [f"{group}.{k}=null" for group, side, other in pairs(overrides)
              if named(overrides, group, side) and not named(overrides, group, other)
              for k in other]
-    return [*nulls, *overrides]  # first: Hydra takes no override after a flag's value
+    return [*overrides, *nulls]
 
 
 def saved(run_dir: Path) -> list[str]:

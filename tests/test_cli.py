@@ -1,0 +1,195 @@
+"""The command line: "one of these keys" pairs, `trainrun --help`, quoting of paths in
+overrides, and what a resume may take from a run directory's saved overrides."""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+import yaml
+from conftest import cli, config
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from trainrun.cli import arguments
+from trainrun.cli.overrides import continue_run, groups, one_of, options, saved
+from trainrun.errors import ConfigError
+from trainrun.resume import command, quote
+from trainrun.schedules import SCHEDULES
+
+# a valid value for each key that appears in a pair, on a run of 100 updates
+VALUES = {"warmup_steps": "5", "warmup_ratio": "0.1", "decay_steps": "20", "decay_ratio": "0.2",
+          "gamma": "0.9", "decay_rate": "0.5"}
+PAIRS = [(option, side, other) for option, schema in SCHEDULES.items()
+         for pair in schema.one_of for side, other in (pair, pair[::-1])]
+
+
+def composed(argv: list[str]):
+    """The scheduler section `trainrun argv` composes, before validation."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="trainrun.conf", version_base=None):
+        return compose(config_name="config", overrides=arguments(argv)).scheduler
+
+
+@pytest.mark.parametrize("option,side,other", PAIRS,
+                         ids=[f"{o}-{'+'.join(s)}" for o, s, _ in PAIRS])
+def test_naming_one_side_of_a_pair_nulls_the_other(option, side, other):
+    argv = [f"scheduler={option}", "trainer.max_steps=1000",
+            *(f"scheduler.{k}={VALUES[k]}" for k in side)]
+    section = composed(argv)
+    for k in side:
+        assert section[k] == OmegaConf.create({"v": VALUES[k]}).v or \
+            float(section[k]) == float(VALUES[k])
+    for k in other:
+        assert section[k] is None, k
+    if option != "onecycle":  # onecycle's warmup keys are an error by design
+        cfg = config(*arguments(argv))
+        assert all(getattr(cfg.scheduler, k) is None for k in other)
+
+
+@pytest.mark.parametrize("option,side,other", PAIRS,
+                         ids=[f"{o}-{'+'.join(s)}" for o, s, _ in PAIRS])
+def test_naming_both_sides_on_one_command_line_stays_an_error(option, side, other):
+    argv = [f"scheduler={option}", "trainer.max_steps=1000",
+            *(f"scheduler.{k}={VALUES[k]}" for k in (*side, *other))]
+    with pytest.raises(ConfigError):
+        config(*arguments(argv))
+
+
+def test_the_two_reported_commands_run_the_decay_they_ask_for():
+    cfg = config(*arguments(["scheduler=exponential", "scheduler.decay_rate=0.5",
+                             "scheduler.decay_steps=10", "trainer.max_steps=50"]))
+    s = cfg.scheduler
+    assert s.gamma is None
+    for e in range(50):  # TF's exponential_decay, written out
+        assert s.decay(e, 50, 1.0) == pytest.approx(0.5 ** (e / 10), rel=1e-12)
+    cfg = config(*arguments(["scheduler=wsd", "scheduler.decay_steps=12",
+                             "trainer.max_steps=100"]))
+    assert cfg.scheduler.decay_ratio is None and cfg.scheduler.decay_length(100) == 12
+    w = cfg.scheduler.warmup(100)
+    lrs = [cfg.scheduler.lr(k, 1.0, 100) for k in range(1, 101)]
+    assert lrs[w:100 - 12] == [1.0] * (100 - 12 - w)  # stable until the last 12 updates
+    assert all(lr < 1.0 for lr in lrs[100 - 12 + 1:])
+
+
+def test_resume_replaces_a_saved_side_with_the_new_one(tmp_path):
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    first = arguments(["scheduler=wsd", "scheduler.decay_steps=12", "trainer.max_steps=1000"])
+    (run / ".hydra/overrides.yaml").write_text(OmegaConf.to_yaml(first))
+    merged = one_of(continue_run(run, ["scheduler.decay_ratio=0.3", "scheduler.warmup_steps=4"]))
+    cfg = config(*[a for a in merged if not a.startswith(("resume=", "hydra."))])
+    s = cfg.scheduler
+    assert (s.decay_steps, s.decay_ratio, s.warmup_steps, s.warmup_ratio) == (None, 0.3, 4, None)
+    assert cfg.trainer.max_steps == 1000
+
+
+def test_resume_that_switches_the_option_drops_the_old_options_keys(tmp_path):
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    first = ["scheduler=step", "scheduler.step_size=7", "scheduler.gamma=0.5", "clip=value",
+             "clip.max_value=0.5", "optimizer.lr=0.01"]
+    (run / ".hydra/overrides.yaml").write_text(OmegaConf.to_yaml(first))
+    merged = continue_run(run, ["scheduler=cosine", "scheduler.min_lr=0.001", "clip=norm"])
+    cfg = config(*[a for a in merged if not a.startswith(("resume=", "hydra."))])
+    assert type(cfg.scheduler).__name__ == "CosineConfig" and cfg.scheduler.min_lr == 0.001
+    assert type(cfg.clip).__name__ == "NormClipConfig" or hasattr(cfg.clip, "max_norm")
+    assert cfg.optimizer.lr == 0.01  # keys of groups not switched are kept
+    # the same option named again keeps the saved keys
+    merged = continue_run(run, ["scheduler=step"])
+    assert "scheduler.step_size=7" in merged
+
+
+# -- trainrun --help ------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_help_names_trainrun_and_lists_the_real_options_only(tmp_path):
+    proc = cli("--help", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert text.startswith("usage: trainrun") and "Hydra" not in text.splitlines()[0]
+    assert "_schema" not in text and "schemas" not in text and "powered by" not in text
+    for group in groups():
+        assert group in text
+        for option in options(group):
+            assert option in text, (group, option)
+    assert "Examples:" in text and "trainrun -m" in text
+    job = cli("--cfg", "job", "scheduler=wsd", cwd=tmp_path, timeout=120)
+    assert job.returncode == 0, job.stderr
+    assert OmegaConf.create(job.stdout).scheduler.decay_type == "1-sqrt"
+    assert list(tmp_path.iterdir()) == []  # neither wrote a run directory
+
+
+def test_schemas_are_not_options():
+    with pytest.raises(ConfigError) as err:
+        config("scheduler=cosine_schema")
+    assert err.value.key == "scheduler" and "cosine_schema" in str(err.value)
+
+
+# -- paths in overrides ----------------------------------------------------------------
+
+PATHS = ["outputs/2026-11-23/12-00-00", "/tmp/wörk, [a] 'q'/run=1", 'a"b', "x\\", "${oc.env:HOME}",
+         "c:\\d\\${e}", "null", "1e3", "a b,c"]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_quoted_paths_read_back_unchanged(path):
+    value = OverridesParser.create().parse_override(f"resume={quote(path)}").value()
+    assert OmegaConf.create({"v": value}).v == path  # interpolations stay text
+    # and through the shell, as the printed command is copied
+    (word,) = shlex.split(command(path)[len("trainrun "):])
+    assert OverridesParser.create().parse_override(word).value() == value
+
+
+def test_plain_paths_print_unquoted():
+    assert command("outputs/2026-11-23/12-00-00") == "trainrun resume=outputs/2026-11-23/12-00-00"
+
+
+# -- the trust boundary ----------------------------------------------------------------
+
+REFUSED = [
+    "+hydra.callbacks.x._target_=builtins.open",
+    "hydra.job.chdir=true",
+    "hydra/launcher=basic",
+    "data.files=${oc.env:HOME}",
+    "trainer.max_steps=${oc.decode:'5'}",
+    "++trainer.seed=3",
+    "~scheduler.step_size",
+    "+optimizer.extra=1",
+    "optimizer@trainer=adamw",
+    "optimizer.lr=0.1,0.2",
+    "scheduler=not_an_option",
+    "unknown.key=1",
+    5,
+    ["a"],
+    "optimizer.lr=[",
+]
+
+
+@pytest.mark.parametrize("entry", REFUSED, ids=[str(e) for e in REFUSED])
+def test_a_run_directory_holds_only_trainruns_keys(tmp_path, entry):
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra/overrides.yaml").write_text(yaml.safe_dump(["trainer.max_steps=5", entry]))
+    with pytest.raises(ConfigError) as err:
+        saved(tmp_path)
+    message = str(err.value)
+    assert err.value.key == "resume" and "overrides.yaml" in message and "\n" not in message
+    assert repr(entry) in message
+
+
+@pytest.mark.parametrize("text", ["- [unclosed\n", "key: value\n", "- a\n -b: [\n", "\xff\xfe"])
+def test_a_malformed_overrides_file_is_one_line(tmp_path, text):
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra/overrides.yaml").write_bytes(text.encode("latin-1"))
+    with pytest.raises(ConfigError) as err:
+        saved(tmp_path)
+    assert "overrides.yaml" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_trainruns_own_overrides_are_taken(tmp_path):
+    (tmp_path / ".hydra").mkdir()
+    entries = ["scheduler=wsd", "scheduler.decay_steps=12", "data.files='/a b/*.txt'",
+               "optimizer.betas=[0.9,0.99]", f"resume={quote(str(tmp_path))}", "precision=fp32"]
+    (tmp_path / ".hydra/overrides.yaml").write_text(yaml.safe_dump(entries))
+    assert saved(tmp_path) == entries
