@@ -42,20 +42,18 @@ def first_bad_byte(path: str | os.PathLike, encoding: str = "utf-8",
     with open(path, "rb") as f:
         while True:
             block = f.read(block_size)
-            bad = []
-            if nul_is_zero and (i := block.find(b"\0")) >= 0:
-                bad.append((start + i, "NUL byte"))
+            nul = block.find(b"\0") if nul_is_zero else -1
             # the decoder may hold the first bytes of a character cut by the block's end;
             # its state's first item is those bytes (codecs.IncrementalDecoder.getstate)
             pending = len(decoder.getstate()[0])
-            try:
-                decoder.decode(block, final=not block)
+            try:  # the text ends at a NUL: all before it must decode, to the last character
+                decoder.decode(block[:nul] if nul >= 0 else block, final=nul >= 0 or not block)
             except UnicodeDecodeError as exc:
-                bad.append((start - pending + exc.start, f"byte 0x{exc.object[exc.start]:02x}"))
+                return start - pending + exc.start, f"byte 0x{exc.object[exc.start]:02x}"
             except UnicodeError as exc:  # one that names no byte: UTF-16 without its BOM
-                bad.append((start - pending, str(exc)))
-            if bad:
-                return min(bad)
+                return start - pending, str(exc)
+            if nul >= 0:
+                return start + nul, "NUL byte"
             if not block:
                 return None
             start += len(block)
