@@ -9,6 +9,7 @@ document is one sequence, truncated and padded, with padding excluded from the l
 
 from __future__ import annotations
 
+import codecs
 import glob
 import os
 import sysconfig
@@ -20,6 +21,7 @@ import torch
 from omegaconf import MISSING
 
 from trainrun.errors import ConfigError, require_positive
+from trainrun.textcheck import check_encoding, require_text
 
 VOCAB_SIZE = 257
 EOT = 256  # end of document; also the input id at padded positions
@@ -54,6 +56,9 @@ class BuiltinDataConfig(DataConfig):
         import datasets
 
         files = sorted(str(p) for p in Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+        # CPython's sources are UTF-8; checking ~5 MB costs ~30 ms, and a Python whose are
+        # not gets one line instead of a traceback
+        require_text("data", files, "utf-8", "data=text for other data")
         ds = datasets.load_dataset("text", data_files=files, split="train", sample_by="document")
         return _hold_out(ds, self.val_fraction)
 
@@ -61,10 +66,11 @@ class BuiltinDataConfig(DataConfig):
 @dataclass
 class TextDataConfig(DataConfig):
     """Local files by extension: .txt (a document per line), .jsonl/.json, .csv, .parquet
-    (a document per row, its text in `text_column`)."""
+    (a document per row, its text in `text_column`); all but Parquet are text in `encoding`."""
 
     files: str = MISSING  # glob patterns, comma-separated
     text_column: str = MISSING
+    encoding: str = MISSING  # a Python codec name; Parquet files are binary and ignore it
 
     def paths(self) -> list[str]:
         patterns = [p.strip() for p in self.files.split(",") if p.strip()]
@@ -73,6 +79,7 @@ class TextDataConfig(DataConfig):
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
+        check_encoding(f"{prefix}.encoding", self.encoding)
         paths = self.paths()
         if not paths:
             raise ConfigError(f"{prefix}.files", f"{self.files!r} matches no file")
@@ -90,7 +97,11 @@ class TextDataConfig(DataConfig):
 
         paths = self.paths()
         builder = _BUILDERS[Path(paths[0]).suffix.lower()]
-        ds = datasets.load_dataset(builder, data_files=paths, split="train")
+        encoding = {}
+        if builder != "parquet":
+            require_text("data.files", paths, self.encoding, _allowed(self.encoding))
+            encoding = {"encoding": self.encoding}  # the text, json and csv builders' key
+        ds = datasets.load_dataset(builder, data_files=paths, split="train", **encoding)
         return _hold_out(_text_column(ds, self.text_column, "data.text_column"), self.val_fraction)
 
 
@@ -130,10 +141,32 @@ class HFDataConfig(DataConfig):
             if "split" not in str(exc).lower():
                 raise
             raise ConfigError(key, f"{split!r}: {str(exc).splitlines()[0]}") from None
+        except Exception as exc:  # datasets wraps the UnicodeDecodeError of a builder
+            if not isinstance(exc.__cause__, UnicodeDecodeError):
+                raise
+            allowed = "UTF-8 text files (or data=text with data.encoding=<codec>)"
+            if os.path.isdir(self.path):  # the error names no file: find the first bad byte
+                require_text("data.path", _text_files(self.path), "utf-8", allowed)
+            raise ConfigError("data.path", f"{self.path!r}: {exc.__cause__}; allowed: {allowed}"
+                              ) from None
 
 
 DATA = {"builtin": BuiltinDataConfig, "text": TextDataConfig, "hf": HFDataConfig}
 _BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _allowed(encoding: str) -> str:
+    if codecs.lookup(encoding).name == "utf-8":
+        return "UTF-8 text files, or data.encoding=<codec> for another encoding"
+    return f"text files in {encoding} (data.encoding), or data.encoding=<codec> for another"
+
+
+def _text_files(folder: str) -> list[str]:
+    """The files of a folder that `datasets` would read as text, as it does: by extension,
+    hidden ones left out."""
+    return sorted(str(p) for p in Path(folder).rglob("*")
+                  if p.suffix.lower() in _BUILDERS and p.suffix.lower() != ".parquet"
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 def _is_empty(path: str) -> bool:

@@ -1,0 +1,69 @@
+"""Whether data files are text in their encoding: found before `datasets` reads them, so
+that a Latin-1 or binary file is one line naming the file and the first bad byte instead
+of a `UnicodeDecodeError` from deep inside a `datasets` builder.
+
+Each file is streamed in blocks through an incremental decoder, so memory does not grow
+with the file; offsets are absolute, 0-based byte offsets into the file.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+from collections.abc import Iterable
+
+from trainrun.errors import ConfigError
+
+BLOCK_SIZE = 1 << 20  # bytes read at a time
+
+
+def check_encoding(key: str, encoding: str) -> None:
+    """`encoding` names a codec that decodes bytes to text (not e.g. base64 or rot13)."""
+    try:
+        codecs.getincrementaldecoder(encoding)  # LookupError: no such codec
+        b"x".decode(encoding, "ignore")  # LookupError: base64, rot13, ... (not of bytes to text)
+    except (LookupError, UnicodeError):  # UnicodeError: codecs that decode nothing (undefined)
+        raise ConfigError(key, f"got {encoding!r}, which is not a text codec; allowed: a "
+                               f"Python codec name such as utf-8, latin-1, cp1252, utf-16") from None
+
+
+def first_bad_byte(path: str | os.PathLike, encoding: str = "utf-8",
+                   block_size: int = BLOCK_SIZE) -> tuple[int, str] | None:
+    """(offset, what) of the first byte that keeps the file from being text in `encoding`,
+    or None when it all is.
+
+    A bad byte is one the codec cannot decode (or the start of a sequence the file ends
+    in the middle of), or, in encodings where the NUL character is the byte 0x00 (UTF-8 and
+    every ASCII superset), a 0x00: text files have none, binary files mostly do.
+    """
+    decoder = codecs.getincrementaldecoder(encoding)()
+    nul_is_zero = "\0".encode(encoding) == b"\0"
+    start = 0  # offset of the block's first byte
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(block_size)
+            nul = block.find(b"\0") if nul_is_zero else -1
+            # the decoder may hold the first bytes of a character cut by the block's end;
+            # its state's first item is those bytes (codecs.IncrementalDecoder.getstate)
+            pending = len(decoder.getstate()[0])
+            try:  # the text ends at a NUL: all before it must decode, to the last character
+                decoder.decode(block[:nul] if nul >= 0 else block, final=nul >= 0 or not block)
+            except UnicodeDecodeError as exc:
+                return start - pending + exc.start, f"byte 0x{exc.object[exc.start]:02x}"
+            except UnicodeError as exc:  # one that names no byte: UTF-16 without its BOM
+                return start - pending, str(exc)
+            if nul >= 0:
+                return start + nul, "NUL byte"
+            if not block:
+                return None
+            start += len(block)
+
+
+def require_text(key: str, paths: Iterable[str], encoding: str, allowed: str) -> None:
+    """ConfigError on `key` for the first of `paths` that is not text in `encoding`."""
+    for path in paths:
+        if (bad := first_bad_byte(path, encoding)) is not None:
+            offset, what = bad
+            name = "UTF-8" if codecs.lookup(encoding).name == "utf-8" else encoding
+            raise ConfigError(key, f"{path} is not {name} text ({what} at offset {offset}); "
+                                   f"allowed: {allowed}")
