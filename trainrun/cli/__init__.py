@@ -111,7 +111,7 @@ def preflight(argv: list[str]) -> None:
     jobs, swept = sweep(overrides) if multirun else ([overrides], set())
     from trainrun.runner import prepare
 
-    run_dir = next((Path(a.split("=", 1)[1]) for a in reversed(argv)
+    run_dir = next((Path(override_value(a)) for a in reversed(argv)
                     if a.startswith("hydra.run.dir=")), None)
     for config in compose(jobs):
         prepare(config)  # the device and precision this machine can run

@@ -1,0 +1,176 @@
+"""What a run directory is trusted with, with real processes: a used directory is never
+trained into afresh, a refused start or resume changes no file, a tampered directory runs
+no code, and paths with any characters can be resumed with the command trainrun prints."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import cli, tiny, wait_for
+
+from trainrun.resume import quote
+
+
+def files(run: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def one_error_line(proc: subprocess.CompletedProcess, key: str) -> str:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"trainrun: error: {key}"), proc.stderr
+    return lines[0]
+
+
+def short_run(corpus, run: Path, cwd: Path, *extra: str) -> None:
+    proc = cli(*tiny(corpus, "trainer.max_steps=4", "trainer.ckpt_every=2",
+                     "trainer.eval_every=2", f"hydra.run.dir={quote(str(run))}", *extra), cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.slow
+def test_a_fresh_run_into_a_used_directory_is_refused_and_changes_nothing(corpus, tmp_path):
+    run = tmp_path / "same"
+    short_run(corpus, run, tmp_path)
+    before = files(run)
+    again = cli(*tiny(corpus, "trainer.max_steps=2", "trainer.seed=9", f"hydra.run.dir={run}"),
+                cwd=tmp_path)
+    line = one_error_line(again, "hydra.run.dir:")
+    assert str(run) in line and f"trainrun resume={run}" in line and "checkpoints" in line
+    assert files(run) == before
+
+
+def test_a_save_replaces_a_directory_of_the_same_name(tmp_path):
+    import torch
+
+    from trainrun import checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    stale = tmp_path / checkpoint.step_name(10)
+    stale.mkdir(parents=True)
+    (stale / checkpoint.MODEL_FILE).write_bytes(b"another run's weights")
+    checkpoint.save(tmp_path, 10, model, {"k": 10}, {}, keep_last=3)
+    assert checkpoint.verify(stale) is None
+    fresh = torch.nn.Linear(2, 2)
+    checkpoint.load(stale, fresh)
+    assert torch.equal(fresh.weight, model.weight)
+    assert not list(tmp_path.glob(".old-*")) and not list(tmp_path.glob(".tmp-*"))
+
+
+@pytest.mark.slow
+def test_a_data_error_leaves_no_run_directory(tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(b"caf\xe9 cr\xe8me\n" * 50)
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    proc = cli(*tiny(bad), cwd=cwd)  # Hydra's own outputs/<date>/<time>/
+    one_error_line(proc, "data.files:")
+    assert list(cwd.iterdir()) == []
+
+
+# -- resume: a run directory is data, never code -----------------------------------------
+
+@pytest.fixture
+def made(corpus, tmp_path):
+    """A finished 4-update run in runs/sec, and a victim file beside it."""
+    run = tmp_path / "runs/sec"
+    short_run(corpus, run, tmp_path)
+    (tmp_path / "victim.txt").write_text("precious\n")
+    return run
+
+
+ATTACKS = {
+    "callback": ["+hydra.callbacks.x._target_=builtins.open",
+                 "+hydra.callbacks.x._args_=['victim.txt','w']"],
+    "resolver": ["data.files=${oc.env:HOME}"],
+    "not-a-string": [5],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_a_tampered_overrides_file_is_refused_and_runs_nothing(made, tmp_path, attack):
+    import yaml
+
+    overrides = made / ".hydra/overrides.yaml"
+    overrides.write_text(yaml.safe_dump(yaml.safe_load(overrides.read_text()) + ATTACKS[attack]))
+    before = files(made)
+    proc = cli(f"resume={made}", "trainer.max_steps=6", cwd=tmp_path)
+    line = one_error_line(proc, "resume:")
+    assert str(overrides) in line and repr(ATTACKS[attack][0]) in line
+    assert files(made) == before
+    assert (tmp_path / "victim.txt").read_text() == "precious\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs", "victim.txt"]
+
+
+@pytest.mark.slow
+def test_a_tampered_meta_json_is_one_line(made, tmp_path):
+    meta = sorted((made / "checkpoints").glob("step-*"))[-1] / "meta.json"
+    content = json.loads(meta.read_text())
+    del content["config"]["model"]
+    meta.write_text(json.dumps(content))
+    before = files(made)
+    proc = cli(f"resume={made}", "trainer.max_steps=6", cwd=tmp_path)
+    assert "meta.json" in one_error_line(proc, "resume:")
+    assert files(made) == before
+
+
+@pytest.mark.slow
+def test_a_failed_resume_changes_nothing_and_a_plain_resume_still_works(corpus, tmp_path):
+    run = tmp_path / "adagrad"
+    short_run(corpus, run, tmp_path, "optimizer=adagrad")
+    before = files(run)
+    # onecycle cycles a momentum Adagrad does not have: found before anything is written
+    proc = cli(f"resume={run}", "scheduler=onecycle", "trainer.max_steps=8", cwd=tmp_path)
+    one_error_line(proc, "scheduler.cycle_momentum:")
+    assert files(run) == before
+    proc = cli(f"resume={run}", "trainer.max_steps=6", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 6
+
+
+@pytest.mark.slow
+def test_a_resume_may_switch_the_scheduler_option(corpus, tmp_path):
+    import yaml
+
+    run = tmp_path / "switch"
+    short_run(corpus, run, tmp_path, "scheduler=step", "scheduler.step_size=2",
+              "scheduler.warmup_steps=1")
+    proc = cli(f"resume={run}", "scheduler=cosine", "trainer.max_steps=6", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    saved = yaml.safe_load((run / ".hydra/overrides.yaml").read_text())
+    assert "scheduler=cosine" in saved and not [o for o in saved if "step_size" in o]
+    assert "scheduler: cosine" in (run / ".hydra/hydra.yaml").read_text()
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 6
+
+
+@pytest.mark.slow
+def test_a_path_with_any_characters_resumes_with_the_printed_command(corpus, tmp_path):
+    run = tmp_path / "wörk, [x] it's" / "run=1"
+    args = tiny(corpus, "trainer.max_steps=400", "trainer.log_every=1", "trainer.eval_every=100",
+                f"hydra.run.dir={quote(str(run))}")
+    proc = subprocess.Popen([sys.executable, "-m", "trainrun", *args], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    log = run / "train.log"
+    wait_for(lambda: log.exists() and "step 2/" in log.read_text())
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    printed = re.search(r"to continue: (trainrun .*)$", out, re.M).group(1)
+    stopped = json.loads((run / "metrics.json").read_text())["steps"]
+    bin_dir = str(Path(sys.executable).parent)
+    again = subprocess.run(f"{printed} trainer.max_steps={stopped + 2}", shell=True, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert again.returncode == 0, again.stderr
+    assert "resumed from" in again.stdout
+    assert json.loads((run / "metrics.json").read_text())["steps"] == stopped + 2
