@@ -66,9 +66,11 @@ def test_a_save_replaces_a_directory_of_the_same_name(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_data_error_leaves_no_run_directory(tmp_path):
-    bad = tmp_path / "latin1.txt"
-    bad.write_bytes(b"caf\xe9 cr\xe8me\n" * 50)
+@pytest.mark.parametrize("content", [b"caf\xe9 cr\xe8me\n" * 50, bytes(range(256)) * 8],
+                         ids=["latin1", "binary"])
+def test_a_data_error_leaves_no_run_directory(tmp_path, content):
+    bad = tmp_path / "data.txt"
+    bad.write_bytes(content)
     cwd = tmp_path / "work"
     cwd.mkdir()
     proc = cli(*tiny(bad), cwd=cwd)  # Hydra's own outputs/<date>/<time>/

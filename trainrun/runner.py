@@ -143,6 +143,7 @@ def remove_if_empty(run_dir: Path) -> None:
 def start(run_dir: Path, console: Console, record: dict[str, str],
           damaged: dict[Path, str]) -> None:
     """The run has started: from here on it writes into run_dir."""
+    run_dir.mkdir(parents=True, exist_ok=True)
     console.open_log(run_dir / "train.log")
     for name, text in record.items():
         (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
