@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -24,7 +25,14 @@ MODEL_FILE, STATE_FILE, META_FILE, LATEST = "model.safetensors", "trainer_state.
 
 
 def step_name(k: int) -> str:
+    """At least 8 digits (the runs written so far), more from update 10^8 on."""
     return f"step-{k:08d}"
+
+
+def step_number(path: Path) -> int | None:
+    """k of a checkpoint directory named step_name(k); None for any other name."""
+    match = re.fullmatch(r"step-(\d+)", path.name)
+    return int(match.group(1)) if match else None
 
 
 def sha256(path: Path) -> str:
@@ -88,10 +96,14 @@ def _prune(root: Path, keep_last: int) -> None:
 
 
 def complete(root: Path) -> list[Path]:
-    """The checkpoint directories under root, oldest first (temporary ones excluded)."""
+    """The checkpoint directories under root, oldest first (temporary ones excluded).
+
+    Ordered by update number, not by name: from 10^8 on the names have more digits, and
+    "step-100000000" sorts before "step-99999999" as text."""
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("step-*") if p.is_dir())
+    found = [p for p in root.glob("step-*") if p.is_dir() and step_number(p) is not None]
+    return sorted(found, key=step_number)
 
 
 def verify(path: Path) -> str | None:
