@@ -195,6 +195,12 @@ BAD = [
     pytest.param(["data.batch_size=0"], "data.batch_size", ["0"], id="zero-batch"),
     pytest.param(["trainer.seed=-1"], "trainer.seed", ["-1"], id="negative-seed"),
     pytest.param(["optimizer.betas=[0.9]"], "optimizer.betas", ["0.9"], id="one-beta"),
+    pytest.param(["scheduler.min_lr=0.1"], "scheduler.min_lr",
+                 ["0.1 is above optimizer.lr=0.003, the peak", "0 <= min_lr <= optimizer.lr"],
+                 id="min-lr-above-lr"),
+    pytest.param(["scheduler=polynomial", "optimizer.lr=1e-4", "scheduler.end_lr=1e-3"],
+                 "scheduler.end_lr", ["0.001 is above optimizer.lr=0.0001"],
+                 id="end-lr-above-lr"),
 ]
 
 
@@ -226,6 +232,7 @@ CLI_CASES = {
     "warmup-longer-than-run": (["scheduler.warmup_ratio=null", "scheduler.warmup_steps=1000",
                                 "trainer.max_steps=10"], "scheduler.warmup_steps"),
     "no-cuda": (["trainer.device=cuda"], "trainer.device"),
+    "min-lr-above-lr": (["scheduler.min_lr=0.1"], "scheduler.min_lr"),
 }
 
 

@@ -126,7 +126,7 @@ def validate(cfg: Config) -> Config:
             f"lower data.seq_len or raise model.max_seq_len",
         )
     cfg.optimizer.validate("optimizer")
-    cfg.scheduler.validate("scheduler", t.max_steps)
+    cfg.scheduler.validate("scheduler", t.max_steps, cfg.optimizer.lr)
     cfg.clip.validate("clip")
     cfg.precision.validate("precision")
     if cfg.resume is not None and cfg.resume != "auto" and not cfg.resume.strip():
