@@ -1,12 +1,17 @@
 """The checkpoint directory itself (SPEC §6, §7): ordering and pruning of checkpoints by
-update number, also past update 10^8 where the names grow a digit."""
+update number, also past update 10^8 where the names grow a digit; a disk that fills up
+during a save, with the failure injected where each writer reports it."""
 
 from __future__ import annotations
 
+import errno
+import os
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 from trainrun import checkpoint, resume
 
@@ -60,3 +65,104 @@ def test_resume_falls_back_past_1e8_by_number(tmp_path):
     found, damaged = resume.find(tmp_path)
     assert found == root / "step-100000000"
     assert list(damaged) == [root / "step-100000001"]
+
+
+# --- a full disk during a save -------------------------------------------------------------
+
+def fill_disk_in_weights(monkeypatch, code=errno.ENOSPC):
+    """safetensors reports a failed write as SafetensorError, naming Rust's `os error N`."""
+    def save_model(model, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"partial")
+        raise SafetensorError(f"Error while serializing: I/O error: {os.strerror(code)} "
+                              f"(os error {code})")
+    monkeypatch.setattr(checkpoint, "save_model", save_model)
+
+
+def fill_disk_in_state(monkeypatch, code=errno.ENOSPC):
+    """torch.save replaces the OSError of its write with a RuntimeError raised from its
+    zip writer's clean-up (seen on a real full tmpfs)."""
+    def save(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        try:
+            raise OSError(code, os.strerror(code))
+        finally:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+    monkeypatch.setattr(torch, "save", save)
+
+
+def fill_disk_after_rename(monkeypatch, code=errno.ENOSPC):
+    """The disk fills up after the checkpoint is in place, before `latest` names it."""
+    fsync = checkpoint._fsync
+
+    def failing(path):
+        if path.name == "checkpoints":
+            raise OSError(code, os.strerror(code), str(path))
+        fsync(path)
+    monkeypatch.setattr(checkpoint, "_fsync", failing)
+
+
+def fill_disk_by_hook(monkeypatch, code=errno.ENOSPC):
+    monkeypatch.setenv("TRAINRUN_SAVE_FAIL_ENOSPC_AT", "8")
+
+
+FILL = {"weights": fill_disk_in_weights, "state": fill_disk_in_state,
+        "after-rename": fill_disk_after_rename, "hook": fill_disk_by_hook}
+
+
+def kib(path: Path) -> str:
+    return f"{sum(os.path.getsize(f) for f in path.iterdir()) / 1024:.1f} KiB"
+
+
+@pytest.mark.parametrize("where, code", [
+    (where, code) for where in FILL for code in (errno.ENOSPC, errno.EDQUOT)
+    if where != "hook" or code == errno.ENOSPC])  # the hook injects ENOSPC
+def test_a_full_disk_leaves_the_previous_checkpoint_and_nothing_else(tmp_path, monkeypatch,
+                                                                      where, code):
+    root = tmp_path / "checkpoints"
+    save(root, 4, keep_last=3)
+    before = {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    FILL[where](monkeypatch, code)
+    with pytest.raises(checkpoint.NoSpace) as err:
+        save(root, 8, keep_last=3)
+    after = {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    assert after == before  # step-00000004 and `latest` untouched, no leftovers
+    assert [p.name for p in root.iterdir()] == sorted(["latest", "step-00000004"])
+    assert err.value.previous == root / "step-00000004"
+    reason = os.strerror(code)
+    expected = (f"{reason[0].lower()}{reason[1:]} while saving checkpoint step-00000008 (update "
+                f"8) in {root}; it needs about {kib(root / 'step-00000004')} (the size of "
+                f"step-00000004), FREE free; the previous checkpoint step-00000004 is intact "
+                f"and checkpoints/latest names it")
+    free = r"[0-9.]+ (B|KiB|MiB|GiB)"  # whatever the machine has left
+    assert re.fullmatch(re.escape(expected).replace("FREE", free), str(err.value)), err.value
+    monkeypatch.undo()
+    assert save(root, 8, keep_last=3).is_dir()  # space again: the save goes through
+    assert (root / "latest").read_text() == "step-00000008\n"
+
+
+def test_a_full_disk_at_the_first_save_estimates_from_the_tensors(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    model = torch.nn.Linear(256, 256)  # 65,792 float32 numbers in the weights and as many
+    state = {"optimizer": {"exp_avg": torch.zeros(256, 256), "step": 3}}  # + 65,536
+    fill_disk_in_state(monkeypatch)
+    with pytest.raises(checkpoint.NoSpace) as err:
+        checkpoint.save(root, 8, model, state, {}, keep_last=3)
+    assert err.value.previous is None
+    assert f"it needs about {(65_792 + 65_536) * 4 / 1024:.1f} KiB (its tensors alone)" in str(
+        err.value)
+    assert str(err.value).endswith("; there is no earlier checkpoint")
+    assert list(root.iterdir()) == []
+
+
+@pytest.mark.parametrize("error", [
+    OSError(errno.EACCES, "Permission denied"),
+    SafetensorError("Error while serializing: invalid header"),
+    RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"),
+], ids=["EACCES", "safetensors-not-io", "torch-not-io"])
+def test_other_write_errors_are_not_a_full_disk(tmp_path, monkeypatch, error):
+    def fail(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(checkpoint, "save_model", fail)
+    with pytest.raises(type(error)) as err:
+        save(tmp_path / "checkpoints", 8, keep_last=3)
+    assert err.value is error
