@@ -118,7 +118,9 @@ def test_spec_keys_exist_with_values():
     cfg = config()
     trainer = {f.name for f in dataclasses.fields(TrainerConfig)}
     assert {"max_steps", "grad_accum_steps", "eval_every", "eval_batches", "log_every",
-            "ckpt_every", "keep_last", "seed", "device", "compile", "max_skipped"} <= trainer
+            "ckpt_every", "keep_last", "seed", "device", "compile", "max_skipped",
+            "deterministic"} <= trainer
+    assert cfg.trainer.deterministic is False
     for key in ("d_model", "n_layers", "n_heads", "d_ff", "dropout", "max_seq_len"):
         assert getattr(cfg.model, key) is not None
     for key in ("batch_size", "seq_len", "packing"):
@@ -129,6 +131,12 @@ def test_spec_keys_exist_with_values():
     cfg = config("trainer.max_steps=7", "optimizer.lr=0.5", "data.seq_len=64", "model.n_layers=1")
     assert (cfg.trainer.max_steps, cfg.optimizer.lr, cfg.data.seq_len, cfg.model.n_layers) \
         == (7, 0.5, 64, 1)
+
+
+def test_readme_lists_every_trainer_key():
+    readme = (REPO / "README.md").read_text()
+    for f in dataclasses.fields(TrainerConfig):
+        assert f"| `trainer.{f.name}` |" in readme, f.name
 
 
 @pytest.mark.parametrize("option,key", [("text", "data.files"), ("hf", "data.path")])

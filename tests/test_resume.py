@@ -286,3 +286,27 @@ def test_a_full_disk_outside_a_save_fails_in_one_line(corpus, tmp_path, monkeypa
                     f"it; free space, then continue with: trainrun resume={run}")
     assert json.loads((run / "metrics.json").read_text())["status"] == "failed"
     assert (run / "checkpoints/latest").read_text().strip() == "step-00000004"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_deterministic_runs_and_resume_are_bit_identical(corpus, tmp_path, precision):
+    """On a GPU, trainer.deterministic=true makes two runs, and a run resumed from update 8,
+    end with the same weights bit for bit (without it, atomics in backward kernels such as
+    the embedding's differ in the last bits from run to run)."""
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    extra = ("trainer.device=cuda", "trainer.deterministic=true", f"precision={precision}")
+    first, second = tmp_path / "first", tmp_path / "second"
+    for run in (first, second):
+        proc = cli(*overrides(corpus, run, *extra), cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert "trainer.deterministic=true: torch.use_deterministic_algorithms(True)" in proc.stdout
+        assert "device cuda" in proc.stdout
+    assert_identical(final_weights(second), final_weights(first))
+    part = rewind(first, tmp_path / "part", 8)
+    proc = cli(f"resume={part}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed from" in proc.stdout and "step-00000008" in proc.stdout
+    assert_identical(final_weights(part), final_weights(first))

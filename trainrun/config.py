@@ -36,6 +36,7 @@ class TrainerConfig:
     device: str = MISSING  # auto | cpu | cuda
     compile: bool = MISSING  # torch.compile the model
     max_skipped: int = MISSING  # consecutive non-finite updates before the run stops
+    deterministic: bool = MISSING  # deterministic kernels: bit-exact GPU runs (determinism.py)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainrun import checkpoint, data, resume, runinfo
+from trainrun import checkpoint, data, determinism, resume, runinfo
 from trainrun.config import Config
 from trainrun.console import Console
 from trainrun.errors import ConfigError
@@ -98,6 +98,7 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str]) -
             summary = metrics.finish(summarize(trainer, metrics, status), hparams(cfg, choices))
         return finish(summary, run_dir, console, signals, outputs.failure)
     finally:
+        determinism.restore()
         console.close()
 
 
@@ -134,6 +135,9 @@ def finish(summary: dict, run_dir: Path, console: Console, signals: Signals,
 
 def build(cfg: Config, device: torch.device, precision: Precision, console: Console) -> Trainer:
     t = cfg.trainer
+    deterministic = determinism.enable(t.deterministic)  # before the first CUDA kernel
+    if deterministic:
+        console.info(deterministic)
     seed_everything(t.seed)
     splits = data.load(cfg.data)
     model = GPT(cfg.model, data.VOCAB_SIZE).to(device)
