@@ -157,8 +157,9 @@ def test_a_full_disk_at_the_first_save_estimates_from_the_tensors(tmp_path, monk
 @pytest.mark.parametrize("error", [
     OSError(errno.EACCES, "Permission denied"),
     SafetensorError("Error while serializing: invalid header"),
+    SafetensorError("Error while serializing: I/O error: Permission denied (os error 13)"),
     RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"),
-], ids=["EACCES", "safetensors-not-io", "torch-not-io"])
+], ids=["EACCES", "safetensors-not-io", "safetensors-EACCES", "torch-not-io"])
 def test_other_write_errors_are_not_a_full_disk(tmp_path, monkeypatch, error):
     def fail(*args, **kwargs):
         raise error

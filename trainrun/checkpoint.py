@@ -131,15 +131,16 @@ def _write(tmp: Path, k: int, model: torch.nn.Module, state: dict, meta: dict) -
 
 def _save_weights(model: torch.nn.Module, path: Path) -> None:
     """safetensors' save_model (it drops the tied head's duplicate name, which load_model
-    restores), with an I/O error raised as the OSError it is: safetensors reports it as
+    restores), with a full disk raised as the OSError it is: safetensors reports it as
     SafetensorError("... (os error 28)"), in the words of Rust's std::io::Error."""
     try:
         save_model(model, str(path))
     except SafetensorError as error:
-        code = re.search(r"\(os error (\d+)\)", str(error))
-        if code is None:
+        found = re.search(r"\(os error (\d+)\)", str(error))
+        code = int(found.group(1)) if found else None
+        if code not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from error
+        raise OSError(code, os.strerror(code), str(path)) from error
 
 
 def _no_space(error: OSError, k: int, root: Path, model: torch.nn.Module,
@@ -177,12 +178,14 @@ def _free(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+def _size(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB"):
         n /= 1024
-    raise AssertionError("unreachable")
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} GiB"
 
 
 def _prune(root: Path, keep_last: int) -> None:
