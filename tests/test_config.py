@@ -118,7 +118,9 @@ def test_spec_keys_exist_with_values():
     cfg = config()
     trainer = {f.name for f in dataclasses.fields(TrainerConfig)}
     assert {"max_steps", "grad_accum_steps", "eval_every", "eval_batches", "log_every",
-            "ckpt_every", "keep_last", "seed", "device", "compile", "max_skipped"} <= trainer
+            "ckpt_every", "keep_last", "seed", "device", "compile", "max_skipped",
+            "deterministic"} <= trainer
+    assert cfg.trainer.deterministic is False
     for key in ("d_model", "n_layers", "n_heads", "d_ff", "dropout", "max_seq_len"):
         assert getattr(cfg.model, key) is not None
     for key in ("batch_size", "seq_len", "packing"):
@@ -129,6 +131,12 @@ def test_spec_keys_exist_with_values():
     cfg = config("trainer.max_steps=7", "optimizer.lr=0.5", "data.seq_len=64", "model.n_layers=1")
     assert (cfg.trainer.max_steps, cfg.optimizer.lr, cfg.data.seq_len, cfg.model.n_layers) \
         == (7, 0.5, 64, 1)
+
+
+def test_readme_lists_every_trainer_key():
+    readme = (REPO / "README.md").read_text()
+    for f in dataclasses.fields(TrainerConfig):
+        assert f"| `trainer.{f.name}` |" in readme, f.name
 
 
 @pytest.mark.parametrize("option,key", [("text", "data.files"), ("hf", "data.path")])
@@ -195,6 +203,12 @@ BAD = [
     pytest.param(["data.batch_size=0"], "data.batch_size", ["0"], id="zero-batch"),
     pytest.param(["trainer.seed=-1"], "trainer.seed", ["-1"], id="negative-seed"),
     pytest.param(["optimizer.betas=[0.9]"], "optimizer.betas", ["0.9"], id="one-beta"),
+    pytest.param(["scheduler.min_lr=0.1"], "scheduler.min_lr",
+                 ["0.1 is above optimizer.lr=0.003, the peak", "0 <= min_lr <= optimizer.lr"],
+                 id="min-lr-above-lr"),
+    pytest.param(["scheduler=polynomial", "optimizer.lr=1e-4", "scheduler.end_lr=1e-3"],
+                 "scheduler.end_lr", ["0.001 is above optimizer.lr=0.0001"],
+                 id="end-lr-above-lr"),
 ]
 
 
@@ -226,6 +240,7 @@ CLI_CASES = {
     "warmup-longer-than-run": (["scheduler.warmup_ratio=null", "scheduler.warmup_steps=1000",
                                 "trainer.max_steps=10"], "scheduler.warmup_steps"),
     "no-cuda": (["trainer.device=cuda"], "trainer.device"),
+    "min-lr-above-lr": (["scheduler.min_lr=0.1"], "scheduler.min_lr"),
 }
 
 

@@ -3,6 +3,7 @@ a damaged newest checkpoint, and SIGKILL in the middle of writing a checkpoint."
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -192,3 +193,122 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one(full, corpus
     assert "step-00000004" in resumed.stdout
     assert_identical(final_weights(run), final_weights(full))
     assert not list((run / "checkpoints").glob(".tmp-*"))  # the leftover was cleaned up
+
+
+def one_line_failure(proc: subprocess.CompletedProcess) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    return lines[0]
+
+
+def assert_failed_at_8_with_4_intact(run: Path, line: str) -> None:
+    """The save of update 8 failed: step-00000004 is intact and named by latest, nothing of
+    step 8 is left, metrics.json says failed, and the line says all that."""
+    ckpts = run / "checkpoints"
+    size = sum(f.stat().st_size for f in (ckpts / "step-00000004").iterdir()) / 1024
+    assert line.startswith("trainrun: failed: no space left on device while saving checkpoint "
+                           "step-00000008 (update 8) in ")
+    assert f"it needs about {size:.1f} KiB (the size of step-00000004)" in line
+    assert "the previous checkpoint step-00000004 is intact and checkpoints/latest names it" in line
+    assert line.endswith(f"; free space, then continue with: trainrun resume={run}")
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-00000004"]
+    assert (ckpts / "latest").read_text().strip() == "step-00000004"
+    assert checkpoint.verify(ckpts / "step-00000004") is None
+    assert json.loads((run / "metrics.json").read_text())["status"] == "failed"
+
+
+def test_a_full_disk_fails_in_one_line_and_resume_finishes_identically(full, corpus, tmp_path):
+    run = tmp_path / "full-disk"
+    proc = cli(*overrides(corpus, run), cwd=tmp_path, env={"TRAINRUN_SAVE_FAIL_ENOSPC_AT": "8"})
+    assert_failed_at_8_with_4_intact(run, one_line_failure(proc))
+    resumed = cli(f"resume={run}", cwd=tmp_path)  # space again
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {run}/checkpoints/step-00000004" in resumed.stdout
+    assert_identical(final_weights(run), final_weights(full))
+
+
+def small_tmpfs_works(where: Path) -> bool:
+    """Can this machine mount a tmpfs in a new user and mount namespace (no root needed on
+    most Linux systems; refused in some containers)?"""
+    where.mkdir()
+    try:
+        probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                                f"mount -t tmpfs -o size=64k tmpfs {where}"],
+                               capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
+
+
+@pytest.mark.slow
+def test_a_really_full_disk_fails_in_one_line(full, corpus, tmp_path):
+    """A real file system that fills up at the second checkpoint, where torch, safetensors
+    and TensorBoard each report the full disk their own way."""
+    fs = tmp_path / "fs"
+    if shutil.which("unshare") is None or not small_tmpfs_works(fs):
+        pytest.skip("no tmpfs can be mounted here (unshare --user --mount)")
+    one_checkpoint = sum(f.stat().st_size for f in (full / "checkpoints/step-00000004").iterdir())
+    size = int(1.6 * one_checkpoint) + 64 * 1024  # the first checkpoint fits, not the second
+    copy = tmp_path / "copy"  # the run directory, out of the tmpfs before it goes away
+    script = ('fs=$1 size=$2 copy=$3; shift 3; mount -t tmpfs -o size=$size tmpfs "$fs" || '
+              'exit 99; "$@"; status=$?; cp -a "$fs/run" "$copy"; exit $status')
+    proc = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh", fs,
+         str(size), copy, sys.executable, "-m", "trainrun", *overrides(corpus, fs / "run")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    line = one_line_failure(proc)
+    assert_failed_at_8_with_4_intact(copy, line.replace(str(fs / "run"), str(copy)))
+    resumed = cli(f"resume={copy}", cwd=tmp_path)  # the run, moved to a roomy disk
+    assert resumed.returncode == 0, resumed.stderr
+    assert_identical(final_weights(copy), final_weights(full))
+
+
+def test_a_full_disk_outside_a_save_fails_in_one_line(corpus, tmp_path, monkeypatch, capsys):
+    """TensorBoard's writer meets the full disk at update 6: the run stops there, failed."""
+    from conftest import train
+
+    from trainrun import runner
+    from trainrun.metrics import Metrics
+
+    run, update = tmp_path / "tb-full", Metrics.update
+    events = run / "tb" / "events.out.tfevents.test"
+
+    def full_at_6(self, k, *args):
+        if k == 6:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(events))
+        return update(self, k, *args)
+    monkeypatch.setattr(Metrics, "update", full_at_6)
+    with pytest.raises(runner.RunStopped) as stop:
+        train(run, *overrides(corpus, run))
+    assert stop.value.code == 1
+    line, = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"trainrun: failed: no space left on device while writing {events}; the "
+                    f"previous checkpoint step-00000004 is intact and checkpoints/latest names "
+                    f"it; free space, then continue with: trainrun resume={run}")
+    assert json.loads((run / "metrics.json").read_text())["status"] == "failed"
+    assert (run / "checkpoints/latest").read_text().strip() == "step-00000004"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_deterministic_runs_and_resume_are_bit_identical(corpus, tmp_path, precision):
+    """On a GPU, trainer.deterministic=true makes two runs, and a run resumed from update 8,
+    end with the same weights bit for bit (without it, atomics in backward kernels such as
+    the embedding's differ in the last bits from run to run)."""
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    extra = ("trainer.device=cuda", "trainer.deterministic=true", f"precision={precision}")
+    first, second = tmp_path / "first", tmp_path / "second"
+    for run in (first, second):
+        proc = cli(*overrides(corpus, run, *extra), cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert "trainer.deterministic=true: torch.use_deterministic_algorithms(True)" in proc.stdout
+        assert "device cuda" in proc.stdout
+    assert_identical(final_weights(second), final_weights(first))
+    part = rewind(first, tmp_path / "part", 8)
+    proc = cli(f"resume={part}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed from" in proc.stdout and "step-00000008" in proc.stdout
+    assert_identical(final_weights(part), final_weights(first))

@@ -232,7 +232,7 @@ def test_every_option_has_cases():
 def test_matches_reference_at_every_update(case, warmup):
     changes, w = WARMUPS.get(warmup, ({}, None))
     cfg = make(case.option, **case.changes, **changes)
-    cfg.validate("scheduler", N)
+    cfg.validate("scheduler", N, BASE)
     schedule = build_schedule(cfg, BASE, N, d_model=128)
     assert_close([schedule(k) for k in range(1, N + 1)], case.reference(BASE, N, w))
 
@@ -246,7 +246,7 @@ def test_noam_d_model_defaults_to_the_models():
 
 def test_noam_warmup_longer_than_the_run_is_allowed_and_noted():
     cfg = make("noam", warmup_steps=1000)
-    cfg.validate("scheduler", N)  # no error
+    cfg.validate("scheduler", N, BASE)  # no error
     notes = build_schedule(cfg, BASE, N, 128).notes()
     assert any("warmup of 1000 updates is not shorter than trainer.max_steps=300" in n
                for n in notes)
@@ -348,7 +348,7 @@ def run_plateau(schedule, losses: dict[int, float], ks) -> list[float]:
 def test_plateau_matches_reduce_lr_on_plateau(keys, w):
     losses = {k: 10 - v for k, v in LOSSES.items()} if keys.get("mode") == "max" else LOSSES
     cfg = make("plateau", **keys, warmup_steps=w, warmup_ratio=None)
-    cfg.validate("scheduler", N)
+    cfg.validate("scheduler", N, BASE)
     expected = plateau_reference(w, losses, **keys)
     assert len(set(expected[w:])) >= 3  # the test sees several reductions
     assert_close(run_plateau(build_schedule(cfg, BASE, N), losses, range(1, N + 1)), expected)
@@ -479,14 +479,86 @@ INVALID = [
                               for o, c, _, _ in INVALID])
 def test_invalid_keys_are_rejected(option, changes, key, message):
     with pytest.raises(ConfigError) as err:
-        make(option, **changes).validate("scheduler", 100)
+        make(option, **changes).validate("scheduler", 100, BASE)
     assert err.value.key == f"scheduler.{key}"
     assert message in err.value.message
 
 
+# --- floors: no schedule ends above its peak (optimizer.lr) ---------------------------------
+
+FLOORS = [("cosine", "min_lr"), ("cosine_restarts", "min_lr"), ("linear", "min_lr"),
+          ("polynomial", "end_lr"), ("wsd", "min_lr"), ("plateau", "min_lr")]
+
+
+def test_every_rate_key_of_every_option_is_checked_against_the_peak():
+    """A rate key (*_lr) added to an option must join FLOORS, and so get the check."""
+    rate_keys = {(option, f.name) for option, schema in SCHEDULES.items()
+                 for f in dataclasses.fields(schema) if f.name.endswith("_lr")}
+    assert rate_keys == set(FLOORS)  # noam and inverse_sqrt have no floor: they decay to 0
+
+
+@pytest.mark.parametrize("option, key", FLOORS)
+def test_a_floor_above_the_peak_is_refused(option, key):
+    with pytest.raises(ConfigError) as err:
+        make(option, **{key: 0.1}).validate("scheduler", N, 0.003)
+    assert str(err.value) == (f"scheduler.{key}: 0.1 is above optimizer.lr=0.003, the peak; "
+                              f"allowed: 0 <= {key} <= optimizer.lr")
+    with pytest.raises(ConfigError):  # just above
+        make(option, **{key: BASE * (1 + 1e-9)}).validate("scheduler", N, BASE)
+
+
+@pytest.mark.parametrize("option, key", FLOORS)
+def test_a_floor_equal_to_the_peak_is_a_constant(option, key):
+    cfg = make(option, **{key: BASE})
+    cfg.validate("scheduler", N, BASE)
+    w = cfg.warmup(N)
+    lrs = run_plateau(build_schedule(cfg, BASE, N), LOSSES, range(1, N + 1))
+    assert_close(lrs, [BASE * k / w for k in range(1, w + 1)] + [BASE] * (N - w))
+
+
+def test_cosine_restarts_floor_is_checked_against_the_last_cycles_peak():
+    """cycle_decay=0.5 halves each restart's peak. Cycles of 20, 40, 80, 160 updates: a run
+    of 300 reaches cycle 3 (peak BASE/8) at e = 140, one of 100 only cycle 2 (BASE/4)."""
+    cfg = make("cosine_restarts", T_0=20, T_mult=2, cycle_decay=0.5, min_lr=0.002)
+    lrs = [build_schedule(cfg, BASE, N)(k) for k in range(1, N + 1)]
+    assert lrs[141] > lrs[140] == BASE / 8  # unchecked, cycle 3 would climb from BASE/8
+    with pytest.raises(ConfigError) as err:
+        cfg.validate("scheduler", N, BASE)
+    assert err.value.key == "scheduler.min_lr"
+    assert err.value.message == ("0.002 is above 0.00125, the peak of the run's last cycle "
+                                 "(optimizer.lr=0.01 × cycle_decay^3); allowed: 0 <= min_lr "
+                                 "<= 0.00125, or a cycle_decay closer to 1")
+    cfg.validate("scheduler", 100, BASE)  # cycle 2's peak, 0.0025, is above 0.002
+    make("cosine_restarts", T_0=20, T_mult=2, cycle_decay=0.5,
+         min_lr=BASE / 8).validate("scheduler", N, BASE)
+
+
+@pytest.mark.parametrize("div_factor, final_div_factor, key", [
+    (0.5, 1e4, "div_factor"),  # starts at 2 × the peak
+    (1.0, 0.5, "final_div_factor"),  # ends at 2 × the peak
+    (4.0, 0.2, "final_div_factor"),  # ends at 1.25 × the peak
+    (1.0, 1.0, None),  # flat at the peak: allowed
+    (4.0, 0.25, None),  # ends at the peak
+    (25.0, 1e4, None),  # torch's defaults
+])
+def test_onecycle_first_and_last_rates_may_not_exceed_the_peak(div_factor, final_div_factor,
+                                                               key):
+    cfg = make("onecycle", div_factor=div_factor, final_div_factor=final_div_factor)
+    reference = onecycle(div_factor=div_factor, final_div_factor=final_div_factor)(BASE, N, None)
+    above_peak = max(reference[0], reference[-1]) > BASE * (1 + 1e-12)
+    assert above_peak == (key is not None)
+    if key is None:
+        cfg.validate("scheduler", N, BASE)
+        return
+    with pytest.raises(ConfigError) as err:
+        cfg.validate("scheduler", N, BASE)
+    assert err.value.key == f"scheduler.{key}" and "above optimizer.lr=0.01, the peak" in str(
+        err.value)
+
+
 def test_every_default_is_valid():
     for option in SCHEDULES:
-        make(option).validate("scheduler", 500)
+        make(option).validate("scheduler", 500, BASE)
 
 
 @pytest.mark.parametrize("overrides, key", [

@@ -10,21 +10,33 @@ for the rest.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
+
+from trainrun.errors import out_of_space
 
 MODEL_FILE, STATE_FILE, META_FILE, LATEST = "model.safetensors", "trainer_state.pt", "meta.json", "latest"
 
 
 def step_name(k: int) -> str:
+    """At least 8 digits (the runs written so far), more from update 10^8 on."""
     return f"step-{k:08d}"
+
+
+def step_number(path: Path) -> int | None:
+    """k of a checkpoint directory named step_name(k); None for any other name."""
+    match = re.fullmatch(r"step-(\d+)", path.name)
+    return int(match.group(1)) if match else None
 
 
 def sha256(path: Path) -> str:
@@ -43,18 +55,68 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+class NoSpace(Exception):
+    """The disk (or the quota) filled up (ENOSPC, EDQUOT) while the run wrote something:
+    `previous`, the newest checkpoint (None if there is none), is intact and named by
+    `latest`. str() is one line: what failed, the space needed if known, what is intact."""
+
+    def __init__(self, error: OSError, doing: str, previous: Path | None):
+        self.previous = previous
+        reason = error.strerror or os.strerror(error.errno)
+        intact = (f"the previous checkpoint {previous.name} is intact and checkpoints/{LATEST} "
+                  f"names it" if previous is not None else "there is no earlier checkpoint")
+        super().__init__(f"{reason[:1].lower()}{reason[1:]} while {doing}; {intact}")
+
+    @classmethod
+    def outside_saves(cls, error: OSError, root: Path) -> NoSpace:
+        """A full disk met by another write of the run (TensorBoard's events, train.log)."""
+        previous = complete(root)
+        return cls(error, f"writing {error.filename or 'to the run directory'}",
+                   previous[-1] if previous else None)
+
+
 def save(root: Path, k: int, model: torch.nn.Module, state: dict, meta: dict,
          keep_last: int) -> Path:
     """Write checkpoint k atomically under root (checkpoints/), point `latest` at it, and
-    keep the keep_last newest."""
-    root.mkdir(parents=True, exist_ok=True)
+    keep the keep_last newest. Raises NoSpace, with the partial save removed, when the disk
+    fills up before `latest` names the new checkpoint."""
     final = root / step_name(k)
-    for leftover in [*root.glob(".tmp-*"), *root.glob(".old-*")]:  # a process killed saving
-        shutil.rmtree(leftover, ignore_errors=True)
     tmp = root / f".tmp-{step_name(k)}-{os.getpid()}"
+    latest_tmp = root / f".{LATEST}.tmp"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for leftover in [*root.glob(".tmp-*"), *root.glob(".old-*")]:  # a process killed saving
+            shutil.rmtree(leftover, ignore_errors=True)
+        _write(tmp, k, model, state, meta)
+        _put_in_place(tmp, final)
+        _fsync(root)
+        with open(latest_tmp, "w") as f:
+            f.write(final.name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except Exception as error:
+        full = out_of_space(error)
+        if full is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # frees the space, and so does:
+        shutil.rmtree(final, ignore_errors=True)  # renamed, but `latest` does not name it yet
+        latest_tmp.unlink(missing_ok=True)
+        raise _no_space(full, k, root, model, state) from None
+    os.replace(latest_tmp, root / LATEST)  # the save is complete from here on
+    _fsync(root)
+    _prune(root, keep_last)
+    return final
+
+
+def _write(tmp: Path, k: int, model: torch.nn.Module, state: dict, meta: dict) -> None:
+    """The checkpoint's files in the directory tmp, fsynced."""
     tmp.mkdir()
-    save_model(model, str(tmp / MODEL_FILE))
-    torch.save(state, tmp / STATE_FILE)
+    _save_weights(model, tmp / MODEL_FILE)
+    # fault injection for disk-full tests: the disk fills up while the state is written
+    if os.environ.get("TRAINRUN_SAVE_FAIL_ENOSPC_AT") == str(k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / STATE_FILE))
+    with open(tmp / STATE_FILE, "wb") as f:  # a file object: a full disk raises OSError,
+        torch.save(state, f)  # not only a RuntimeError as with a path
     files = {name: sha256(tmp / name) for name in (MODEL_FILE, STATE_FILE)}
     meta = {"step": k, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sha256": files, **meta}
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -63,27 +125,77 @@ def save(root: Path, k: int, model: torch.nn.Module, state: dict, meta: dict,
     for name in (MODEL_FILE, STATE_FILE, META_FILE):
         _fsync(tmp / name)
     _fsync(tmp)
-    if final.exists():  # never kept in place of this run's own state: replaced
-        old = root / f".old-{final.name}-{os.getpid()}"
-        os.rename(final, old)
+
+
+def _put_in_place(tmp: Path, final: Path) -> None:
+    """Rename tmp to final. A directory already there (not this run's state: a run saves
+    each update once) is replaced, never kept in place of the new checkpoint."""
+    if not final.exists():
         os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        return
+    old = final.with_name(f".old-{final.name}-{os.getpid()}")
+    os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_weights(model: torch.nn.Module, path: Path) -> None:
+    """safetensors' save_model (it drops the tied head's duplicate name, which load_model
+    restores), with a full disk raised as the OSError it is: safetensors reports it as
+    SafetensorError("... (os error 28)"), in the words of Rust's std::io::Error."""
+    try:
+        save_model(model, str(path))
+    except SafetensorError as error:
+        found = re.search(r"\(os error (\d+)\)", str(error))
+        code = int(found.group(1)) if found else None
+        if code not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from error
+
+
+def _no_space(error: OSError, k: int, root: Path, model: torch.nn.Module,
+              state: dict) -> NoSpace:
+    """The error for a save of update k that ran out of space: the previous checkpoint's
+    size is the best estimate of what the save needs (same model, same optimizer state);
+    without one, the bytes of the tensors it holds (a lower bound)."""
+    earlier = [p for p in complete(root) if step_number(p) < k]
+    previous = earlier[-1] if earlier else None
+    if previous is not None:
+        needed = sum(f.stat().st_size for f in previous.iterdir() if f.is_file())
+        source = f"the size of {previous.name}"
     else:
-        os.rename(tmp, final)
-    _fsync(root)
-    _write_latest(root, final.name)
-    _prune(root, keep_last)
-    return final
+        needed = _tensor_bytes(model.state_dict()) + _tensor_bytes(state)
+        source = "its tensors alone"
+    return NoSpace(error, f"saving checkpoint {step_name(k)} (update {k}) in {root}; it needs "
+                          f"about {_size(needed)} ({source}), {_size(_free(root))} free",
+                   previous)
 
 
-def _write_latest(root: Path, name: str) -> None:
-    tmp = root / f".{LATEST}.tmp"
-    with open(tmp, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / LATEST)
-    _fsync(root)
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _free(path: Path) -> int:
+    """Free bytes on the file system of path (or of its nearest existing parent)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _size(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB"):
+        n /= 1024
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} GiB"
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -92,10 +204,14 @@ def _prune(root: Path, keep_last: int) -> None:
 
 
 def complete(root: Path) -> list[Path]:
-    """The checkpoint directories under root, oldest first (temporary ones excluded)."""
+    """The checkpoint directories under root, oldest first (temporary ones excluded).
+
+    Ordered by update number, not by name: from 10^8 on the names have more digits, and
+    "step-100000000" sorts before "step-99999999" as text."""
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("step-*") if p.is_dir())
+    found = [p for p in root.glob("step-*") if p.is_dir() and step_number(p) is not None]
+    return sorted(found, key=step_number)
 
 
 def verify(path: Path) -> str | None:

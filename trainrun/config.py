@@ -36,6 +36,7 @@ class TrainerConfig:
     device: str = MISSING  # auto | cpu | cuda
     compile: bool = MISSING  # torch.compile the model
     max_skipped: int = MISSING  # consecutive non-finite updates before the run stops
+    deterministic: bool = MISSING  # deterministic kernels: bit-exact GPU runs (determinism.py)
 
 
 @dataclass
@@ -128,7 +129,7 @@ def validate(cfg: Config) -> Config:
             f"lower data.seq_len or raise model.max_seq_len",
         )
     cfg.optimizer.validate("optimizer")
-    cfg.scheduler.validate("scheduler", t.max_steps)
+    cfg.scheduler.validate("scheduler", t.max_steps, cfg.optimizer.lr)
     cfg.clip.validate("clip")
     cfg.precision.validate("precision")
     if cfg.resume is not None and cfg.resume != "auto" and not cfg.resume.strip():

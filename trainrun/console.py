@@ -16,12 +16,23 @@ import sys
 from logging.handlers import MemoryHandler
 from pathlib import Path
 
+from trainrun.errors import out_of_space
+
 RECORD = {"record": True}  # `extra` of a per-log_every record: the bar shows it on a terminal
 
 
 class _NotRecords(logging.Filter):
     def filter(self, rec: logging.LogRecord) -> bool:
         return not getattr(rec, "record", False)
+
+
+class _LogFile(logging.FileHandler):
+    """train.log. On a full disk a line that cannot be written is dropped without logging's
+    traceback on stderr: the run reports the full disk itself, in one line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if out_of_space(sys.exc_info()[1]) is None:
+            super().handleError(record)
 
 
 class Console:
@@ -56,7 +67,7 @@ class Console:
     def open_log(self, log_path: Path) -> None:
         """Start writing train.log (appending), beginning with the lines held so far."""
         held = self.file_handler
-        self.file_handler = logging.FileHandler(log_path, encoding="utf-8")
+        self.file_handler = _LogFile(log_path, encoding="utf-8")
         self.file_handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         held.setTarget(self.file_handler)

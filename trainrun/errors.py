@@ -1,7 +1,9 @@
-"""The one error that bad input raises, and the checks most keys share."""
+"""The one error that bad input raises, the checks most keys share, and what counts as a
+full disk (which fails a run in one line too, not with a traceback)."""
 
 from __future__ import annotations
 
+import errno
 import math
 from typing import Any
 
@@ -35,3 +37,14 @@ def require_range(key: str, value: float, low: float, high: float) -> None:
 def require_in(key: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(key, f"got {value!r}; allowed: {', '.join(map(str, allowed))}")
+
+
+def out_of_space(error: BaseException | None) -> OSError | None:
+    """The OSError ENOSPC or EDQUOT (disk or quota full) behind `error`, else None. It may
+    be `error` itself or what it was raised from or while handling: torch.save, for one,
+    reports a full disk as a RuntimeError raised while the OSError propagates."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error
+        error = error.__cause__ or error.__context__
+    return None

@@ -12,6 +12,7 @@ import torch
 
 from trainrun import checkpoint
 from trainrun.console import Console
+from trainrun.errors import out_of_space
 from trainrun.metrics import Metrics
 from trainrun.order import micro_batches
 from trainrun.signals import Signals, name
@@ -26,10 +27,29 @@ class Outputs:
     ckpt_root: Path  # run_dir / "checkpoints"
     meta: dict  # written into every checkpoint's meta.json
     saved_k: int | None = None  # the update whose checkpoint this run last wrote or loaded
+    failure: checkpoint.NoSpace | None = None  # why the run failed, when a save did
 
 
 def fit(t: Trainer, out: Outputs, signals: Signals) -> str:
-    """Train until k = max_steps; return the status: completed, stopped or failed."""
+    """Train until k = max_steps; return the status: completed, stopped or failed.
+
+    A full disk fails the run (out.failure says why): the newest checkpoint is intact, and
+    going on would only lose more updates at the next save."""
+    try:
+        return train(t, out, signals)
+    except checkpoint.NoSpace as error:
+        out.failure = error
+    except Exception as error:
+        full = out_of_space(error)  # TensorBoard's events, for one
+        if full is None:
+            raise
+        out.failure = checkpoint.NoSpace.outside_saves(full, out.ckpt_root)
+    out.console.warning(f"stopping: {out.failure}")
+    return "failed"
+
+
+def train(t: Trainer, out: Outputs, signals: Signals) -> str:
+    """fit() without the handling of a full disk."""
     cfg, c = t.cfg, t.counters
     out.console.start_progress(cfg.max_steps, c.k)
     t.model.train()

@@ -183,7 +183,7 @@ def default_out() -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from trainrun import runner
+    from trainrun import determinism, runner
     from trainrun.cli import arguments, compose, fail, task_overrides
     from trainrun.console import Console
 
@@ -226,6 +226,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         console.info(f"wrote {out / 'lrfind.csv'} and {out / 'lrfind.png'} in "
                      f"{time.perf_counter() - started:.1f}s")
     finally:
+        determinism.restore()  # runner.build() applied trainer.deterministic
         console.close()
 
 

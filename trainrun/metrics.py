@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import threading
 import time
 from pathlib import Path
 
 import torch
 
 from trainrun.console import Console
+from trainrun.errors import out_of_space
 from trainrun.update import UpdateResult
 
 SUMMARY_KEYS = ("status", "steps", "tokens", "train_loss", "val_loss", "best_val_loss",
@@ -36,6 +39,8 @@ class Metrics:
         self.started = time.perf_counter()
         self.session_tokens = 0
         self._reset_window()
+        self._excepthook = threading.excepthook
+        threading.excepthook = _quiet_full_disk(self._excepthook)
 
     def _reset_window(self) -> None:
         self.loss_sum, self.updates, self.tokens = None, 0, 0
@@ -99,15 +104,30 @@ class Metrics:
         return self.session_tokens / seconds if self.session_tokens else math.nan
 
     def finish(self, summary: dict, hparams: dict) -> dict:
-        """Write metrics.json and the HParams entry; return the summary as written."""
+        """Write metrics.json and the HParams entry; return the summary as written. On a
+        full disk they are left out with a warning: the run reports how it ended anyway."""
         summary = {"wall_seconds": round(time.perf_counter() - self.started, 3), **summary}
         summary = {key: _finite_or_none(summary.get(key)) for key in SUMMARY_KEYS}
-        (self.run_dir / "metrics.json").write_text(
-            json.dumps(summary, indent=2, allow_nan=False) + "\n")
         finals = {f"hparam/{key}": summary[key] for key in ("best_val_loss", "val_loss", "train_loss")
                   if summary[key] is not None}
-        self.writer.add_hparams(hparams, finals, run_name=".")
-        self.writer.close()
+        path, tmp = self.run_dir / "metrics.json", self.run_dir / ".metrics.json.tmp"
+        try:  # by rename: a full disk leaves an earlier process's metrics.json whole
+            tmp.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+            os.replace(tmp, path)
+        except Exception as error:
+            if out_of_space(error) is None:
+                raise
+            tmp.unlink(missing_ok=True)
+            self.console.warning(f"metrics.json not written: {out_of_space(error).strerror}")
+        try:
+            self.writer.add_hparams(hparams, finals, run_name=".")
+            self.writer.close()
+        except Exception as error:
+            if out_of_space(error) is None:
+                raise
+            self.console.warning(f"TensorBoard's last records not written: "
+                                 f"{out_of_space(error).strerror}")
+        threading.excepthook = self._excepthook
         return summary
 
 
@@ -120,6 +140,17 @@ def validation_line(k: int, max_steps: int, loss: float, best: float, best_step:
     else:
         where = f" at update {best_step}" if best_step else ""
     return f"update {k}/{max_steps}: val_loss {loss:.4f} (best {best:.4f}{where})"
+
+
+def _quiet_full_disk(excepthook):
+    """TensorBoard writes its events from a thread, which on a full disk dies with a
+    traceback on stderr; the writer raises the same error at its next call, and the run
+    reports that in one line. This hook drops the thread's traceback, for a full disk only."""
+    def hook(args):
+        writer = type(args.thread).__module__.startswith("tensorboard.")
+        if not writer or out_of_space(args.exc_value) is None:
+            excepthook(args)
+    return hook
 
 
 def _finite_or_none(value):

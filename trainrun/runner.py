@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainrun import checkpoint, data, resume, runinfo
+from trainrun import checkpoint, data, determinism, resume, runinfo
 from trainrun.config import Config
 from trainrun.console import Console
 from trainrun.errors import ConfigError
@@ -105,8 +105,9 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
                 status = fit(trainer, outputs, signals)
         finally:
             summary = metrics.finish(summarize(trainer, metrics, status), hparams(cfg, choices))
-        return finish(summary, run_dir, console, signals)
+        return finish(summary, run_dir, console, signals, outputs.failure)
     finally:
+        determinism.restore()
         console.close()
 
 
@@ -159,12 +160,18 @@ def summarize(t: Trainer, metrics: Metrics, status: str) -> dict:
             "skipped_updates": c.skipped_updates, "tokens_per_sec": metrics.tokens_per_second()}
 
 
-def finish(summary: dict, run_dir: Path, console: Console, signals: Signals) -> dict:
+def finish(summary: dict, run_dir: Path, console: Console, signals: Signals,
+           failure: checkpoint.NoSpace | None = None) -> dict:
     """Report how the run ended; raise RunStopped unless it completed."""
+    resume_command = resume.command(run_dir)
     if summary["status"] == "stopped":
-        console.info(f"stopped at update {summary['steps']}; to continue: "
-                     f"{resume.command(run_dir)}")
+        console.info(f"stopped at update {summary['steps']}; to continue: {resume_command}")
         raise RunStopped(signals.exit_status)
+    if summary["status"] == "failed" and failure is not None:
+        then = (f"continue with: {resume_command}" if failure.previous is not None
+                else "start the run again")
+        print(f"trainrun: failed: {failure}; free space, then {then}", file=sys.stderr)
+        raise RunStopped(1)
     if summary["status"] == "failed":
         print(f"trainrun: failed: too many non-finite updates in a row at update "
               f"{summary['steps']}; last good checkpoint in {run_dir / 'checkpoints'}",
@@ -179,6 +186,9 @@ def finish(summary: dict, run_dir: Path, console: Console, signals: Signals) -> 
 
 def build(cfg: Config, device: torch.device, precision: Precision, console: Console) -> Trainer:
     t = cfg.trainer
+    deterministic = determinism.enable(t.deterministic)  # before the first CUDA kernel
+    if deterministic:
+        console.info(deterministic)
     seed_everything(t.seed)
     splits = data.load(cfg.data)
     model = GPT(cfg.model, data.VOCAB_SIZE).to(device)

@@ -32,7 +32,9 @@ class SchedulerConfig:
         (("warmup_steps",), ("warmup_ratio",)),
     )
 
-    def validate(self, prefix: str, max_steps: int) -> None:
+    def validate(self, prefix: str, max_steps: int, base_lr: float) -> None:
+        """Check this option's keys for a run of max_steps updates whose peak rate is
+        base_lr (optimizer.lr)."""
         self.check_warmup_keys(prefix)
         self.check_warmup_fits(prefix, max_steps)
 
@@ -105,6 +107,13 @@ def require_decay_factor(key: str, value: float) -> None:
         raise ConfigError(key, f"got {value}; allowed: 0 < {key.rsplit('.', 1)[-1]} <= 1")
 
 
-def require_rate(key: str, value: float) -> None:
-    """A learning rate that may be 0 (a floor such as min_lr or end_lr)."""
+def require_floor(key: str, value: float, base_lr: float) -> None:
+    """A rate the schedule decays towards (min_lr, end_lr): 0 <= value <= optimizer.lr.
+
+    Above the peak, the "decay" would climb (a cosine from 0.003 to 1 rises 333-fold);
+    equal to it, the schedule is a constant, which is allowed."""
     require_positive(key, value, allow_zero=True)
+    if value > base_lr:
+        name = key.rsplit(".", 1)[-1]
+        raise ConfigError(key, f"{value} is above optimizer.lr={base_lr}, the peak; "
+                               f"allowed: 0 <= {name} <= optimizer.lr")

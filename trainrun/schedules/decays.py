@@ -17,8 +17,8 @@ from trainrun.schedules.base import (
     Evals,
     SchedulerConfig,
     require_decay_factor,
+    require_floor,
     require_int,
-    require_rate,
 )
 
 
@@ -35,8 +35,8 @@ class StepConfig(SchedulerConfig):
     step_size: int = MISSING  # updates between two multiplications by gamma
     gamma: float = MISSING
 
-    def validate(self, prefix: str, max_steps: int) -> None:
-        super().validate(prefix, max_steps)
+    def validate(self, prefix: str, max_steps: int, base_lr: float) -> None:
+        super().validate(prefix, max_steps, base_lr)
         require_int(f"{prefix}.step_size", self.step_size, 1)
         require_decay_factor(f"{prefix}.gamma", self.gamma)
 
@@ -52,8 +52,8 @@ class MultiStepConfig(SchedulerConfig):
     milestones: list[int] = MISSING
     gamma: float = MISSING
 
-    def validate(self, prefix: str, max_steps: int) -> None:
-        super().validate(prefix, max_steps)
+    def validate(self, prefix: str, max_steps: int, base_lr: float) -> None:
+        super().validate(prefix, max_steps, base_lr)
         d = max_steps - self.warmup(max_steps)
         ms = list(self.milestones)
         allowed = (f"allowed: a strictly increasing list of integers in 1..{d - 1} (milestones "
@@ -85,8 +85,8 @@ class ExponentialConfig(SchedulerConfig):
 
     one_of = (*SchedulerConfig.one_of, (("gamma",), ("decay_rate", "decay_steps")))
 
-    def validate(self, prefix: str, max_steps: int) -> None:
-        super().validate(prefix, max_steps)
+    def validate(self, prefix: str, max_steps: int, base_lr: float) -> None:
+        super().validate(prefix, max_steps, base_lr)
         if self.gamma is not None:
             require_decay_factor(f"{prefix}.gamma", self.gamma)
             for key in ("decay_rate", "decay_steps"):
@@ -117,9 +117,9 @@ class CosineConfig(SchedulerConfig):
 
     min_lr: float = MISSING
 
-    def validate(self, prefix: str, max_steps: int) -> None:
-        super().validate(prefix, max_steps)
-        require_rate(f"{prefix}.min_lr", self.min_lr)
+    def validate(self, prefix: str, max_steps: int, base_lr: float) -> None:
+        super().validate(prefix, max_steps, base_lr)
+        require_floor(f"{prefix}.min_lr", self.min_lr, base_lr)
 
     def decay(self, e: int, d: int, base: float) -> float:
         return self.min_lr + (base - self.min_lr) * (1 + math.cos(math.pi * e / d)) / 2
@@ -135,12 +135,21 @@ class CosineRestartsConfig(SchedulerConfig):
     min_lr: float = MISSING
     cycle_decay: float = MISSING  # the peak is multiplied by this at each restart
 
-    def validate(self, prefix: str, max_steps: int) -> None:
-        super().validate(prefix, max_steps)
+    def validate(self, prefix: str, max_steps: int, base_lr: float) -> None:
+        super().validate(prefix, max_steps, base_lr)
         require_int(f"{prefix}.T_0", self.T_0, 1)
         require_int(f"{prefix}.T_mult", self.T_mult, 1)
-        require_rate(f"{prefix}.min_lr", self.min_lr)
+        require_floor(f"{prefix}.min_lr", self.min_lr, base_lr)
         require_decay_factor(f"{prefix}.cycle_decay", self.cycle_decay)
+        # cycle_decay lowers each restart's peak: the last one the run reaches must stay
+        # above min_lr, or that cycle's cosine climbs instead of decaying
+        last, _, _ = self.position(max_steps - self.warmup(max_steps) - 1)
+        peak = base_lr * self.cycle_decay ** last
+        if self.min_lr > peak:
+            raise ConfigError(f"{prefix}.min_lr", f"{self.min_lr} is above {peak:.6g}, the peak of "
+                              f"the run's last cycle (optimizer.lr={base_lr} × cycle_decay^"
+                              f"{last}); allowed: 0 <= min_lr <= {peak:.6g}, or a cycle_decay "
+                              f"closer to 1")
 
     def decay(self, e: int, d: int, base: float) -> float:
         cycle, t, period = self.position(e)
@@ -172,9 +181,9 @@ class LinearConfig(SchedulerConfig):
 
     min_lr: float = MISSING
 
-    def validate(self, prefix: str, max_steps: int) -> None:
-        super().validate(prefix, max_steps)
-        require_rate(f"{prefix}.min_lr", self.min_lr)
+    def validate(self, prefix: str, max_steps: int, base_lr: float) -> None:
+        super().validate(prefix, max_steps, base_lr)
+        require_floor(f"{prefix}.min_lr", self.min_lr, base_lr)
 
     def decay(self, e: int, d: int, base: float) -> float:
         return self.min_lr + (base - self.min_lr) * (1 - e / d)
@@ -190,10 +199,10 @@ class PolynomialConfig(SchedulerConfig):
     decay_steps: int | None = MISSING
     cycle: bool = MISSING
 
-    def validate(self, prefix: str, max_steps: int) -> None:
-        super().validate(prefix, max_steps)
+    def validate(self, prefix: str, max_steps: int, base_lr: float) -> None:
+        super().validate(prefix, max_steps, base_lr)
         require_positive(f"{prefix}.power", self.power)
-        require_rate(f"{prefix}.end_lr", self.end_lr)
+        require_floor(f"{prefix}.end_lr", self.end_lr, base_lr)
         if self.decay_steps is not None:
             require_int(f"{prefix}.decay_steps", self.decay_steps, 1)
 
@@ -224,8 +233,8 @@ class WSDConfig(SchedulerConfig):
 
     one_of = (*SchedulerConfig.one_of, (("decay_steps",), ("decay_ratio",)))
 
-    def validate(self, prefix: str, max_steps: int) -> None:
-        super().validate(prefix, max_steps)
+    def validate(self, prefix: str, max_steps: int, base_lr: float) -> None:
+        super().validate(prefix, max_steps, base_lr)
         if (self.decay_steps is None) == (self.decay_ratio is None):
             raise ConfigError(f"{prefix}.decay_steps", f"set exactly one of {prefix}.decay_steps "
                               f"and {prefix}.decay_ratio, and the other to null")
@@ -240,7 +249,7 @@ class WSDConfig(SchedulerConfig):
             raise ConfigError(f"{prefix}.{key}", f"a decay of {s} updates; allowed: 1..{d}, "
                               f"the updates after warmup")
         require_in(f"{prefix}.decay_type", self.decay_type, tuple(WSD_SHAPES))
-        require_rate(f"{prefix}.min_lr", self.min_lr)
+        require_floor(f"{prefix}.min_lr", self.min_lr, base_lr)
 
     def decay_length(self, max_steps: int) -> int:
         if self.decay_steps is not None:

@@ -32,7 +32,7 @@ class OneCycleConfig(SchedulerConfig):
     base_momentum: float = MISSING  # momentum at the peak rate
     max_momentum: float = MISSING  # momentum at the lowest rates
 
-    def validate(self, prefix: str, max_steps: int) -> None:
+    def validate(self, prefix: str, max_steps: int, base_lr: float) -> None:
         for key in ("warmup_steps", "warmup_ratio"):
             if getattr(self, key) is not None:
                 raise ConfigError(f"{prefix}.{key}", f"got {getattr(self, key)}; onecycle has its "
@@ -50,6 +50,18 @@ class OneCycleConfig(SchedulerConfig):
         require_in(f"{prefix}.anneal_strategy", self.anneal_strategy, ("cos", "linear"))
         require_positive(f"{prefix}.div_factor", self.div_factor)
         require_positive(f"{prefix}.final_div_factor", self.final_div_factor)
+        # the first and last rates, base/div_factor and base/(div_factor·final_div_factor),
+        # may not exceed the peak, base (equal: a flat phase, allowed)
+        if self.div_factor < 1:
+            raise ConfigError(f"{prefix}.div_factor", f"{self.div_factor} puts the first rate, "
+                              f"optimizer.lr/div_factor={base_lr / self.div_factor:.6g}, above "
+                              f"optimizer.lr={base_lr}, the peak; allowed: div_factor >= 1")
+        if self.div_factor * self.final_div_factor < 1:
+            last = base_lr / (self.div_factor * self.final_div_factor)
+            raise ConfigError(f"{prefix}.final_div_factor", f"{self.final_div_factor} puts the "
+                              f"last rate, optimizer.lr/(div_factor·final_div_factor)={last:.6g}, "
+                              f"above optimizer.lr={base_lr}, the peak; allowed: "
+                              f"div_factor·final_div_factor >= 1")
         for key in ("base_momentum", "max_momentum"):
             value = getattr(self, key)
             if not 0 <= value < 1:
@@ -95,7 +107,7 @@ class NoamConfig(SchedulerConfig):
     scale: float = MISSING
     d_model: int | None = None  # null: the model's d_model
 
-    def validate(self, prefix: str, max_steps: int) -> None:
+    def validate(self, prefix: str, max_steps: int, base_lr: float) -> None:
         self.check_warmup_keys(prefix)
         require_positive(f"{prefix}.scale", self.scale)
         if self.d_model is not None:
@@ -129,8 +141,8 @@ class NoamConfig(SchedulerConfig):
 class InverseSqrtConfig(SchedulerConfig):
     """fairseq inverse_sqrt: base·k/W for k <= W, then base·sqrt(W/k) (noam named by its peak)."""
 
-    def validate(self, prefix: str, max_steps: int) -> None:
-        super().validate(prefix, max_steps)
+    def validate(self, prefix: str, max_steps: int, base_lr: float) -> None:
+        super().validate(prefix, max_steps, base_lr)
         if self.warmup(max_steps) < 1:
             raise ConfigError(f"{prefix}.{self.warmup_key()}", f"a warmup of "
                               f"{self.warmup(max_steps)} updates; inverse_sqrt needs at least 1")

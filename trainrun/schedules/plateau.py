@@ -15,7 +15,7 @@ from typing import ClassVar
 from omegaconf import MISSING
 
 from trainrun.errors import ConfigError, require_in, require_positive
-from trainrun.schedules.base import Evals, SchedulerConfig, require_int, require_rate
+from trainrun.schedules.base import Evals, SchedulerConfig, require_floor, require_int
 
 EPS = 1e-8  # ReduceLROnPlateau's default: reductions smaller than this are ignored
 
@@ -32,8 +32,8 @@ class PlateauConfig(SchedulerConfig):
 
     uses_val_loss: ClassVar[bool] = True
 
-    def validate(self, prefix: str, max_steps: int) -> None:
-        super().validate(prefix, max_steps)
+    def validate(self, prefix: str, max_steps: int, base_lr: float) -> None:
+        super().validate(prefix, max_steps, base_lr)
         require_in(f"{prefix}.mode", self.mode, ("min", "max"))
         if not (math.isfinite(self.factor) and 0 < self.factor < 1):
             raise ConfigError(f"{prefix}.factor", f"got {self.factor}; allowed: 0 < factor < 1")
@@ -44,7 +44,7 @@ class PlateauConfig(SchedulerConfig):
             raise ConfigError(f"{prefix}.threshold", f"got {self.threshold} with threshold_mode="
                               f"rel; allowed: 0 <= threshold < 1")
         require_int(f"{prefix}.cooldown", self.cooldown, 0)
-        require_rate(f"{prefix}.min_lr", self.min_lr)
+        require_floor(f"{prefix}.min_lr", self.min_lr, base_lr)
 
     def decay(self, e: int, d: int, base: float) -> float:
         return base  # no evaluations: no reductions

@@ -1,0 +1,50 @@
+"""trainer.deterministic: the same weights, bit for bit, from the same run on a GPU.
+
+On the CPU, training is bit-exact run to run already. On a GPU, some backward kernels
+(embedding and index_add backward, scatter) add with atomics in whatever order the threads
+finish, so the last bits differ from run to run; cuBLAS does the same with several
+workspaces. Deterministic algorithms (and one cuBLAS workspace configuration) remove that,
+at some speed: cuBLAS reads CUBLAS_WORKSPACE_CONFIG when torch first uses it, so enable()
+must run before the run's first CUDA work.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+CUBLAS_WORKSPACE_CONFIG = ":4096:8"  # PyTorch's documented choice (or :16:8, less memory)
+
+_before: tuple[bool, bool, bool, str | None] | None = None  # what enable() changed
+
+
+def enable(on: bool) -> str | None:
+    """When on: deterministic algorithms (an op without one raises an error), cuDNN without
+    benchmarking, and CUBLAS_WORKSPACE_CONFIG unless already set; return the line for the
+    run's log. When off, change nothing."""
+    global _before
+    if not on:
+        return None
+    if _before is None:
+        _before = (torch.are_deterministic_algorithms_enabled(),
+                   torch.is_deterministic_algorithms_warn_only_enabled(),
+                   torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    workspace = os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    return (f"trainer.deterministic=true: torch.use_deterministic_algorithms(True), "
+            f"cudnn.benchmark=False, CUBLAS_WORKSPACE_CONFIG={workspace}")
+
+
+def restore() -> None:
+    """Undo enable() at the end of a run, for a process that goes on (the tests, a notebook)."""
+    global _before
+    if _before is None:
+        return
+    algorithms, warn_only, benchmark, workspace = _before
+    torch.use_deterministic_algorithms(algorithms, warn_only=warn_only)
+    torch.backends.cudnn.benchmark = benchmark
+    if workspace is None:
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    _before = None
