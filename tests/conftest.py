@@ -117,6 +117,19 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The weights of the checkpoint `latest` names."""
+    name = (run_dir / "checkpoints/latest").read_text().strip()
+    return weights(run_dir / "checkpoints" / name / "model.safetensors")
+
+
+def assert_identical(a: dict, b: dict) -> None:
+    """Bit for bit, tensor by tensor."""
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 def wait_for(predicate, timeout: float = 120) -> None:
     """Poll `predicate` until it holds; fail the test after `timeout` seconds."""
     deadline = time.monotonic() + timeout

@@ -5,26 +5,14 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny, train, weights
+from conftest import assert_identical, final_weights, tiny, train
 
 from trainrun import runner
 
 N = 12
-
-
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    name = (run_dir / "checkpoints/latest").read_text().strip()
-    return weights(run_dir / "checkpoints" / name / "model.safetensors")
-
-
-def assert_identical(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 def overrides(corpus, *extra: str) -> list[str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli, scalars, tiny, wait_for, weights
+from conftest import assert_identical, cli, final_weights, scalars, tiny, wait_for
 
 from trainrun import checkpoint
 
@@ -26,17 +26,6 @@ def overrides(corpus, run_dir: Path, *extra: str) -> list[str]:
     return tiny(corpus, f"trainer.max_steps={N}", "trainer.ckpt_every=4", "trainer.keep_last=10",
                 "trainer.eval_every=6", "model.dropout=0.2", "trainer.grad_accum_steps=3",
                 "trainer.log_every=2", f"hydra.run.dir={run_dir}", *extra)
-
-
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    name = (run_dir / "checkpoints/latest").read_text().strip()
-    return weights(run_dir / "checkpoints" / name / "model.safetensors")
-
-
-def assert_identical(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 def rewind(run_dir: Path, copy: Path, step: int) -> Path:

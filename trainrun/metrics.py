@@ -115,18 +115,19 @@ class Metrics:
             tmp.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
             os.replace(tmp, path)
         except Exception as error:
-            if out_of_space(error) is None:
+            full = out_of_space(error)
+            if full is None:
                 raise
             tmp.unlink(missing_ok=True)
-            self.console.warning(f"metrics.json not written: {out_of_space(error).strerror}")
+            self.console.warning(f"metrics.json not written: {full.strerror}")
         try:
             self.writer.add_hparams(hparams, finals, run_name=".")
             self.writer.close()
         except Exception as error:
-            if out_of_space(error) is None:
+            full = out_of_space(error)
+            if full is None:
                 raise
-            self.console.warning(f"TensorBoard's last records not written: "
-                                 f"{out_of_space(error).strerror}")
+            self.console.warning(f"TensorBoard's last records not written: {full.strerror}")
         threading.excepthook = self._excepthook
         return summary
 

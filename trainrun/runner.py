@@ -146,8 +146,9 @@ def start(run_dir: Path, console: Console, record: dict[str, str],
     """The run has started: from here on it writes into run_dir."""
     run_dir.mkdir(parents=True, exist_ok=True)
     console.open_log(run_dir / "train.log")
+    if record:
+        (run_dir / ".hydra").mkdir(exist_ok=True)
     for name, text in record.items():
-        (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
         (run_dir / ".hydra" / name).write_text(text, encoding="utf-8")
     for warning in resume.set_aside(damaged):
         console.warning(warning)

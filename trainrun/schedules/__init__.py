@@ -5,7 +5,7 @@ the registry SCHEDULES, the schemas' base SchedulerConfig, the schedule bound to
 `lr(k)` is the rate that update k = 1..N applies, and what `train/lr` logs at step k.
 Warmup, where a schedule has it: lr(k) = base·k/W for k <= W; then the schedule's decay
 runs with e = k − W − 1 = 0, 1, ..., D − 1 over D = N − W updates. Each option's schema
-(conf/scheduler/<option>.yaml extends `<option>_schema`) implements `decay(e, D, base)`, or
+(conf/scheduler/<option>.yaml extends `/schemas/scheduler/<option>`) implements `decay(e, D, base)`, or
 `lr(k, ...)` when it has its own warmup:
 
     base.py        SchedulerConfig: warmup, the contract, shared checks
