@@ -14,6 +14,7 @@ import torch
 from trainrun.clip import Clipper
 from trainrun.config import TrainerConfig
 from trainrun.data import Sequences
+from trainrun.distributed import ONE_PROCESS, Replicas, World
 from trainrun.order import DataOrder
 from trainrun.precision import Precision
 from trainrun.schedules import Schedule
@@ -34,7 +35,7 @@ class Counters:
 @dataclass
 class Trainer:
     cfg: TrainerConfig
-    model: torch.nn.Module  # what runs forward (compiled when trainer.compile)
+    replicas: Replicas  # the model as the processes share it; .forward runs it
     raw_model: torch.nn.Module  # what is saved
     optimizer: torch.optim.Optimizer
     schedule: Schedule
@@ -46,6 +47,8 @@ class Trainer:
     batch_size: int
     device: torch.device
     counters: Counters
+    world: World = ONE_PROCESS
+    saved_world_size: int | None = None  # the processes that wrote the loaded checkpoint
 
     def state_dict(self) -> dict:
         return {
@@ -56,6 +59,7 @@ class Trainer:
             "order": self.order.state_dict(),
             "counters": asdict(self.counters),
             "rng": rng_state(),
+            "world_size": self.world.size,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -66,6 +70,18 @@ class Trainer:
         self.order.load_state_dict(state["order"])
         self.counters = Counters(**state["counters"])
         set_rng_state(state["rng"])
+        self.saved_world_size = state.get("world_size", 1)
+
+    def resume_notes(self) -> list[str]:
+        """What a resume on another number of processes changes, and what it does not."""
+        saved, now = self.saved_world_size, self.world.size
+        if saved is None or saved == now:
+            return []
+        per_process = self.batch_size * self.cfg.grad_accum_steps
+        return [f"the checkpoint was written by {saved} process(es), this run has {now}: the "
+                f"data order continues where it stopped (it does not depend on the number of "
+                f"processes); an update is now {per_process * now} sequences, "
+                f"it was {per_process * saved} with the same per-process settings"]
 
 
 def rng_state() -> dict:
