@@ -156,10 +156,45 @@ def test_sigterm_stops_every_rank_after_the_same_update_and_resumes(docs, tmp_pa
 
     alone = cli(f"resume={again}", "data.batch_size=8", cwd=tmp_path)
     assert alone.returncode == 0, alone.stderr
-    assert "written by 2 process(es), this run has 1" in alone.stdout
+    assert "written by 2 process(es) with updates of 8 sequences; this run has 1, with " \
+        "updates of 8: the data order continues" in alone.stdout
     assert json.loads((again / "metrics.json").read_text())["steps"] == 400
     # momentum SGD moves linearly with the gradients: 1 x 8 continues 2 x 4's updates
     assert max_relative_difference(final_weights(again), final_weights(tmp_path / "full")) < 1e-5
+
+
+def test_fsdp_matches_ddp_and_resumes_on_one_process(docs, tmp_path):
+    # clip.max_norm below the gradients' norm: the global norm over the shards clips
+    args = overrides(docs, 4, 2, "optimizer=momentum", "clip.max_norm=0.3",
+                     "trainer.ckpt_every=5")
+    ddp = torchrun(*args, "hydra.run.dir=ddp", cwd=tmp_path)
+    assert ddp.returncode == 0, ddp.stderr
+    fsdp = torchrun(*args, "trainer.strategy=fsdp", "hydra.run.dir=fsdp", cwd=tmp_path)
+    assert fsdp.returncode == 0, fsdp.stderr
+    run = tmp_path / "fsdp"
+    clip = [v for _, v in scalars(run, "train/clip_coef")]
+    assert min(clip) < 1 and clip == pytest.approx(
+        [v for _, v in scalars(tmp_path / "ddp", "train/clip_coef")], rel=1e-5)
+    assert max_relative_difference(final_weights(run), final_weights(tmp_path / "ddp")) < 1e-5
+    shards = sorted(p.name for p in (run / "checkpoints/step-00000010/sharded").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    meta = json.loads((run / "checkpoints/step-00000010/meta.json").read_text())
+    assert sorted(meta["sha256"]) == ["model.safetensors", *(f"sharded/{n}" for n in shards),
+                                      "trainer_state.pt"]
+
+    # saved on 2 ranks, resumed on 1 (the same windows: micro-batch 8, accumulation 2)
+    rewound = tmp_path / "rewound"
+    subprocess.run(["cp", "-r", str(run), str(rewound)], check=True)
+    subprocess.run(["rm", "-r", str(rewound / "checkpoints/step-00000010")], check=True)
+    (rewound / "checkpoints/latest").write_text("step-00000005\n")
+    alone = cli(f"resume={rewound}", "data.batch_size=8", cwd=tmp_path)
+    assert alone.returncode == 0, alone.stderr
+    assert "resumed from" in alone.stdout and "step-00000005" in alone.stdout
+    assert max_relative_difference(final_weights(rewound), final_weights(run)) < 1e-5
+
+    refused = cli(f"resume={rewound}", "trainer.strategy=ddp", cwd=tmp_path)
+    assert refused.returncode == 2 and refused.stderr.startswith(
+        "trainrun: error: trainer.strategy: the checkpoint step-00000010 was trained with 'fsdp'")
 
 
 def test_a_sweep_is_refused_inside_a_distributed_launch(docs, tmp_path):

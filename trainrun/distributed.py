@@ -127,12 +127,14 @@ class Replicas:
         self.strategy, self.world = strategy, world
         self.sharded = strategy == "fsdp"
         if self.sharded:
-            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.fsdp import FSDPModule, fully_shard
 
             for block in model.blocks:
                 fully_shard(block)
             fully_shard(model)
-            model.set_gradient_divide_factor(1.0)  # summed, not averaged (module docstring)
+            for unit in (m for m in model.modules() if isinstance(m, FSDPModule)):
+                unit.set_gradient_divide_factor(1.0)  # summed, not averaged (module docstring)
+                unit.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
             self.module = model
         elif world.size > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -168,6 +170,43 @@ class Replicas:
         both = torch.stack([loss, torch.tensor(float(stop), device=loss.device)])
         dist.all_reduce(both)
         return both[0], both[1] > 0
+
+
+    # FSDP's checkpoints (trainrun.checkpoint): torch.distributed.checkpoint writes each
+    # rank's shards, and reads them back on any number of ranks
+
+    def sharded_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """The model's and optimizer's state as sharded tensors, keyed by parameter name."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model, optim = get_state_dict(self.module, optimizer)
+        return {"model": model, "optimizer": optim}
+
+    def load_sharded(self, path, optimizer: torch.optim.Optimizer) -> None:
+        """Read a sharded checkpoint written by any number of ranks into this one's shards."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        state = self.sharded_state(optimizer)
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(self.module, optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+
+    def full_weights(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights on rank 0's host ({} on the other ranks), each tied
+        parameter under one name: the one safetensors' save_model keeps (the first in
+        sorted order), so the file reads like an unsharded run's."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.module, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+        names: dict[int, list[str]] = {}
+        for name, param in self.module.named_parameters(remove_duplicate=False):
+            names.setdefault(id(param), []).append(name)
+        for aliases in names.values():
+            for alias in sorted(aliases)[1:]:
+                full.pop(alias, None)
+        return full
 
 
 def _sum_hook(state, bucket):  # unannotated: DDP checks annotations, and these are strings

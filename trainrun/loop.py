@@ -150,10 +150,14 @@ def validate(t: Trainer, out: Outputs) -> None:
 
 def save(t: Trainer, out: Outputs) -> None:
     """Checkpoint update k, once (a periodic save and a stop can fall on the same k); rank 0
-    writes it, the replicas of the other ranks being the same."""
+    writes it, the replicas of the other ranks being the same, and sharded every rank its
+    shards."""
     if out.saved_k == t.counters.k:
         return
-    if t.world.main:
+    if t.replicas.sharded:
+        checkpoint.save_sharded(out.ckpt_root, t.counters.k, t.replicas, t.optimizer,
+                                t.state_dict(), out.meta, t.cfg.keep_last, t.world.main)
+    elif t.world.main:
             checkpoint.save(out.ckpt_root, t.counters.k, t.raw_model, t.state_dict(), out.meta,
                         t.cfg.keep_last)
     out.saved_k = t.counters.k

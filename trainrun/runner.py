@@ -91,7 +91,8 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
             console.info("options: " + " ".join(f"{g}={o}" for g, o in choices.items()))
             trainer = build(cfg, device, precision, console, world)
             if resume_from is not None:
-                trainer.load_state_dict(checkpoint.load(resume_from, trainer.raw_model))
+                trainer.load_state_dict(checkpoint.load(resume_from, trainer.raw_model,
+                                                        trainer.replicas, trainer.optimizer))
                 console.info(f"resumed from {resume_from} at update {trainer.counters.k}")
                 for note in trainer.resume_notes():
                     console.info(note)

@@ -48,11 +48,13 @@ class Trainer:
     device: torch.device
     counters: Counters
     world: World = ONE_PROCESS
-    saved_world_size: int | None = None  # the processes that wrote the loaded checkpoint
+    saved_world: tuple | None = None  # processes, sequences per update of a loaded checkpoint
 
     def state_dict(self) -> dict:
+        """Sharded (FSDP), the optimizer's state is saved with the model's shards instead."""
+        optimizer = {} if self.replicas.sharded else {"optimizer": self.optimizer.state_dict()}
         return {
-            "optimizer": self.optimizer.state_dict(),
+            **optimizer,
             "schedule": self.schedule.state_dict(),
             "clipper": self.clipper.state_dict(),
             "scaler": self.precision.state_dict(),
@@ -60,28 +62,32 @@ class Trainer:
             "counters": asdict(self.counters),
             "rng": rng_state(),
             "world_size": self.world.size,
+            "sequences_per_update": self.sequences_per_update(),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:  # else loaded with the shards (checkpoint.load)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.clipper.load_state_dict(state["clipper"])
         self.precision.load_state_dict(state["scaler"])
         self.order.load_state_dict(state["order"])
         self.counters = Counters(**state["counters"])
         set_rng_state(state["rng"])
-        self.saved_world_size = state.get("world_size", 1)
+        self.saved_world = (state.get("world_size", 1), state.get("sequences_per_update"))
+
+    def sequences_per_update(self) -> int:
+        return self.batch_size * self.cfg.grad_accum_steps * self.world.size
 
     def resume_notes(self) -> list[str]:
         """What a resume on another number of processes changes, and what it does not."""
-        saved, now = self.saved_world_size, self.world.size
-        if saved is None or saved == now:
+        if self.saved_world is None or self.saved_world[0] == self.world.size:
             return []
-        per_process = self.batch_size * self.cfg.grad_accum_steps
-        return [f"the checkpoint was written by {saved} process(es), this run has {now}: the "
-                f"data order continues where it stopped (it does not depend on the number of "
-                f"processes); an update is now {per_process * now} sequences, "
-                f"it was {per_process * saved} with the same per-process settings"]
+        processes, sequences = self.saved_world
+        return [f"the checkpoint was written by {processes} process(es) with updates of "
+                f"{sequences} sequences; this run has {self.world.size}, with updates of "
+                f"{self.sequences_per_update()}: the data order continues where it stopped (it "
+                f"does not depend on the number of processes)"]
 
 
 def rng_state() -> dict:
