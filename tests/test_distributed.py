@@ -93,24 +93,44 @@ def test_two_nodes_through_the_c10d_rendezvous(docs, tmp_path):
     assert_identical(final_weights(tmp_path / "nodes"), final_weights(tmp_path / "single"))
 
 
-def test_tasks_started_with_slurm_variables_only(docs, tmp_path):
-    args = overrides(docs, 4)
+def slurm_tasks(args: list[str], cwd: Path) -> list[subprocess.Popen]:
+    """Two `trainrun` processes with the variables srun gives its tasks, and no torchrun's."""
     base = {k: v for k, v in os.environ.items()
             if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     slurm = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "2",
              "SLURM_STEP_NODELIST": "127.0.0.1", "MASTER_PORT": str(free_port())}
     exe = Path(sys.executable).with_name("trainrun")
-    tasks = [subprocess.Popen(
-        [str(exe), *args, "hydra.run.dir=slurm"], cwd=tmp_path, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    return [subprocess.Popen(
+        [str(exe), *args], cwd=cwd, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         env={**base, **slurm, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)})
         for rank in (0, 1)]
+
+
+def test_tasks_started_with_slurm_variables_only(docs, tmp_path):
+    args = overrides(docs, 4)
+    tasks = slurm_tasks([*args, "hydra.run.dir=slurm"], tmp_path)
     outs = [task.communicate(timeout=300) for task in tasks]
     assert [t.returncode for t in tasks] == [0, 0], outs
     assert "done:" in outs[0][0] and outs[1][0] == ""  # rank 1 prints nothing
     single = torchrun(*args, "hydra.run.dir=single", cwd=tmp_path)
     assert single.returncode == 0, single.stderr
     assert_identical(final_weights(tmp_path / "slurm"), final_weights(tmp_path / "single"))
+
+
+def test_sigterm_to_slurm_tasks_exits_143_after_one_update(docs, tmp_path):
+    # scancel and srun signal every task, each at its own moment
+    run = tmp_path / "slurm"
+    tasks = slurm_tasks([*overrides(docs, 4), "trainer.max_steps=400", f"hydra.run.dir={run}"],
+                        tmp_path)
+    log = run / "train.log"
+    wait_for(lambda: log.exists() and "step 20/" in log.read_text())
+    for task in tasks:
+        task.send_signal(signal.SIGTERM)
+    outs = [task.communicate(timeout=120) for task in tasks]
+    assert [t.returncode for t in tasks] == [143, 143], outs
+    steps = json.loads((run / "metrics.json").read_text())["steps"]
+    assert [p.name for p in (run / "checkpoints").glob("step-*")] == [f"step-{steps:08d}"]
+    assert "torchrun --nproc_per_node=2 -m trainrun" in outs[0][0]
 
 
 def test_slurm_variables_become_torchruns():

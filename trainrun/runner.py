@@ -114,7 +114,7 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
                 status = fit(trainer, outputs, signals)
         finally:
             summary = metrics.finish(summarize(trainer, metrics, status), hparams(cfg, choices))
-        return finish(summary, run_dir, console, signals, outputs.failure, world.main)
+        return finish(summary, run_dir, console, signals, outputs.failure, world)
     finally:
         determinism.restore()
         console.close()
@@ -171,13 +171,18 @@ def summarize(t: Trainer, metrics: Metrics, status: str) -> dict:
 
 
 def finish(summary: dict, run_dir: Path, console: Console, signals: Signals,
-           failure: checkpoint.NoSpace | None = None, main: bool = True) -> dict:
+           failure: checkpoint.NoSpace | None = None,
+           world: distributed.World = distributed.ONE_PROCESS) -> dict:
     """Report how the run ended (rank 0 only); raise RunStopped unless it completed."""
-    if not main:
+    if not world.main:
         if summary["status"] != "completed":
             raise RunStopped(signals.exit_status if summary["status"] == "stopped" else 1)
         return summary
     resume_command = resume.command(run_dir)
+    if world.size > 1:
+        resume_command = (f"the same launch with {resume_command.split(' ', 1)[1]} "
+                          f"(e.g. torchrun --nproc_per_node={world.size} -m {resume_command}; "
+                          f"another number of processes continues the same data)")
     if summary["status"] == "stopped":
         console.info(f"stopped at update {summary['steps']}; to continue: {resume_command}")
         raise RunStopped(signals.exit_status)
