@@ -44,8 +44,10 @@ def explain(exc: Exception) -> ConfigError:
         missing = (exc.missing_cfg_file or "").strip("/")
         if missing.startswith("hydra/") and missing.count("/") >= 2:
             group, option = missing.rsplit("/", 1)
+            if not exc.options:  # a preset of ours extends it (hydra/launcher=parallel)
+                return ConfigError(group, f"{option!r} is not installed; {PLUGINS}")
             return ConfigError(group, f"unknown option {option!r}; allowed: "
-                                      f"{', '.join(exc.options or [])} ({PLUGINS})")
+                                      f"{', '.join(exc.options)} ({PLUGINS})")
         if "/" in missing:
             group, option = missing.split("/", 1)
             return ConfigError(group, f"unknown option {option!r}; allowed: {', '.join(options(group))}")
