@@ -1,4 +1,5 @@
-"""The summary of a sweep (`trainrun -m`): one row per job, as a table and as summary.csv.
+"""The summary of a sweep (`trainrun -m`): one row per job, as a table and as summary.csv;
+and what a job that fails gives back, so that the sweep goes on.
 
 Each job leaves a small record, `<sweep dir>/.jobs/<job number>.json` (its overrides, run
 directory and, if it failed, the error's one line), written in the process that ran it:
@@ -13,6 +14,7 @@ import json
 import math
 import os
 import shlex
+import sys
 from pathlib import Path
 
 COLUMNS = ("job", "overrides", "status", "best_val_loss", "val_loss", "steps",
@@ -30,6 +32,27 @@ class JobFailed(float):
         value = super().__new__(cls, math.inf)
         value.error = error
         return value
+
+
+def error_line(exc: BaseException) -> str:
+    """An exception in one line: its type and the first line of its message."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def crashed(exc: Exception, job: int, run_dir: Path) -> str:
+    """A job of a sweep raised: its traceback goes to stderr and to the end of its train.log
+    (when it got that far), and the sweep goes on. Returns the error's one line."""
+    import traceback
+
+    text = "".join(traceback.format_exception(exc))
+    log = run_dir / "train.log"
+    if log.is_file():
+        with log.open("a", encoding="utf-8") as f:
+            f.write(text)
+    line = f"failed: {error_line(exc)}"
+    print(f"{text}trainrun: {line} (job {job}; the sweep goes on)", file=sys.stderr)
+    return line
 
 
 def record(sweep_dir: Path, job: int, overrides: list[str], run_dir: Path,

@@ -174,7 +174,7 @@ def _job(cfg: DictConfig) -> float:
     from hydra.types import RunMode
 
     from trainrun import runner
-    from trainrun.sweep import JobFailed
+    from trainrun.sweep import JobFailed, crashed
 
     hc = HydraConfig.get()
     in_sweep = hc.mode == RunMode.MULTIRUN
@@ -202,21 +202,6 @@ def _job(cfg: DictConfig) -> float:
             raise
         return JobFailed(crashed(exc, hc.job.num, run_dir))
     return summary["best_val_loss"]
-
-
-def crashed(exc: Exception, job: int, run_dir: Path) -> str:
-    """A job of a sweep raised: its traceback goes to stderr and to the end of its train.log
-    (when it got that far), and the sweep goes on. Returns the error's one line."""
-    import traceback
-
-    text = "".join(traceback.format_exception(exc))
-    log = run_dir / "train.log"
-    if log.is_file():
-        with log.open("a", encoding="utf-8") as f:
-            f.write(text)
-    line = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
-    print(f"{text}trainrun: failed: {line} (job {job}; the sweep goes on)", file=sys.stderr)
-    return f"failed: {line}"
 
 
 def resume_argv(argv: list[str]) -> list[str]:

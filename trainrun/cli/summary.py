@@ -2,9 +2,10 @@
 so that it works with every sweeper and launcher.
 
 on_job_end runs in the process that ran the job (a joblib worker, a submitit task): it
-leaves the job's record in the sweep directory. on_multirun_end runs once, in the
-process that started the sweep, after every job: it reads the records and each job's
-metrics.json, prints the table and writes summary.csv (trainrun/sweep.py builds both).
+leaves the job's record in the sweep directory and rewrites summary.csv with the rows so
+far. on_multirun_end runs once, in the process that started the sweep, after every job:
+it writes summary.csv from every record and each job's metrics.json and prints the table
+(trainrun/sweep.py builds both).
 """
 
 from __future__ import annotations
@@ -43,10 +44,12 @@ class SweepSummary(Callback):
         if job_return.status == JobStatus.COMPLETED:
             error = getattr(job_return.return_value, "error", None)
         else:  # raised past the job function: Hydra holds the exception as the return value
-            exc = job_return._return_value
-            error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        sweep.record(sweep_dir(config), hydra.job.num, list(job_return.overrides or []),
+            error = f"failed: {sweep.error_line(job_return._return_value)}"
+        folder = sweep_dir(config)
+        sweep.record(folder, hydra.job.num, list(job_return.overrides or []),
                      Path(hydra.runtime.output_dir), error)
+        # the rows so far: a sweep that ends early (a signal, a killed job) still has them
+        sweep.write_csv(sweep.rows(folder), folder / "summary.csv")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from rich.console import Console
