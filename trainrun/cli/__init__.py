@@ -140,7 +140,7 @@ def preflight(argv: list[str]) -> None:
     hydra_own = [a for a in argv if not a.startswith("-") and a not in overrides]
     if hydra_own or searches:
         composed([[*hydra_own, *searches]], with_hydra=True)
-    if searches or any(key(a) == "hydra/sweeper" for a in argv):
+    if searches or any(key(a) == "hydra/sweeper" and not a.endswith("=basic") for a in argv):
         # another sweeper: its jobs are known only as it runs them, each validated as it
         # starts; the values that every job shares are composed here
         composed([[o for o in overrides if not is_sweep(o)]])
