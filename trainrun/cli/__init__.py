@@ -13,12 +13,15 @@ the run writes .hydra/ once it has really started, so a refused or failed start 
 
 from __future__ import annotations
 
+import os
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from trainrun import distributed
 from trainrun.cli.overrides import CONF, continue_run, key, one_of, options
 from trainrun.config import Config, register_schemas, to_config, validate
 from trainrun.errors import ConfigError
@@ -272,9 +275,28 @@ def main() -> None:
     try:
         sys.argv[1:] = arguments(sys.argv[1:])
         preflight(sys.argv[1:])
+        sys.argv[1:] = one_run_dir(sys.argv[1:])
     except ConfigError as error:
         fail(error)
     _job()
+
+
+def one_run_dir(argv: list[str]) -> list[str]:
+    """Under torchrun or srun, every process joins the process group here, and all take
+    rank 0's run directory: Hydra's default names it by the time, which differs between
+    processes by a second now and then. A sweep's jobs join theirs when they run."""
+    if any(a in ("-m", "--multirun") for a in argv):
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        if size > 1:
+            raise ConfigError("--multirun", f"a sweep cannot run inside a distributed launch "
+                                            f"({size} processes); allowed: a sweep whose jobs "
+                                            f"are distributed (hydra/launcher=submitit_slurm)")
+        return argv
+    world = distributed.init()
+    if world.size == 1 or any(key(a) == "hydra.run.dir" for a in argv):
+        return argv
+    now = distributed.broadcast(datetime.now().strftime("%Y-%m-%d/%H-%M-%S"))
+    return [*argv, f"hydra.run.dir=outputs/{now}"]
 
 
 if __name__ == "__main__":
