@@ -189,6 +189,25 @@ def test_a_bad_launcher_or_search_fails_before_any_job(tmp_path, args, message):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_only_rank_0_records_a_job(monkeypatch):
+    """The tasks of an srun step (submitit's SLURM jobs with several GPUs) and torchrun's
+    workers run the same job: rank 0 alone reports it."""
+    from trainrun.cli.summary import main_process
+
+    for name in ("RANK", "WORLD_SIZE", "SLURM_STEP_ID", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    assert main_process()
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_PROCID", "2")
+    assert not main_process()
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert main_process()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's variables win over SLURM's
+    monkeypatch.setenv("RANK", "1")
+    assert not main_process()
+
+
 def test_rows_rank_completed_runs_by_best_val_loss_then_the_rest(tmp_path):
     """Runs without a finite best_val_loss (failed, or never validated) come last, by job."""
     from trainrun import sweep
