@@ -66,7 +66,12 @@ def prepare(cfg: Config) -> tuple[torch.device, Precision]:
 
 
 class RunStopped(SystemExit):
-    """The run ended early: stopped by a signal (128 + its number) or failed (1)."""
+    """The run ended early: stopped by a signal (128 + its number) or failed (1); `reason`
+    is the line that said why it failed."""
+
+    def __init__(self, code: int, reason: str = ""):
+        super().__init__(code)
+        self.reason = reason
 
 
 def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
@@ -189,13 +194,14 @@ def finish(summary: dict, run_dir: Path, console: Console, signals: Signals,
     if summary["status"] == "failed" and failure is not None:
         then = (f"continue with: {resume_command}" if failure.previous is not None
                 else "start the run again")
-        print(f"trainrun: failed: {failure}; free space, then {then}", file=sys.stderr)
-        raise RunStopped(1)
+        reason = f"failed: {failure}; free space, then {then}"
+        print(f"trainrun: {reason}", file=sys.stderr)
+        raise RunStopped(1, reason)
     if summary["status"] == "failed":
-        print(f"trainrun: failed: too many non-finite updates in a row at update "
-              f"{summary['steps']}; last good checkpoint in {run_dir / 'checkpoints'}",
-              file=sys.stderr)
-        raise RunStopped(1)
+        reason = (f"failed: too many non-finite updates in a row at update {summary['steps']}; "
+                  f"last good checkpoint in {run_dir / 'checkpoints'}")
+        print(f"trainrun: {reason}", file=sys.stderr)
+        raise RunStopped(1, reason)
     shown = {k: "n/a" if v is None else v for k, v in summary.items()}
     console.info(f"done: {shown['steps']} updates, val_loss {shown['val_loss']:.6} "
                  f"(best {shown['best_val_loss']:.6}), {shown['tokens_per_sec']:.6} tok/s, "
