@@ -290,7 +290,7 @@ def one_run_dir(argv: list[str]) -> list[str]:
         if size > 1:
             raise ConfigError("--multirun", f"a sweep cannot run inside a distributed launch "
                                             f"({size} processes); allowed: a sweep whose jobs "
-                                            f"are distributed (hydra/launcher=submitit_slurm)")
+                                            f"are distributed (hydra/launcher=slurm)")
         return argv
     world = distributed.init()
     if world.size == 1 or any(key(a) == "hydra.run.dir" for a in argv):
