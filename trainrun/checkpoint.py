@@ -236,5 +236,9 @@ def read_meta(path: Path) -> dict:
 
 def load(path: Path, model: torch.nn.Module) -> dict:
     """Load the weights into `model` and return the trainer state."""
-    load_model(model, str(path / MODEL_FILE), device=str(next(model.parameters()).device))
+    load_weights(path, model)
     return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def load_weights(path: Path, model: torch.nn.Module) -> None:
+    load_model(model, str(path / MODEL_FILE), device=str(next(model.parameters()).device))

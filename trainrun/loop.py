@@ -4,6 +4,7 @@ on their cadences, until the run completes, fails or is asked to stop."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,9 +13,11 @@ import torch
 
 from trainrun import checkpoint
 from trainrun.console import Console
+from trainrun.data import Sequences
 from trainrun.errors import out_of_space
 from trainrun.metrics import Metrics
 from trainrun.order import micro_batches
+from trainrun.precision import Precision
 from trainrun.signals import Signals, name
 from trainrun.state import Trainer
 from trainrun.update import UpdateResult, loss_sum, train_update
@@ -114,18 +117,31 @@ def skip(t: Trainer, out: Outputs, result: UpdateResult, k: int) -> bool:
     return False
 
 
+def eval_batches(seqs: Sequences, batch_size: int, n_batches: int) -> Iterator[np.ndarray]:
+    """The indices of the first n_batches micro-batches of seqs, in order."""
+    n = min(len(seqs), n_batches * batch_size)
+    for start in range(0, n, batch_size):
+        yield np.arange(start, min(start + batch_size, n))
+
+
 @torch.no_grad()
+def loss_total(model: torch.nn.Module, seqs: Sequences, batch_size: int, n_batches: int,
+               device: torch.device, precision: Precision) -> tuple[torch.Tensor, int]:
+    """The summed loss (nats, on the device) and the number of targets of the first
+    n_batches micro-batches of seqs."""
+    total, count = torch.zeros((), device=device), 0
+    for idx in eval_batches(seqs, batch_size, n_batches):
+        x, y = seqs.batch(idx)
+        with precision.autocast():
+            total += loss_sum(model, x.to(device), y.to(device))
+        count += seqs.num_targets(idx)
+    return total, count
+
+
 def evaluate(t: Trainer, n_batches: int) -> float:
     """Token-mean loss over the first n_batches micro-batches of the validation split."""
     t.model.eval()
-    total, count = torch.zeros((), device=t.device), 0
-    n = min(len(t.val), n_batches * t.batch_size)
-    for start in range(0, n, t.batch_size):
-        idx = np.arange(start, min(start + t.batch_size, n))
-        x, y = t.val.batch(idx)
-        with t.precision.autocast():
-            total += loss_sum(t.model, x.to(t.device), y.to(t.device))
-        count += t.val.num_targets(idx)
+    total, count = loss_total(t.model, t.val, t.batch_size, n_batches, t.device, t.precision)
     t.model.train()
     return (total / count).item()
 

@@ -56,8 +56,8 @@ def explain(exc: Exception) -> ConfigError:
     return ConfigError(key, text)
 
 
-def load(cfg: DictConfig) -> Config:
-    return validate(to_config(cfg))
+def load(cfg: DictConfig, data: bool = True) -> Config:
+    return validate(to_config(cfg), data)
 
 
 def task_overrides(argv: list[str]) -> list[str]:
@@ -81,8 +81,9 @@ def sweep(overrides: list[str]) -> tuple[list[list[str]], set[str]]:
     return [list(job) for job in jobs], swept
 
 
-def compose(jobs: list[list[str]]) -> list[Config]:
-    """The validated Config of each job's overrides, composed as `trainrun` composes them."""
+def compose(jobs: list[list[str]], data: bool = True) -> list[Config]:
+    """The validated Config of each job's overrides, composed as `trainrun` composes them
+    (data=False: without checking the data source, see config.validate)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
@@ -93,7 +94,7 @@ def compose(jobs: list[list[str]]) -> list[Config]:
                 cfg = hydra_compose(config_name="config", overrides=overrides)
             except Exception as exc:
                 raise explain(exc) from None
-            configs.append(load(cfg))
+            configs.append(load(cfg, data))
     return configs
 
 
