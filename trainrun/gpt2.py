@@ -143,11 +143,12 @@ def load(cfg: ModelConfig, model: GPT) -> list[str]:
             if hf_name not in stored:
                 raise ConfigError(KEY, f"{path}: no tensor {hf_name}; allowed: {ALLOWED}")
             value = f.get_tensor(stored[hf_name])
-            value = value.t() if hf_name.endswith(CONV1D) else value
-            if value.shape != param.shape:
-                raise ConfigError(KEY, f"{path}: {hf_name} has shape {tuple(value.shape)}, "
-                                       f"{CONFIG_FILE} says {tuple(param.shape)}")
-            state[name] = value
+            conv1d = hf_name.endswith(CONV1D)
+            expected = tuple(param.shape[::-1] if conv1d else param.shape)
+            if tuple(value.shape) != expected:
+                raise ConfigError(KEY, f"{path}: {hf_name} has shape {tuple(value.shape)}; "
+                                       f"{CONFIG_FILE} gives {expected}")
+            state[name] = value.t() if conv1d else value
         extra = [k for k in stored if k != "lm_head.weight" and not BUFFERS.fullmatch(k)
                  and k not in {gpt2_name(n) for n in state}]
     if extra:
