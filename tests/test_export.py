@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -73,13 +74,20 @@ def test_the_export_read_back_by_init_from_gives_the_same_logits(finished_run, e
 
 
 def test_a_run_from_init_from_trains_and_records_its_source(exported, corpus, tmp_path):
-    metrics = train(tmp_path / "run", *tiny(corpus, f"model.init_from={exported}",
-                                             "trainer.max_steps=4", "trainer.eval_every=2",
-                                             "trainer.log_every=1"))
+    source = tmp_path / "pretrained"
+    shutil.copytree(exported, source)
+    overrides = tiny(corpus, f"model.init_from={source}", "trainer.eval_every=2",
+                     "trainer.log_every=1")
+    metrics = train(tmp_path / "run", *overrides, "trainer.max_steps=4")
     assert metrics["status"] == "completed" and metrics["steps"] == 4
+    record = {"path": str(source.resolve()), "sha256": gpt2.sha256(source / "model.safetensors")}
     meta = json.loads((tmp_path / "run/checkpoints/step-00000004/meta.json").read_text())
-    assert meta["init_from"] == {"path": str(exported.resolve()),
-                                 "sha256": gpt2.sha256(exported / "model.safetensors")}
+    assert meta["init_from"] == record
+    # resumed, it needs its checkpoint only, and keeps the record
+    shutil.rmtree(source)
+    train(tmp_path / "run", *overrides, "trainer.max_steps=6", f"resume={tmp_path / 'run'}")
+    meta = json.loads((tmp_path / "run/checkpoints/step-00000006/meta.json").read_text())
+    assert meta["init_from"] == record
     fresh = train(tmp_path / "fresh", *tiny(corpus, "trainer.max_steps=4",
                                              "trainer.eval_every=2", "trainer.log_every=1"))
     # the pretrained start is far below a fresh model's ln(257) = 5.55 and stays there

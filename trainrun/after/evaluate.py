@@ -41,13 +41,19 @@ def parser() -> Parser:
                                       "on its validation split, or on any data= source given "
                                       "as overrides (data=..., data.KEY=..., precision=..., "
                                       "trainer.device=...).",
-               usage=f"{PROG} RUN_DIR [overrides ...] [options]")
+               usage=f"{PROG} RUN_DIR [overrides ...] [options]",
+               formatter_class=argparse.RawDescriptionHelpFormatter,
+               epilog=f"examples:\n  {PROG} outputs/2026-11-21/14-03-12\n"
+                      f"  {PROG} RUN_DIR --max-batches 20 --json\n"
+                      f"  {PROG} RUN_DIR data=text 'data.files=held-out/*.txt'")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (outputs/<date>/<time>)")
     p.add_argument("--checkpoint", metavar="step-N", help="this checkpoint instead of the newest")
     p.add_argument("--split", choices=("validation", "train"), default="validation")
     p.add_argument("--max-batches", type=int, metavar="N",
                    help="the first N micro-batches of data.batch_size sequences (default: all)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: loss, perplexity, bits_per_byte, tokens, bytes, "
+                        "batches, split, checkpoint, step")
     return p
 
 

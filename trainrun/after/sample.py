@@ -72,19 +72,31 @@ def picker(temperature: float, top_k: int, top_p: float, vocab_size: int,
 def parser() -> Parser:
     p = Parser(prog=PROG, description="Generate text from the newest intact checkpoint of a "
                                       "run (or --checkpoint), streaming it to stdout; "
-                                      "tokens/s on stderr.")
+                                      "tokens/s on stderr. A sample ends after "
+                                      "--max-new-tokens or at the end of a document.",
+               formatter_class=argparse.RawDescriptionHelpFormatter,
+               epilog=f"examples:\n  {PROG} outputs/2026-11-21/14-03-12 'def '\n"
+                      f"  {PROG} RUN_DIR - --temperature 0 --max-new-tokens 50 < prompt.txt\n"
+                      f"  {PROG} RUN_DIR 'import ' --top-k 40 --top-p 0.9 --num-samples 3 "
+                      f"--seed 1")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (outputs/<date>/<time>)")
     p.add_argument("prompt", metavar="PROMPT", nargs="?", default=None,
                    help="text to continue; '-' reads it from stdin (default: none, a new "
                         "document)")
     p.add_argument("--prompt-file", metavar="FILE", help="read the prompt from FILE (UTF-8)")
     p.add_argument("--checkpoint", metavar="step-N", help="this checkpoint instead of the newest")
-    p.add_argument("--max-new-tokens", type=int, default=200, metavar="N")
-    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=0, metavar="K", help="0: no cut (default)")
-    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="1: no cut (default)")
-    p.add_argument("--num-samples", type=int, default=1, metavar="N")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
+                   help="tokens per sample at most (default 200)")
+    p.add_argument("--temperature", type=float, default=0.8, metavar="T",
+                   help="0: greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K",
+                   help="draw from the K most likely ids; 0: all (default)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="draw from the most likely ids that reach probability P; 1: all "
+                        "(default)")
+    p.add_argument("--num-samples", type=int, default=1, metavar="N", help="default 1")
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same text "
+                                                       "(default 0)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"),
                    help="default: the run's trainer.device")
     return p
