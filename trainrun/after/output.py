@@ -6,6 +6,7 @@ a terminal and plain lines otherwise, so that stdout holds only the command's ou
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -42,8 +43,8 @@ def run_command(prog: str, argv: Sequence[str] | None, parser: Parser,
         command(args, extra)
     except ConfigError as error:
         fail(error, prog)
-    except BrokenPipeError:  # `trainrun-sample ... | head`
-        sys.stdout = open("/dev/null", "w")  # noqa: SIM115 - nothing more to write
+    except BrokenPipeError:  # `trainrun-sample ... | head`: the reader has all it wants
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 class Messages:
