@@ -206,3 +206,17 @@ def test_a_run_directory_without_a_checkpoint_fails_in_one_line_in_a_process(tmp
         assert proc.stderr.strip() == (f"{name}: error: RUN_DIR: {tmp_path / 'run'}: no "
                                        f"checkpoints/ in it; allowed: a run directory of "
                                        f"trainrun (outputs/<date>/<time>) with a checkpoint")
+
+
+def test_sample_reads_no_data_and_eval_names_the_missing_files(finished_run, corpus, tmp_path,
+                                                               capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    saved = run / ".hydra/overrides.yaml"
+    gone = tmp_path / "moved" / "corpus.txt"
+    saved.write_text(saved.read_text().replace(str(corpus), str(gone)))
+    assert str(gone) in saved.read_text()
+    sample.main([str(run), "the", "--max-new-tokens", "5"])
+    assert capsys.readouterr().out.startswith("the")
+    exits_2(evaluate.main, str(run))
+    assert str(gone) in one_line(capsys, "trainrun-eval", "data.files:")

@@ -56,11 +56,15 @@ def export(args: argparse.Namespace, _: list[str]) -> None:
     tmp.mkdir()
     try:
         files = gpt2.write(run.model, tmp, run.tokenizer.eot)
-        generation = {"bos_token_id": run.tokenizer.eot, "eos_token_id": run.tokenizer.eot,
-                      "max_length": run.cfg.model.max_seq_len}
+        generation = {"bos_token_id": run.tokenizer.eot, "eos_token_id": run.tokenizer.eot}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         files += ["generation_config.json",
                   *run.tokenizer.save(tmp, run.cfg.model.max_seq_len)]
+        umask = os.umask(0)
+        os.umask(umask)
+        for name in files:  # safetensors writes its file for its owner only
+            os.chmod(tmp / name, 0o666 & ~umask)
+        os.chmod(tmp, 0o777 & ~umask)
         if out.exists():
             out.rmdir()  # empty, checked above
         os.rename(tmp, out)
