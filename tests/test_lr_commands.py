@@ -17,6 +17,7 @@ import torch
 from conftest import TINY, config
 
 from trainrun import lrfind, lrpreview
+from trainrun.distributed import Replicas
 from trainrun.errors import ConfigError
 from trainrun.schedules import SCHEDULES
 
@@ -204,7 +205,7 @@ def test_range_test_stops_when_the_smoothed_loss_diverges(monkeypatch):
         pass
 
     trainer = FakeTrainer()
-    trainer.model, trainer.optimizer = model, optimizer
+    trainer.replicas, trainer.optimizer = Replicas(model), optimizer
     seen = []
 
     def fake_update(t):
@@ -228,8 +229,8 @@ def test_range_test_stops_on_a_non_finite_loss(monkeypatch):
     from trainrun.update import UpdateResult
 
     class FakeTrainer:
-        model = torch.nn.Linear(2, 1)
-        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        replicas = Replicas(torch.nn.Linear(2, 1))
+        optimizer = torch.optim.SGD(replicas.module.parameters(), lr=1.0)
 
     def fake_update(t):
         lr = t.optimizer.param_groups[0]["lr"]

@@ -115,7 +115,7 @@ def range_test(trainer, test: RangeTest) -> Result:
     from trainrun.loop import one_update
 
     result = Result()
-    trainer.model.train()
+    trainer.replicas.module.train()
     for i in range(test.num_updates):
         lr = test.lr(i)
         for group in trainer.optimizer.param_groups:

@@ -243,6 +243,12 @@ def kernel_options(optimizer_cls: type, device: torch.device) -> dict:
     return {"foreach": True}
 
 
+# Where the parameters are sharded (FSDP's DTensors), the foreach kernels: torch has no
+# sharding rule for most fused ones. Named as a device on which no fused kernel exists.
+SHARDED = torch.device("meta")
+
+
 def build_optimizer(cfg: OptimizerConfig, model: torch.nn.Module,
                     device: torch.device) -> torch.optim.Optimizer:
-    return cfg.build(param_groups(model, cfg), device)
+    sharded = any(hasattr(p, "full_tensor") for p in model.parameters())  # DTensors
+    return cfg.build(param_groups(model, cfg), SHARDED if sharded else device)

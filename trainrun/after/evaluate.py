@@ -25,6 +25,8 @@ import math
 import sys
 from collections.abc import Sequence
 
+import numpy as np
+
 from trainrun import data
 from trainrun.after.output import Messages, Parser, run_command
 from trainrun.after.run import open_run
@@ -81,11 +83,12 @@ def evaluate(args: argparse.Namespace, overrides: list[str]) -> None:
     messages.info(f"{run.checkpoint} (update {run.step}), {run.device}, {run.precision.mode}; "
                   f"{args.split} split: {n_batches} batch(es) of {batch_size} of its "
                   f"{len(seqs):,} sequences of {run.cfg.data.seq_len} tokens")
-    total, targets = loss_total(run.model, seqs, batch_size, n_batches, run.device,
-                                run.precision)
+    batches = list(eval_batches(len(seqs), batch_size, n_batches))
+    total = loss_total(run.model, seqs, iter(batches), run.device, run.precision)
+    targets = seqs.num_targets(np.concatenate(batches))
     sizes = run.tokenizer.token_bytes()
     n_bytes = 0
-    for idx in eval_batches(seqs, batch_size, n_batches):
+    for idx in batches:
         y = seqs.batch(idx)[1].numpy()
         n_bytes += int(sizes[y[y != data.IGNORE]].sum())
     loss = (total / targets).item()  # as the run's validation computes it
