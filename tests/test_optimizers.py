@@ -11,7 +11,6 @@ import torch
 from conftest import config, scalars, tiny, train
 
 from trainrun.errors import ConfigError
-from trainrun.layerwise import LAMB, LARS
 from trainrun.model import GPT, parameter_kinds
 from trainrun.optimizers import (
     OPTIMIZERS,
@@ -21,6 +20,7 @@ from trainrun.optimizers import (
     kernel_options,
     param_groups,
 )
+from trainrun.optimizers.layerwise import LAMB, LARS
 
 STEPS = 6
 LR = 0.1
@@ -245,11 +245,13 @@ def test_bad_optimizer_settings_name_the_key(corpus, overrides, key):
 
 # lr for the tiny test model where the YAML default (tuned on gpt_tiny) is slow over 15 updates
 TRAIN_LR = {"lamb": 0.05}
+SCHEDULER = {"schedulefree": "constant"}  # the one it takes
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_every_optimizer_trains(tmp_path, corpus, name):
     lr = [f"optimizer.lr={TRAIN_LR[name]}"] if name in TRAIN_LR else []
+    lr += [f"scheduler={SCHEDULER[name]}"] if name in SCHEDULER else []
     run_dir = tmp_path / "run"
     summary = train(run_dir, *tiny(corpus, f"optimizer={name}", *lr, "trainer.max_steps=15"))
     losses = scalars(run_dir, "train/loss")

@@ -130,6 +130,14 @@ def validate(cfg: Config) -> Config:
         )
     cfg.optimizer.validate("optimizer")
     cfg.scheduler.validate("scheduler", t.max_steps, cfg.optimizer.lr)
+    allowed = cfg.optimizer.schedulers
+    if allowed is not None and option_name(cfg.scheduler, SCHEDULES) not in allowed:
+        raise ConfigError(
+            "scheduler",
+            f"{option_name(cfg.scheduler, SCHEDULES)} with optimizer="
+            f"{option_name(cfg.optimizer, OPTIMIZERS)}, which needs no decay schedule; "
+            f"allowed: {', '.join(allowed)} (add scheduler={allowed[0]})",
+        )
     cfg.clip.validate("clip")
     cfg.precision.validate("precision")
     if cfg.resume is not None and cfg.resume != "auto" and not cfg.resume.strip():

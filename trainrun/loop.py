@@ -14,6 +14,7 @@ from trainrun import checkpoint
 from trainrun.console import Console
 from trainrun.errors import out_of_space
 from trainrun.metrics import Metrics
+from trainrun.optimizers import eval_weights
 from trainrun.order import micro_batches
 from trainrun.signals import Signals, name
 from trainrun.state import Trainer
@@ -133,7 +134,8 @@ def evaluate(t: Trainer, n_batches: int) -> float:
 def validate(t: Trainer, out: Outputs) -> None:
     c = t.counters
     started = time.perf_counter()
-    c.val_loss = evaluate(t, t.cfg.eval_batches)
+    with eval_weights(t.optimizer):
+        c.val_loss = evaluate(t, t.cfg.eval_batches)
     if c.val_loss < c.best_val_loss:  # False for NaN: a NaN is never the best
         c.best_val_loss, c.best_val_step = c.val_loss, c.k
     t.schedule.observe(c.val_loss)
@@ -145,6 +147,7 @@ def save(t: Trainer, out: Outputs) -> None:
     """Checkpoint update k, once (a periodic save and a stop can fall on the same k)."""
     if out.saved_k == t.counters.k:
         return
-    checkpoint.save(out.ckpt_root, t.counters.k, t.raw_model, t.state_dict(), out.meta,
-                    t.cfg.keep_last)
+    with eval_weights(t.optimizer):  # the weights to export, and the state to resume
+        checkpoint.save(out.ckpt_root, t.counters.k, t.raw_model, t.state_dict(), out.meta,
+                        t.cfg.keep_last)
     out.saved_k = t.counters.k

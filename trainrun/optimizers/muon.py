@@ -1,0 +1,128 @@
+"""optimizer=muon: torch.optim.Muon on the blocks' weight matrices, torch.optim.AdamW on
+everything else, as one optimizer.
+
+Muon (Jordan et al. 2024) orthogonalizes the momentum of a 2-D weight with Newton-Schulz
+iterations; it is meant for the hidden layers' matrices only. Which parameters it gets is
+decided by trainrun.model.parameter_kinds: kind `weight` (the attention and MLP matrices
+of the blocks) goes to Muon; `embedding` (token and position embeddings, and the output
+head, tied to the token embedding), `norm` and `bias` go to AdamW.
+
+`optimizer.lr` is Muon's rate and the schedule's base; `optimizer.adamw.lr` is AdamW's.
+Each parameter group carries its own base in `base_lr`, and the schedule applies the same
+factor lr(k) / optimizer.lr to both (trainrun.schedules.set_lr).
+"""
+
+from __future__ import annotations
+
+from collections import ChainMap
+from dataclasses import dataclass, field
+
+import torch
+from omegaconf import MISSING
+
+from trainrun.errors import ConfigError, require_in, require_positive
+from trainrun.optimizers.base import (
+    OptimizerConfig,
+    kernel_options,
+    require_betas,
+    require_fraction,
+)
+
+MUON_KINDS = ("weight",)  # parameter kinds that Muon steps (when 2-D); the rest: AdamW
+ADJUST_LR_FNS = ("original", "match_rms_adamw")
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Two torch optimizers stepped as one: `param_groups` lists Muon's groups, then
+    AdamW's (the same dicts, so a rate set here is the rate each of them uses); `step()`
+    and `zero_grad()` run both; `state_dict()` is {"muon": ..., "adamw": ...}, each
+    torch's own; `state` reads both. torch.amp.GradScaler treats it as any optimizer
+    without amp support of its own: it unscales every group, then steps both or neither."""
+
+    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW):
+        self.muon, self.adamw = muon, adamw
+        super().__init__([*muon.param_groups, *adamw.param_groups], {})
+        self.state = ChainMap(muon.state, adamw.state)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.muon.load_state_dict(state_dict["muon"])
+        self.adamw.load_state_dict(state_dict["adamw"])
+        # torch's load_state_dict gives each part new group dicts and a new state
+        self.param_groups[:] = [*self.muon.param_groups, *self.adamw.param_groups]
+        self.state = ChainMap(self.muon.state, self.adamw.state)
+
+
+@dataclass
+class AdamWSide:
+    """The AdamW half of optimizer=muon: embeddings, the head, norms and biases."""
+
+    lr: float = MISSING  # its base (peak) rate; the schedule scales it as optimizer.lr
+    betas: tuple[float, float] = MISSING
+    eps: float = MISSING
+    weight_decay: float = MISSING  # for the kinds not in no_decay (none, by default)
+
+    def validate(self, prefix: str) -> None:
+        require_positive(f"{prefix}.lr", self.lr)
+        require_betas(f"{prefix}.betas", self.betas)
+        require_positive(f"{prefix}.eps", self.eps)
+        require_positive(f"{prefix}.weight_decay", self.weight_decay, allow_zero=True)
+
+
+@dataclass
+class MuonConfig(OptimizerConfig):
+    """torch.optim.Muon's keys (lr, weight_decay, momentum, nesterov, ns_steps,
+    adjust_lr_fn) for the weight matrices, and `adamw` for the other parameters."""
+
+    momentum: float = MISSING
+    nesterov: bool = MISSING
+    ns_steps: int = MISSING  # Newton-Schulz iterations, 1..99
+    adjust_lr_fn: str = MISSING  # original | match_rms_adamw
+    adamw: AdamWSide = field(default_factory=AdamWSide)
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        require_fraction(f"{prefix}.momentum", self.momentum)
+        if isinstance(self.ns_steps, bool) or not 1 <= self.ns_steps <= 99:
+            raise ConfigError(f"{prefix}.ns_steps",
+                              f"got {self.ns_steps}; allowed: an integer, 1 <= ns_steps <= 99")
+        require_in(f"{prefix}.adjust_lr_fn", self.adjust_lr_fn, ADJUST_LR_FNS)
+        self.adamw.validate(f"{prefix}.adamw")
+
+    def group_options(self, kind: str) -> dict:
+        muon = kind in MUON_KINDS
+        options = {"muon": muon}
+        if kind in self.no_decay:
+            options["weight_decay"] = 0.0
+        elif not muon:
+            options["weight_decay"] = self.adamw.weight_decay
+        if not muon:
+            options["base_lr"] = self.adamw.lr
+        return options
+
+    def build(self, groups, device):
+        muon_groups = [_without_flag(g) for g in groups if g["muon"]]
+        adamw_groups = [_without_flag(g) for g in groups if not g["muon"]]
+        muon = torch.optim.Muon(muon_groups, lr=self.lr, weight_decay=self.weight_decay,
+                                momentum=self.momentum, nesterov=self.nesterov,
+                                ns_steps=self.ns_steps, adjust_lr_fn=self.adjust_lr_fn)
+        adamw = torch.optim.AdamW(adamw_groups, lr=self.adamw.lr, betas=tuple(self.adamw.betas),
+                                  eps=self.adamw.eps, weight_decay=self.adamw.weight_decay,
+                                  **kernel_options(torch.optim.AdamW, device))
+        return MuonAdamW(muon, adamw)
+
+
+def _without_flag(group: dict) -> dict:
+    return {key: value for key, value in group.items() if key != "muon"}
