@@ -127,3 +127,24 @@ def test_lr_range_test_scales_both_sides(corpus, tmp_path):
     assert [g["lr"] for g in opt.muon.param_groups] == [last]
     assert all(g["lr"] == pytest.approx(cfg.optimizer.adamw.lr * last / cfg.optimizer.lr)
                for g in opt.adamw.param_groups)
+
+
+def test_state_round_trip_keeps_the_configured_rates(corpus):
+    cfg = muon_config(corpus)
+    torch.manual_seed(0)
+    model = GPT(cfg.model, VOCAB_SIZE)
+    opt = build_optimizer(cfg.optimizer, model, torch.device("cpu"))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    assert set(saved) == {"muon", "adamw"}
+    changed = muon_config(corpus, "optimizer.adamw.lr=1e-4")  # an override on resume
+    resumed = build_optimizer(changed.optimizer, model, torch.device("cpu"))
+    resumed.load_state_dict(saved)
+    assert {g["base_lr"] for g in resumed.adamw.param_groups} == {1e-4}
+    assert resumed.param_groups == [*resumed.muon.param_groups, *resumed.adamw.param_groups]
+    for p in model.parameters():
+        assert set(resumed.state[p]) == set(opt.state[p])
+        for key, value in opt.state[p].items():
+            assert torch.equal(resumed.state[p][key], value), key

@@ -58,8 +58,13 @@ class MuonAdamW(torch.optim.Optimizer):
         return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Both parts' torch state; the AdamW side's base rates stay as configured, like
+        optimizer.lr (a resumed run may change either)."""
+        base_lrs = [group.get("base_lr") for group in self.adamw.param_groups]
         self.muon.load_state_dict(state_dict["muon"])
         self.adamw.load_state_dict(state_dict["adamw"])
+        for group, base_lr in zip(self.adamw.param_groups, base_lrs, strict=True):
+            group["base_lr"] = base_lr
         # torch's load_state_dict gives each part new group dicts and a new state
         self.param_groups[:] = [*self.muon.param_groups, *self.adamw.param_groups]
         self.state = ChainMap(self.muon.state, self.adamw.state)
