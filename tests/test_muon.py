@@ -9,14 +9,13 @@ import math
 
 import pytest
 import torch
-from conftest import config, tiny
+from conftest import assert_same_state, config, same_gradients, tiny, twins
 
 from trainrun import lrfind, runner
 from trainrun.console import Console
 from trainrun.data import VOCAB_SIZE
 from trainrun.model import GPT
 from trainrun.optimizers import MuonAdamW, build_optimizer
-from trainrun.schedules import build_schedule
 
 N, W = 8, 2  # updates and warmup of the schedule below
 
@@ -72,11 +71,7 @@ def test_updates_and_rates_match_torch_muon_and_adamw(corpus):
                       "scheduler.warmup_ratio=null", "optimizer.adjust_lr_fn=match_rms_adamw",
                       "optimizer.ns_steps=4", "optimizer.momentum=0.9")
     o = cfg.optimizer
-    torch.manual_seed(0)
-    model = GPT(cfg.model, VOCAB_SIZE)
-    ref_model = copy.deepcopy(model)
-    opt = build_optimizer(o, model, torch.device("cpu"))
-    schedule = build_schedule(cfg.scheduler, o.lr, N)
+    model, opt, schedule, ref_model = twins(cfg)
 
     matrices = block_matrices(ref_model)
     no_decay = {id(p) for m in ref_model.modules() for p in m.parameters(recurse=False)
@@ -99,9 +94,7 @@ def test_updates_and_rates_match_torch_muon_and_adamw(corpus):
             g["lr"] = o.lr * reference_factor(k)
         for g in ref_adamw.param_groups:
             g["lr"] = o.adamw.lr * reference_factor(k)
-        for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
-            p.grad = torch.randn(p.shape, generator=gen)
-            q.grad = p.grad.clone()
+        same_gradients(model, ref_model, gen)
         opt.step()
         ref_muon.step()
         ref_adamw.step()
@@ -144,7 +137,7 @@ def test_state_round_trip_keeps_the_configured_rates(corpus):
     resumed.load_state_dict(saved)
     assert {g["base_lr"] for g in resumed.adamw.param_groups} == {1e-4}
     assert resumed.param_groups == [*resumed.muon.param_groups, *resumed.adamw.param_groups]
-    for p in model.parameters():
-        assert set(resumed.state[p]) == set(opt.state[p])
-        for key, value in opt.state[p].items():
-            assert torch.equal(resumed.state[p][key], value), key
+    for side in ("muon", "adamw"):
+        assert_same_state(resumed.state_dict()[side]["state"], saved[side]["state"])
+    assert set(resumed.state[model.blocks[0].mlp.fc.weight]) == {"momentum_buffer"}
+    assert set(resumed.state[model.tok_emb.weight]) == {"step", "exp_avg", "exp_avg_sq"}

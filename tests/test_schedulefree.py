@@ -9,14 +9,22 @@ import copy
 import pytest
 import schedulefree
 import torch
-from conftest import assert_identical, cli, config, final_weights, tiny, train
+from conftest import (
+    assert_identical,
+    cli,
+    config,
+    final_weights,
+    same_gradients,
+    tiny,
+    train,
+    twins,
+)
 
 from trainrun import checkpoint
 from trainrun.data import VOCAB_SIZE
 from trainrun.errors import ConfigError
 from trainrun.model import GPT
 from trainrun.optimizers import ScheduleFreeAdamW, build_optimizer, eval_weights, param_groups
-from trainrun.schedules import build_schedule
 
 N, W = 10, 4
 
@@ -31,11 +39,7 @@ def test_warmup_and_both_points_match_the_package(corpus):
     cfg = sf_config(corpus, f"scheduler.warmup_steps={W}", "optimizer.weight_decay=0.01",
                     "optimizer.no_decay=[]")
     o = cfg.optimizer
-    torch.manual_seed(0)
-    model = GPT(cfg.model, VOCAB_SIZE)
-    ref_model = copy.deepcopy(model)
-    opt = build_optimizer(o, model, torch.device("cpu"))
-    schedule = build_schedule(cfg.scheduler, o.lr, N)
+    model, opt, schedule, ref_model = twins(cfg)
     ref = schedulefree.AdamWScheduleFree(ref_model.parameters(), lr=o.lr, betas=tuple(o.betas),
                                          eps=o.eps, weight_decay=o.weight_decay, warmup_steps=W,
                                          r=o.r, weight_lr_power=o.weight_lr_power)
@@ -43,9 +47,7 @@ def test_warmup_and_both_points_match_the_package(corpus):
     gen = torch.Generator().manual_seed(1)
     for k in range(1, N + 1):
         assert schedule.apply(opt, k) == pytest.approx(o.lr * min(1, k / W), rel=1e-12)
-        for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
-            p.grad = torch.randn(p.shape, generator=gen)
-            q.grad = p.grad.clone()
+        same_gradients(model, ref_model, gen)
         opt.step()
         ref.step()
     for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):  # y

@@ -14,7 +14,7 @@ factor lr(k) / optimizer.lr to both (trainrun.schedules.set_lr).
 
 from __future__ import annotations
 
-from collections import ChainMap
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +32,27 @@ MUON_KINDS = ("weight",)  # parameter kinds that Muon steps (when 2-D); the rest
 ADJUST_LR_FNS = ("original", "match_rms_adamw")
 
 
+class BothStates(Mapping):
+    """Parameter -> its state, read from either part. Read-only: looking a parameter up in
+    the wrong part's defaultdict would add an empty entry there."""
+
+    def __init__(self, *parts: dict):
+        self.parts = parts
+
+    def __getitem__(self, p: torch.Tensor) -> dict:
+        for part in self.parts:
+            if p in part:
+                return part[p]
+        raise KeyError(p)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for part in self.parts:
+            yield from part
+
+    def __len__(self) -> int:
+        return sum(len(part) for part in self.parts)
+
+
 class MuonAdamW(torch.optim.Optimizer):
     """Two torch optimizers stepped as one: `param_groups` lists Muon's groups, then
     AdamW's (the same dicts, so a rate set here is the rate each of them uses); `step()`
@@ -42,15 +63,10 @@ class MuonAdamW(torch.optim.Optimizer):
     def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW):
         self.muon, self.adamw = muon, adamw
         super().__init__([*muon.param_groups, *adamw.param_groups], {})
-        self.state = ChainMap(muon.state, adamw.state)
+        self.state = BothStates(muon.state, adamw.state)
 
-    @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.muon.step()
+        loss = self.muon.step(closure)  # evaluates the closure, if any
         self.adamw.step()
         return loss
 
@@ -67,7 +83,7 @@ class MuonAdamW(torch.optim.Optimizer):
             group["base_lr"] = base_lr
         # torch's load_state_dict gives each part new group dicts and a new state
         self.param_groups[:] = [*self.muon.param_groups, *self.adamw.param_groups]
-        self.state = ChainMap(self.muon.state, self.adamw.state)
+        self.state = BothStates(self.muon.state, self.adamw.state)
 
 
 @dataclass
