@@ -47,7 +47,8 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--target", type=float, default=2.6, help="the validation loss to reach")
     p.add_argument("--seeds", type=int, nargs="+", default=[1337])
     p.add_argument("--runs", type=Path, default=None, help="where the runs go (default: a "
-                   "temporary directory)")
+                   "temporary directory); completed runs found there are reused, so that the "
+                   "table can be redrawn, e.g. for another --target")
     p.add_argument("--plot", type=Path, default=root / "docs" / "optimizers.png")
     return p.parse_known_args()
 
@@ -166,8 +167,9 @@ def main() -> None:
         for seed in args.seeds:
             argv = [*overrides(args, option, seed), *extra]
             run_dir = runs / f"{option[0].split('=')[1]}-seed{seed}"
-            print(f"{label}, seed {seed}: trainrun {' '.join(argv)}", flush=True)
-            train(run_dir, argv)
+            if not (run_dir / "metrics.json").is_file():  # --runs of an earlier call: reused
+                print(f"{label}, seed {seed}: trainrun {' '.join(argv)}", flush=True)
+                train(run_dir, argv)
             curves.append(val_curve(run_dir))
         results[label] = curves
         params = sum(p.numel() * p.element_size() for p in _model(argv).parameters())
