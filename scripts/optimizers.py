@@ -1,15 +1,18 @@
 """Compare optimizers by the time they take to a target validation loss: the default model
-(gpt_tiny) on the built-in data, adamw+cosine, muon+cosine, adafactor+cosine and
-schedulefree (scheduler=constant with the same warmup), each for the same number of
-updates with the same seeds, through the real `trainrun` command, one run after another.
+(gpt_tiny) on the built-in data, adamw+cosine, muon+cosine, adafactor (scheduler=constant:
+its own 1/sqrt(t) decay) and schedulefree (scheduler=constant), all with the same warmup,
+for the same number of updates and the same seeds, through the real `trainrun` command:
+a round per seed, in which the four runs train at the same time, one thread each, so that
+the machine's load (shared, changing) falls on every option alike and wall times compare.
 
-For each optimizer it reports val/loss at fixed updates (a quarter, half and all of the
-run), the updates and the wall seconds (from the run's start, validations included) until
-val/loss first reaches --target, and the optimizer's state memory (its state tensors
-after one update of the same model, in train mode). val/loss and its wall times are read
-from each run's TensorBoard events. Prints a Markdown table and writes a plot.
+For each optimizer it reports val/loss at fixed updates (the validations nearest a quarter,
+half and all of the run), the updates and the wall seconds (from the run's start,
+validations included) until val/loss first reaches --target, each the mean over the seeds,
+and the optimizer's state memory (its state tensors after one update of the same model, in
+train mode). val/loss and its wall times are read from each run's TensorBoard events.
+Prints a Markdown table and writes a plot.
 
-    python scripts/optimizers.py [--updates 200] [--eval-every 20] [--target 2.6]
+    python scripts/optimizers.py [--updates 300] [--eval-every 25] [--target 2.6]
         [--seeds 1337 ...] [--runs DIR] [--plot docs/optimizers.png] [overrides ...]
 
 Extra arguments are trainrun overrides given to every run (e.g. data.batch_size=16).
@@ -31,7 +34,7 @@ import torch
 OPTIONS = {  # label -> the overrides that pick it
     "adamw + cosine": ["optimizer=adamw", "scheduler=cosine"],
     "muon + cosine": ["optimizer=muon", "scheduler=cosine"],
-    "adafactor + cosine": ["optimizer=adafactor", "scheduler=cosine"],
+    "adafactor": ["optimizer=adafactor", "scheduler=constant"],  # its own 1/sqrt(t) decay
     "schedulefree": ["optimizer=schedulefree", "scheduler=constant"],
 }
 
@@ -39,8 +42,8 @@ OPTIONS = {  # label -> the overrides that pick it
 def parse_args() -> tuple[argparse.Namespace, list[str]]:
     root = Path(__file__).resolve().parents[1]
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--updates", type=int, default=200, help="trainer.max_steps of every run")
-    p.add_argument("--eval-every", type=int, default=20)
+    p.add_argument("--updates", type=int, default=300, help="trainer.max_steps of every run")
+    p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=8, help="data.batch_size")
     p.add_argument("--warmup", type=int, default=10, help="warmup updates, the same for all")
@@ -60,13 +63,20 @@ def overrides(args: argparse.Namespace, option: list[str], seed: int) -> list[st
             f"trainer.ckpt_every={args.updates}", f"trainer.seed={seed}", "trainer.device=cpu"]
 
 
-def train(run_dir: Path, argv: list[str]) -> None:
+def train_together(jobs: list[tuple[Path, list[str]]]) -> None:
+    """Run `trainrun argv` into each run_dir, all at the same time, one thread each: on a
+    shared machine whose load changes, runs made at the same time see the same load, so
+    their wall times compare."""
     exe = Path(sys.executable).with_name("trainrun")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "trainrun"]
-    proc = subprocess.run([*cmd, *argv, f"hydra.run.dir={run_dir}"], capture_output=True,
-                          text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if proc.returncode != 0:
-        sys.exit(f"trainrun {' '.join(argv)} failed:\n{proc.stderr}")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    procs = [(argv, subprocess.Popen([*cmd, *argv, f"hydra.run.dir={run_dir}"], env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True)) for run_dir, argv in jobs]
+    for argv, proc in procs:
+        stderr = proc.communicate()[1]
+        if proc.returncode != 0:
+            sys.exit(f"trainrun {' '.join(argv)} failed:\n{stderr}")
 
 
 def val_curve(run_dir: Path) -> tuple[list[int], list[float], list[float]]:
@@ -107,7 +117,9 @@ def first_reach(updates, losses, seconds, target) -> tuple[int | None, float | N
 
 
 def summarize(args, label: str, curves: list[tuple], state: int, params: int) -> dict:
-    marks = sorted({args.updates // 4, args.updates // 2, args.updates})
+    evals = curves[0][0]  # the updates validated at, the same in every run
+    marks = sorted({min(evals, key=lambda k: abs(k - n))
+                    for n in (args.updates / 4, args.updates / 2, args.updates)})
     row: dict = {"optimizer": label}
     for k in marks:
         row[f"val@{k}"] = statistics.mean(c[1][c[0].index(k)] for c in curves)
@@ -161,19 +173,22 @@ def plot(results: dict[str, list[tuple]], target: float, path: Path) -> None:
 def main() -> None:
     args, extra = parse_args()
     runs = args.runs or Path(tempfile.mkdtemp(prefix="optimizers-"))
-    results, rows = {}, []
+    results: dict[str, list[tuple]] = {label: [] for label in OPTIONS}
+    for seed in args.seeds:  # a round per seed: every option at the same time
+        jobs = {label: (runs / f"{option[0].split('=')[1]}-seed{seed}",
+                        [*overrides(args, option, seed), *extra])
+                for label, option in OPTIONS.items()}
+        todo = [job for job in jobs.values() if not (job[0] / "metrics.json").is_file()]
+        for _, argv in todo:  # completed runs in --runs are reused
+            print(f"seed {seed}: trainrun {' '.join(argv)}", flush=True)
+        train_together(todo)
+        for label, (run_dir, _) in jobs.items():
+            results[label].append(val_curve(run_dir))
+    rows = []
     for label, option in OPTIONS.items():
-        curves = []
-        for seed in args.seeds:
-            argv = [*overrides(args, option, seed), *extra]
-            run_dir = runs / f"{option[0].split('=')[1]}-seed{seed}"
-            if not (run_dir / "metrics.json").is_file():  # --runs of an earlier call: reused
-                print(f"{label}, seed {seed}: trainrun {' '.join(argv)}", flush=True)
-                train(run_dir, argv)
-            curves.append(val_curve(run_dir))
-        results[label] = curves
+        argv = [*overrides(args, option, args.seeds[0]), *extra]
         params = sum(p.numel() * p.element_size() for p in _model(argv).parameters())
-        rows.append(summarize(args, label, curves, state_bytes(argv), params))
+        rows.append(summarize(args, label, results[label], state_bytes(argv), params))
     plot(results, args.target, args.plot)
     print(table(rows, args.target))
     print(f"plot: {args.plot}; runs: {runs}")

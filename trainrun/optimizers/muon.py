@@ -7,9 +7,9 @@ decided by trainrun.model.parameter_kinds: kind `weight` (the attention and MLP 
 of the blocks) goes to Muon; `embedding` (token and position embeddings, and the output
 head, tied to the token embedding), `norm` and `bias` go to AdamW.
 
-`optimizer.lr` is Muon's rate and the schedule's base; `optimizer.adamw.lr` is AdamW's.
-Each parameter group carries its own base in `base_lr`, and the schedule applies the same
-factor lr(k) / optimizer.lr to both (trainrun.schedules.set_lr).
+`optimizer.lr` is Muon's rate and the schedule's base; `optimizer.adamw.lr` is AdamW's,
+carried by AdamW's parameter groups as their own base, `base_lr`, so that the schedule
+applies the same factor lr(k) / optimizer.lr to both (trainrun.schedules.set_lr).
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ from trainrun.optimizers.base import (
     require_fraction,
 )
 
-MUON_KINDS = ("weight",)  # parameter kinds that Muon steps (when 2-D); the rest: AdamW
+# The parameter kinds that Muon steps, the rest going to AdamW. torch.optim.Muon takes 2-D
+# tensors only; in the GPT every parameter of kind `weight` is a Linear layer's matrix.
+MUON_KINDS = ("weight",)
 ADJUST_LR_FNS = ("original", "match_rms_adamw")
 
 
