@@ -7,13 +7,13 @@ the machine's load (shared, changing) falls on every option alike and wall times
 
 For each optimizer it reports val/loss at fixed updates (the validations nearest a quarter,
 half and all of the run), the updates and the wall seconds (from the run's start,
-validations included) until val/loss first reaches --target, each the mean over the seeds,
-and the optimizer's state memory (its state tensors after one update of the same model, in
+validations included) until val/loss first reaches --target, and the wall seconds of the
+whole run (metrics.json), each the mean over the seeds, and the optimizer's state memory (its state tensors after one update of the same model, in
 train mode). val/loss and its wall times are read from each run's TensorBoard events.
 Prints a Markdown table and writes a plot.
 
     python scripts/optimizers.py [--updates 300] [--eval-every 25] [--target 2.6]
-        [--seeds 1337 ...] [--runs DIR] [--plot docs/optimizers.png] [overrides ...]
+        [--seeds 1337 1338] [--runs DIR] [--plot docs/optimizers.png] [overrides ...]
 
 Extra arguments are trainrun overrides given to every run (e.g. data.batch_size=16).
 """
@@ -48,7 +48,7 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--batch-size", type=int, default=8, help="data.batch_size")
     p.add_argument("--warmup", type=int, default=10, help="warmup updates, the same for all")
     p.add_argument("--target", type=float, default=2.6, help="the validation loss to reach")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1337])
+    p.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338])
     p.add_argument("--runs", type=Path, default=None, help="where the runs go (default: a "
                    "temporary directory); completed runs found there are reused, so that the "
                    "table can be redrawn, e.g. for another --target")
@@ -137,13 +137,13 @@ def summarize(args, label: str, curves: list[tuple], state: int, params: int) ->
 def table(rows: list[dict], target: float) -> str:
     keys = [k for k in rows[0] if k.startswith("val@")]
     head = ["optimizer", *(f"val loss @{k[4:]}" for k in keys), f"updates to {target:g}",
-            f"seconds to {target:g}", "optimizer state"]
+            f"seconds to {target:g}", "seconds for the run", "optimizer state"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         reach = ("not reached", "—") if r["updates_to_target"] is None else (
             f"{r['updates_to_target']:g}", f"{r['seconds_to_target']:.0f}")
         cells = [r["optimizer"], *(f"{r[k]:.3f}" for k in keys), *reach,
-                 f"{r['state_MiB']:.2f} MiB ({r['state_x_params']:.2f}× params)"]
+                 f"{r['run_seconds']:.0f}", f"{r['state_MiB']:.2f} MiB ({r['state_x_params']:.2f}× params)"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -174,6 +174,7 @@ def main() -> None:
     args, extra = parse_args()
     runs = args.runs or Path(tempfile.mkdtemp(prefix="optimizers-"))
     results: dict[str, list[tuple]] = {label: [] for label in OPTIONS}
+    run_seconds: dict[str, list[float]] = {label: [] for label in OPTIONS}
     for seed in args.seeds:  # a round per seed: every option at the same time
         jobs = {label: (runs / f"{option[0].split('=')[1]}-seed{seed}",
                         [*overrides(args, option, seed), *extra])
@@ -184,11 +185,14 @@ def main() -> None:
         train_together(todo)
         for label, (run_dir, _) in jobs.items():
             results[label].append(val_curve(run_dir))
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+            run_seconds[label].append(metrics["wall_seconds"])
     rows = []
     for label, option in OPTIONS.items():
         argv = [*overrides(args, option, args.seeds[0]), *extra]
         params = sum(p.numel() * p.element_size() for p in _model(argv).parameters())
-        rows.append(summarize(args, label, results[label], state_bytes(argv), params))
+        row = summarize(args, label, results[label], state_bytes(argv), params)
+        rows.append(row | {"run_seconds": statistics.mean(run_seconds[label])})
     plot(results, args.target, args.plot)
     print(table(rows, args.target))
     print(f"plot: {args.plot}; runs: {runs}")
