@@ -22,9 +22,12 @@ from trainrun.model import ModelConfig
 CONF = REPO / "conf"
 DEFAULTS = [next(iter(d)) for d in OmegaConf.load(CONF / "config.yaml").defaults
             if isinstance(d, dict) or OmegaConf.is_dict(d)]
-# Every conf/<group>/<option>.yaml, found on disk, so that options added later are covered.
+# Every conf/<group>/<option>.yaml, found on disk, so that options added later are covered;
+# but the presets of Hydra's own config (hydra/, and hparams_search/, whose options configure
+# a sweeper of the sweep extra: tests/test_sweeps.py)
 OPTIONS = [(group.name, yaml.stem)
-           for group in sorted(p for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
+           for group in sorted(p for p in CONF.iterdir()
+                               if p.is_dir() and p.name not in ("hydra", "hparams_search"))
            for yaml in sorted(group.glob("*.yaml"))]
 
 

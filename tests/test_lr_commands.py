@@ -18,6 +18,7 @@ import torch
 from conftest import TINY, config
 
 from trainrun import lrfind, lrpreview
+from trainrun.distributed import Replicas
 from trainrun.errors import ConfigError
 from trainrun.schedules import SCHEDULES
 
@@ -205,7 +206,7 @@ def test_range_test_stops_when_the_smoothed_loss_diverges(monkeypatch):
         pass
 
     trainer = FakeTrainer()
-    trainer.model, trainer.optimizer = model, optimizer
+    trainer.replicas, trainer.optimizer = Replicas(model), optimizer
     trainer.schedule = SimpleNamespace(base_lr=1.0)
     seen = []
 
@@ -230,8 +231,8 @@ def test_range_test_stops_on_a_non_finite_loss(monkeypatch):
     from trainrun.update import UpdateResult
 
     class FakeTrainer:
-        model = torch.nn.Linear(2, 1)
-        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        replicas = Replicas(torch.nn.Linear(2, 1))
+        optimizer = torch.optim.SGD(replicas.module.parameters(), lr=1.0)
         schedule = SimpleNamespace(base_lr=1.0)
 
     def fake_update(t):

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,9 @@ def test_wheel_ships_the_configs_and_runs_anywhere(tmp_path, corpus):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                     "-q", "-w", str(wheels), str(src)], check=True, capture_output=True)
     (wheel,) = wheels.glob("trainrun-*.whl")
+    with zipfile.ZipFile(wheel) as archive:  # every config, Hydra's launcher presets too
+        shipped = {n for n in archive.namelist() if n.startswith("trainrun/conf/")}
+    assert {f"trainrun/conf/{p.relative_to(REPO / 'conf')}" for p in (REPO / "conf").rglob("*.yaml")} <= shipped
     # A venv of its own that also sees the packages of the environment running the tests
     # (torch, hydra, ...), whichever that is: a .pth file in the new venv names them. Only
     # site directories process .pth files, so an editable install of this checkout there

@@ -24,6 +24,7 @@ from conftest import (
 
 from trainrun.clip import NormClip
 from trainrun.data import VOCAB_SIZE
+from trainrun.distributed import Replicas
 from trainrun.model import GPT
 from trainrun.optimizers import build_optimizer, param_groups
 from trainrun.precision import Precision
@@ -90,12 +91,13 @@ def test_a_non_finite_gradient_changes_nothing(mode, name):
     x = torch.randint(0, VOCAB_SIZE, (2, 16))
     batch = [(x, torch.roll(x, -1, 1))]
     clipper = NormClip(1.0, 2.0, False)
-    first = train_update(model, batch, 32, opt, clipper, precision, torch.device("cpu"))
+    replicas = Replicas(model)
+    first = train_update(replicas, batch, 32, opt, clipper, precision, torch.device("cpu"))
     assert first.stepped  # a good update, so that the optimizer has state to protect
     before_weights = copy.deepcopy(model.state_dict())
     before_state = copy.deepcopy(opt.state_dict())
     hook = model.blocks[0].mlp.fc.weight.register_hook(lambda g: g * math.inf)
-    bad = train_update(model, batch, 32, opt, clipper, precision, torch.device("cpu"))
+    bad = train_update(replicas, batch, 32, opt, clipper, precision, torch.device("cpu"))
     hook.remove()
     assert not bad.stepped
     assert_identical(model.state_dict(), before_weights)

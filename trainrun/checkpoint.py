@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 
 from trainrun.errors import out_of_space
 
 MODEL_FILE, STATE_FILE, META_FILE, LATEST = "model.safetensors", "trainer_state.pt", "meta.json", "latest"
+SHARDS = "sharded"  # trainer.strategy=fsdp: torch.distributed.checkpoint's files of every rank
 
 
 def step_name(k: int) -> str:
@@ -75,18 +76,19 @@ class NoSpace(Exception):
                    previous[-1] if previous else None)
 
 
-def save(root: Path, k: int, model: torch.nn.Module, state: dict, meta: dict,
-         keep_last: int) -> Path:
+def save(root: Path, k: int, model: torch.nn.Module | dict[str, torch.Tensor], state: dict,
+         meta: dict, keep_last: int, tmp: Path | None = None) -> Path:
     """Write checkpoint k atomically under root (checkpoints/), point `latest` at it, and
-    keep the keep_last newest. Raises NoSpace, with the partial save removed, when the disk
-    fills up before `latest` names the new checkpoint."""
+    keep the keep_last newest. `model`: the module, or its whole weights by name. `tmp`:
+    the temporary directory, when it already holds the shards of save_sharded(). Raises
+    NoSpace, with the partial save removed, when the disk fills up before `latest` names
+    the new checkpoint."""
     final = root / step_name(k)
-    tmp = root / f".tmp-{step_name(k)}-{os.getpid()}"
+    tmp = tmp or root / f".tmp-{step_name(k)}-{os.getpid()}"
     latest_tmp = root / f".{LATEST}.tmp"
     try:
         root.mkdir(parents=True, exist_ok=True)
-        for leftover in [*root.glob(".tmp-*"), *root.glob(".old-*")]:  # a process killed saving
-            shutil.rmtree(leftover, ignore_errors=True)
+        clean(root, keep=tmp)
         _write(tmp, k, model, state, meta)
         _put_in_place(tmp, final)
         _fsync(root)
@@ -108,22 +110,61 @@ def save(root: Path, k: int, model: torch.nn.Module, state: dict, meta: dict,
     return final
 
 
-def _write(tmp: Path, k: int, model: torch.nn.Module, state: dict, meta: dict) -> None:
+def save_sharded(root: Path, k: int, replicas, optimizer: torch.optim.Optimizer, state: dict,
+                 meta: dict, keep_last: int, main: bool) -> None:
+    """save() for trainer.strategy=fsdp, called on every rank: each rank writes its shards
+    of the model and optimizer (torch.distributed.checkpoint) into the temporary directory,
+    rank 0 the whole weights (model.safetensors) and the rest, then puts it in place."""
+    import torch.distributed.checkpoint as dcp
+
+    from trainrun import distributed
+
+    tmp = root / f".tmp-{step_name(k)}-sharded"  # one name on every rank
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        clean(root)
+        tmp.mkdir()
+    distributed.barrier()
+    dcp.save(replicas.sharded_state(optimizer), checkpoint_id=str(tmp / SHARDS))
+    weights = replicas.full_weights()
+    if main:
+        save(root, k, weights, state, meta, keep_last, tmp=tmp)
+    distributed.barrier()
+
+
+def clean(root: Path, keep: Path | None = None) -> None:
+    """Remove what a process killed while saving left behind."""
+    for leftover in [*root.glob(".tmp-*"), *root.glob(".old-*")]:
+        if leftover != keep:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def files(path: Path) -> list[str]:
+    """The files of checkpoint directory `path` that meta.json lists, relative to it."""
+    shards = path / SHARDS
+    extra = sorted(str(f.relative_to(path)) for f in shards.rglob("*") if f.is_file()) \
+        if shards.is_dir() else []
+    return [MODEL_FILE, STATE_FILE, *extra]
+
+
+def _write(tmp: Path, k: int, model: torch.nn.Module | dict, state: dict, meta: dict) -> None:
     """The checkpoint's files in the directory tmp, fsynced."""
-    tmp.mkdir()
+    tmp.mkdir(exist_ok=True)
     _save_weights(model, tmp / MODEL_FILE)
     # fault injection for disk-full tests: the disk fills up while the state is written
     if os.environ.get("TRAINRUN_SAVE_FAIL_ENOSPC_AT") == str(k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / STATE_FILE))
     with open(tmp / STATE_FILE, "wb") as f:  # a file object: a full disk raises OSError,
         torch.save(state, f)  # not only a RuntimeError as with a path
-    files = {name: sha256(tmp / name) for name in (MODEL_FILE, STATE_FILE)}
-    meta = {"step": k, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sha256": files, **meta}
+    digests = {name: sha256(tmp / name) for name in files(tmp)}
+    meta = {"step": k, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sha256": digests, **meta}
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     # fault injection for crash-safety tests: a pause with the checkpoint half written
     time.sleep(float(os.environ.get("TRAINRUN_SAVE_PAUSE", "0")))
-    for name in (MODEL_FILE, STATE_FILE, META_FILE):
+    for name in [*digests, META_FILE]:
         _fsync(tmp / name)
+    if (tmp / SHARDS).is_dir():
+        _fsync(tmp / SHARDS)
     _fsync(tmp)
 
 
@@ -139,12 +180,16 @@ def _put_in_place(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _save_weights(model: torch.nn.Module, path: Path) -> None:
+def _save_weights(model: torch.nn.Module | dict, path: Path) -> None:
     """safetensors' save_model (it drops the tied head's duplicate name, which load_model
-    restores), with a full disk raised as the OSError it is: safetensors reports it as
-    SafetensorError("... (os error 28)"), in the words of Rust's std::io::Error."""
+    restores) or, for weights by name, save_file; with a full disk raised as the OSError it
+    is: safetensors reports it as SafetensorError("... (os error 28)"), in the words of
+    Rust's std::io::Error."""
     try:
-        save_model(model, str(path))
+        if isinstance(model, dict):
+            save_file(model, str(path))
+        else:
+            save_model(model, str(path))
     except SafetensorError as error:
         found = re.search(r"\(os error (\d+)\)", str(error))
         code = int(found.group(1)) if found else None
@@ -218,8 +263,8 @@ def verify(path: Path) -> str | None:
     """None if checkpoint `path` is intact, else what is wrong with it."""
     try:
         meta = json.loads((path / META_FILE).read_text())
-        if sorted(meta["sha256"]) != sorted((MODEL_FILE, STATE_FILE)):
-            return f"{META_FILE} does not list exactly {MODEL_FILE} and {STATE_FILE}"
+        if sorted(meta["sha256"]) != sorted(files(path)):
+            return f"{META_FILE} does not list exactly the files of the checkpoint"
         for name, digest in meta["sha256"].items():
             if not (path / name).is_file():
                 return f"{name} is missing"
@@ -234,7 +279,13 @@ def read_meta(path: Path) -> dict:
     return json.loads((path / META_FILE).read_text())
 
 
-def load(path: Path, model: torch.nn.Module) -> dict:
-    """Load the weights into `model` and return the trainer state."""
-    load_model(model, str(path / MODEL_FILE), device=str(next(model.parameters()).device))
+def load(path: Path, model: torch.nn.Module, replicas=None,
+         optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """Load the weights into `model` and return the trainer state. A sharded checkpoint
+    (trainer.strategy=fsdp) is read by every rank into its shards of the model and of the
+    optimizer, whatever the number of ranks that wrote it."""
+    if (path / SHARDS).is_dir():
+        replicas.load_sharded(path / SHARDS, optimizer)
+    else:
+        load_model(model, str(path / MODEL_FILE), device=str(next(model.parameters()).device))
     return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)

@@ -16,6 +16,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from trainrun.clip import CLIPPERS, ClipConfig
 from trainrun.data import DATA, DataConfig
+from trainrun.distributed import STRATEGIES
 from trainrun.errors import ConfigError, require_in, require_positive
 from trainrun.model import ModelConfig
 from trainrun.optimizers import OPTIMIZERS, OptimizerConfig
@@ -37,6 +38,7 @@ class TrainerConfig:
     compile: bool = MISSING  # torch.compile the model
     max_skipped: int = MISSING  # consecutive non-finite updates before the run stops
     deterministic: bool = MISSING  # deterministic kernels: bit-exact GPU runs (determinism.py)
+    strategy: str = MISSING  # ddp | fsdp: how processes share the model (distributed.py)
 
 
 @dataclass
@@ -118,6 +120,7 @@ def validate(cfg: Config) -> Config:
                 "ckpt_every", "keep_last", "max_skipped"):
         require_positive(f"trainer.{key}", getattr(t, key))
     require_in("trainer.device", t.device, DEVICES)
+    require_in("trainer.strategy", t.strategy, STRATEGIES)
     if not 0 <= t.seed < 2**32:
         raise ConfigError("trainer.seed", f"got {t.seed}; allowed: 0 <= seed < 2**32")
     cfg.model.validate("model")

@@ -37,16 +37,20 @@ class _LogFile(logging.FileHandler):
 
 class Console:
     """With no log_path, lines are held in memory until `open_log()` writes them, so that a
-    run refused while it is being built leaves no train.log behind."""
+    run refused while it is being built leaves no train.log behind. A `silent` console (the
+    ranks other than 0 of a distributed run) shows and writes nothing."""
 
-    def __init__(self, log_path: Path | None = None, interactive: bool | None = None):
-        self.interactive = sys.stdout.isatty() if interactive is None else interactive
+    def __init__(self, log_path: Path | None = None, interactive: bool | None = None,
+                 silent: bool = False):
+        self.silent = silent
+        self.interactive = (sys.stdout.isatty() if interactive is None else interactive) \
+            and not silent
         self.tty_fds = [fd for fd in (1, 2) if os.isatty(fd)]  # a hung-up tty no longer says so
         self.log = logging.getLogger("trainrun.run")
         self.log.setLevel(logging.INFO)
         self.log.propagate = False
-        self.file_handler: logging.Handler = MemoryHandler(capacity=1 << 30,
-                                                           flushLevel=logging.CRITICAL + 1)
+        self.file_handler: logging.Handler = logging.NullHandler() if silent else \
+            MemoryHandler(capacity=1 << 30, flushLevel=logging.CRITICAL + 1)
         self.log.addHandler(self.file_handler)
         if log_path is not None:
             self.open_log(log_path)
@@ -60,12 +64,14 @@ class Console:
             self.term_handler.addFilter(_NotRecords())
         else:
             self.rich = None
-            self.term_handler = logging.StreamHandler(sys.stdout)
+            self.term_handler = logging.NullHandler() if silent else logging.StreamHandler(sys.stdout)
             self.term_handler.setFormatter(logging.Formatter("%(message)s"))
         self.log.addHandler(self.term_handler)
 
     def open_log(self, log_path: Path) -> None:
         """Start writing train.log (appending), beginning with the lines held so far."""
+        if self.silent:
+            return
         held = self.file_handler
         self.file_handler = _LogFile(log_path, encoding="utf-8")
         self.file_handler.setFormatter(

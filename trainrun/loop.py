@@ -3,6 +3,7 @@ on their cadences, until the run completes, fails or is asked to stop."""
 
 from __future__ import annotations
 
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,11 +54,11 @@ def train(t: Trainer, out: Outputs, signals: Signals) -> str:
     """fit() without the handling of a full disk."""
     cfg, c = t.cfg, t.counters
     out.console.start_progress(cfg.max_steps, c.k)
-    t.model.train()
+    t.replicas.module.train()
     while c.k < cfg.max_steps:
         k = c.k + 1
         lr = t.schedule.apply(t.optimizer, k)
-        result, n_targets = one_update(t)
+        result, n_targets = one_update(t, stop=signals.requested is not None)
         if result.stepped:
             c.k, c.tokens, c.skipped_in_a_row = k, c.tokens + n_targets, 0
             recorded = out.metrics.update(k, lr, result, n_targets, t.precision.loss_scale(),
@@ -70,20 +71,23 @@ def train(t: Trainer, out: Outputs, signals: Signals) -> str:
         elif skip(t, out, result, k):
             save(t, out)  # the last good state: a skipped update changed nothing
             return "failed"
-        if signals.requested is not None and c.k < cfg.max_steps:
+        if result.stop and c.k < cfg.max_steps:  # asked of this rank or another
+            signals.requested = signals.requested or signal.SIGTERM  # torchrun sends SIGTERM
             save(t, out)
             out.console.warning(f"{name(signals.requested)}: stopped after update {c.k}")
             return "stopped"
     return "completed"
 
 
-def one_update(t: Trainer) -> tuple[UpdateResult, int]:
-    """Train on the next window of the data order; return the result and its target count."""
-    indices = t.order.next_window(t.batch_size * t.cfg.grad_accum_steps)
-    batches = [t.train.batch(ix) for ix in micro_batches(indices, t.batch_size)]
+def one_update(t: Trainer, stop: bool = False) -> tuple[UpdateResult, int]:
+    """Train on the next window of the data order (this rank's share of it); return the
+    result and the window's target count. `stop`: this rank was asked to stop."""
+    w = t.world
+    indices = t.order.next_window(t.batch_size * t.cfg.grad_accum_steps * w.size)
+    batches = [t.train.batch(ix) for ix in micro_batches(indices, t.batch_size, w.rank, w.size)]
     n_targets = t.train.num_targets(indices)
-    result = train_update(t.model, batches, n_targets, t.optimizer, t.clipper, t.precision,
-                          t.device)
+    result = train_update(t.replicas, batches, n_targets, t.optimizer, t.clipper, t.precision,
+                          t.device, stop)
     return result, n_targets
 
 
@@ -117,18 +121,21 @@ def skip(t: Trainer, out: Outputs, result: UpdateResult, k: int) -> bool:
 
 @torch.no_grad()
 def evaluate(t: Trainer, n_batches: int) -> float:
-    """Token-mean loss over the first n_batches micro-batches of the validation split."""
-    t.model.eval()
-    total, count = torch.zeros((), device=t.device), 0
-    n = min(len(t.val), n_batches * t.batch_size)
-    for start in range(0, n, t.batch_size):
-        idx = np.arange(start, min(start + t.batch_size, n))
-        x, y = t.val.batch(idx)
-        with t.precision.autocast():
-            total += loss_sum(t.model, x.to(t.device), y.to(t.device))
-        count += t.val.num_targets(idx)
-    t.model.train()
-    return (total / count).item()
+    """Token-mean loss over the first n_batches windows of the validation split, a window
+    being one micro-batch of data.batch_size sequences per process, shared by the ranks as
+    training windows are: N processes measure what one process with N·batch_size does."""
+    t.replicas.module.eval()
+    w, total = t.world, torch.zeros((), device=t.device)
+    window = t.batch_size * w.size
+    n = min(len(t.val), n_batches * window)
+    for start in range(0, n, window):
+        for idx in micro_batches(np.arange(start, min(start + window, n)), t.batch_size,
+                                 w.rank, w.size):
+            x, y = t.val.batch(idx)
+            with t.precision.autocast():
+                total += loss_sum(t.replicas.forward, x.to(t.device), y.to(t.device))
+    t.replicas.module.train()
+    return (t.replicas.sum(total) / t.val.num_targets(np.arange(n))).item()
 
 
 def validate(t: Trainer, out: Outputs) -> None:
@@ -144,10 +151,16 @@ def validate(t: Trainer, out: Outputs) -> None:
 
 
 def save(t: Trainer, out: Outputs) -> None:
-    """Checkpoint update k, once (a periodic save and a stop can fall on the same k)."""
+    """Checkpoint update k, once (a periodic save and a stop can fall on the same k); rank 0
+    writes it, the replicas of the other ranks being the same, and sharded every rank its
+    shards."""
     if out.saved_k == t.counters.k:
         return
     with eval_weights(t.optimizer):  # the weights to export, and the state to resume
-        checkpoint.save(out.ckpt_root, t.counters.k, t.raw_model, t.state_dict(), out.meta,
-                        t.cfg.keep_last)
+        if t.replicas.sharded:
+            checkpoint.save_sharded(out.ckpt_root, t.counters.k, t.replicas, t.optimizer,
+                                    t.state_dict(), out.meta, t.cfg.keep_last, t.world.main)
+        elif t.world.main:
+            checkpoint.save(out.ckpt_root, t.counters.k, t.raw_model, t.state_dict(), out.meta,
+                            t.cfg.keep_last)
     out.saved_k = t.counters.k

@@ -116,7 +116,7 @@ def range_test(trainer, test: RangeTest) -> Result:
     from trainrun.schedules import set_lr
 
     result = Result()
-    trainer.model.train()
+    trainer.replicas.module.train()
     for i in range(test.num_updates):
         lr = test.lr(i)
         set_lr(trainer.optimizer, lr, trainer.schedule.base_lr)

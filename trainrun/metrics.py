@@ -27,15 +27,17 @@ SUMMARY_KEYS = ("status", "steps", "tokens", "train_loss", "val_loss", "best_val
 
 class Metrics:
     def __init__(self, run_dir: Path, console: Console, log_every: int, max_steps: int,
-                 first_step: int = 1):
+                 first_step: int = 1, writes: bool = True):
         """first_step > 1 continues a resumed run: TensorBoard drops whatever an earlier
-        process logged at steps >= first_step, so curves have no duplicated steps."""
+        process logged at steps >= first_step, so curves have no duplicated steps. With
+        `writes` false (ranks other than 0), nothing is written: no events, no metrics.json."""
         from torch.utils.tensorboard import SummaryWriter
 
-        self.run_dir, self.console = run_dir, console
+        self.run_dir, self.console, self.writes = run_dir, console, writes
         self.log_every, self.max_steps = log_every, max_steps
         self.writer = SummaryWriter(str(run_dir / "tb"),
-                                    purge_step=first_step if first_step > 1 else None)
+                                    purge_step=first_step if first_step > 1 else None) \
+            if writes else _NoWriter()
         self.started = time.perf_counter()
         self.session_tokens = 0
         self._reset_window()
@@ -110,6 +112,8 @@ class Metrics:
         summary = {key: _finite_or_none(summary.get(key)) for key in SUMMARY_KEYS}
         finals = {f"hparam/{key}": summary[key] for key in ("best_val_loss", "val_loss", "train_loss")
                   if summary[key] is not None}
+        if not self.writes:
+            return summary
         path, tmp = self.run_dir / "metrics.json", self.run_dir / ".metrics.json.tmp"
         try:  # by rename: a full disk leaves an earlier process's metrics.json whole
             tmp.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
@@ -130,6 +134,18 @@ class Metrics:
             self.console.warning(f"TensorBoard's last records not written: {full.strerror}")
         threading.excepthook = self._excepthook
         return summary
+
+
+class _NoWriter:
+    """SummaryWriter's calls, writing nothing."""
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    add_hparams = add_scalar
+
+    def close(self) -> None:
+        pass
 
 
 def validation_line(k: int, max_steps: int, loss: float, best: float, best_step: int) -> str:

@@ -87,11 +87,14 @@ def check_compatible(cfg: Config, meta: dict, path: Path) -> None:
                 if k in OPTIMIZER_GROUP_KEYS and v != now["optimizer"].get(k)]
     if saved["trainer"]["seed"] != now["trainer"]["seed"]:
         changed.append(("trainer.seed", saved["trainer"]["seed"]))
+    if saved["trainer"].get("strategy", "ddp") != now["trainer"]["strategy"]:  # sharded or not
+        changed.append(("trainer.strategy", saved["trainer"].get("strategy", "ddp")))
     if changed:
         key, old = changed[0]
         raise ConfigError(
             key, f"the checkpoint {path.name} was trained with {old!r}; a resumed run keeps "
-                 f"the model's shape, the data, the seed and the optimizer (allowed: {old!r})")
+                 f"the model's shape, the data, the seed, the optimizer and the strategy "
+                 f"(allowed: {old!r})")
 
 
 def locate(cfg: Config, run_dir: Path) -> tuple[Path | None, dict[Path, str]]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainrun import checkpoint, data, determinism, resume, runinfo
+from trainrun import checkpoint, data, determinism, distributed, resume, runinfo
 from trainrun.config import Config
 from trainrun.console import Console
 from trainrun.errors import ConfigError
@@ -28,12 +28,13 @@ from trainrun.state import Counters, Trainer
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """trainer.device on this machine; with CUDA, the GPU of this process's local rank."""
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("trainer.device", "cuda was asked for but no CUDA GPU is available; "
                                             "allowed here: auto, cpu")
-    return torch.device(name)
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", distributed.current().local_rank)
 
 
 def seed_everything(seed: int) -> None:
@@ -65,7 +66,12 @@ def prepare(cfg: Config) -> tuple[torch.device, Precision]:
 
 
 class RunStopped(SystemExit):
-    """The run ended early: stopped by a signal (128 + its number) or failed (1)."""
+    """The run ended early: stopped by a signal (128 + its number) or failed (1); `reason`
+    is the line that said why it failed."""
+
+    def __init__(self, code: int, reason: str = ""):
+        super().__init__(code)
+        self.reason = reason
 
 
 def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
@@ -80,22 +86,30 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
     resume_from, damaged = resume.locate(cfg, run_dir)
     if cfg.resume is None:
         refuse_used(run_dir)
-    console = Console()
+    world = distributed.init()  # a no-op when the CLI joined already, or for one process
+    if cfg.trainer.strategy == "fsdp":
+        world = distributed.init_single()  # FSDP needs a process group, even of one
+    console = Console(silent=not world.main)
     try:
         try:
             console.config(config_yaml)
             console.info("options: " + " ".join(f"{g}={o}" for g, o in choices.items()))
-            trainer = build(cfg, device, precision, console)
+            trainer = build(cfg, device, precision, console, world)
             if resume_from is not None:
-                trainer.load_state_dict(checkpoint.load(resume_from, trainer.raw_model))
+                trainer.load_state_dict(checkpoint.load(resume_from, trainer.raw_model,
+                                                        trainer.replicas, trainer.optimizer))
                 console.info(f"resumed from {resume_from} at update {trainer.counters.k}")
+                for note in trainer.resume_notes():
+                    console.info(note)
         except BaseException:
             remove_if_empty(run_dir)
             raise
-        start(run_dir, console, record or {}, damaged)
+        if world.main:
+            start(run_dir, console, record or {}, damaged)
         metrics = Metrics(run_dir, console, cfg.trainer.log_every, cfg.trainer.max_steps,
-                          first_step=trainer.counters.k + 1)
-        runinfo.write(run_dir, device)
+                          first_step=trainer.counters.k + 1, writes=world.main)
+        if world.main:
+            runinfo.write(run_dir, device)
         meta = {"config": json.loads(json.dumps(asdict(cfg))), "schemas": resume.schemas(cfg)}
         outputs = Outputs(metrics, console, run_dir / "checkpoints", meta,
                           saved_k=trainer.counters.k if resume_from is not None else None)
@@ -105,7 +119,7 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
                 status = fit(trainer, outputs, signals)
         finally:
             summary = metrics.finish(summarize(trainer, metrics, status), hparams(cfg, choices))
-        return finish(summary, run_dir, console, signals, outputs.failure)
+        return finish(summary, run_dir, console, signals, outputs.failure, world)
     finally:
         determinism.restore()
         console.close()
@@ -162,22 +176,32 @@ def summarize(t: Trainer, metrics: Metrics, status: str) -> dict:
 
 
 def finish(summary: dict, run_dir: Path, console: Console, signals: Signals,
-           failure: checkpoint.NoSpace | None = None) -> dict:
-    """Report how the run ended; raise RunStopped unless it completed."""
+           failure: checkpoint.NoSpace | None = None,
+           world: distributed.World = distributed.ONE_PROCESS) -> dict:
+    """Report how the run ended (rank 0 only); raise RunStopped unless it completed."""
+    if not world.main:
+        if summary["status"] != "completed":
+            raise RunStopped(signals.exit_status if summary["status"] == "stopped" else 1)
+        return summary
     resume_command = resume.command(run_dir)
+    if world.size > 1:
+        resume_command = (f"the same launch with {resume_command.split(' ', 1)[1]} "
+                          f"(e.g. torchrun --nproc_per_node={world.size} -m {resume_command}; "
+                          f"another number of processes continues the same data)")
     if summary["status"] == "stopped":
         console.info(f"stopped at update {summary['steps']}; to continue: {resume_command}")
         raise RunStopped(signals.exit_status)
     if summary["status"] == "failed" and failure is not None:
         then = (f"continue with: {resume_command}" if failure.previous is not None
                 else "start the run again")
-        print(f"trainrun: failed: {failure}; free space, then {then}", file=sys.stderr)
-        raise RunStopped(1)
+        reason = f"failed: {failure}; free space, then {then}"
+        print(f"trainrun: {reason}", file=sys.stderr)
+        raise RunStopped(1, reason)
     if summary["status"] == "failed":
-        print(f"trainrun: failed: too many non-finite updates in a row at update "
-              f"{summary['steps']}; last good checkpoint in {run_dir / 'checkpoints'}",
-              file=sys.stderr)
-        raise RunStopped(1)
+        reason = (f"failed: too many non-finite updates in a row at update {summary['steps']}; "
+                  f"last good checkpoint in {run_dir / 'checkpoints'}")
+        print(f"trainrun: {reason}", file=sys.stderr)
+        raise RunStopped(1, reason)
     shown = {k: "n/a" if v is None else v for k, v in summary.items()}
     console.info(f"done: {shown['steps']} updates, val_loss {shown['val_loss']:.6} "
                  f"(best {shown['best_val_loss']:.6}), {shown['tokens_per_sec']:.6} tok/s, "
@@ -185,35 +209,50 @@ def finish(summary: dict, run_dir: Path, console: Console, signals: Signals,
     return summary
 
 
-def build(cfg: Config, device: torch.device, precision: Precision, console: Console) -> Trainer:
+def build(cfg: Config, device: torch.device, precision: Precision, console: Console,
+          world: distributed.World = distributed.ONE_PROCESS) -> Trainer:
     t = cfg.trainer
     deterministic = determinism.enable(t.deterministic)  # before the first CUDA kernel
     if deterministic:
         console.info(deterministic)
     seed_everything(t.seed)
-    splits = data.load(cfg.data)
+    splits = load_data(cfg.data, world)
     model = GPT(cfg.model, data.VOCAB_SIZE).to(device)
-    forward = torch.compile(model) if t.compile else model
+    replicas = distributed.Replicas(model, t.strategy, world, device, t.compile)
     optimizer = build_optimizer(cfg.optimizer, model, device)
     schedule = build_schedule(cfg.scheduler, cfg.optimizer.lr, t.max_steps, cfg.model.d_model)
     schedule.check(optimizer)
-    sequences_per_update = cfg.data.batch_size * t.grad_accum_steps
+    sequences_per_update = cfg.data.batch_size * t.grad_accum_steps * world.size
+    if world.size > 1 or t.strategy == "fsdp":
+        console.info(f"{world.size} process(es), strategy {t.strategy}, rank 0 writes the run")
     console.info(
         f"device {device}, precision {precision.mode}; model {model.num_params():,} parameters; "
         f"data {len(splits['train']):,} train / {len(splits['validation']):,} validation "
         f"sequences of {cfg.data.seq_len} tokens"
     )
     console.info(
-        f"update = {t.grad_accum_steps} micro-batch(es) x {cfg.data.batch_size} sequences = "
+        f"update = {t.grad_accum_steps} micro-batch(es) x {cfg.data.batch_size} sequences x "
+        f"{world.size} process(es) = "
         f"{sequences_per_update} sequences, up to {sequences_per_update * cfg.data.seq_len:,} "
         f"tokens; {t.max_steps} updates"
     )
     for note in schedule.notes():  # noam: optimizer.lr unused, warmup longer than the run
         console.warning(note)
     return Trainer(
-        cfg=t, model=forward, raw_model=model, optimizer=optimizer, schedule=schedule,
+        cfg=t, replicas=replicas, raw_model=model, optimizer=optimizer, schedule=schedule,
         clipper=cfg.clip.build(model), precision=precision, train=splits["train"],
         val=splits["validation"], order=DataOrder(len(splits["train"]), t.seed),
-        batch_size=cfg.data.batch_size, device=device, counters=Counters(),
+        batch_size=cfg.data.batch_size, device=device, counters=Counters(), world=world,
     )
+
+
+def load_data(cfg: data.DataConfig, world: distributed.World) -> dict[str, data.Sequences]:
+    """The data, tokenized by rank 0 first: the other ranks then read the `datasets` cache
+    it wrote instead of tokenizing the same files at the same time."""
+    if not world.main:
+        distributed.barrier()
+    splits = data.load(cfg)
+    if world.main:
+        distributed.barrier()
+    return splits
 

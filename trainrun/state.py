@@ -14,6 +14,7 @@ import torch
 from trainrun.clip import Clipper
 from trainrun.config import TrainerConfig
 from trainrun.data import Sequences
+from trainrun.distributed import ONE_PROCESS, Replicas, World
 from trainrun.order import DataOrder
 from trainrun.precision import Precision
 from trainrun.schedules import Schedule
@@ -34,7 +35,7 @@ class Counters:
 @dataclass
 class Trainer:
     cfg: TrainerConfig
-    model: torch.nn.Module  # what runs forward (compiled when trainer.compile)
+    replicas: Replicas  # the model as the processes share it; .forward runs it
     raw_model: torch.nn.Module  # what is saved
     optimizer: torch.optim.Optimizer
     schedule: Schedule
@@ -46,26 +47,47 @@ class Trainer:
     batch_size: int
     device: torch.device
     counters: Counters
+    world: World = ONE_PROCESS
+    saved_world: tuple | None = None  # processes, sequences per update of a loaded checkpoint
 
     def state_dict(self) -> dict:
+        """Sharded (FSDP), the optimizer's state is saved with the model's shards instead."""
+        optimizer = {} if self.replicas.sharded else {"optimizer": self.optimizer.state_dict()}
         return {
-            "optimizer": self.optimizer.state_dict(),
+            **optimizer,
             "schedule": self.schedule.state_dict(),
             "clipper": self.clipper.state_dict(),
             "scaler": self.precision.state_dict(),
             "order": self.order.state_dict(),
             "counters": asdict(self.counters),
             "rng": rng_state(),
+            "world_size": self.world.size,
+            "sequences_per_update": self.sequences_per_update(),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:  # else loaded with the shards (checkpoint.load)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.clipper.load_state_dict(state["clipper"])
         self.precision.load_state_dict(state["scaler"])
         self.order.load_state_dict(state["order"])
         self.counters = Counters(**state["counters"])
         set_rng_state(state["rng"])
+        self.saved_world = (state.get("world_size", 1), state.get("sequences_per_update"))
+
+    def sequences_per_update(self) -> int:
+        return self.batch_size * self.cfg.grad_accum_steps * self.world.size
+
+    def resume_notes(self) -> list[str]:
+        """What a resume on another number of processes changes, and what it does not."""
+        if self.saved_world is None or self.saved_world[0] == self.world.size:
+            return []
+        processes, sequences = self.saved_world
+        return [f"the checkpoint was written by {processes} process(es) with updates of "
+                f"{sequences} sequences; this run has {self.world.size}, with updates of "
+                f"{self.sequences_per_update()}: the data order continues where it stopped (it "
+                f"does not depend on the number of processes)"]
 
 
 def rng_state() -> dict:

@@ -5,7 +5,9 @@ The loss of an update is the mean over every target token of all its micro-batch
 whole window, so accumulating k micro-batches of b sequences equals one batch of k·b
 sequences whatever the sequences' lengths. n_targets is known on the host before the first
 forward pass (it comes from the data, not from the device), so normalizing costs no sync;
-under DDP every rank knows the whole window, so it needs no all-reduce either.
+under DDP every rank knows the whole window, so it needs no all-reduce either. With more
+than one process, each rank trains on its share of the window and the gradients are summed
+across ranks (trainrun.distributed), so the update is the one of a single process.
 
 An update whose loss or gradients are not finite is skipped (SPEC §5): the optimizer does
 not step, and the caller neither advances k nor the schedule. Deciding that costs one
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 
 from trainrun.clip import Clipper
 from trainrun.data import IGNORE
+from trainrun.distributed import Replicas, full_tensor
 from trainrun.precision import Precision
 
 
@@ -30,6 +33,7 @@ class UpdateResult:
     grad_norm: torch.Tensor  # pre-clip global L2 norm of the gradients
     clip_coef: torch.Tensor  # the coefficient the clipper applied
     stepped: bool  # False: skipped for non-finite gradients, nothing was changed
+    stop: bool = False  # some rank was asked to stop (a signal): all stop after this update
 
 
 def loss_sum(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -39,22 +43,26 @@ def loss_sum(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.
                            reduction="sum")
 
 
-def train_update(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
+def train_update(replicas: Replicas, batches: list[tuple[torch.Tensor, torch.Tensor]],
                  n_targets: int, optimizer: torch.optim.Optimizer, clipper: Clipper,
-                 precision: Precision, device: torch.device) -> UpdateResult:
-    """Apply one update from `batches` (CPU tensors), normalized by `n_targets` tokens."""
+                 precision: Precision, device: torch.device, stop: bool = False) -> UpdateResult:
+    """Apply one update from this rank's `batches` (CPU tensors), normalized by the
+    `n_targets` tokens of the whole window (all ranks); `stop`: this rank was asked to stop."""
     total = torch.zeros((), device=device)
-    for x, y in batches:
+    for i, (x, y) in enumerate(batches):
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
-        with precision.autocast():
-            loss = loss_sum(model, x, y) / n_targets
-        precision.scale(loss).backward()
+        with replicas.micro_batch(last=i == len(batches) - 1):
+            with precision.autocast():
+                loss = loss_sum(replicas.forward, x, y) / n_targets
+            precision.scale(loss).backward()
         total += loss.detach()
+    total, stop = replicas.agree(total, stop)
     precision.unscale_(optimizer)  # clipping sees the true gradients
     params = [p for group in optimizer.param_groups for p in group["params"]
               if p.grad is not None]
     grad_norm, clip_coef = clipper(params)
+    grad_norm, clip_coef = full_tensor(grad_norm), full_tensor(clip_coef)
     stepped = precision.step(optimizer, torch.isfinite(total) & torch.isfinite(grad_norm))
     optimizer.zero_grad(set_to_none=True)
-    return UpdateResult(total, grad_norm, clip_coef, stepped)
+    return UpdateResult(total, grad_norm, clip_coef, stepped, bool(stop))

@@ -13,13 +13,15 @@ the run writes .hydra/ once it has really started, so a refused or failed start 
 
 from __future__ import annotations
 
-import math
+import os
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from trainrun import distributed
 from trainrun.cli.overrides import CONF, continue_run, key, one_of, options
 from trainrun.config import Config, register_schemas, to_config, validate
 from trainrun.errors import ConfigError
@@ -28,6 +30,9 @@ __all__ = ["arguments", "compose", "fail", "load", "main", "options", "preflight
            "task_overrides"]
 
 register_schemas()
+
+PLUGINS = ("Hydra's joblib and submitit launchers and Optuna sweeper come with "
+           "pip install 'trainrun[sweep]'")
 
 
 def explain(exc: Exception) -> ConfigError:
@@ -40,6 +45,12 @@ def explain(exc: Exception) -> ConfigError:
         return ConfigError("override", str(exc).splitlines()[0].replace("Error parsing ", ""))
     if isinstance(exc, MissingConfigException):
         missing = (exc.missing_cfg_file or "").strip("/")
+        if missing.startswith("hydra/") and missing.count("/") >= 2:
+            group, option = missing.rsplit("/", 1)
+            if not exc.options:  # a preset of ours extends it (hydra/launcher=parallel)
+                return ConfigError(group, f"{option!r} is not installed; {PLUGINS}")
+            return ConfigError(group, f"unknown option {option!r}; allowed: "
+                                      f"{', '.join(exc.options)} ({PLUGINS})")
         if "/" in missing:
             group, option = missing.split("/", 1)
             return ConfigError(group, f"unknown option {option!r}; allowed: {', '.join(options(group))}")
@@ -81,8 +92,26 @@ def sweep(overrides: list[str]) -> tuple[list[list[str]], set[str]]:
     return [list(job) for job in jobs], swept
 
 
+def is_sweep(override: str) -> bool:
+    """A sweep in Hydra's grammar: a,b  choice(...)  range(...)  interval(...)  tag(...)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return OverridesParser.create().parse_override(override).is_sweep_override()
+    except Exception as exc:
+        raise explain(exc) from None
+
+
 def compose(jobs: list[list[str]]) -> list[Config]:
     """The validated Config of each job's overrides, composed as `trainrun` composes them."""
+    return [load(cfg) for cfg in composed(jobs)]
+
+
+def composed(jobs: list[list[str]], with_hydra: bool = False) -> list[DictConfig]:
+    """Each job's overrides composed (types, keys and options checked, no cross-field rule);
+    with_hydra: Hydra's own config too, so that hydra/launcher=..., hydra.launcher.*=... and
+    hparams_search=... are checked (a launcher or sweeper that is not installed, or a key
+    it does not have)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
@@ -90,24 +119,35 @@ def compose(jobs: list[list[str]]) -> list[Config]:
     with initialize_config_module(config_module=CONF, version_base=None):
         for overrides in jobs:
             try:
-                cfg = hydra_compose(config_name="config", overrides=overrides)
+                configs.append(hydra_compose(config_name="config", overrides=overrides,
+                                             return_hydra_config=with_hydra))
             except Exception as exc:
                 raise explain(exc) from None
-            configs.append(load(cfg))
     return configs
 
 
 def preflight(argv: list[str]) -> None:
     """Compose and validate the overrides of every job `trainrun argv` would run (each job
-    of a basic sweep too); raise ConfigError if any is bad, before anything is written.
+    of a basic sweep too), and Hydra's own choices (launcher, sweeper); raise ConfigError if
+    any is bad, before anything is written.
 
-    Hydra's informational flags (--help, --cfg, ...) and other sweepers are left to Hydra.
+    Hydra's informational flags (--help, --cfg, ...) are left to Hydra; with another sweeper
+    (hparams_search=optuna, hydra/sweeper=...) each job is validated as it starts.
     """
     multirun = any(a in ("-m", "--multirun") for a in argv)
     flags = [a for a in argv if a.startswith("-") and a not in ("-m", "--multirun")]
-    if flags or any(a.lstrip("+").startswith("hydra/sweeper=") for a in argv):
+    if flags:
         return
     overrides = task_overrides(argv)
+    searches = [a for a in overrides if key(a) == "hparams_search" and not a.endswith("=null")]
+    hydra_own = [a for a in argv if not a.startswith("-") and a not in overrides]
+    if hydra_own or searches:
+        composed([[*hydra_own, *searches]], with_hydra=True)
+    if searches or any(key(a) == "hydra/sweeper" and not a.endswith("=basic") for a in argv):
+        # another sweeper: its jobs are known only as it runs them, each validated as it
+        # starts; the values that every job shares are composed here
+        composed([[o for o in overrides if not is_sweep(o)]])
+        return
     jobs, swept = sweep(overrides) if multirun else ([overrides], set())
     from trainrun.runner import prepare
 
@@ -130,11 +170,14 @@ def fail(error: ConfigError, prog: str = "trainrun") -> None:
 
 @hydra.main(version_base=None, config_path="pkg://trainrun.conf", config_name="config")
 def _job(cfg: DictConfig) -> float:
-    """One run; in a sweep, returns its best validation loss (inf if it failed) to Hydra."""
+    """One run; in a sweep, returns its best validation loss to Hydra, or if it failed
+    (a bad value found while building it, too many non-finite updates, a crash) inf carrying
+    the error's line, so that the sweep goes on (README "Sweeps")."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     from trainrun import runner
+    from trainrun.sweep import JobFailed, crashed
 
     hc = HydraConfig.get()
     in_sweep = hc.mode == RunMode.MULTIRUN
@@ -142,20 +185,25 @@ def _job(cfg: DictConfig) -> float:
     record = {"config.yaml": OmegaConf.to_yaml(cfg),
               "hydra.yaml": OmegaConf.to_yaml(HydraConfig.instance().cfg),
               "overrides.yaml": OmegaConf.to_yaml(hc.overrides.task)}
+    run_dir = Path(hc.runtime.output_dir)
     try:
         config = load(cfg)
-        choices = {g: o for g, o in hc.runtime.choices.items() if not g.startswith("hydra")}
-        summary = runner.run(config, Path(hc.runtime.output_dir), OmegaConf.to_yaml(cfg), choices,
-                             record)
+        choices = {g: o for g, o in hc.runtime.choices.items()
+                   if not g.startswith("hydra") and o is not None}
+        summary = runner.run(config, run_dir, OmegaConf.to_yaml(cfg), choices, record)
     except ConfigError as error:
         if not in_sweep:
             fail(error)
         print(f"trainrun: error: {error} (job {hc.job.num}; the sweep goes on)", file=sys.stderr)
-        return math.inf
+        return JobFailed(f"error: {error}")
     except runner.RunStopped as stop:
         if not in_sweep or stop.code != 1:  # a signal stops the whole sweep
             raise
-        return math.inf
+        return JobFailed(stop.reason)
+    except Exception as exc:
+        if not in_sweep:
+            raise
+        return JobFailed(crashed(exc, hc.job.num, run_dir))
     return summary["best_val_loss"]
 
 
@@ -227,9 +275,28 @@ def main() -> None:
     try:
         sys.argv[1:] = arguments(sys.argv[1:])
         preflight(sys.argv[1:])
+        sys.argv[1:] = one_run_dir(sys.argv[1:])
     except ConfigError as error:
         fail(error)
     _job()
+
+
+def one_run_dir(argv: list[str]) -> list[str]:
+    """Under torchrun or srun, every process joins the process group here, and all take
+    rank 0's run directory: Hydra's default names it by the time, which differs between
+    processes by a second now and then. A sweep's jobs join theirs when they run."""
+    if any(a in ("-m", "--multirun") for a in argv):
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        if size > 1:
+            raise ConfigError("--multirun", f"a sweep cannot run inside a distributed launch "
+                                            f"({size} processes); allowed: a sweep whose jobs "
+                                            f"are distributed (hydra/launcher=slurm)")
+        return argv
+    world = distributed.init()
+    if world.size == 1 or any(key(a) == "hydra.run.dir" for a in argv):
+        return argv
+    now = distributed.broadcast(datetime.now().strftime("%Y-%m-%d/%H-%M-%S"))
+    return [*argv, f"hydra.run.dir=outputs/{now}"]
 
 
 if __name__ == "__main__":

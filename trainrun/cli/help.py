@@ -16,12 +16,15 @@ PURPOSE = {
     "scheduler": "the learning-rate schedule over trainer.max_steps updates, with warmup",
     "clip": "gradient clipping, once per update",
     "precision": "fp32, or bf16/fp16 autocast (fp16 with dynamic loss scaling)",
+    "hparams_search": "a sweeper's search over lr, warmup, max_norm and schedule (the sweep extra)",
 }
 
 EXAMPLES = [
     ("trainrun", "tiny GPT on the built-in corpus; a CPU is enough"),
     ("trainrun scheduler=noam clip.max_norm=1.0", "any option and any key"),
     ("trainrun -m scheduler=cosine,noam optimizer.lr=1e-3,3e-4", "a sweep of 4 runs"),
+    ("trainrun -m hydra/launcher=parallel optimizer.lr=1e-3,3e-4", "2 runs at a time"),
+    ("trainrun -m hparams_search=optuna hydra.sweeper.n_trials=20", "Optuna's search"),
     ("trainrun resume=outputs/2026-11-21/14-03-12", "continue a run from its checkpoint"),
     ("trainrun --cfg job optimizer=lamb", "print the composed config, run nothing"),
     ("trainrun-lr scheduler=wsd", "preview a schedule without training"),

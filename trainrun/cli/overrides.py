@@ -29,9 +29,10 @@ def options(group: str) -> list[str]:
 
 
 def groups() -> list[str]:
-    """The config groups: the folders of conf/."""
+    """The config groups: the folders of conf/ (but hydra/, which holds presets of Hydra's
+    own groups, chosen as hydra/<group>=<option>)."""
     return sorted(p.name for p in resources.files(CONF).iterdir()
-                  if p.is_dir() and not p.name.startswith("_"))
+                  if p.is_dir() and not p.name.startswith("_") and p.name != "hydra")
 
 
 def default_options() -> dict[str, str]:
@@ -96,6 +97,9 @@ def saved(run_dir: Path) -> list[str]:
     if not isinstance(entries, list):
         raise ConfigError("resume", f"{path}: holds a {type(entries).__name__}; allowed: a list "
                                     f"of key=value overrides")
+    # the search that chose this run's values (a job of `trainrun -m hparams_search=optuna`)
+    # is not part of the run: dropped, never used
+    entries = [e for e in entries if not (isinstance(e, str) and key(e) == "hparams_search")]
     for entry in entries:
         problem = _refusal(entry)
         if problem is not None:

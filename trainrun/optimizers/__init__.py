@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from trainrun.optimizers.base import OptimizerConfig, kernel_options, param_groups
+from trainrun.optimizers.base import SHARDED, OptimizerConfig, kernel_options, param_groups
 from trainrun.optimizers.muon import MuonAdamW, MuonConfig
 from trainrun.optimizers.schedule_free import ScheduleFreeAdamW, ScheduleFreeConfig, eval_weights
 from trainrun.optimizers.standard import (
@@ -61,4 +61,5 @@ OPTIMIZERS: dict[str, type[OptimizerConfig]] = {
 
 def build_optimizer(cfg: OptimizerConfig, model: torch.nn.Module,
                     device: torch.device) -> torch.optim.Optimizer:
-    return cfg.build(param_groups(model, cfg), device)
+    sharded = any(hasattr(p, "full_tensor") for p in model.parameters())  # DTensors
+    return cfg.build(param_groups(model, cfg), SHARDED if sharded else device)

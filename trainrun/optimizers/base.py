@@ -82,3 +82,8 @@ def kernel_options(optimizer_cls: type, device: torch.device) -> dict:
     if device.type in FUSED_DEVICES.get(optimizer_cls, ()):
         return {"fused": True}
     return {"foreach": True}
+
+
+# Where the parameters are sharded (FSDP's DTensors), the foreach kernels: torch has no
+# sharding rule for most fused ones. Named as a device on which no fused kernel exists.
+SHARDED = torch.device("meta")

@@ -1,0 +1,220 @@
+"""More than one process (SPEC §9): the process group, and how the model's gradients are
+shared between processes. The loop calls what is here; it never branches on the strategy.
+
+The process group is made from the environment torchrun sets (RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR, MASTER_PORT), or, under SLURM's srun without torchrun, from
+SLURM's own variables. Gloo on CPU, NCCL on CUDA, one device per local rank.
+
+Every rank sees its share of each update's window of the data order (order.micro_batches)
+and normalizes its loss by the target-token count of the whole window, so the gradients
+are *summed* across ranks, never averaged: N processes with micro-batch b then compute
+exactly the update of one process with micro-batch N·b. They are summed once per update,
+on the last micro-batch (DDP's no_sync, FSDP's requires_gradient_sync on the others).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that writes files and the console."""
+        return self.rank == 0
+
+
+def slurm_environment(env: dict[str, str]) -> dict[str, str]:
+    """torchrun's variables derived from SLURM's, for the tasks of an srun step (a shell or
+    batch script inside an allocation is not one: it has no SLURM_STEP_ID); {} when
+    torchrun's are set or SLURM's are not. The rendezvous host is the first node of the
+    step, the port one derived from the job id unless MASTER_PORT is given."""
+    if "WORLD_SIZE" in env or not {"SLURM_STEP_ID", "SLURM_PROCID", "SLURM_NTASKS"} <= env.keys():
+        return {}
+    nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or \
+        env.get("SLURM_NODELIST") or "127.0.0.1"
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": env["SLURM_NTASKS"],
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(nodes),
+        "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000),
+    }
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: "gpu[03-05,07],cpu1" -> "gpu03"."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if match is None:
+        return nodelist
+    prefix, ranges = match.groups()
+    return prefix if ranges is None else prefix + ranges.split(",")[0].split("-")[0]
+
+
+ONE_PROCESS = World()
+_world = ONE_PROCESS
+
+
+def init() -> World:
+    """Join the process group if this process is one of several (torchrun or srun); a
+    no-op for a single process. Called once, before anything else is built."""
+    global _world
+    os.environ.update(slurm_environment(dict(os.environ)))
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1 or dist.is_initialized():
+        return current()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        backend = "cuda:nccl,cpu:gloo"  # NCCL for the model, gloo for small host objects
+    dist.init_process_group(backend, timeout=timedelta(minutes=30))
+    _world = World(dist.get_rank(), local_rank, dist.get_world_size())
+    return _world
+
+
+def init_single() -> World:
+    """A process group of one, for FSDP in a process that torchrun did not start."""
+    global _world
+    if not dist.is_initialized():
+        backend = "cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        _world = World(0, 0, 1)
+    return _world
+
+
+def current() -> World:
+    return _world
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def broadcast(obj):
+    """Rank 0's obj on every rank (pickled, host side: small values only)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class Replicas:
+    """The model as the processes share it: `module` is what runs forward. Strategy "ddp"
+    is plain data parallelism (the model itself when there is one process); "fsdp" shards
+    parameters, gradients and optimizer state with FSDP2's fully_shard. `forward` is the
+    module compiled with torch.compile when `compile`, else the module itself."""
+
+    def __init__(self, model: torch.nn.Module, strategy: str = "ddp",
+                 world: World = ONE_PROCESS, device: torch.device | None = None,
+                 compile: bool = False):
+        self.strategy, self.world = strategy, world
+        self.sharded = strategy == "fsdp"
+        if self.sharded:
+            from torch.distributed.fsdp import FSDPModule, fully_shard
+
+            for block in model.blocks:
+                fully_shard(block)
+            fully_shard(model)
+            for unit in (m for m in model.modules() if isinstance(m, FSDPModule)):
+                unit.set_gradient_divide_factor(1.0)  # summed, not averaged (module docstring)
+                unit.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+            self.module = model
+        elif world.size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index] if device is not None and device.type == "cuda" else None
+            self.module = DistributedDataParallel(model, device_ids=ids)
+            self.module.register_comm_hook(None, _sum_hook)
+        else:
+            self.module = model
+        self.forward = torch.compile(self.module) if compile else self.module
+
+    def micro_batch(self, last: bool):
+        """The context of one micro-batch's forward and backward: gradients are reduced
+        across ranks on the update's last micro-batch only."""
+        if self.sharded:
+            self.module.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        if self.world.size > 1 and not last:
+            return self.module.no_sync()
+        return contextlib.nullcontext()
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        """value summed over the ranks."""
+        if self.world.size > 1:
+            dist.all_reduce(value)
+        return value
+
+    def agree(self, loss: torch.Tensor, stop: bool) -> tuple[torch.Tensor, torch.Tensor | bool]:
+        """The update's loss summed over ranks, and whether any rank was asked to stop, in
+        one all-reduce: every rank then decides to skip or stop identically."""
+        if self.world.size == 1:
+            return loss, stop
+        both = torch.stack([loss, torch.tensor(float(stop), device=loss.device)])
+        dist.all_reduce(both)
+        return both[0], both[1] > 0
+
+
+    # FSDP's checkpoints (trainrun.checkpoint): torch.distributed.checkpoint writes each
+    # rank's shards, and reads them back on any number of ranks
+
+    def sharded_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """The model's and optimizer's state as sharded tensors, keyed by parameter name."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model, optim = get_state_dict(self.module, optimizer)
+        return {"model": model, "optimizer": optim}
+
+    def load_sharded(self, path, optimizer: torch.optim.Optimizer) -> None:
+        """Read a sharded checkpoint written by any number of ranks into this one's shards."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        state = self.sharded_state(optimizer)
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(self.module, optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+
+    def full_weights(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights on rank 0's host ({} on the other ranks), each tied
+        parameter under one name: the one safetensors' save_model keeps (the first in
+        sorted order), so the file reads like an unsharded run's."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.module, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+        names: dict[int, list[str]] = {}
+        for name, param in self.module.named_parameters(remove_duplicate=False):
+            names.setdefault(id(param), []).append(name)
+        for aliases in names.values():
+            for alias in sorted(aliases)[1:]:
+                full.pop(alias, None)
+        return full
+
+
+def _sum_hook(state, bucket):  # unannotated: DDP checks annotations, and these are strings
+    """DDP's all-reduce of a GradBucket without its division by the world size."""
+    work = dist.all_reduce(bucket.buffer(), async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) value made whole on every rank; a plain tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t

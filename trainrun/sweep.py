@@ -1,0 +1,162 @@
+"""The summary of a sweep (`trainrun -m`): one row per job, as a table and as summary.csv;
+and what a job that fails gives back, so that the sweep goes on.
+
+Each job leaves a small record, `<sweep dir>/.jobs/<job number>.json` (its overrides, run
+directory and, if it failed, the error's one line), written in the process that ran it:
+jobs may run in other processes or on other machines (joblib, submitit), so what they
+report travels through files. The rest of a row comes from the job's own metrics.json.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shlex
+import sys
+from pathlib import Path
+
+COLUMNS = ("job", "overrides", "status", "best_val_loss", "val_loss", "steps",
+           "skipped_updates", "wall_seconds", "tokens_per_sec", "run_dir", "error")
+METRICS = ("status", "best_val_loss", "val_loss", "steps", "skipped_updates", "wall_seconds",
+           "tokens_per_sec")
+RECORDS = ".jobs"
+
+
+class JobFailed(float):
+    """What a failed job returns to Hydra's sweeper: inf (the worst loss, so that Optuna
+    steers away from it), carrying the error's one line for the job's record."""
+
+    def __new__(cls, error: str):
+        value = super().__new__(cls, math.inf)
+        value.error = error
+        return value
+
+
+def error_line(exc: BaseException) -> str:
+    """An exception in one line: its type and the first line of its message."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def crashed(exc: Exception, job: int, run_dir: Path) -> str:
+    """A job of a sweep raised: its traceback goes to stderr and to the end of its train.log
+    (when it got that far), and the sweep goes on. Returns the error's one line."""
+    import traceback
+
+    text = "".join(traceback.format_exception(exc))
+    log = run_dir / "train.log"
+    if log.is_file():
+        with log.open("a", encoding="utf-8") as f:
+            f.write(text)
+    line = f"failed: {error_line(exc)}"
+    print(f"{text}trainrun: {line} (job {job}; the sweep goes on)", file=sys.stderr)
+    return line
+
+
+def record(sweep_dir: Path, job: int, overrides: list[str], run_dir: Path,
+           error: str | None) -> None:
+    """Write job's record (by rename: a summary read meanwhile never sees half a file)."""
+    folder = sweep_dir / RECORDS
+    folder.mkdir(parents=True, exist_ok=True)
+    path, tmp = folder / f"{job}.json", folder / f".{job}.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"job": job, "overrides": list(overrides),
+                               "run_dir": str(run_dir), "error": error}) + "\n")
+    os.replace(tmp, path)
+
+
+def forget(sweep_dir: Path) -> None:
+    """Drop the records of an earlier sweep into the same directory."""
+    for path in (sweep_dir / RECORDS).glob("*.json"):
+        path.unlink()
+
+
+def rows(sweep_dir: Path) -> list[dict]:
+    """One row per recorded job (COLUMNS; overrides as a list; a value never measured is
+    None), best first: by best_val_loss, then failed jobs and jobs without a finite loss, by
+    job number."""
+    found = []
+    for path in (sweep_dir / RECORDS).glob("*.json"):
+        job = json.loads(path.read_text())
+        metrics_path = Path(job["run_dir"]) / "metrics.json"
+        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+        row = {"job": job["job"], "overrides": job["overrides"],
+               **{key: metrics.get(key) for key in METRICS},
+               "run_dir": job["run_dir"], "error": job["error"]}
+        if job["error"] is not None or not metrics:
+            row["status"] = "failed"
+            row["error"] = row["error"] or "failed: the job ended without writing metrics.json"
+        found.append(row)
+    return sorted(found, key=rank)
+
+
+def rank(row: dict) -> tuple:
+    best = row["best_val_loss"]
+    finite = isinstance(best, (int, float)) and math.isfinite(best)
+    ok = row["status"] == "completed" and finite
+    return (not ok, best if ok else 0.0, row["job"])
+
+
+def write_csv(table: list[dict], path: Path) -> None:
+    """summary.csv: COLUMNS, one row per job in the order given; the overrides as a shell
+    would take them (`trainrun <overrides>` runs the job again); None is an empty cell."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", newline="") as f:
+        out = csv.DictWriter(f, fieldnames=COLUMNS)
+        out.writeheader()
+        for row in table:
+            cells = {**row, "overrides": shlex.join(row["overrides"])}
+            out.writerow({k: "" if cells[k] is None else cells[k] for k in COLUMNS})
+    os.replace(tmp, path)
+
+
+def common_overrides(table: list[dict]) -> list[str]:
+    """The overrides every job of the sweep has (when there are two jobs or more)."""
+    if len(table) < 2:
+        return []
+    first, *others = (row["overrides"] for row in table)
+    return [o for o in first if all(o in other for other in others)]
+
+
+def render(table: list[dict], sweep_dir: Path):
+    """The rich Table of the summary: the overrides that tell jobs apart, run directories
+    relative to the sweep directory; failed jobs' errors are printed below it."""
+    from rich.table import Table
+
+    common = set(common_overrides(table))
+    out = Table(title=f"sweep {sweep_dir}: {len(table)} jobs, best val loss first")
+    for name, justify in (("job", "right"), ("overrides", "left"), ("status", "left"),
+                          ("best_val_loss", "right"), ("val_loss", "right"),
+                          ("steps", "right"), ("skipped", "right"), ("wall s", "right"),
+                          ("tok/s", "right"), ("run dir", "left")):
+        out.add_column(name, justify=justify)
+    for row in table:
+        shown = shlex.join(o for o in row["overrides"] if o not in common)
+        out.add_row(str(row["job"]), shown, row["status"], _number(row["best_val_loss"], ".4f"),
+                    _number(row["val_loss"], ".4f"), _number(row["steps"], "d"),
+                    _number(row["skipped_updates"], "d"), _number(row["wall_seconds"], ".1f"),
+                    _number(row["tokens_per_sec"], ",.0f"), _relative(row["run_dir"], sweep_dir))
+    return out
+
+
+def footer(table: list[dict], csv_path: Path) -> list[str]:
+    """The lines printed under the table: common overrides, errors, where the CSV is."""
+    lines = []
+    common = common_overrides(table)
+    if common:
+        lines.append(f"every job: {shlex.join(common)}")
+    lines += [f"job {row['job']}: {row['error']}" for row in table if row["error"]]
+    lines.append(f"summary: {csv_path}")
+    return lines
+
+
+def _number(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _relative(run_dir: str, sweep_dir: Path) -> str:
+    try:
+        return str(Path(run_dir).resolve().relative_to(sweep_dir.resolve()))
+    except ValueError:
+        return run_dir
