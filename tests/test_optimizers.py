@@ -261,6 +261,8 @@ def test_kernel_choice_by_device():
     (["optimizer=schedulefree", "scheduler=constant", "optimizer.weight_lr_power=-1"],
      "optimizer.weight_lr_power"),
     (["optimizer=schedulefree", "scheduler=linear"], "scheduler"),
+    (["optimizer=muon", "trainer.strategy=fsdp"], "trainer.strategy"),
+    (["optimizer=adafactor", "trainer.strategy=fsdp"], "trainer.strategy"),
 ])
 def test_bad_optimizer_settings_name_the_key(corpus, overrides, key):
     with pytest.raises(ConfigError) as err:

@@ -38,6 +38,7 @@ class OptimizerConfig:
     no_decay: list[str] = MISSING  # parameter kinds without weight decay: bias, norm, embedding
 
     schedulers: ClassVar[tuple[str, ...] | None] = None  # the scheduler options it takes: all
+    shards: ClassVar[bool] = True  # steps FSDP's sharded parameters (trainer.strategy=fsdp)
 
     def validate(self, prefix: str) -> None:
         require_positive(f"{prefix}.lr", self.lr)

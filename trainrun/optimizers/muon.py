@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from omegaconf import MISSING
@@ -114,6 +115,8 @@ class MuonConfig(OptimizerConfig):
     ns_steps: int = MISSING  # Newton-Schulz iterations, 1..99
     adjust_lr_fn: str = MISSING  # original | match_rms_adamw
     adamw: AdamWSide = field(default_factory=AdamWSide)
+
+    shards: ClassVar[bool] = False  # orthogonalizes whole matrices; two optimizers' state
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)

@@ -4,6 +4,7 @@ layer-wise ones implemented in the project (trainrun.optimizers.layerwise)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from omegaconf import MISSING
@@ -176,6 +177,8 @@ class AdafactorConfig(OptimizerConfig):
     beta2_decay: float = MISSING  # <= 0: beta2 at step t is 1 − t^beta2_decay
     eps: list[float | None] = MISSING  # [eps1 (null: the dtype's eps), eps2]
     d: float = MISSING  # >= 1: clipping threshold of the update's RMS
+
+    shards: ClassVar[bool] = False  # torch's kernels have no rule for FSDP's sharded tensors
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
