@@ -102,7 +102,7 @@ def test_a_non_finite_gradient_changes_nothing(mode, name):
     assert not bad.stepped
     assert_identical(model.state_dict(), before_weights)
     assert_same_state(opt.state_dict(), before_state)  # the step counts in the groups too
-    again = train_update(model, batch, 32, opt, clipper, precision, torch.device("cpu"))
+    again = train_update(replicas, batch, 32, opt, clipper, precision, torch.device("cpu"))
     assert again.stepped and not torch.equal(model.blocks[0].mlp.fc.weight,
                                              before_weights["blocks.0.mlp.fc.weight"])
 
