@@ -139,6 +139,19 @@ def wait_for(predicate, timeout: float = 120) -> None:
         time.sleep(0.02)
 
 
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, corpus) -> Path:
+    """A run of the real `trainrun` process (so with its .hydra/): TINY for 40 updates on
+    the test corpus, checkpoints at updates 20 and 40. Tests that change it copy it first."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    offline = {"HF_DATASETS_CACHE": str(tmp_path_factory.getbasetemp() / "hf-cache"),
+               "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}  # as _hf_cache sets them
+    proc = cli(*tiny(corpus, "trainer.max_steps=40", "trainer.ckpt_every=20",
+                     "trainer.eval_every=20", f"hydra.run.dir={run}"), cwd=run.parent, env=offline)
+    assert proc.returncode == 0, proc.stderr
+    return run
+
+
 def flat(state, prefix: str = "") -> dict[str, object]:
     """Every tensor and plain value of a nested state (an optimizer's), by its path."""
     if isinstance(state, dict):

@@ -42,12 +42,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(*args: str, cwd: Path, nproc: int = 2, launch: tuple[str, ...] = (),
+def torchrun(*args: str, cwd: Path, nproc: int = 2, script: bool = False,
              timeout: float = 300) -> subprocess.CompletedProcess:
-    launch = launch or ("--standalone", f"--nproc_per_node={nproc}")
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", *launch, "-m",
-                           "trainrun", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    """torchrun -m trainrun ..., or with `script` torchrun <the trainrun console script> ..."""
+    program = [str(Path(sys.executable).with_name("trainrun"))] if script else ["-m", "trainrun"]
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={nproc}", *program, *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def only_run_dir(cwd: Path) -> Path:
@@ -61,7 +63,7 @@ def only_run_dir(cwd: Path) -> Path:
 def test_two_processes_train_as_one_with_twice_the_batch(docs, tmp_path, accum):
     one = cli(*overrides(docs, 8, accum), "hydra.run.dir=one", cwd=tmp_path)
     assert one.returncode == 0, one.stderr
-    two = torchrun(*overrides(docs, 4, accum), cwd=tmp_path)
+    two = torchrun(*overrides(docs, 4, accum), cwd=tmp_path, script=accum == 2)
     assert two.returncode == 0, two.stderr
     run = only_run_dir(tmp_path)  # both ranks took rank 0's timestamped directory
     assert max_relative_difference(final_weights(run), final_weights(tmp_path / "one")) < 1e-5

@@ -287,5 +287,9 @@ def load(path: Path, model: torch.nn.Module, replicas=None,
     if (path / SHARDS).is_dir():
         replicas.load_sharded(path / SHARDS, optimizer)
     else:
-        load_model(model, str(path / MODEL_FILE), device=str(next(model.parameters()).device))
+        load_weights(path, model)
     return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def load_weights(path: Path, model: torch.nn.Module) -> None:
+    load_model(model, str(path / MODEL_FILE), device=str(next(model.parameters()).device))

@@ -14,8 +14,9 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from trainrun import gpt2
 from trainrun.clip import CLIPPERS, ClipConfig
-from trainrun.data import DATA, DataConfig
+from trainrun.data import DATA, VOCAB_SIZE, DataConfig
 from trainrun.distributed import STRATEGIES
 from trainrun.errors import ConfigError, require_in, require_positive
 from trainrun.model import ModelConfig
@@ -113,8 +114,11 @@ def option_name(section: Any, registry: dict[str, type]) -> str:
     raise TypeError(f"{type(section).__name__} is not registered")
 
 
-def validate(cfg: Config) -> Config:
-    """Check every cross-field rule; raise ConfigError naming the first key that is wrong."""
+def validate(cfg: Config, data: bool = True) -> Config:
+    """Check every cross-field rule; raise ConfigError naming the first key that is wrong.
+
+    data=False leaves the data source unchecked, for the commands that read no data
+    (trainrun-sample, trainrun-export): a finished run's files may have moved since."""
     t = cfg.trainer
     for key in ("max_steps", "grad_accum_steps", "eval_every", "eval_batches", "log_every",
                 "ckpt_every", "keep_last", "max_skipped"):
@@ -124,13 +128,16 @@ def validate(cfg: Config) -> Config:
     if not 0 <= t.seed < 2**32:
         raise ConfigError("trainer.seed", f"got {t.seed}; allowed: 0 <= seed < 2**32")
     cfg.model.validate("model")
-    cfg.data.validate("data")
+    if data:
+        cfg.data.validate("data")
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise ConfigError(
             "data.seq_len",
             f"{cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; "
             f"lower data.seq_len or raise model.max_seq_len",
         )
+    if cfg.model.init_from is not None and cfg.resume is None:  # a resumed run has its weights
+        gpt2.check(cfg.model, VOCAB_SIZE)
     cfg.optimizer.validate("optimizer")
     cfg.scheduler.validate("scheduler", t.max_steps, cfg.optimizer.lr)
     check_optimizer_fits(cfg)

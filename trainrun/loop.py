@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,10 +14,12 @@ import torch
 
 from trainrun import checkpoint
 from trainrun.console import Console
+from trainrun.data import Sequences
 from trainrun.errors import out_of_space
 from trainrun.metrics import Metrics
 from trainrun.optimizers import eval_weights
 from trainrun.order import micro_batches
+from trainrun.precision import Precision
 from trainrun.signals import Signals, name
 from trainrun.state import Trainer
 from trainrun.update import UpdateResult, loss_sum, train_update
@@ -119,22 +122,40 @@ def skip(t: Trainer, out: Outputs, result: UpdateResult, k: int) -> bool:
     return False
 
 
-@torch.no_grad()
-def evaluate(t: Trainer, n_batches: int) -> float:
-    """Token-mean loss over the first n_batches windows of the validation split, a window
-    being one micro-batch of data.batch_size sequences per process, shared by the ranks as
-    training windows are: N processes measure what one process with N·batch_size does."""
-    t.replicas.module.eval()
-    w, total = t.world, torch.zeros((), device=t.device)
-    window = t.batch_size * w.size
-    n = min(len(t.val), n_batches * window)
+def eval_batches(n_seqs: int, batch_size: int, n_batches: int, rank: int = 0,
+                 world_size: int = 1) -> Iterator[np.ndarray]:
+    """This rank's micro-batches of the first n_batches validation windows, in order; a
+    window is one micro-batch of batch_size sequences per process, shared by the ranks as
+    training windows are."""
+    window = batch_size * world_size
+    n = min(n_seqs, n_batches * window)
     for start in range(0, n, window):
-        for idx in micro_batches(np.arange(start, min(start + window, n)), t.batch_size,
-                                 w.rank, w.size):
-            x, y = t.val.batch(idx)
-            with t.precision.autocast():
-                total += loss_sum(t.replicas.forward, x.to(t.device), y.to(t.device))
+        yield from micro_batches(np.arange(start, min(start + window, n)), batch_size, rank,
+                                 world_size)
+
+
+@torch.no_grad()
+def loss_total(forward, seqs: Sequences, batches: Iterator[np.ndarray], device: torch.device,
+               precision: Precision) -> torch.Tensor:
+    """The summed loss (nats, on the device) of the targets of these micro-batches of seqs."""
+    total = torch.zeros((), device=device)
+    for idx in batches:
+        x, y = seqs.batch(idx)
+        with precision.autocast():
+            total += loss_sum(forward, x.to(device), y.to(device))
+    return total
+
+
+def evaluate(t: Trainer, n_batches: int) -> float:
+    """Token-mean loss over the first n_batches windows of the validation split (see
+    eval_batches): N processes measure what one process with N·batch_size does."""
+    t.replicas.module.eval()
+    w = t.world
+    total = loss_total(t.replicas.forward, t.val,
+                       eval_batches(len(t.val), t.batch_size, n_batches, w.rank, w.size),
+                       t.device, t.precision)
     t.replicas.module.train()
+    n = min(len(t.val), n_batches * t.batch_size * w.size)
     return (t.replicas.sum(total) / t.val.num_targets(np.arange(n))).item()
 
 

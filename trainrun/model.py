@@ -1,10 +1,13 @@
 """A decoder-only Transformer: pre-norm blocks, causal attention, GELU MLP, learned
-positions, and an output head tied to the token embedding."""
+positions, and an output head tied to the token embedding (GPT-2's architecture, with the
+exact GELU). `KVCache` lets generation feed one new position per forward pass."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -22,6 +25,7 @@ class ModelConfig:
     d_ff: int = MISSING  # hidden width of the MLP
     dropout: float = MISSING  # on embeddings, attention weights and residual branches
     max_seq_len: int = MISSING  # number of learned positions
+    init_from: str | None = None  # a Hugging Face GPT-2 folder to start from (trainrun/gpt2.py)
 
     def validate(self, prefix: str) -> None:
         for key in ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
@@ -35,6 +39,32 @@ class ModelConfig:
                 f"allowed: a divisor of {self.d_model} ({', '.join(map(str, divisors))})",
             )
         require_range(f"{prefix}.dropout", self.dropout, 0.0, 0.99)
+        if self.init_from is not None and not self.init_from.strip():
+            raise ConfigError(f"{prefix}.init_from", "empty; allowed: null, or a Hugging Face "
+                                                     "GPT-2 folder (config.json, model.safetensors)")
+
+
+# appends a block's new keys and values (B, nh, T, hs) to its cache; returns all of them
+Extend = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class KVCache:
+    """The keys and values of the positions a model has already read, per block, each
+    (B, nh, T_past, hs): with it, generating a token is a forward pass of one position."""
+
+    def __init__(self, n_layers: int):
+        self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
+
+    def __len__(self) -> int:
+        """T_past, the positions cached."""
+        return 0 if self.layers[0] is None else self.layers[0][0].shape[2]
+
+    def extend(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.layers[i] is not None:
+            k = torch.cat((self.layers[i][0], k), dim=2)
+            v = torch.cat((self.layers[i][1], v), dim=2)
+        self.layers[i] = (k, v)
+        return k, v
 
 
 class CausalSelfAttention(nn.Module):
@@ -45,13 +75,20 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, extend: Extend | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, T, C) -> (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        if extend is not None:
+            k, v = extend(k, v)  # (B, nh, T_past + T, hs): the cached positions, then these
+        past = k.shape[2] - T
+        # new position t sees every cached one and the new ones up to itself
+        mask = None if past == 0 else torch.ones(T, past + T, dtype=torch.bool,
+                                                 device=x.device).tril(past)
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
+                                           is_causal=past == 0)  # (B, nh, T, hs)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -74,8 +111,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln_attn(x)))
+    def forward(self, x: torch.Tensor, extend: Extend | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln_attn(x), extend))
         return x + self.drop(self.mlp(self.ln_mlp(x)))
 
 
@@ -103,15 +140,18 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx (B, T) token ids -> logits (B, T, vocab_size)."""
-        T = idx.shape[1]
-        if T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {T} tokens; the model has {self.cfg.max_seq_len} positions")
-        pos = torch.arange(T, device=idx.device)
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """idx (B, T) token ids -> logits (B, T, vocab_size). With a cache, idx continues
+        the positions it holds (T_past .. T_past + T - 1), and their keys and values are
+        added to it."""
+        past, T = (0 if cache is None else len(cache)), idx.shape[1]
+        if past + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {past + T} tokens; the model has "
+                             f"{self.cfg.max_seq_len} positions")
+        pos = torch.arange(past, past + T, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if cache is None else partial(cache.extend, i))
         return self.head(self.ln_f(x))
 
     def num_params(self) -> int:

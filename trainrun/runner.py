@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainrun import checkpoint, data, determinism, distributed, resume, runinfo
+from trainrun import checkpoint, data, determinism, distributed, gpt2, resume, runinfo
 from trainrun.config import Config
 from trainrun.console import Console
 from trainrun.errors import ConfigError
 from trainrun.loop import Outputs, fit
 from trainrun.metrics import Metrics
-from trainrun.model import GPT
+from trainrun.model import GPT, ModelConfig
 from trainrun.optimizers import build_optimizer
 from trainrun.order import DataOrder
 from trainrun.precision import Precision
@@ -94,7 +94,7 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
         try:
             console.config(config_yaml)
             console.info("options: " + " ".join(f"{g}={o}" for g, o in choices.items()))
-            trainer = build(cfg, device, precision, console, world)
+            trainer = build(cfg, device, precision, console, world, pretrained=resume_from is None)
             if resume_from is not None:
                 trainer.load_state_dict(checkpoint.load(resume_from, trainer.raw_model,
                                                         trainer.replicas, trainer.optimizer))
@@ -110,7 +110,8 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
                           first_step=trainer.counters.k + 1, writes=world.main)
         if world.main:
             runinfo.write(run_dir, device)
-        meta = {"config": json.loads(json.dumps(asdict(cfg))), "schemas": resume.schemas(cfg)}
+        meta = {"config": json.loads(json.dumps(asdict(cfg))), "schemas": resume.schemas(cfg),
+                **origin(cfg, resume_from)}
         outputs = Outputs(metrics, console, run_dir / "checkpoints", meta,
                           saved_k=trainer.counters.k if resume_from is not None else None)
         status = "failed"
@@ -209,15 +210,37 @@ def finish(summary: dict, run_dir: Path, console: Console, signals: Signals,
     return summary
 
 
+def origin(cfg: Config, resume_from: Path | None) -> dict:
+    """meta.json's `init_from` (the folder and the sha256 of its weights) when the run's
+    weights started from model.init_from; a resumed run keeps its checkpoint's."""
+    if resume_from is not None:
+        return {k: v for k, v in checkpoint.read_meta(resume_from).items() if k == "init_from"}
+    return {"init_from": gpt2.source(cfg.model)} if cfg.model.init_from is not None else {}
+
+
+def build_model(cfg: ModelConfig, device: torch.device, console: Console | None = None) -> GPT:
+    """The model on device, GPT-2's initialization drawn from the seeded generator; given a
+    console (a run that starts from its config, not from a checkpoint), model.init_from's
+    weights then replace it."""
+    model = GPT(cfg, data.VOCAB_SIZE)
+    if console is not None and cfg.init_from is not None:
+        for note in gpt2.load(cfg, model):
+            console.warning(note)
+        console.info(f"weights from model.init_from={cfg.init_from}")
+    return model.to(device)
+
+
 def build(cfg: Config, device: torch.device, precision: Precision, console: Console,
-          world: distributed.World = distributed.ONE_PROCESS) -> Trainer:
+          world: distributed.World = distributed.ONE_PROCESS, pretrained: bool = True) -> Trainer:
+    """The run's components; `pretrained`: the weights of model.init_from, if set (False
+    when a checkpoint will replace them)."""
     t = cfg.trainer
     deterministic = determinism.enable(t.deterministic)  # before the first CUDA kernel
     if deterministic:
         console.info(deterministic)
     seed_everything(t.seed)
     splits = load_data(cfg.data, world)
-    model = GPT(cfg.model, data.VOCAB_SIZE).to(device)
+    model = build_model(cfg.model, device, console if pretrained else None)
     replicas = distributed.Replicas(model, t.strategy, world, device, t.compile)
     optimizer = build_optimizer(cfg.optimizer, model, device)
     schedule = build_schedule(cfg.scheduler, cfg.optimizer.lr, t.max_steps, cfg.model.d_model)

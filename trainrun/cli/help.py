@@ -28,6 +28,8 @@ EXAMPLES = [
     ("trainrun resume=outputs/2026-11-21/14-03-12", "continue a run from its checkpoint"),
     ("trainrun --cfg job optimizer=lamb", "print the composed config, run nothing"),
     ("trainrun-lr scheduler=wsd", "preview a schedule without training"),
+    ("trainrun-sample RUN_DIR 'def '", "text from a run's checkpoint (also -eval, -export)"),
+    ("trainrun model.init_from=hf-folder", "start from a Hugging Face GPT-2 folder"),
 ]
 
 HYDRA_FLAGS = [
@@ -54,7 +56,8 @@ def usage() -> str:
         lines.append(f"  {'':<{width}}{', '.join(shown)}")
     trainer = ", ".join(f.name for f in dataclasses.fields(TrainerConfig))
     lines += ["", "Plain keys:", f"  trainer.{{{trainer}}}",
-              "  data.batch_size, data.seq_len, resume=null|auto|<run directory>", "",
+              "  data.batch_size, data.seq_len, resume=null|auto|<run directory>",
+              "  model.init_from=null|<Hugging Face GPT-2 folder>", "",
               "Examples:"]
     lines += [f"  {command:<58}# {why}" for command, why in EXAMPLES]
     lines += ["", "Flags:"]

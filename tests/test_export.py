@@ -1,0 +1,170 @@
+"""trainrun-export and model.init_from: transformers loads an export as GPT-2 with the same
+logits and token ids (these tests skip without the `hf` extra); an export read back through
+model.init_from gives the same logits; a run started from one trains and records it; folders
+that do not fit are one line and exit status 2."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import cli, config, tiny, train
+
+from trainrun import data, gpt2, runner
+from trainrun.after import export
+from trainrun.after.run import open_run
+from trainrun.console import Console
+from trainrun.errors import ConfigError
+
+TEXTS = ["the model learns", " two  spaces\tand a tab\n", "héllo wörld — 日本語 🎉",
+         "a literal <|endoftext|> is text", ""]
+
+
+@pytest.fixture(scope="module")
+def exported(finished_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "hf"
+    export.main([str(finished_run), str(out)])
+    return out
+
+
+def test_transformers_loads_the_export_as_gpt2_with_the_same_logits(finished_run, exported):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
+    assert type(hf).__name__ == "GPT2LMHeadModel" and hf.dtype == torch.float32
+    model = open_run(str(finished_run), [], data=False).model
+    x = torch.randint(0, data.VOCAB_SIZE, (3, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (hf(x).logits - model(x)).abs().max().item()
+    assert diff < 1e-4
+    # GPT-2's own generation, with its own cache, continues as trainrun-sample's greedy does
+    from trainrun.after.sample import generate, picker
+
+    prompt = [data.EOT, *b"the "]
+    ours = list(generate(model, prompt, 20, picker(0.0, 0, 1.0, data.VOCAB_SIZE, None)))
+    hf.generation_config.eos_token_id = None  # trainrun's generate() does not stop either
+    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
+                         pad_token_id=data.EOT)[0, len(prompt):].tolist()
+    assert theirs == ours
+
+
+def test_autotokenizer_gives_the_runs_token_ids(exported):
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.AutoTokenizer.from_pretrained(exported)
+    for text in TEXTS:
+        ids = data.encode({"text": [text]})["ids"]
+        expected = [int(i) for i in ids[0][:-1]] if ids else []  # data adds EOT after a text
+        assert tok(text)["input_ids"] == expected, text
+        assert tok.decode(expected) == text
+    assert tok.eos_token_id == tok.bos_token_id == data.EOT
+    assert tok.decode([data.EOT]) == "<|endoftext|>"
+
+
+def test_the_export_read_back_by_init_from_gives_the_same_logits(finished_run, exported,
+                                                                 corpus):
+    cfg = config(*tiny(corpus, f"model.init_from={exported}"))
+    started = runner.build_model(cfg.model, torch.device("cpu"), Console(interactive=False))
+    model = open_run(str(finished_run), [], data=False).model
+    x = torch.randint(0, data.VOCAB_SIZE, (2, 64), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(started.eval()(x), model(x))
+
+
+def test_a_run_from_init_from_trains_and_records_its_source(exported, corpus, tmp_path):
+    source = tmp_path / "pretrained"
+    shutil.copytree(exported, source)
+    overrides = tiny(corpus, f"model.init_from={source}", "trainer.eval_every=2",
+                     "trainer.log_every=1")
+    metrics = train(tmp_path / "run", *overrides, "trainer.max_steps=4")
+    assert metrics["status"] == "completed" and metrics["steps"] == 4
+    record = {"path": str(source.resolve()), "sha256": gpt2.sha256(source / "model.safetensors")}
+    meta = json.loads((tmp_path / "run/checkpoints/step-00000004/meta.json").read_text())
+    assert meta["init_from"] == record
+    # resumed, it needs its checkpoint only, and keeps the record
+    shutil.rmtree(source)
+    train(tmp_path / "run", *overrides, "trainer.max_steps=6", f"resume={tmp_path / 'run'}")
+    meta = json.loads((tmp_path / "run/checkpoints/step-00000006/meta.json").read_text())
+    assert meta["init_from"] == record
+    fresh = train(tmp_path / "fresh", *tiny(corpus, "trainer.max_steps=4",
+                                             "trainer.eval_every=2", "trainer.log_every=1"))
+    # the pretrained start is far below a fresh model's ln(257) = 5.55 and stays there
+    assert metrics["val_loss"] < fresh["val_loss"] - 1 < math.log(257) - 1
+
+
+def write_gpt2(folder: Path, corpus: Path, **changes) -> Path:
+    """A GPT-2 folder of TINY's shape (its weights from a fresh model), config.json changed."""
+    from trainrun.model import GPT
+
+    folder.mkdir()
+    cfg = config(*tiny(corpus)).model
+    gpt2.write(GPT(cfg, data.VOCAB_SIZE), folder, data.EOT)
+    hf = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**hf, **changes}))
+    return folder
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"n_embd": 64}, "the folder's shape, model.d_model=64 model.n_layers=2"),
+    ({"n_inner": None}, "model.d_ff=128"),
+    ({"n_positions": 1024}, "model.max_seq_len=1024"),
+    ({"vocab_size": 50257}, "vocab_size 50257"),
+    ({"activation_function": "relu"}, "activation_function 'relu'"),
+    ({"model_type": "llama"}, "model_type 'llama'"),
+    ({"tie_word_embeddings": False}, "tie_word_embeddings False"),
+])
+def test_a_folder_that_does_not_fit_the_chosen_model_is_refused(tmp_path, corpus, changes,
+                                                                 message):
+    folder = write_gpt2(tmp_path / "hf", corpus, **changes)
+    with pytest.raises(ConfigError) as error:
+        config(*tiny(corpus, f"model.init_from={folder}"))
+    assert error.value.key == "model.init_from" and message in error.value.message
+
+
+def test_weights_that_do_not_match_their_config_are_refused(tmp_path, corpus):
+    from safetensors.torch import load_file, save_file
+
+    folder = write_gpt2(tmp_path / "hf", corpus)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["transformer.h.1.mlp.c_fc.weight"] = torch.zeros(32, 63)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    cfg = config(*tiny(corpus, f"model.init_from={folder}"))
+    with pytest.raises(ConfigError, match=r"h\.1\.mlp\.c_fc\.weight has shape \(32, 63\)"):
+        runner.build_model(cfg.model, torch.device("cpu"), Console(interactive=False))
+
+
+def test_a_bad_init_from_is_one_line_in_a_process_and_writes_nothing(exported, corpus,
+                                                                     tmp_path):
+    for overrides in (["model.d_model=64", f"model.init_from={exported}"],
+                      [f"model.init_from={tmp_path / 'none'}"]):
+        proc = cli(*tiny(corpus, *overrides), cwd=tmp_path)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.count("\n") == 1
+        assert proc.stderr.startswith("trainrun: error: model.init_from: ")
+    assert list(tmp_path.iterdir()) == []  # not even Hydra's outputs/<date>/<time>/
+
+
+def test_export_writes_a_complete_folder_or_nothing(finished_run, tmp_path, capsys):
+    out = tmp_path / "empty"
+    out.mkdir()
+    export.main([str(finished_run), str(out), "--checkpoint", "step-20"])
+    printed = capsys.readouterr().out
+    assert "model.init_from=" in printed and "AutoModelForCausalLM.from_pretrained" in printed
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["config.json", "generation_config.json", "merges.txt", "model.safetensors",
+                     "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json",
+                     "vocab.json"]
+    hf = json.loads((out / "config.json").read_text())
+    assert (hf["activation_function"], hf["layer_norm_epsilon"], hf["vocab_size"]) == (
+        "gelu", 1e-5, data.VOCAB_SIZE)
+    with pytest.raises(SystemExit) as stop:
+        export.main([str(finished_run), str(out)])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"trainrun-export: error: OUT: {out} already exists; allowed: a new or empty folder"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(SystemExit):
+        export.main([str(tmp_path / "nothing"), str(tmp_path / "new")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -1,0 +1,128 @@
+"""`trainrun-eval RUN_DIR [data overrides]`: loss, perplexity and bits per byte of a run's
+checkpoint on a data set.
+
+The data are the run's own (its saved data overrides) unless overridden (`data=text
+data.files=...`, any data= source), built by the data code the run uses; the split is the
+validation split unless --split train. The sequences are read in order, in micro-batches of
+data.batch_size, all of them or the first --max-batches, exactly as validation reads them
+during training: the run's own validation with --max-batches = trainer.eval_batches gives
+its val/loss.
+
+    loss           = total / targets  (nats per target token; padding is not a target)
+    perplexity     = exp(loss)
+    bits_per_byte  = total / ln 2 / bytes
+
+where total is the sum of -ln p(target) over the targets and bytes the number of UTF-8
+bytes of the target tokens' text (an end-of-document target counts in the loss, with no
+bytes), so that bits per byte compares models with different tokenizers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+from trainrun import data
+from trainrun.after.output import Messages, Parser, run_command
+from trainrun.after.run import open_run
+from trainrun.cli.overrides import key
+from trainrun.errors import ConfigError
+from trainrun.loop import eval_batches, loss_total
+
+PROG = "trainrun-eval"
+OVERRIDES = ("data", "precision", "trainer.device")  # and the keys under data and precision
+
+
+def parser() -> Parser:
+    p = Parser(prog=PROG, description="Loss, perplexity and bits per byte of a run's checkpoint "
+                                      "on its validation split, or on any data= source given "
+                                      "as overrides (data=..., data.KEY=..., precision=..., "
+                                      "trainer.device=...).",
+               usage=f"{PROG} RUN_DIR [overrides ...] [options]",
+               formatter_class=argparse.RawDescriptionHelpFormatter,
+               epilog=f"examples:\n  {PROG} outputs/2026-11-21/14-03-12\n"
+                      f"  {PROG} RUN_DIR --max-batches 20 --json\n"
+                      f"  {PROG} RUN_DIR data=text 'data.files=held-out/*.txt'")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (outputs/<date>/<time>)")
+    p.add_argument("--checkpoint", metavar="step-N", help="this checkpoint instead of the newest")
+    p.add_argument("--split", choices=("validation", "train"), default="validation")
+    p.add_argument("--max-batches", type=int, metavar="N",
+                   help="the first N micro-batches of data.batch_size sequences (default: all)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: loss, perplexity, bits_per_byte, tokens, bytes, "
+                        "batches, split, checkpoint, step")
+    return p
+
+
+def check_overrides(overrides: list[str]) -> None:
+    for override in overrides:
+        name = key(override)
+        if not (name in OVERRIDES or name.startswith(("data.", "precision."))):
+            raise ConfigError(name, f"not an override of {PROG}; allowed: data=OPTION, "
+                                    f"data.KEY=VALUE, precision=OPTION, trainer.device=VALUE")
+
+
+def evaluate(args: argparse.Namespace, overrides: list[str]) -> None:
+    check_overrides(overrides)
+    if args.max_batches is not None and args.max_batches < 1:
+        raise ConfigError("--max-batches", f"got {args.max_batches}; allowed: an integer >= 1")
+    run = open_run(args.run_dir, overrides, args.checkpoint)
+    messages = Messages()
+    for warning in run.warnings:
+        messages.warning(warning)
+    seqs = data.load(run.cfg.data)[args.split]
+    batch_size = run.cfg.data.batch_size
+    n_batches = math.ceil(len(seqs) / batch_size)
+    if args.max_batches is not None:
+        n_batches = min(n_batches, args.max_batches)
+    messages.info(f"{run.checkpoint} (update {run.step}), {run.device}, {run.precision.mode}; "
+                  f"{args.split} split: {n_batches} batch(es) of {batch_size} of its "
+                  f"{len(seqs):,} sequences of {run.cfg.data.seq_len} tokens")
+    batches = list(eval_batches(len(seqs), batch_size, n_batches))
+    total = loss_total(run.model, seqs, iter(batches), run.device, run.precision)
+    targets = seqs.num_targets(np.concatenate(batches))
+    sizes = run.tokenizer.token_bytes()
+    n_bytes = 0
+    for idx in batches:
+        y = seqs.batch(idx)[1].numpy()
+        n_bytes += int(sizes[y[y != data.IGNORE]].sum())
+    loss = (total / targets).item()  # as the run's validation computes it
+    nats = total.item()
+    result = {"loss": loss, "perplexity": math.exp(loss),
+              "bits_per_byte": nats / math.log(2) / n_bytes if n_bytes else math.nan,
+              "tokens": targets, "bytes": n_bytes, "batches": n_batches, "split": args.split,
+              "checkpoint": str(run.checkpoint), "step": run.step}
+    show(result, args.json)
+
+
+def show(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result), flush=True)
+        return
+    figures = (("loss", f"{result['loss']:.6f}"), ("perplexity", f"{result['perplexity']:.4f}"),
+               ("bits_per_byte", f"{result['bits_per_byte']:.6f}"),
+               ("tokens", f"{result['tokens']:,}"), ("bytes", f"{result['bytes']:,}"))
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"{result['split']} split, update {result['step']}")
+        for name, _ in figures:
+            table.add_column(name, justify="right")
+        table.add_row(*(value for _, value in figures))
+        Console().print(table)
+    else:
+        print(" | ".join(f"{name} {value}" for name, value in figures), flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run_command(PROG, argv, parser(), evaluate, overrides=True)
+
+
+if __name__ == "__main__":
+    main()

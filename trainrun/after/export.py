@@ -1,0 +1,87 @@
+"""`trainrun-export RUN_DIR OUT`: a run's checkpoint as a Hugging Face GPT-2 folder.
+
+OUT gets config.json and model.safetensors (trainrun.gpt2: GPT2LMHeadModel's names and
+config, fp32), generation_config.json, and the tokenizer's files (its own `save`), so that
+`AutoModelForCausalLM.from_pretrained(OUT)` and `AutoTokenizer.from_pretrained(OUT)` give
+the model's logits and the run's token ids. The folder is written beside OUT and renamed
+into place when complete; OUT must not exist, or be an empty folder. No `transformers` is
+needed to export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from trainrun import gpt2
+from trainrun.after.output import Messages, Parser, run_command
+from trainrun.after.run import open_run
+from trainrun.errors import ConfigError
+from trainrun.resume import SHAPE_KEYS, quote
+
+PROG = "trainrun-export"
+
+
+def parser() -> Parser:
+    p = Parser(prog=PROG, description="Write a run's newest intact checkpoint (or --checkpoint) "
+                                      "as a Hugging Face GPT-2 folder with its tokenizer.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (outputs/<date>/<time>)")
+    p.add_argument("out", metavar="OUT", help="the folder to write (new, or empty)")
+    p.add_argument("--checkpoint", metavar="step-N", help="this checkpoint instead of the newest")
+    return p
+
+
+def check_out(out: Path) -> None:
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise ConfigError("OUT", f"{out} already exists; allowed: a new or empty folder")
+    parent = out.resolve().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ConfigError("OUT", f"{out}: cannot write in {parent}; allowed: a folder in a "
+                                 f"writable directory")
+
+
+def export(args: argparse.Namespace, _: list[str]) -> None:
+    out = Path(args.out).expanduser()
+    check_out(out)
+    run = open_run(args.run_dir, ["trainer.device=cpu"], args.checkpoint, data=False)
+    messages = Messages()
+    for warning in run.warnings:
+        messages.warning(warning)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.mkdir()
+    try:
+        files = gpt2.write(run.model, tmp, run.tokenizer.eot)
+        generation = {"bos_token_id": run.tokenizer.eot, "eos_token_id": run.tokenizer.eot}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        files += ["generation_config.json",
+                  *run.tokenizer.save(tmp, run.cfg.model.max_seq_len)]
+        umask = os.umask(0)
+        os.umask(umask)
+        for name in files:  # safetensors writes its file for its owner only
+            os.chmod(tmp / name, 0o666 & ~umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    messages.info(f"{run.checkpoint} (update {run.step}): {run.model.num_params():,} parameters")
+    print(f"wrote {out}: {', '.join(sorted(files))}")
+    shape = " ".join(f"model.{k}={getattr(run.cfg.model, k)}" for k in SHAPE_KEYS)
+    print(f"load it with AutoModelForCausalLM.from_pretrained({str(out)!r}) and "
+          f"AutoTokenizer.from_pretrained({str(out)!r}), or start a run from it with "
+          f"trainrun {shape} {shlex.quote('model.init_from=' + quote(str(out)))}", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run_command(PROG, argv, parser(), export)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""A run directory as data, for the commands after training.
+
+The config is the run's own: the overrides it saved in .hydra/overrides.yaml, taken only as
+`trainrun resume=<dir>` takes them (trainrun's own keys with plain values, nothing that
+reaches Hydra or OmegaConf's resolvers), then the command's own overrides, composed and
+validated as `trainrun` does it; model.init_from is left out (the checkpoint holds the
+weights). The checkpoint is the newest intact one (a damaged newer one is skipped with a
+warning, and left where it is) or the one asked for; its meta.json must describe the model
+that the config builds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from trainrun import checkpoint, resume, runner
+from trainrun.config import Config
+from trainrun.errors import ConfigError
+from trainrun.model import GPT
+from trainrun.precision import Precision
+from trainrun.tokenizer import Tokenizer, for_run
+
+ARG = "RUN_DIR"
+RUN_ALLOWED = "a run directory of trainrun (outputs/<date>/<time>) with a checkpoint"
+
+
+@dataclass
+class Run:
+    run_dir: Path
+    cfg: Config
+    checkpoint: Path  # checkpoints/step-XXXXXXXX
+    step: int  # the update the checkpoint was written after
+    model: GPT  # the checkpoint's weights, on device, in eval mode
+    tokenizer: Tokenizer
+    device: torch.device
+    precision: Precision
+    warnings: list[str]
+
+
+def config(run_dir: Path, overrides: list[str], data: bool) -> Config:
+    """The run's saved overrides, then `overrides` (a group switched drops the old option's
+    keys), composed and validated (data=False: the data source unchecked)."""
+    from trainrun.cli import compose
+    from trainrun.cli.overrides import OWN, continue_run, key, one_of
+
+    try:
+        merged = continue_run(run_dir, overrides)
+    except ConfigError as error:  # refused by the trust boundary, named as resume's are
+        raise ConfigError(ARG, error.message) from None
+    (cfg,) = compose([one_of([o for o in merged if key(o) not in (*OWN, "model.init_from")])],
+                     data)
+    return cfg
+
+
+def find_checkpoint(run_dir: Path, name: str | None) -> tuple[Path, list[str]]:
+    """The checkpoint `name` (step-N or N) or else the newest intact one, and warnings."""
+    root = run_dir / "checkpoints"
+    if name is not None:
+        wanted = checkpoint.step_number(Path(name if name.startswith("step-") else f"step-{name}"))
+        found = [p for p in checkpoint.complete(root) if checkpoint.step_number(p) == wanted]
+        names = ", ".join(p.name for p in checkpoint.complete(root)) or "none"
+        if not found:
+            raise ConfigError("--checkpoint", f"{name!r} is not a checkpoint in {root}; allowed: "
+                                              f"{names}")
+        problem = checkpoint.verify(found[0])
+        if problem is not None:
+            raise ConfigError("--checkpoint", f"{found[0]} is damaged ({problem}); allowed: an "
+                                              f"intact one of {names}")
+        return found[0], []
+    path, damaged = resume.find(run_dir)
+    if path is None and damaged:
+        bad, problem = next(iter(damaged.items()))
+        raise ConfigError(ARG, f"{run_dir}: no intact checkpoint; {bad.name} is damaged "
+                               f"({problem}); allowed: {RUN_ALLOWED}")
+    if path is None:
+        raise ConfigError(ARG, f"{run_dir}: no checkpoint in {root}; allowed: {RUN_ALLOWED}")
+    return path, [f"checkpoint {p} is damaged ({problem}); using {path.name}"
+                  for p, problem in damaged.items()]
+
+
+def check_shape(cfg: Config, path: Path) -> int:
+    """The update of checkpoint `path`, whose meta.json must give the model cfg builds."""
+    try:
+        meta = checkpoint.read_meta(path)
+        step, saved = int(meta["step"]), meta["config"]["model"]
+        differs = [k for k in resume.SHAPE_KEYS if saved[k] != getattr(cfg.model, k)]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(ARG, f"{path / checkpoint.META_FILE}: not a meta.json that trainrun "
+                               f"wrote ({exc}); allowed: {RUN_ALLOWED}") from None
+    if differs:
+        k = differs[0]
+        raise ConfigError(ARG, f"{path.name} holds a model with model.{k}={saved[k]}, but the "
+                               f"run's saved overrides (.hydra/overrides.yaml) give "
+                               f"{getattr(cfg.model, k)}; allowed: {RUN_ALLOWED} and its .hydra/")
+    return step
+
+
+def open_run(run_dir: str, overrides: list[str], checkpoint_name: str | None = None,
+             data: bool = True) -> Run:
+    """Everything a command after training needs; every problem is one ConfigError, raised
+    before the model is built."""
+    path = Path(run_dir).expanduser()
+    if not path.is_dir():
+        raise ConfigError(ARG, f"{run_dir}: no such directory; allowed: {RUN_ALLOWED}")
+    if not (path / "checkpoints").is_dir():
+        raise ConfigError(ARG, f"{run_dir}: no checkpoints/ in it; allowed: {RUN_ALLOWED}")
+    cfg = config(path.resolve(), overrides, data)
+    ckpt, warnings = find_checkpoint(path, checkpoint_name)
+    step = check_shape(cfg, ckpt)
+    device, precision = runner.prepare(cfg)
+    model = runner.build_model(cfg.model, device)
+    checkpoint.load_weights(ckpt, model)
+    return Run(path, cfg, ckpt, step, model.eval(), for_run(path), device, precision, warnings)
