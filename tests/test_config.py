@@ -60,7 +60,8 @@ def needs(group: str, option: str, inputs: dict) -> list[str]:
     conf/config.yaml does not select by default)."""
     select = f"{group}={option}" if group in DEFAULTS else f"+{group}={option}"
     extra = {("data", "text"): [f"data.files={inputs['corpus']}"],
-             ("data", "hf"): [f"data.path={inputs['ds']}", "data.val_split=validation"]}
+             ("data", "hf"): [f"data.path={inputs['ds']}", "data.val_split=validation"],
+             ("optimizer", "schedulefree"): ["scheduler=constant"]}  # the one it takes
     return [select, *extra.get((group, option), [])]
 
 
