@@ -109,8 +109,11 @@ class Bare:
             (self.scaler.scale(loss) if self.scaler else loss).backward()
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        if self.max_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm, foreach=True)
+        if self.max_norm is not None:  # as clip_grad_norm_, without its 1e-6 in the divisor
+            grads = [p.grad for group in self.optimizer.param_groups for p in group["params"]
+                     if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            torch._foreach_mul_(grads, self.max_norm / norm.clamp(min=self.max_norm))
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()

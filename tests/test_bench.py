@@ -19,8 +19,7 @@ KEYS = {"runner_tokens_per_s", "bare_tokens_per_s", "overhead_ratio", "mfu", "st
 
 @pytest.mark.parametrize("extra", [[], ["trainer.grad_accum_steps=2", "clip=none"]])
 def test_bench_prints_one_json_object_last(tmp_path, corpus, extra):
-    overrides = [*TINY, "data=text", f"data.files={corpus}", "optimizer=sgd",
-                 "optimizer.lr=0.1", *extra]
+    overrides = [*TINY, "data=text", f"data.files={corpus}", *extra]
     proc = subprocess.run([sys.executable, str(REPO / "scripts/bench.py"), *overrides,
                            "--updates", "2", "--pairs", "1", "--warmup", "1"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -33,8 +32,8 @@ def test_bench_prints_one_json_object_last(tmp_path, corpus, extra):
     assert result["overhead_ratio"] == pytest.approx(
         result["bare_tokens_per_s"] / result["runner_tokens_per_s"], rel=1e-2)
     assert result["startup_s"] > 0 and result["peak_mem_mb"] > 0
-    # SGD moves the weights linearly: the bare loop did exactly the runner's work
-    assert result["weights_max_rel_diff"] < 1e-5
+    # the bare loop did exactly the runner's work, in the same order: the same bits
+    assert result["weights_max_rel_diff"] == 0
     assert any(line.startswith("overhead ratio") for line in lines[:-1])
 
 
