@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from trainrun import gpt2
+from trainrun import gpt2, threads
 from trainrun.clip import CLIPPERS, ClipConfig
 from trainrun.data import DATA, VOCAB_SIZE, DataConfig
 from trainrun.distributed import STRATEGIES
@@ -40,6 +40,10 @@ class TrainerConfig:
     max_skipped: int = MISSING  # consecutive non-finite updates before the run stops
     deterministic: bool = MISSING  # deterministic kernels: bit-exact GPU runs (determinism.py)
     strategy: str = MISSING  # ddp | fsdp: how processes share the model (distributed.py)
+    ckpt_every_minutes: float | None = MISSING  # also a checkpoint after this long; null: off
+    keep_best: bool = MISSING  # keep the best val/loss checkpoint as checkpoints/best/
+    early_stop_patience: int | None = MISSING  # validations without improvement; null: off
+    threads: str = MISSING  # auto | N: CPU threads of torch's operators (threads.py)
 
 
 @dataclass
@@ -123,6 +127,10 @@ def validate(cfg: Config, data: bool = True) -> Config:
     for key in ("max_steps", "grad_accum_steps", "eval_every", "eval_batches", "log_every",
                 "ckpt_every", "keep_last", "max_skipped"):
         require_positive(f"trainer.{key}", getattr(t, key))
+    for key in ("ckpt_every_minutes", "early_stop_patience"):
+        if getattr(t, key) is not None:
+            require_positive(f"trainer.{key}", getattr(t, key))
+    threads.check("trainer.threads", t.threads)
     require_in("trainer.device", t.device, DEVICES)
     require_in("trainer.strategy", t.strategy, STRATEGIES)
     if not 0 <= t.seed < 2**32:

@@ -23,8 +23,9 @@ from trainrun.optimizers import build_optimizer
 from trainrun.order import DataOrder
 from trainrun.precision import Precision
 from trainrun.schedules import build_schedule
-from trainrun.signals import Signals
+from trainrun.signals import Signals, hold, release
 from trainrun.state import Counters, Trainer
+from trainrun.threads import set_threads
 
 
 def resolve_device(name: str) -> torch.device:
@@ -101,9 +102,10 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
                 console.info(f"resumed from {resume_from} at update {trainer.counters.k}")
                 for note in trainer.resume_notes():
                     console.info(note)
-        except BaseException:
+        except BaseException:  # a refused start or a start-up signal (StartupStop)
             remove_if_empty(run_dir)
             raise
+        hold()  # from here the run writes its directory: a stop is a stopped run
         if world.main:
             start(run_dir, console, record or {}, damaged)
         metrics = Metrics(run_dir, console, cfg.trainer.log_every, cfg.trainer.max_steps,
@@ -116,12 +118,13 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
                           saved_k=trainer.counters.k if resume_from is not None else None)
         status = "failed"
         try:
-            with Signals(on_hangup=console.detach_terminal) as signals:
-                status = fit(trainer, outputs, signals)
+            with Signals(on_hangup=console.detach_terminal) as stops:
+                status = fit(trainer, outputs, stops)
         finally:
             summary = metrics.finish(summarize(trainer, metrics, status), hparams(cfg, choices))
-        return finish(summary, run_dir, console, signals, outputs.failure, world)
+        return finish(summary, run_dir, console, stops, outputs.failure, world)
     finally:
+        release()
         determinism.restore()
         console.close()
 
@@ -238,6 +241,7 @@ def build(cfg: Config, device: torch.device, precision: Precision, console: Cons
     deterministic = determinism.enable(t.deterministic)  # before the first CUDA kernel
     if deterministic:
         console.info(deterministic)
+    console.info(set_threads(t.threads))
     seed_everything(t.seed)
     splits = load_data(cfg.data, world)
     model = build_model(cfg.model, device, console if pretrained else None)
