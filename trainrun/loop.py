@@ -184,6 +184,7 @@ def save(t: Trainer, out: Outputs) -> None:
     shards."""
     if out.saved_k == t.counters.k:
         return
+    t.counters.wall_seconds = out.metrics.run_seconds()
     if t.replicas.sharded:
         checkpoint.save_sharded(out.ckpt_root, t.counters.k, t.replicas, t.optimizer,
                                 t.state_dict(), out.meta, t.cfg.keep_last, t.world.main)

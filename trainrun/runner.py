@@ -100,7 +100,9 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
                 trainer.load_state_dict(checkpoint.load(resume_from, trainer.raw_model,
                                                         trainer.replicas, trainer.optimizer))
                 console.info(f"resumed from {resume_from} at update {trainer.counters.k}")
-                for note in trainer.resume_notes():
+                for note in [*trainer.resume_notes(), *resume.schedule_notes(
+                        cfg, checkpoint.read_meta(resume_from), trainer.counters.k,
+                        trainer.schedule)]:
                     console.info(note)
         except BaseException:  # a refused start or a start-up signal (StartupStop)
             remove_if_empty(run_dir)
@@ -109,7 +111,8 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
         if world.main:
             start(run_dir, console, record or {}, damaged)
         metrics = Metrics(run_dir, console, cfg.trainer.log_every, cfg.trainer.max_steps,
-                          first_step=trainer.counters.k + 1, writes=world.main)
+                          first_step=trainer.counters.k + 1, writes=world.main,
+                          earlier_seconds=trainer.counters.wall_seconds)
         if world.main:
             runinfo.write(run_dir, device)
         meta = {"config": json.loads(json.dumps(asdict(cfg))), "schemas": resume.schemas(cfg),
@@ -176,7 +179,7 @@ def summarize(t: Trainer, metrics: Metrics, status: str) -> dict:
     c = t.counters
     return {"status": status, "steps": c.k, "tokens": c.tokens, "train_loss": c.train_loss,
             "val_loss": c.val_loss, "best_val_loss": c.best_val_loss,
-            "skipped_updates": c.skipped_updates, "tokens_per_sec": metrics.tokens_per_second()}
+            "skipped_updates": c.skipped_updates}  # times and tokens/s: Metrics.finish
 
 
 def finish(summary: dict, run_dir: Path, console: Console, signals: Signals,

@@ -25,6 +25,7 @@ from trainrun import distributed
 from trainrun.cli.overrides import CONF, continue_run, key, one_of, options
 from trainrun.config import Config, register_schemas, to_config, validate
 from trainrun.errors import ConfigError
+from trainrun.resume import AlreadyComplete, quote
 
 __all__ = ["arguments", "compose", "fail", "load", "main", "options", "preflight", "sweep",
            "task_overrides"]
@@ -197,6 +198,9 @@ def _job(cfg: DictConfig) -> float:
             fail(error)
         print(f"trainrun: error: {error} (job {hc.job.num}; the sweep goes on)", file=sys.stderr)
         return JobFailed(f"error: {error}")
+    except AlreadyComplete as done:  # a sweep resumed: this job has finished before
+        print(f"trainrun: {done}", file=sys.stderr)
+        return finished_loss(run_dir)
     except runner.RunStopped as stop:
         if not in_sweep or stop.code != 1:  # a signal stops the whole sweep
             raise
@@ -208,6 +212,17 @@ def _job(cfg: DictConfig) -> float:
     return summary["best_val_loss"]
 
 
+def finished_loss(run_dir: Path) -> float:
+    """The best validation loss a finished run recorded (inf if none)."""
+    import json
+
+    try:
+        best = json.loads((run_dir / "metrics.json").read_text())["best_val_loss"]
+    except (OSError, ValueError, KeyError, TypeError):
+        best = None
+    return float("inf") if best is None else float(best)
+
+
 def resume_argv(argv: list[str]) -> list[str]:
     """`resume=<run dir>` continues that run: its saved overrides, then these."""
     given = [a for a in argv if key(a) == "resume"]
@@ -217,6 +232,14 @@ def resume_argv(argv: list[str]) -> list[str]:
     if value in (None, "auto"):
         return argv
     run_dir = Path(value).expanduser().resolve()
+    inside = next((p for p in (run_dir.parent, run_dir.parent.parent)
+                   if p != run_dir and (p / "checkpoints").is_dir()
+                   and (run_dir.name == "checkpoints" or run_dir.parent.name == "checkpoints")),
+                  None)
+    if not (run_dir / "checkpoints").is_dir() and inside is not None:
+        raise ConfigError("resume", f"{value} is inside the run directory {inside}; allowed: "
+                                    f"resume={quote(str(inside))} (a run continues from its "
+                                    f"newest intact checkpoint)")
     if not (run_dir / "checkpoints").is_dir():
         raise ConfigError("resume", f"{value}: no checkpoints/ in that directory; allowed: "
                                     f"a run directory with a checkpoint, auto, or null")
@@ -279,6 +302,9 @@ def main() -> None:
         sys.argv[1:] = one_run_dir(sys.argv[1:])
     except ConfigError as error:
         fail(error)
+    except AlreadyComplete as done:  # nothing to do, and nothing changed
+        print(f"trainrun: {done}", file=sys.stderr)
+        return
     _job()
 
 
