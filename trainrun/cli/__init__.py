@@ -21,7 +21,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from trainrun import distributed
+from trainrun import distributed, memory
 from trainrun.cli.overrides import CONF, continue_run, key, one_of, options
 from trainrun.config import Config, register_schemas, to_config, validate
 from trainrun.errors import ConfigError
@@ -156,7 +156,10 @@ def preflight(argv: list[str]) -> None:
     run_dir = next((Path(override_value(a)) for a in reversed(argv)
                     if a.startswith("hydra.run.dir=")), None)
     for config in compose(jobs):
-        prepare(config)  # the device and precision this machine can run
+        device, _ = prepare(config)  # the device and precision this machine can run
+        close = memory.check(config, device, int(os.environ.get("WORLD_SIZE", "1")))
+        if close is not None:
+            print(f"trainrun: warning: {close}", file=sys.stderr)
         if config.resume is not None and not multirun:
             from trainrun import resume
 
