@@ -196,7 +196,7 @@ def finish(summary: dict, run_dir: Path, console: Console, signals: Signals,
                           f"(e.g. torchrun --nproc_per_node={world.size} -m {resume_command}; "
                           f"another number of processes continues the same data)")
     if summary["status"] == "stopped":
-        console.info(f"stopped at update {summary['steps']}; to continue: {resume_command}")
+        console.command(f"stopped at update {summary['steps']}; to continue:", resume_command)
         raise RunStopped(signals.exit_status)
     if summary["status"] == "failed" and failure is not None:
         then = (f"continue with: {resume_command}" if failure.previous is not None
