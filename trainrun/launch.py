@@ -49,10 +49,16 @@ def trainrun_command() -> list[str]:
     return [sys.executable, "-m", "trainrun"]
 
 
+def sweep_command(args: list[str], sweep_dir: Path) -> str:
+    """The command that continues a whole sweep: the same one with resume=auto and its
+    sweep directory; finished jobs are skipped, stopped ones resumed (README "Sweeps")."""
+    kept = [a for a in args if a.split("=", 1)[0] not in ("resume", "hydra.sweep.dir")]
+    return shlex.join(["trainrun", *kept, "resume=auto", f"hydra.sweep.dir={sweep_dir}"])
+
+
 def resume_hint(run_dir: Path, args: list[str], sweep: bool) -> str:
-    if sweep:  # the same sweep, each job continued or skipped (README "Sweeps")
-        kept = [a for a in args if a.split("=", 1)[0] not in ("resume", "hydra.sweep.dir")]
-        return shlex.join(["trainrun", *kept, "resume=auto", f"hydra.sweep.dir={run_dir}"])
+    if sweep:
+        return sweep_command(args, run_dir)
     return shlex.join(["trainrun", f"resume={run_dir}"])
 
 

@@ -21,10 +21,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from trainrun import distributed, memory
+from trainrun import distributed, identical, memory
 from trainrun.cli.overrides import CONF, continue_run, key, one_of, options
 from trainrun.config import Config, register_schemas, to_config, validate
 from trainrun.errors import ConfigError
+from trainrun.launch import sweep_command
 from trainrun.resume import AlreadyComplete, quote
 
 __all__ = ["arguments", "compose", "fail", "load", "main", "options", "preflight", "sweep",
@@ -155,11 +156,17 @@ def preflight(argv: list[str]) -> None:
 
     run_dir = next((Path(override_value(a)) for a in reversed(argv)
                     if a.startswith("hydra.run.dir=")), None)
-    for config in compose(jobs):
-        device, _ = prepare(config)  # the device and precision this machine can run
+    configs, modes = compose(jobs), []
+    for config in configs:
+        device, precision = prepare(config)  # the device and precision this machine can run
+        modes.append(precision.mode)
         close = memory.check(config, device, int(os.environ.get("WORLD_SIZE", "1")))
         if close is not None:
             print(f"trainrun: warning: {close}", file=sys.stderr)
+    if multirun:
+        for line in identical.announce(identical.find(jobs, configs, modes)):
+            print(f"trainrun: {line}", file=sys.stderr)
+    for config in configs:
         if config.resume is not None and not multirun:
             from trainrun import resume
 
@@ -186,6 +193,10 @@ def _job(cfg: DictConfig) -> float:
 
     hc = HydraConfig.get()
     in_sweep = hc.mode == RunMode.MULTIRUN
+    repeats = identical.repeated(hc.job.num) if in_sweep else None
+    if repeats is not None:
+        runner.remove_if_empty(Path(hc.runtime.output_dir))
+        return JobFailed(f"not run: identical to job {repeats[0]} ({repeats[1]})")
     # what Hydra would have saved in .hydra/, written by the run once it has started
     record = {"config.yaml": OmegaConf.to_yaml(cfg),
               "hydra.yaml": OmegaConf.to_yaml(HydraConfig.instance().cfg),
@@ -205,7 +216,11 @@ def _job(cfg: DictConfig) -> float:
         print(f"trainrun: {done}", file=sys.stderr)
         return finished_loss(run_dir)
     except runner.RunStopped as stop:
-        if not in_sweep or stop.code != 1:  # a signal stops the whole sweep
+        if in_sweep and stop.code != 1:  # a signal stops the whole sweep
+            print(f"trainrun: the sweep stopped at job {hc.job.num}; to continue all of it "
+                  f"(finished jobs are skipped, stopped ones resumed):\n"
+                  f"{sweep_command(sys.argv[1:], Path(hc.sweep.dir))}", file=sys.stderr)
+        if not in_sweep or stop.code != 1:
             raise
         return JobFailed(stop.reason)
     except Exception as exc:
