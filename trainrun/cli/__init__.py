@@ -9,6 +9,8 @@ the run writes .hydra/ once it has really started, so a refused or failed start 
     overrides.py  override lists: group options, "one of these keys" pairs, resume's
                   saved overrides (a run directory is data, never code)
     help.py       `trainrun --help`
+    resuming.py   what `resume=` names on the command line
+    summary.py    the sweep summary's Hydra callbacks
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from trainrun import distributed, identical, memory
-from trainrun.cli.overrides import CONF, continue_run, key, one_of, options
+from trainrun.cli.overrides import CONF, key, one_of, options
+from trainrun.cli.resuming import finished_loss, resume_argv
 from trainrun.config import Config, register_schemas, to_config, validate
 from trainrun.errors import ConfigError
 from trainrun.launch import sweep_command
-from trainrun.resume import AlreadyComplete, quote
+from trainrun.resume import AlreadyComplete
 
 __all__ = ["arguments", "compose", "fail", "load", "main", "options", "preflight", "sweep",
            "task_overrides"]
@@ -228,40 +231,6 @@ def _job(cfg: DictConfig) -> float:
             raise
         return JobFailed(crashed(exc, hc.job.num, run_dir))
     return summary["best_val_loss"]
-
-
-def finished_loss(run_dir: Path) -> float:
-    """The best validation loss a finished run recorded (inf if none)."""
-    import json
-
-    try:
-        best = json.loads((run_dir / "metrics.json").read_text())["best_val_loss"]
-    except (OSError, ValueError, KeyError, TypeError):
-        best = None
-    return float("inf") if best is None else float(best)
-
-
-def resume_argv(argv: list[str]) -> list[str]:
-    """`resume=<run dir>` continues that run: its saved overrides, then these."""
-    given = [a for a in argv if key(a) == "resume"]
-    if not given:
-        return argv
-    value = override_value(given[-1])
-    if value in (None, "auto"):
-        return argv
-    run_dir = Path(value).expanduser().resolve()
-    inside = next((p for p in (run_dir.parent, run_dir.parent.parent)
-                   if p != run_dir and (p / "checkpoints").is_dir()
-                   and (run_dir.name == "checkpoints" or run_dir.parent.name == "checkpoints")),
-                  None)
-    if not (run_dir / "checkpoints").is_dir() and inside is not None:
-        raise ConfigError("resume", f"{value} is inside the run directory {inside}; allowed: "
-                                    f"resume={quote(str(inside))} (a run continues from its "
-                                    f"newest intact checkpoint)")
-    if not (run_dir / "checkpoints").is_dir():
-        raise ConfigError("resume", f"{value}: no checkpoints/ in that directory; allowed: "
-                                    f"a run directory with a checkpoint, auto, or null")
-    return continue_run(run_dir, argv)
 
 
 def override_value(override: str):
