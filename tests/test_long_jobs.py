@@ -1,4 +1,5 @@
-"""Long jobs over SSH: the nohup and tmux launchers, and SIGHUP on a terminal."""
+"""Long jobs over SSH: the trainrun-nohup and trainrun-tmux launchers, and SIGHUP on a
+terminal."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, tiny, wait_for
+from conftest import tiny, wait_for
 
 TRAINRUN = f"{sys.executable} -m trainrun"
 
@@ -23,36 +24,85 @@ def completed(run_dir: Path) -> bool:
     return m.exists() and json.loads(m.read_text())["status"] == "completed"
 
 
+def launcher(name: str) -> list[str]:
+    """The console script installed with the package."""
+    exe = Path(sys.executable).with_name(name)
+    return [str(exe)] if exe.exists() else [sys.executable, "-c",
+                                            f"from trainrun.launch import {name[9:]}; {name[9:]}()"]
+
+
+def launch(name: str, args: list[str], cwd: Path, **env) -> dict[str, str]:
+    out = subprocess.run([*launcher(name), *args], cwd=cwd, capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "TRAINRUN": TRAINRUN, **env})
+    assert out.returncode == 0, out.stderr
+    return dict(re.match(r"^([a-z ]+):\s+(.*)$", line).groups() for line in out.stdout.splitlines())
+
+
+def exited(pid: int) -> bool:
+    return not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+
+
 def test_nohup_launcher(tmp_path, corpus):
     run_dir = tmp_path / "run"
-    out = subprocess.run(
-        [str(REPO / "scripts/run-nohup.sh"), *tiny(corpus, "trainer.max_steps=6"),
-         f"hydra.run.dir={run_dir}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=60,
-        env={**os.environ, "TRAINRUN": TRAINRUN},
-    ).stdout
-    pid = int(re.search(r"^pid:\s+(\d+)$", out, re.M).group(1))
-    assert f"run directory: {run_dir}" in out
-    assert f"tail -f {run_dir}/train.log" in out and f"trainrun resume={run_dir}" in out
+    shown = launch("trainrun-nohup", [*tiny(corpus, "trainer.max_steps=6"),
+                                      f"hydra.run.dir={run_dir}"], tmp_path)
+    assert shown["run directory"] == str(run_dir)
+    assert shown["follow"] == f"tail -f {run_dir}/train.log"
+    assert shown["resume"] == f"trainrun resume={run_dir}"
     wait_for(lambda: completed(run_dir))
-    wait_for(lambda: not Path(f"/proc/{pid}").exists() or
-             Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z")
+    wait_for(lambda: exited(int(shown["pid"])))
     assert "step 6/6" in (run_dir / "console.out").read_text()
+
+
+def test_nohup_launcher_fixes_the_run_directory_when_none_is_given(tmp_path, corpus):
+    shown = launch("trainrun-nohup", tiny(corpus, "trainer.max_steps=3"), tmp_path)
+    run_dir = tmp_path / shown["run directory"]
+    assert shown["run directory"].startswith("outputs/")
+    wait_for(lambda: completed(run_dir))
+    assert list((tmp_path / "outputs").rglob("console.out")) == [run_dir / "console.out"]
+
+
+@pytest.mark.parametrize("how", ["dir", "auto"])
+def test_nohup_launcher_follows_a_resumed_run(tmp_path, corpus, finished_run, how):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    (run_dir / "console.out").write_text("earlier output\n")
+    args = ([f"resume={run_dir}", "trainer.max_steps=44"] if how == "dir" else
+            [*tiny(corpus, "trainer.max_steps=44", "trainer.ckpt_every=20",
+                   "trainer.eval_every=20"), "resume=auto", f"hydra.run.dir={run_dir}"])
+    shown = launch("trainrun-nohup", args, tmp_path)
+    assert shown["run directory"] == str(run_dir)
+    assert shown["follow"] == f"tail -f {run_dir}/train.log"
+    assert shown["resume"] == f"trainrun resume={run_dir}"
+    wait_for(lambda: exited(int(shown["pid"])))
+    assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 44
+    console = (run_dir / "console.out").read_text()
+    assert console.startswith("earlier output\n") and "resumed from" in console
+    assert not (tmp_path / "outputs").exists()  # no stray directory
+
+
+def test_nohup_launcher_of_a_sweep_prints_how_to_resume_the_sweep(tmp_path, corpus):
+    shown = launch("trainrun-nohup", ["-m", *tiny(corpus, "trainer.max_steps=2"),
+                                      "optimizer.lr=0.001,0.002"], tmp_path)
+    sweep_dir = tmp_path / shown["run directory"]
+    assert shown["resume"].endswith(f"resume=auto hydra.sweep.dir={shown['run directory']}")
+    assert shown["resume"].startswith("trainrun -m ")
+    wait_for(lambda: exited(int(shown["pid"])))
+    assert (sweep_dir / "console.out").exists() and (sweep_dir / "summary.csv").exists()
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 def test_tmux_launcher(tmp_path, corpus):
     run_dir, session = tmp_path / "run", f"trainrun-test-{os.getpid()}"
-    out = subprocess.run(
-        [str(REPO / "scripts/run-tmux.sh"), *tiny(corpus, "trainer.max_steps=6"),
-         f"hydra.run.dir={run_dir}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=60,
-        env={**os.environ, "TRAINRUN": TRAINRUN, "TRAINRUN_SESSION": session},
-    ).stdout
+    shown = launch("trainrun-tmux", [*tiny(corpus, "trainer.max_steps=6"),
+                                     f"hydra.run.dir={run_dir}"], tmp_path,
+                   TRAINRUN_SESSION=session)
     try:
-        assert f"tmux session:  {session}" in out and f"tmux attach -t {session}" in out
-        assert f"trainrun resume={run_dir}" in out
+        assert shown["tmux session"] == session
+        assert shown["attach"].startswith(f"tmux attach -t {session} ")
+        assert shown["resume"] == f"trainrun resume={run_dir}"
         wait_for(lambda: completed(run_dir))
+        wait_for(lambda: "done:" in (run_dir / "console.out").read_text(), timeout=30)
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
 

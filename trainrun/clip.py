@@ -152,6 +152,9 @@ class AdaptiveClipConfig(ClipConfig):
             raise ConfigError(f"{prefix}.percentile",
                               f"got {self.percentile}; allowed: 0 < percentile <= 100")
         require_positive(f"{prefix}.window", self.window)
+        if self.window > 10**7:  # the norms are held in memory
+            raise ConfigError(f"{prefix}.window", f"got {self.window}; allowed: 1 <= window "
+                                                  f"<= 10000000")
 
     def build(self, model):
         return AutoClip(self.percentile, self.window)

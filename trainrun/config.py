@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from trainrun import gpt2
+from trainrun import gpt2, threads
 from trainrun.clip import CLIPPERS, ClipConfig
 from trainrun.data import DATA, VOCAB_SIZE, DataConfig
 from trainrun.distributed import STRATEGIES
@@ -40,6 +40,10 @@ class TrainerConfig:
     max_skipped: int = MISSING  # consecutive non-finite updates before the run stops
     deterministic: bool = MISSING  # deterministic kernels: bit-exact GPU runs (determinism.py)
     strategy: str = MISSING  # ddp | fsdp: how processes share the model (distributed.py)
+    ckpt_every_minutes: float | None = MISSING  # also a checkpoint after this long; null: off
+    keep_best: bool = MISSING  # keep the best val/loss checkpoint as checkpoints/best/
+    early_stop_patience: int | None = MISSING  # validations without improvement; null: off
+    threads: str = MISSING  # auto | N: CPU threads of torch's operators (threads.py)
 
 
 @dataclass
@@ -114,15 +118,48 @@ def option_name(section: Any, registry: dict[str, type]) -> str:
     raise TypeError(f"{type(section).__name__} is not registered")
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # numbers end up in float32 tensors on the device
+INT64 = 2**63  # and counts in int64 ones
+
+
+def check_numbers(node: Any, prefix: str) -> None:
+    """The rule every number of every section follows, whatever its own checks: no NaN, no
+    finite value beyond float32's range, no whole number beyond int64's."""
+    for f in dataclasses.fields(node):
+        check_number(getattr(node, f.name), f"{prefix}{f.name}")
+
+
+def check_number(value: Any, key: str) -> None:
+    if dataclasses.is_dataclass(value):
+        check_numbers(value, f"{key}.")
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            check_number(item, key)
+    elif isinstance(value, bool):
+        return
+    elif isinstance(value, int) and not -INT64 <= value < INT64:
+        raise ConfigError(key, f"got {value}, past int64; allowed: a whole number below 2**63")
+    elif isinstance(value, float) and value != value:
+        raise ConfigError(key, "got nan; allowed: a number")
+    elif isinstance(value, float) and FLOAT32_MAX < abs(value) < float("inf"):
+        raise ConfigError(key, f"got {value:g}, past float32's largest value "
+                               f"{FLOAT32_MAX:.4g}; allowed: a number within it")
+
+
 def validate(cfg: Config, data: bool = True) -> Config:
     """Check every cross-field rule; raise ConfigError naming the first key that is wrong.
 
     data=False leaves the data source unchecked, for the commands that read no data
     (trainrun-sample, trainrun-export): a finished run's files may have moved since."""
     t = cfg.trainer
+    check_numbers(cfg if data else dataclasses.replace(cfg, data=None), "")
     for key in ("max_steps", "grad_accum_steps", "eval_every", "eval_batches", "log_every",
                 "ckpt_every", "keep_last", "max_skipped"):
         require_positive(f"trainer.{key}", getattr(t, key))
+    for key in ("ckpt_every_minutes", "early_stop_patience"):
+        if getattr(t, key) is not None:
+            require_positive(f"trainer.{key}", getattr(t, key))
+    threads.check("trainer.threads", t.threads)
     require_in("trainer.device", t.device, DEVICES)
     require_in("trainer.strategy", t.strategy, STRATEGIES)
     if not 0 <= t.seed < 2**32:

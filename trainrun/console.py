@@ -88,6 +88,18 @@ class Console:
     def warning(self, msg: str) -> None:
         self.log.warning(msg)
 
+    def command(self, msg: str, command: str) -> None:
+        """A message ending in a shell command to copy: on a terminal the command gets a
+        line of its own, never wrapped (rich would break a long path across lines)."""
+        if self.rich is None:
+            self.info(f"{msg} {command}")
+            return
+        self.file_handler.handle(self.log.makeRecord(
+            self.log.name, logging.INFO, __file__, 0, f"{msg} {command}", None, None))
+        if self.term_handler in self.log.handlers:  # the terminal is still there
+            self.rich.print(msg, markup=False, highlight=False)
+            self.rich.print(command, soft_wrap=True, markup=False, highlight=False)
+
     def record(self, msg: str) -> None:
         """A per-log_every record: train.log always; the terminal only when not interactive."""
         self.log.info(msg, extra=RECORD)

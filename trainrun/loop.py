@@ -6,13 +6,14 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from trainrun import checkpoint
+from trainrun.cadence import Cadence
 from trainrun.console import Console
 from trainrun.data import Sequences
 from trainrun.errors import out_of_space
@@ -33,6 +34,10 @@ class Outputs:
     meta: dict  # written into every checkpoint's meta.json
     saved_k: int | None = None  # the update whose checkpoint this run last wrote or loaded
     failure: checkpoint.NoSpace | None = None  # why the run failed, when a save did
+    cadence: Cadence = field(init=False)  # saves by time and best val/loss, early stopping
+
+    def __post_init__(self) -> None:
+        self.cadence = Cadence(self.ckpt_root)
 
 
 def fit(t: Trainer, out: Outputs, signals: Signals) -> str:
@@ -69,8 +74,12 @@ def train(t: Trainer, out: Outputs, signals: Signals) -> str:
             c.train_loss = c.train_loss if recorded is None else recorded
             if k % cfg.eval_every == 0 or k == cfg.max_steps:
                 validate(t, out)
-            if k % cfg.ckpt_every == 0 or k == cfg.max_steps:
+            if out.cadence.save_due(t, k):
                 save(t, out)
+            if (early := out.cadence.patience_out(t)) and k < cfg.max_steps:
+                save(t, out)
+                out.console.info(early)
+                return "completed"
         elif skip(t, out, result, k):
             save(t, out)  # the last good state: a skipped update changed nothing
             return "failed"
@@ -177,6 +186,7 @@ def save(t: Trainer, out: Outputs) -> None:
     shards."""
     if out.saved_k == t.counters.k:
         return
+    t.counters.wall_seconds = out.metrics.run_seconds()
     with eval_weights(t.optimizer):  # the weights to export, and the state to resume
         if t.replicas.sharded:
             checkpoint.save_sharded(out.ckpt_root, t.counters.k, t.replicas, t.optimizer,
@@ -185,3 +195,4 @@ def save(t: Trainer, out: Outputs) -> None:
             checkpoint.save(out.ckpt_root, t.counters.k, t.raw_model, t.state_dict(), out.meta,
                             t.cfg.keep_last)
     out.saved_k = t.counters.k
+    out.cadence.saved(t, out.ckpt_root / checkpoint.step_name(t.counters.k))

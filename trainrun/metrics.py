@@ -21,16 +21,20 @@ from trainrun.console import Console
 from trainrun.errors import out_of_space
 from trainrun.update import UpdateResult
 
+# wall_seconds and tokens_per_sec: the whole run's, over every process that trained it;
+# session_*: this process's alone (they differ after a resume)
 SUMMARY_KEYS = ("status", "steps", "tokens", "train_loss", "val_loss", "best_val_loss",
-                "skipped_updates", "wall_seconds", "tokens_per_sec")
+                "skipped_updates", "wall_seconds", "tokens_per_sec", "session_wall_seconds",
+                "session_tokens_per_sec")
 
 
 class Metrics:
     def __init__(self, run_dir: Path, console: Console, log_every: int, max_steps: int,
-                 first_step: int = 1, writes: bool = True):
+                 first_step: int = 1, writes: bool = True, earlier_seconds: float = 0.0):
         """first_step > 1 continues a resumed run: TensorBoard drops whatever an earlier
-        process logged at steps >= first_step, so curves have no duplicated steps. With
-        `writes` false (ranks other than 0), nothing is written: no events, no metrics.json."""
+        process logged at steps >= first_step, so curves have no duplicated steps;
+        earlier_seconds: the time earlier processes trained it. With `writes` false (ranks
+        other than 0), nothing is written: no events, no metrics.json."""
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir, self.console, self.writes = run_dir, console, writes
@@ -39,6 +43,7 @@ class Metrics:
                                     purge_step=first_step if first_step > 1 else None) \
             if writes else _NoWriter()
         self.started = time.perf_counter()
+        self.earlier_seconds = earlier_seconds
         self.session_tokens = 0
         self._reset_window()
         self._excepthook = threading.excepthook
@@ -105,10 +110,19 @@ class Metrics:
         seconds = time.perf_counter() - self.started
         return self.session_tokens / seconds if self.session_tokens else math.nan
 
+    def run_seconds(self) -> float:
+        """The whole run's training time so far: earlier processes' and this one's."""
+        return self.earlier_seconds + time.perf_counter() - self.started
+
     def finish(self, summary: dict, hparams: dict) -> dict:
-        """Write metrics.json and the HParams entry; return the summary as written. On a
-        full disk they are left out with a warning: the run reports how it ended anyway."""
-        summary = {"wall_seconds": round(time.perf_counter() - self.started, 3), **summary}
+        """Write metrics.json, and the HParams entry once the run has completed (so once per
+        run: a completed run is not resumed); return the summary as written. On a full disk
+        they are left out with a warning: the run reports how it ended anyway."""
+        session, whole = time.perf_counter() - self.started, self.run_seconds()
+        summary = {**summary, "wall_seconds": round(whole, 3),
+                   "tokens_per_sec": summary["tokens"] / whole if whole > 0 else math.nan,
+                   "session_wall_seconds": round(session, 3),
+                   "session_tokens_per_sec": self.tokens_per_second()}
         summary = {key: _finite_or_none(summary.get(key)) for key in SUMMARY_KEYS}
         finals = {f"hparam/{key}": summary[key] for key in ("best_val_loss", "val_loss", "train_loss")
                   if summary[key] is not None}
@@ -125,7 +139,8 @@ class Metrics:
             tmp.unlink(missing_ok=True)
             self.console.warning(f"metrics.json not written: {full.strerror}")
         try:
-            self.writer.add_hparams(hparams, finals, run_name=".")
+            if summary["status"] == "completed":
+                self.writer.add_hparams(hparams, finals, run_name=".")
             self.writer.close()
         except Exception as error:
             full = out_of_space(error)

@@ -44,6 +44,16 @@ class ModelConfig:
                                                      "GPT-2 folder (config.json, model.safetensors)")
 
 
+    def num_params(self, vocab_size: int) -> int:
+        """GPT(self, vocab_size).num_params(), without building it: token and position
+        embeddings (the head is tied to the first), per block two LayerNorms, attention's
+        qkv and output projections and the MLP's two layers with their biases, the final
+        LayerNorm."""
+        d, ff = self.d_model, self.d_ff
+        block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * ff + ff) + (ff * d + d)
+        return vocab_size * d + self.max_seq_len * d + self.n_layers * block + 2 * d
+
+
 # appends a block's new keys and values (B, nh, T, hs) to its cache; returns all of them
 Extend = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 

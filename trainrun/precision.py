@@ -36,6 +36,9 @@ class BF16Config(PrecisionConfig):
         return "bf16"
 
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
 @dataclass
 class FP16Config(PrecisionConfig):
     """Dynamic loss scaling, with torch.amp.GradScaler's parameter names."""
@@ -48,9 +51,17 @@ class FP16Config(PrecisionConfig):
     def validate(self, prefix: str) -> None:
         require_positive(f"{prefix}.init_scale", self.init_scale)
         require_positive(f"{prefix}.growth_interval", self.growth_interval)
-        if not self.growth_factor > 1:
+        if not 1 < self.growth_factor <= FLOAT32_MAX:
             raise ConfigError(f"{prefix}.growth_factor",
-                              f"got {self.growth_factor}; allowed: growth_factor > 1")
+                              f"got {self.growth_factor}; allowed: 1 < growth_factor <= "
+                              f"{FLOAT32_MAX:.4g} (float32)")
+        if self.init_scale > FLOAT32_MAX:  # the scaler holds it in a float32 tensor
+            raise ConfigError(f"{prefix}.init_scale",
+                              f"got {self.init_scale}; allowed: 0 < init_scale <= "
+                              f"{FLOAT32_MAX:.4g} (float32); 65536 is usual")
+        if self.growth_interval >= 2**31:
+            raise ConfigError(f"{prefix}.growth_interval",
+                              f"got {self.growth_interval}; allowed: 1 <= growth_interval < 2**31")
         if not 0 < self.backoff_factor < 1:
             raise ConfigError(f"{prefix}.backoff_factor",
                               f"got {self.backoff_factor}; allowed: 0 < backoff_factor < 1")

@@ -16,8 +16,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from trainrun import checkpoint
-from trainrun.config import Config
+from trainrun.config import GROUPS, Config
 from trainrun.errors import ConfigError
+from trainrun.schedules import Schedule, build_schedule
 
 # What a resumed run may not change: the model's shape, the data and the data order's seed,
 # and the optimizer (its state would not fit).
@@ -25,6 +26,11 @@ SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len")
 DATA_KEYS_FREE = ("batch_size",)  # the order does not depend on it (SPEC §3)
 OPTIMIZER_GROUP_KEYS = ("no_decay", "exclude")  # they decide the parameter groups
 PLAIN = re.compile(r"[A-Za-z0-9_./-]*/[A-Za-z0-9_./-]*")  # a path Hydra reads as itself
+
+
+class AlreadyComplete(Exception):
+    """resume= names a run that has reached trainer.max_steps: nothing to do, nothing is
+    changed (the command ends with status 0)."""
 
 
 def quote(value: str) -> str:
@@ -74,10 +80,17 @@ def schemas(cfg: Config) -> dict[str, str]:
     return {section: type(getattr(cfg, section)).__name__ for section in ("data", "optimizer")}
 
 
+def option(section: str, schema_name: str) -> str:
+    """`optimizer=adamw` for the schema AdamWConfig: an option as the user names it."""
+    names = [name for name, schema in GROUPS.get(section, {}).items()
+             if schema.__name__ == schema_name]
+    return f"{section}={names[0]}" if names else schema_name
+
+
 def check_compatible(cfg: Config, meta: dict, path: Path) -> None:
     """Refuse a config that changes what the checkpoint at `path` was trained with."""
     saved, now = meta["config"], asdict(cfg)
-    changed = [(key, saved_schema) for key, saved_schema in meta["schemas"].items()
+    changed = [(key, option(key, saved_schema)) for key, saved_schema in meta["schemas"].items()
                if saved_schema != schemas(cfg)[key]]
     changed += [(f"model.{k}", saved["model"][k]) for k in SHAPE_KEYS
                 if saved["model"][k] != now["model"][k]]
@@ -91,10 +104,38 @@ def check_compatible(cfg: Config, meta: dict, path: Path) -> None:
         changed.append(("trainer.strategy", saved["trainer"].get("strategy", "ddp")))
     if changed:
         key, old = changed[0]
+        old = old if isinstance(old, str) and "=" in old else repr(old)
         raise ConfigError(
-            key, f"the checkpoint {path.name} was trained with {old!r}; a resumed run keeps "
+            key, f"the checkpoint {path.name} was trained with {old}; a resumed run keeps "
                  f"the model's shape, the data, the seed, the optimizer and the strategy "
-                 f"(allowed: {old!r})")
+                 f"(allowed: {old})")
+
+
+def check_steps(cfg: Config, step: int, run_dir: Path) -> None:
+    """A resume trains on from update `step` up to trainer.max_steps: fewer is refused, as
+    many is a run already complete."""
+    if step > cfg.trainer.max_steps:
+        raise ConfigError("trainer.max_steps", f"got {cfg.trainer.max_steps}, but {run_dir} "
+                                               f"has reached update {step}; allowed: "
+                                               f"trainer.max_steps > {step} to train longer")
+    if step == cfg.trainer.max_steps:
+        raise AlreadyComplete(f"{run_dir} is already complete at update {step}; raise "
+                              f"trainer.max_steps to continue (nothing was changed)")
+
+
+def schedule_notes(cfg: Config, meta: dict, k: int, schedule: Schedule) -> list[str]:
+    """A resume with another max_steps (or optimizer.lr) re-shapes a decaying schedule from
+    update k + 1 on: the lr the run used at update k, and the one it uses now."""
+    old_steps, old_lr = meta["config"]["trainer"]["max_steps"], meta["config"]["optimizer"]["lr"]
+    if (old_steps, old_lr) == (cfg.trainer.max_steps, cfg.optimizer.lr):
+        return []
+    old = build_schedule(cfg.scheduler, old_lr, old_steps, cfg.model.d_model)
+    old.evals = list(schedule.evals)
+    before, after = old(k), schedule(k + 1)
+    factor = f"x{after / before:.3g}" if before > 0 else "from 0"
+    return [f"the schedule now spans {cfg.trainer.max_steps} updates (was {old_steps}): lr at "
+            f"update {k} was {before:.4g}, at update {k + 1} it is {after:.4g} ({factor}); "
+            f"README \"Train longer\""]
 
 
 def locate(cfg: Config, run_dir: Path) -> tuple[Path | None, dict[Path, str]]:
@@ -111,9 +152,14 @@ def locate(cfg: Config, run_dir: Path) -> tuple[Path | None, dict[Path, str]]:
                                     f"with one, auto, or null")
     if path is not None:
         try:
-            check_compatible(cfg, checkpoint.read_meta(path), path)
-        except (KeyError, TypeError, AttributeError) as exc:  # a meta.json edited by hand
+            meta = checkpoint.read_meta(path)
+            step = int(meta["step"])
+            check_compatible(cfg, meta, path)
+        except ConfigError:
+            raise
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:  # edited by hand
             raise ConfigError("resume", f"{path / checkpoint.META_FILE}: not a meta.json that "
                                         f"trainrun wrote (bad or missing {exc}); allowed: a "
                                         f"checkpoint written by trainrun") from None
+        check_steps(cfg, step, run_dir)
     return path, damaged

@@ -23,8 +23,9 @@ from trainrun.optimizers import build_optimizer
 from trainrun.order import DataOrder
 from trainrun.precision import Precision
 from trainrun.schedules import build_schedule
-from trainrun.signals import Signals
+from trainrun.signals import Signals, hold, release
 from trainrun.state import Counters, Trainer
+from trainrun.threads import set_threads
 
 
 def resolve_device(name: str) -> torch.device:
@@ -99,15 +100,19 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
                 trainer.load_state_dict(checkpoint.load(resume_from, trainer.raw_model,
                                                         trainer.replicas, trainer.optimizer))
                 console.info(f"resumed from {resume_from} at update {trainer.counters.k}")
-                for note in trainer.resume_notes():
+                for note in [*trainer.resume_notes(), *resume.schedule_notes(
+                        cfg, checkpoint.read_meta(resume_from), trainer.counters.k,
+                        trainer.schedule)]:
                     console.info(note)
-        except BaseException:
+        except BaseException:  # a refused start or a start-up signal (StartupStop)
             remove_if_empty(run_dir)
             raise
+        hold()  # from here the run writes its directory: a stop is a stopped run
         if world.main:
             start(run_dir, console, record or {}, damaged)
         metrics = Metrics(run_dir, console, cfg.trainer.log_every, cfg.trainer.max_steps,
-                          first_step=trainer.counters.k + 1, writes=world.main)
+                          first_step=trainer.counters.k + 1, writes=world.main,
+                          earlier_seconds=trainer.counters.wall_seconds)
         if world.main:
             runinfo.write(run_dir, device)
         meta = {"config": json.loads(json.dumps(asdict(cfg))), "schemas": resume.schemas(cfg),
@@ -116,12 +121,13 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
                           saved_k=trainer.counters.k if resume_from is not None else None)
         status = "failed"
         try:
-            with Signals(on_hangup=console.detach_terminal) as signals:
-                status = fit(trainer, outputs, signals)
+            with Signals(on_hangup=console.detach_terminal) as stops:
+                status = fit(trainer, outputs, stops)
         finally:
             summary = metrics.finish(summarize(trainer, metrics, status), hparams(cfg, choices))
-        return finish(summary, run_dir, console, signals, outputs.failure, world)
+        return finish(summary, run_dir, console, stops, outputs.failure, world)
     finally:
+        release()
         determinism.restore()
         console.close()
 
@@ -173,7 +179,7 @@ def summarize(t: Trainer, metrics: Metrics, status: str) -> dict:
     c = t.counters
     return {"status": status, "steps": c.k, "tokens": c.tokens, "train_loss": c.train_loss,
             "val_loss": c.val_loss, "best_val_loss": c.best_val_loss,
-            "skipped_updates": c.skipped_updates, "tokens_per_sec": metrics.tokens_per_second()}
+            "skipped_updates": c.skipped_updates}  # times and tokens/s: Metrics.finish
 
 
 def finish(summary: dict, run_dir: Path, console: Console, signals: Signals,
@@ -190,7 +196,7 @@ def finish(summary: dict, run_dir: Path, console: Console, signals: Signals,
                           f"(e.g. torchrun --nproc_per_node={world.size} -m {resume_command}; "
                           f"another number of processes continues the same data)")
     if summary["status"] == "stopped":
-        console.info(f"stopped at update {summary['steps']}; to continue: {resume_command}")
+        console.command(f"stopped at update {summary['steps']}; to continue:", resume_command)
         raise RunStopped(signals.exit_status)
     if summary["status"] == "failed" and failure is not None:
         then = (f"continue with: {resume_command}" if failure.previous is not None
@@ -238,6 +244,7 @@ def build(cfg: Config, device: torch.device, precision: Precision, console: Cons
     deterministic = determinism.enable(t.deterministic)  # before the first CUDA kernel
     if deterministic:
         console.info(deterministic)
+    console.info(set_threads(t.threads))
     seed_everything(t.seed)
     splits = load_data(cfg.data, world)
     model = build_model(cfg.model, device, console if pretrained else None)

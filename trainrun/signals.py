@@ -4,6 +4,11 @@ SIGINT, SIGTERM, SIGUSR1: the current update finishes, a checkpoint is written, 
 exits with 128 + the signal's number; a second such signal exits at once. SIGHUP (the SSH
 session closed without nohup or tmux): training goes on, the terminal is no longer
 written to, train.log still is.
+
+Before training (`catch_startup`, from the command's first line): a stop signal raises
+StartupStop, which ends the command with one line and 128 + the signal's number. Between
+the built run and training the stop signals are held back (`hold`) and delivered to
+Signals, so that a run that has started writing its directory always ends as a stopped run.
 """
 
 from __future__ import annotations
@@ -14,6 +19,48 @@ from collections.abc import Callable
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 IGNORABLE = (signal.SIGINT, signal.SIGHUP)
+
+
+class StartupStop(BaseException):
+    """A stop signal before training started (a BaseException, as KeyboardInterrupt is, so
+    that no `except Exception` on the way swallows it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    def __str__(self) -> str:
+        when = ("before the first update" if _startup["training"] is None
+                else "between updates' work (no update lost)")
+        return f"{name(self.signum)}: stopped {when}"
+
+
+_startup: dict = {"received": None, "training": None}
+
+
+def _during_startup(signum, frame) -> None:
+    if _startup["received"] is not None:
+        os._exit(128 + signum)  # the second signal: at once
+    _startup["received"] = signum
+    raise StartupStop(signum)
+
+
+def catch_startup() -> None:
+    """Stop signals raise StartupStop from now on (but those a shell or nohup ignores)."""
+    for sig in STOP_SIGNALS:
+        if sig in IGNORABLE and signal.getsignal(sig) == signal.SIG_IGN:
+            continue
+        signal.signal(sig, _during_startup)
+
+
+def hold() -> None:
+    """Hold back stop signals until Signals is entered (which delivers them to itself)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+def release() -> None:
+    """Undo hold() (a run that failed before training)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 class Signals:
@@ -37,9 +84,14 @@ class Signals:
             if sig in IGNORABLE and signal.getsignal(sig) == signal.SIG_IGN:
                 continue
             self._previous[sig] = signal.signal(sig, handler)
+        # a start-up signal that a library caught on the way stops this run too
+        self.requested = _startup["received"]
+        _startup["training"] = True
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held ones arrive here
         return self
 
     def __exit__(self, *exc) -> None:
+        _startup["training"] = False
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 

@@ -30,6 +30,7 @@ class Counters:
     val_loss: float = math.nan
     best_val_loss: float = math.inf
     best_val_step: int = 0  # the update that measured best_val_loss; 0: none yet
+    wall_seconds: float = 0.0  # the run's training time up to its last checkpoint
 
 
 @dataclass

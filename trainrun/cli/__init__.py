@@ -9,6 +9,8 @@ the run writes .hydra/ once it has really started, so a refused or failed start 
     overrides.py  override lists: group options, "one of these keys" pairs, resume's
                   saved overrides (a run directory is data, never code)
     help.py       `trainrun --help`
+    resuming.py   what `resume=` names on the command line
+    summary.py    the sweep summary's Hydra callbacks
 """
 
 from __future__ import annotations
@@ -21,10 +23,13 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from trainrun import distributed
-from trainrun.cli.overrides import CONF, continue_run, key, one_of, options
+from trainrun import distributed, identical, memory
+from trainrun.cli.overrides import CONF, key, one_of, options
+from trainrun.cli.resuming import finished_loss, resume_argv
 from trainrun.config import Config, register_schemas, to_config, validate
 from trainrun.errors import ConfigError
+from trainrun.launch import sweep_command
+from trainrun.resume import AlreadyComplete
 
 __all__ = ["arguments", "compose", "fail", "load", "main", "options", "preflight", "sweep",
            "task_overrides"]
@@ -154,8 +159,17 @@ def preflight(argv: list[str]) -> None:
 
     run_dir = next((Path(override_value(a)) for a in reversed(argv)
                     if a.startswith("hydra.run.dir=")), None)
-    for config in compose(jobs):
-        prepare(config)  # the device and precision this machine can run
+    configs, modes = compose(jobs), []
+    for config in configs:
+        device, precision = prepare(config)  # the device and precision this machine can run
+        modes.append(precision.mode)
+        close = memory.check(config, device, int(os.environ.get("WORLD_SIZE", "1")))
+        if close is not None:
+            print(f"trainrun: warning: {close}", file=sys.stderr)
+    if multirun:
+        for line in identical.announce(identical.find(jobs, configs, modes)):
+            print(f"trainrun: {line}", file=sys.stderr)
+    for config in configs:
         if config.resume is not None and not multirun:
             from trainrun import resume
 
@@ -182,6 +196,10 @@ def _job(cfg: DictConfig) -> float:
 
     hc = HydraConfig.get()
     in_sweep = hc.mode == RunMode.MULTIRUN
+    repeats = identical.repeated(hc.job.num) if in_sweep else None
+    if repeats is not None:
+        runner.remove_if_empty(Path(hc.runtime.output_dir))
+        return JobFailed(f"not run: identical to job {repeats[0]} ({repeats[1]})")
     # what Hydra would have saved in .hydra/, written by the run once it has started
     record = {"config.yaml": OmegaConf.to_yaml(cfg),
               "hydra.yaml": OmegaConf.to_yaml(HydraConfig.instance().cfg),
@@ -197,8 +215,15 @@ def _job(cfg: DictConfig) -> float:
             fail(error)
         print(f"trainrun: error: {error} (job {hc.job.num}; the sweep goes on)", file=sys.stderr)
         return JobFailed(f"error: {error}")
+    except AlreadyComplete as done:  # a sweep resumed: this job has finished before
+        print(f"trainrun: {done}", file=sys.stderr)
+        return finished_loss(run_dir)
     except runner.RunStopped as stop:
-        if not in_sweep or stop.code != 1:  # a signal stops the whole sweep
+        if in_sweep and stop.code != 1:  # a signal stops the whole sweep
+            print(f"trainrun: the sweep stopped at job {hc.job.num}; to continue all of it "
+                  f"(finished jobs are skipped, stopped ones resumed):\n"
+                  f"{sweep_command(sys.argv[1:], Path(hc.sweep.dir))}", file=sys.stderr)
+        if not in_sweep or stop.code != 1:
             raise
         return JobFailed(stop.reason)
     except Exception as exc:
@@ -206,21 +231,6 @@ def _job(cfg: DictConfig) -> float:
             raise
         return JobFailed(crashed(exc, hc.job.num, run_dir))
     return summary["best_val_loss"]
-
-
-def resume_argv(argv: list[str]) -> list[str]:
-    """`resume=<run dir>` continues that run: its saved overrides, then these."""
-    given = [a for a in argv if key(a) == "resume"]
-    if not given:
-        return argv
-    value = override_value(given[-1])
-    if value in (None, "auto"):
-        return argv
-    run_dir = Path(value).expanduser().resolve()
-    if not (run_dir / "checkpoints").is_dir():
-        raise ConfigError("resume", f"{value}: no checkpoints/ in that directory; allowed: "
-                                    f"a run directory with a checkpoint, auto, or null")
-    return continue_run(run_dir, argv)
 
 
 def override_value(override: str):
@@ -279,6 +289,9 @@ def main() -> None:
         sys.argv[1:] = one_run_dir(sys.argv[1:])
     except ConfigError as error:
         fail(error)
+    except AlreadyComplete as done:  # nothing to do, and nothing changed
+        print(f"trainrun: {done}", file=sys.stderr)
+        return
     _job()
 
 

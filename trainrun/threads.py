@@ -1,0 +1,64 @@
+"""trainer.threads: how many CPU threads torch's operators use (torch.set_num_threads).
+
+torch's own default is one thread per core. On a machine shared with other jobs (an SSH box,
+a CI runner) that oversubscribes the cores: each thread waits for the others at every
+operator, and a run can take many times longer than with fewer threads. `auto` therefore
+takes the cores this process may run on, shares them between the processes of this launch
+on this machine, and leaves out the cores that other jobs keep busy (the load average)."""
+
+from __future__ import annotations
+
+import os
+
+from trainrun.errors import ConfigError
+
+
+def check(key: str, value: str) -> None:
+    if value == "auto":
+        return
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1 or str(n) != str(value).strip():
+        raise ConfigError(key, f"got {value!r}; allowed: auto, or a whole number of threads >= 1")
+
+
+def cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def choose(value: str) -> tuple[int, str]:
+    """The number of threads for trainer.threads=value, and why (for the log)."""
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by torchrun
+    if value != "auto":
+        return int(value), f"trainer.threads={value}"
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp), f"auto: OMP_NUM_THREADS={omp}"
+    n = cores()
+    share = max(1, n // max(1, local_processes))
+    try:
+        others = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        others = 0.0
+    free = max(1, min(share, n - round(others)))
+    why = f"auto: {n} core(s)"
+    if local_processes > 1:
+        why += f" shared by {local_processes} processes"
+    if free < share:
+        why += f", about {round(others)} busy with other work (load average {others:.1f})"
+    return free, why + "; trainer.threads=N to choose"
+
+
+def set_threads(value: str) -> str:
+    """Set torch's thread count; return the line that logs it."""
+    import torch
+
+    n, why = choose(value)
+    torch.set_num_threads(n)
+    return f"{n} CPU thread(s) ({why})"
