@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from conftest import config, make_corpus, tiny, train, weights
 
 from trainrun import data
-from trainrun.data import IGNORE, VOCAB_SIZE
+from trainrun.data import IGNORE
+from trainrun.data.order import DataOrder, micro_batches
+from trainrun.data.tokenizers import ByteTokenizer
 from trainrun.model import GPT
-from trainrun.order import DataOrder, micro_batches
 
 SHAPES = [(8, 1), (4, 2), (2, 4)]  # (batch_size, grad_accum_steps): 8 sequences per update
 
@@ -70,7 +71,7 @@ def test_mean_of_micro_batch_means_would_fail_the_threshold(padded_corpus):
     seqs = data.load(cfg.data)["train"]
     window = DataOrder(len(seqs), cfg.trainer.seed).next_window(8)
     torch.manual_seed(0)
-    model = GPT(cfg.model, VOCAB_SIZE)
+    model = GPT(cfg.model, ByteTokenizer.vocab_size)
 
     def grads(loss_fn) -> torch.Tensor:
         model.zero_grad()

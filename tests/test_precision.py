@@ -13,7 +13,7 @@ import torch
 from conftest import TINY, cli, config, scalars, tiny, train, weights
 
 from trainrun.clip import NormClip
-from trainrun.data import VOCAB_SIZE
+from trainrun.data.tokenizers import ByteTokenizer
 from trainrun.distributed import Replicas
 from trainrun.model import GPT
 from trainrun.optimizers import param_groups
@@ -58,10 +58,10 @@ def test_fp16_with_a_huge_initial_scale_skips_then_trains(tmp_path, corpus):
 def test_a_non_finite_gradient_changes_nothing(mode, kernel):
     cfg = config(*TINY)
     torch.manual_seed(0)
-    model = GPT(cfg.model, VOCAB_SIZE)
+    model = GPT(cfg.model, ByteTokenizer.vocab_size)
     opt = torch.optim.AdamW(param_groups(model, cfg.optimizer), lr=1e-3, **kernel)
     precision = Precision(config(f"precision={mode}").precision, torch.device("cpu"))
-    x = torch.randint(0, VOCAB_SIZE, (2, 16))
+    x = torch.randint(0, ByteTokenizer.vocab_size, (2, 16))
     batch = [(x, torch.roll(x, -1, 1))]
     clipper = NormClip(1.0, 2.0, False)
     replicas = Replicas(model)

@@ -1,0 +1,57 @@
+"""Fixed-length training sequences over a split's flat token array (SPEC §3).
+
+With packing the documents are concatenated (each ends with the end-of-document id) and cut
+into windows of seq_len + 1 tokens; without it each document is one sequence, truncated and
+padded, its padding excluded from the loss. The token array may be a read-only memory map:
+a batch reads only the pages of its own sequences.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+IGNORE = -100  # target id excluded from the loss (padding)
+
+
+class Sequences:
+    """Fixed-length training sequences; `batch(indices)` -> inputs, targets (B, T) int64.
+
+    `pad_id` is the input id at padded positions (the end-of-document id): any real id
+    does, as no target follows it."""
+
+    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, seq_len: int, packing: bool,
+                 pad_id: int):
+        self.tokens, self.offsets, self.seq_len, self.packing = tokens, offsets, seq_len, packing
+        self.pad_id = pad_id
+        if packing:
+            self.n = max(0, len(tokens) - 1) // seq_len
+        else:
+            lengths = np.diff(offsets)
+            self.starts = offsets[:-1][lengths >= 2]  # a document needs one target at least
+            self.lengths = np.minimum(lengths[lengths >= 2], seq_len + 1)
+            self.n = len(self.starts)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        T = self.seq_len
+        cols = np.arange(T + 1)
+        if self.packing:
+            rows = self.tokens[np.asarray(indices)[:, None] * T + cols].astype(np.int64)
+            x, y = rows[:, :-1], rows[:, 1:]
+        else:
+            starts, lengths = self.starts[indices], self.lengths[indices]
+            real = cols < lengths[:, None]
+            pos = np.where(real, starts[:, None] + cols, 0)
+            rows = np.where(real, self.tokens[pos], self.pad_id).astype(np.int64)
+            x = rows[:, :-1]
+            y = np.where(real[:, 1:], rows[:, 1:], IGNORE)
+        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+
+    def num_targets(self, indices: np.ndarray) -> int:
+        """Target tokens (those the loss counts) in the sequences `indices`."""
+        if self.packing:
+            return len(indices) * self.seq_len
+        return int((self.lengths[indices] - 1).sum())
