@@ -41,11 +41,13 @@ def overrides(corpus, batch_size: int, accum: int) -> list[str]:
                 "optimizer=sgd", "optimizer.lr=0.5")
 
 
-def test_accumulation_equals_one_big_batch(tmp_path, padded_corpus):
+@pytest.mark.parametrize("tokenizer", [[], ["tokenizer=bpe", "tokenizer.vocab_size=320"]],
+                         ids=["byte", "bpe"])
+def test_accumulation_equals_one_big_batch(tmp_path, padded_corpus, tokenizer):
     final = {}
     for batch_size, accum in SHAPES:
         run_dir = tmp_path / f"{batch_size}x{accum}"
-        summary = train(run_dir, *overrides(padded_corpus, batch_size, accum))
+        summary = train(run_dir, *overrides(padded_corpus, batch_size, accum), *tokenizer)
         assert summary["steps"] == 10
         final[(batch_size, accum)] = weights(run_dir / "checkpoints/step-00000010/model.safetensors")
     big = final[(8, 1)]
