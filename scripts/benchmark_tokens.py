@@ -25,6 +25,7 @@ import numpy as np
 
 SHARD_MB = 64
 SMALL_MB = 20
+CHUNK_WORDS = 200_000  # about 1.2 MB of text
 
 TOKENIZE = """
 import json, sys, time
@@ -54,8 +55,8 @@ def make_corpus(folder: Path, size_mb: int, seed: int) -> Path:
         with open(path, "wb") as out:
             size = 0
             while size < min(SHARD_MB * 1_000_000, target - written):
-                idx = rng.choice(len(words), 1_000_000, p=weights)
-                idx += len(words) * (rng.random(1_000_000) < 1 / 200)  # end of document
+                idx = rng.choice(len(words), CHUNK_WORDS, p=weights)
+                idx += len(words) * (rng.random(CHUNK_WORDS) < 1 / 200)  # end of document
                 chunk = b"".join(pieces[idx])
                 out.write(chunk)
                 size += len(chunk)

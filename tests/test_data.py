@@ -340,6 +340,8 @@ def test_each_epoch_is_a_new_seeded_permutation():
     again, _ = seen(N, 1337, 4, 2, updates=40)
     other, _ = seen(N, 1338, 4, 2, updates=40)
     assert again == indices and other != indices
+    # NumPy's own permutation of n, as the order has always been (4-byte ids change nothing)
+    assert epochs == [np.random.default_rng([1337, e]).permutation(N).tolist() for e in range(4)]
 
 
 def test_order_state_dict_continues_the_stream():

@@ -14,8 +14,11 @@ from trainrun.errors import ConfigError
 
 
 def permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The order of epoch `epoch` (0-based) over n sequences."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
+    """The order of epoch `epoch` (0-based) over n sequences: 4 bytes per sequence while
+    n < 2**32 (the same shuffle as `permutation(n)`, which would hold 8), so that a corpus of
+    billions of tokens keeps its order in a modest array."""
+    dtype = np.uint32 if n < 2**32 else np.int64
+    return np.random.default_rng([seed, epoch]).permutation(np.arange(n, dtype=dtype))
 
 
 class DataOrder:

@@ -38,8 +38,9 @@ class Sequences:
     def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         T = self.seq_len
         cols = np.arange(T + 1)
+        indices = np.asarray(indices, dtype=np.int64)  # the order's uint32 ids times T overflow
         if self.packing:
-            rows = self.tokens[np.asarray(indices)[:, None] * T + cols].astype(np.int64)
+            rows = self.tokens[indices[:, None] * T + cols].astype(np.int64)
             x, y = rows[:, :-1], rows[:, 1:]
         else:
             starts, lengths = self.starts[indices], self.lengths[indices]
