@@ -1,6 +1,7 @@
 """Token storage: each split tokenized once into a flat token file (uint16 when the
 vocabulary fits, else uint32) and its document offsets, in a cache folder keyed by the
-fingerprints of the documents and the tokenizer; every process maps the files read-only.
+fingerprints of the documents and the tokenizer; every process opens the files read-only
+(sequences.py reads them).
 
 A cache folder appears whole or not at all: it is written under another name while an
 exclusive lock is held, then renamed into place. Two runs (or ranks) starting together
