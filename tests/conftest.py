@@ -3,6 +3,7 @@ written by the tests themselves, short in-process runs, and TensorBoard readers.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -149,3 +150,45 @@ def finished_run(tmp_path_factory, corpus) -> Path:
                      "trainer.eval_every=20", f"hydra.run.dir={run}"), cwd=run.parent, env=offline)
     assert proc.returncode == 0, proc.stderr
     return run
+
+
+def flat(state, prefix: str = "") -> dict[str, object]:
+    """Every tensor and plain value of a nested state (an optimizer's), by its path."""
+    if isinstance(state, dict):
+        return {k: v for key, value in state.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+    if isinstance(state, (list, tuple)):
+        return {k: v for i, value in enumerate(state) for k, v in flat(value, f"{prefix}{i}.").items()}
+    return {prefix: state}
+
+
+def assert_same_state(a, b) -> None:
+    """Two nested states hold the same values, tensors bit for bit."""
+    a, b = flat(a), flat(b)
+    assert a.keys() == b.keys()
+    for key, value in b.items():
+        same = torch.equal(a[key], value) if isinstance(value, torch.Tensor) else a[key] == value
+        assert same, key
+
+
+def twins(cfg: Config):
+    """A seeded GPT of cfg.model with trainrun's optimizer and schedule, and an identical copy
+    for a reference optimizer: (model, optimizer, schedule, copy)."""
+    from trainrun.data.tokenizers import ByteTokenizer
+    from trainrun.model import GPT
+    from trainrun.optimizers import build_optimizer
+    from trainrun.schedules import build_schedule
+
+    torch.manual_seed(0)
+    model = GPT(cfg.model, ByteTokenizer.vocab_size)
+    reference = copy.deepcopy(model)
+    optimizer = build_optimizer(cfg.optimizer, model, torch.device("cpu"))
+    schedule = build_schedule(cfg.scheduler, cfg.optimizer.lr, cfg.trainer.max_steps)
+    return model, optimizer, schedule, reference
+
+
+def same_gradients(model: torch.nn.Module, reference: torch.nn.Module,
+                   gen: torch.Generator) -> None:
+    """Random gradients, the same on both models."""
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        p.grad = torch.randn(p.shape, generator=gen)
+        q.grad = p.grad.clone()

@@ -64,7 +64,8 @@ def needs(group: str, option: str, inputs: dict) -> list[str]:
     select = f"{group}={option}" if group in DEFAULTS else f"+{group}={option}"
     extra = {("data", "text"): [f"data.files={inputs['corpus']}"],
              ("data", "hf"): [f"data.path={inputs['ds']}", "data.val_split=validation"],
-             ("tokenizer", "hf"): [f"tokenizer.path={inputs['tokenizer']}"]}
+             ("tokenizer", "hf"): [f"tokenizer.path={inputs['tokenizer']}"],
+             ("optimizer", "schedulefree"): ["scheduler=constant"]}  # the one it takes
     return [select, *extra.get((group, option), [])]
 
 

@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -206,6 +207,7 @@ def test_range_test_stops_when_the_smoothed_loss_diverges(monkeypatch):
 
     trainer = FakeTrainer()
     trainer.replicas, trainer.optimizer = Replicas(model), optimizer
+    trainer.schedule = SimpleNamespace(base_lr=1.0)
     seen = []
 
     def fake_update(t):
@@ -231,6 +233,7 @@ def test_range_test_stops_on_a_non_finite_loss(monkeypatch):
     class FakeTrainer:
         replicas = Replicas(torch.nn.Linear(2, 1))
         optimizer = torch.optim.SGD(replicas.module.parameters(), lr=1.0)
+        schedule = SimpleNamespace(base_lr=1.0)
 
     def fake_update(t):
         lr = t.optimizer.param_groups[0]["lr"]

@@ -11,19 +11,22 @@ import torch
 from conftest import config, scalars, tiny, train
 
 from trainrun.errors import ConfigError
-from trainrun.layerwise import LAMB, LARS
 from trainrun.model import GPT, parameter_kinds
 from trainrun.optimizers import (
     OPTIMIZERS,
     LAMBConfig,
     LARSConfig,
+    MuonAdamW,
+    ScheduleFreeAdamW,
     build_optimizer,
     kernel_options,
     param_groups,
 )
+from trainrun.optimizers.layerwise import LAMB, LARS
 
 STEPS = 6
 LR = 0.1
+SCHEDULER = {"schedulefree": "constant"}  # the one it takes
 
 
 class Net(torch.nn.Module):
@@ -197,9 +200,12 @@ def test_param_groups_keep_decay_off_biases_norms_and_embeddings(corpus):
     ("sgd", torch.optim.SGD, "fused"), ("momentum", torch.optim.SGD, "fused"),
     ("nesterov", torch.optim.SGD, "fused"), ("adagrad", torch.optim.Adagrad, "fused"),
     ("rmsprop", torch.optim.RMSprop, "foreach"), ("lars", LARS, None), ("lamb", LAMB, None),
+    ("adafactor", torch.optim.Adafactor, "foreach"), ("muon", MuonAdamW, None),
+    ("schedulefree", ScheduleFreeAdamW, "foreach"),
 ])
 def test_each_option_builds_its_optimizer(corpus, name, cls, kernel):
-    cfg = config(*tiny(corpus, f"optimizer={name}"))
+    scheduler = [f"scheduler={SCHEDULER[name]}"] if name in SCHEDULER else []
+    cfg = config(*tiny(corpus, f"optimizer={name}", *scheduler))
     assert type(cfg.optimizer) is OPTIMIZERS[name]
     optimizer = build_optimizer(cfg.optimizer, torch.nn.Linear(2, 2), torch.device("cpu"))
     assert type(optimizer) is cls
@@ -236,6 +242,27 @@ def test_kernel_choice_by_device():
     (["optimizer=lars", "optimizer.trust_coef=0"], "optimizer.trust_coef"),
     (["optimizer=lars", "optimizer.exclude=[biases]"], "optimizer.exclude"),
     (["optimizer=lamb", "optimizer.betas=[0.9,1.5]"], "optimizer.betas[1]"),
+    (["optimizer=muon", "optimizer.momentum=1"], "optimizer.momentum"),
+    (["optimizer=muon", "optimizer.ns_steps=0"], "optimizer.ns_steps"),
+    (["optimizer=muon", "optimizer.ns_steps=100"], "optimizer.ns_steps"),
+    (["optimizer=muon", "optimizer.adjust_lr_fn=spectral"], "optimizer.adjust_lr_fn"),
+    (["optimizer=muon", "optimizer.adamw.lr=0"], "optimizer.adamw.lr"),
+    (["optimizer=muon", "optimizer.adamw.betas=[0.9,1.0]"], "optimizer.adamw.betas[1]"),
+    (["optimizer=muon", "optimizer.adamw.eps=-1"], "optimizer.adamw.eps"),
+    (["optimizer=muon", "optimizer.adamw.weight_decay=-1"], "optimizer.adamw.weight_decay"),
+    (["optimizer=muon", "optimizer.adamw.momentum=0.9"], "optimizer.adamw.momentum"),
+    (["optimizer=adafactor", "optimizer.beta2_decay=0.5"], "optimizer.beta2_decay"),
+    (["optimizer=adafactor", "optimizer.eps=[null]"], "optimizer.eps"),
+    (["optimizer=adafactor", "optimizer.eps=[-1,1e-3]"], "optimizer.eps[0]"),
+    (["optimizer=adafactor", "optimizer.d=0.5"], "optimizer.d"),
+    (["optimizer=schedulefree", "scheduler=constant", "optimizer.betas=[0,0.999]"],
+     "optimizer.betas[0]"),
+    (["optimizer=schedulefree", "scheduler=constant", "optimizer.r=-1"], "optimizer.r"),
+    (["optimizer=schedulefree", "scheduler=constant", "optimizer.weight_lr_power=-1"],
+     "optimizer.weight_lr_power"),
+    (["optimizer=schedulefree", "scheduler=linear"], "scheduler"),
+    (["optimizer=muon", "trainer.strategy=fsdp"], "trainer.strategy"),
+    (["optimizer=adafactor", "trainer.strategy=fsdp"], "trainer.strategy"),
 ])
 def test_bad_optimizer_settings_name_the_key(corpus, overrides, key):
     with pytest.raises(ConfigError) as err:
@@ -250,6 +277,7 @@ TRAIN_LR = {"lamb": 0.05}
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_every_optimizer_trains(tmp_path, corpus, name):
     lr = [f"optimizer.lr={TRAIN_LR[name]}"] if name in TRAIN_LR else []
+    lr += [f"scheduler={SCHEDULER[name]}"] if name in SCHEDULER else []
     run_dir = tmp_path / "run"
     summary = train(run_dir, *tiny(corpus, f"optimizer={name}", *lr, "trainer.max_steps=15"))
     losses = scalars(run_dir, "train/loss")

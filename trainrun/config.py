@@ -145,8 +145,24 @@ def validate(cfg: Config, data: bool = True) -> Config:
             gpt2.check(cfg.model, ByteTokenizer.vocab_size)
     cfg.optimizer.validate("optimizer")
     cfg.scheduler.validate("scheduler", t.max_steps, cfg.optimizer.lr)
+    check_optimizer_fits(cfg)
     cfg.clip.validate("clip")
     cfg.precision.validate("precision")
     if cfg.resume is not None and cfg.resume != "auto" and not cfg.resume.strip():
         raise ConfigError("resume", "allowed: null, auto, or a run directory")
     return cfg
+
+
+def check_optimizer_fits(cfg: Config) -> None:
+    """The scheduler and the strategy go with the optimizer: schedule-free AdamW takes no
+    decay schedule; Muon and Adafactor need whole parameters, not FSDP's shards."""
+    name = option_name(cfg.optimizer, OPTIMIZERS)
+    allowed = cfg.optimizer.schedulers
+    scheduler = option_name(cfg.scheduler, SCHEDULES)
+    if allowed is not None and scheduler not in allowed:
+        raise ConfigError("scheduler", f"{scheduler} with optimizer={name}, which needs no decay "
+                                       f"schedule; allowed: {', '.join(allowed)} (add "
+                                       f"scheduler={allowed[0]})")
+    if cfg.trainer.strategy == "fsdp" and not cfg.optimizer.shards:
+        raise ConfigError("trainer.strategy", f"fsdp with optimizer={name}, which needs whole "
+                                              f"parameters, not FSDP's shards; allowed: ddp")

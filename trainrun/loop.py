@@ -18,6 +18,7 @@ from trainrun.data import Sequences
 from trainrun.data.order import micro_batches
 from trainrun.errors import out_of_space
 from trainrun.metrics import Metrics
+from trainrun.optimizers import eval_weights
 from trainrun.precision import Precision
 from trainrun.signals import Signals, name
 from trainrun.state import Trainer
@@ -161,7 +162,8 @@ def evaluate(t: Trainer, n_batches: int) -> float:
 def validate(t: Trainer, out: Outputs) -> None:
     c = t.counters
     started = time.perf_counter()
-    c.val_loss = evaluate(t, t.cfg.eval_batches)
+    with eval_weights(t.optimizer):
+        c.val_loss = evaluate(t, t.cfg.eval_batches)
     if c.val_loss < c.best_val_loss:  # False for NaN: a NaN is never the best
         c.best_val_loss, c.best_val_step = c.val_loss, c.k
     t.schedule.observe(c.val_loss)
@@ -175,10 +177,11 @@ def save(t: Trainer, out: Outputs) -> None:
     shards."""
     if out.saved_k == t.counters.k:
         return
-    if t.replicas.sharded:
-        checkpoint.save_sharded(out.ckpt_root, t.counters.k, t.replicas, t.optimizer,
-                                t.state_dict(), out.meta, t.cfg.keep_last, t.world.main)
-    elif t.world.main:
+    with eval_weights(t.optimizer):  # the weights to export, and the state to resume
+        if t.replicas.sharded:
+            checkpoint.save_sharded(out.ckpt_root, t.counters.k, t.replicas, t.optimizer,
+                                    t.state_dict(), out.meta, t.cfg.keep_last, t.world.main)
+        elif t.world.main:
             checkpoint.save(out.ckpt_root, t.counters.k, t.raw_model, t.state_dict(), out.meta,
-                        t.cfg.keep_last)
+                            t.cfg.keep_last)
     out.saved_k = t.counters.k

@@ -113,13 +113,13 @@ def suggest(lrs: Sequence[float], smoothed: Sequence[float]) -> int:
 def range_test(trainer, test: RangeTest) -> Result:
     """Train with the exponentially increasing lr until num_updates or divergence."""
     from trainrun.loop import one_update
+    from trainrun.schedules import set_lr
 
     result = Result()
     trainer.replicas.module.train()
     for i in range(test.num_updates):
         lr = test.lr(i)
-        for group in trainer.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(trainer.optimizer, lr, trainer.schedule.base_lr)
         update, _ = one_update(trainer)
         loss = float(update.loss)
         if not (update.stepped and math.isfinite(loss)):

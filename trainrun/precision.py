@@ -87,6 +87,9 @@ class Precision:
         if self.mode == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ConfigError("precision", "bf16 was asked for on a GPU without bfloat16 support; "
                                            "allowed here: fp16, fp32, auto")
+        if self.mode == "fp32" and device.type == "cuda":
+            # fp32 matmuls on TF32 tensor cores (10-bit mantissa products, fp32 sums)
+            torch.set_float32_matmul_precision("high")
         self.scaler = None
         if self.mode == "fp16":
             self.scaler = torch.amp.GradScaler(

@@ -50,6 +50,8 @@ def train_update(replicas: Replicas, batches: list[tuple[torch.Tensor, torch.Ten
     `n_targets` tokens of the whole window (all ranks); `stop`: this rank was asked to stop."""
     total = torch.zeros((), device=device)
     for i, (x, y) in enumerate(batches):
+        if device.type == "cuda":  # from pinned memory the copy runs beside the compute
+            x, y = x.pin_memory(), y.pin_memory()
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
         with replicas.micro_batch(last=i == len(batches) - 1):

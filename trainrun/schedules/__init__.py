@@ -1,6 +1,6 @@
 """Learning-rate schedules (SPEC §4), counted in optimizer updates. This package's interface:
 the registry SCHEDULES, the schemas' base SchedulerConfig, the schedule bound to a run
-(Schedule) and build_schedule.
+(Schedule), build_schedule and set_lr.
 
 `lr(k)` is the rate that update k = 1..N applies, and what `train/lr` logs at step k.
 Warmup, where a schedule has it: lr(k) = base·k/W for k <= W; then the schedule's decay
@@ -35,7 +35,7 @@ from trainrun.schedules.decays import (
 from trainrun.schedules.own_warmup import InverseSqrtConfig, NoamConfig, OneCycleConfig
 from trainrun.schedules.plateau import PlateauConfig
 
-__all__ = ["SCHEDULES", "Schedule", "SchedulerConfig", "build_schedule"]
+__all__ = ["SCHEDULES", "Schedule", "SchedulerConfig", "build_schedule", "set_lr"]
 
 SCHEDULES: dict[str, type[SchedulerConfig]] = {
     "constant": ConstantConfig,
@@ -67,14 +67,14 @@ class Schedule:
         return self.cfg.lr(k, self.base_lr, self.max_steps, self.evals)
 
     def apply(self, optimizer: torch.optim.Optimizer, k: int) -> float:
-        """Set every parameter group's lr to lr(k) before update k (and, for onecycle with
-        cycle_momentum, its momentum or betas[0] as OneCycleLR does); return lr(k)."""
+        """Set the parameter groups' rates for update k (set_lr) and, for onecycle with
+        cycle_momentum, their momentum or betas[0] as OneCycleLR does; return lr(k)."""
         self.k = k
         lr = self(k)
+        set_lr(optimizer, lr, self.base_lr)
         momentum = self.cfg.momentum(k, self.max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-            if momentum is not None:
+        if momentum is not None:
+            for group in optimizer.param_groups:
                 _set_momentum(optimizer, group, momentum)
         return lr
 
@@ -82,7 +82,8 @@ class Schedule:
         """Raise ConfigError now, before the run starts, if the optimizer cannot follow this
         schedule (a cycled momentum needs momentum or betas)."""
         if self.cfg.momentum(1, self.max_steps) is not None:
-            _momentum_key(optimizer)
+            for group in optimizer.param_groups:
+                _momentum_key(optimizer, group)
 
     def observe(self, val_loss: float) -> None:
         """The validation loss measured after the update last applied."""
@@ -103,17 +104,26 @@ class Schedule:
         self.k = self.evals[-1][0] if self.evals else 0
 
 
-def _momentum_key(optimizer: torch.optim.Optimizer) -> str:
-    """OneCycleLR's rule: beta1 where the optimizer has betas, else momentum."""
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, base: float) -> None:
+    """Set every parameter group's rate from lr, the rate for the base optimizer.lr = base.
+    A group with a base rate of its own, `base_lr` (optimizer=muon's AdamW side), gets the
+    same factor of it: base_lr · lr / base; every other group gets lr itself."""
+    for group in optimizer.param_groups:
+        own = group.get("base_lr")
+        group["lr"] = lr if own is None else own * lr / base
+
+
+def _momentum_key(optimizer: torch.optim.Optimizer, group: dict) -> str:
+    """OneCycleLR's rule, group by group: beta1 where the group has betas, else momentum."""
     for key in ("betas", "momentum"):
-        if key in optimizer.defaults:
+        if key in group:
             return key
     raise ConfigError("scheduler.cycle_momentum", f"{type(optimizer).__name__} has neither "
                       f"momentum nor betas; set scheduler.cycle_momentum=false")
 
 
 def _set_momentum(optimizer: torch.optim.Optimizer, group: dict, momentum: float) -> None:
-    if _momentum_key(optimizer) == "betas":
+    if _momentum_key(optimizer, group) == "betas":
         group["betas"] = (momentum, *group["betas"][1:])
     else:
         group["momentum"] = momentum

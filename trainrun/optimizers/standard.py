@@ -1,52 +1,23 @@
-"""Optimizers by name, with torch's parameter names, and their parameter groups (SPEC §5).
-
-`optimizer=<name>` picks one of OPTIMIZERS; `lr` is the base (peak) rate that the schedule
-scales. Parameter groups come from trainrun.model.parameter_kinds: weight decay is kept off
-the kinds named in `no_decay` (by default biases, norm gains and embeddings), and LARS
-leaves the kinds in its `exclude` (biases and norm gains) without a trust ratio. torch's
-fused kernels are used where torch has one for the optimizer on the device, else the
-foreach (multi-tensor) ones; LARS and LAMB (trainrun.layerwise) are foreach throughout.
-"""
+"""The optimizers taken from torch by name, with torch's parameter names, and the two
+layer-wise ones implemented in the project (trainrun.optimizers.layerwise)."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from omegaconf import MISSING
 
 from trainrun.errors import ConfigError, require_in, require_positive
-from trainrun.layerwise import LAMB, LARS
-from trainrun.model import KINDS, parameter_kinds
-
-
-def require_fraction(key: str, value: float, *, allow_one: bool = False) -> None:
-    """0 <= value < 1 (or <= 1 with allow_one): momentum, betas, alpha, dampening."""
-    ok = math.isfinite(value) and 0 <= value and (value <= 1 if allow_one else value < 1)
-    if not ok:
-        name = key.rsplit(".", 1)[-1]
-        raise ConfigError(key, f"got {value}; allowed: 0 <= {name} {'<=' if allow_one else '<'} 1")
-
-
-@dataclass
-class OptimizerConfig:
-    lr: float = MISSING  # the base (peak) learning rate
-    weight_decay: float = MISSING
-    no_decay: list[str] = MISSING  # parameter kinds without weight decay: bias, norm, embedding
-
-    def validate(self, prefix: str) -> None:
-        require_positive(f"{prefix}.lr", self.lr)
-        require_positive(f"{prefix}.weight_decay", self.weight_decay, allow_zero=True)
-        for kind in self.no_decay:
-            require_in(f"{prefix}.no_decay", kind, KINDS)
-
-    def group_options(self, kind: str) -> dict:
-        """The options of the parameter group that a parameter of this kind belongs to."""
-        return {"weight_decay": 0.0} if kind in self.no_decay else {}
-
-    def build(self, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
-        raise NotImplementedError
+from trainrun.model import KINDS
+from trainrun.optimizers.base import (
+    OptimizerConfig,
+    kernel_options,
+    require_betas,
+    require_fraction,
+)
+from trainrun.optimizers.layerwise import LAMB, LARS
 
 
 @dataclass
@@ -58,10 +29,7 @@ class AdamWConfig(OptimizerConfig):
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
-        if len(self.betas) != 2:
-            raise ConfigError(f"{prefix}.betas", f"got {list(self.betas)}; allowed: [beta1, beta2]")
-        for i, beta in enumerate(self.betas):
-            require_fraction(f"{prefix}.betas[{i}]", beta)
+        require_betas(f"{prefix}.betas", self.betas)
         require_positive(f"{prefix}.eps", self.eps)
 
     def build(self, groups, device):
@@ -169,7 +137,7 @@ class RMSpropConfig(OptimizerConfig):
 
 @dataclass
 class LARSConfig(OptimizerConfig):
-    """trainrun.layerwise.LARS: SGD with momentum and a per-tensor trust ratio."""
+    """trainrun.optimizers.layerwise.LARS: SGD with momentum and a per-tensor trust ratio."""
 
     momentum: float = MISSING
     trust_coef: float = MISSING
@@ -192,63 +160,42 @@ class LARSConfig(OptimizerConfig):
 
 @dataclass
 class LAMBConfig(AdamWConfig):
-    """trainrun.layerwise.LAMB: Adam moments with a per-tensor trust ratio."""
+    """trainrun.optimizers.layerwise.LAMB: Adam moments with a per-tensor trust ratio."""
 
     def build(self, groups, device):
         return LAMB(groups, lr=self.lr, betas=tuple(self.betas), eps=self.eps,
                     weight_decay=self.weight_decay)
 
 
-OPTIMIZERS = {
-    "adamw": AdamWConfig,
-    "adam": AdamConfig,
-    "sgd": SGDConfig,
-    "momentum": MomentumConfig,
-    "nesterov": NesterovConfig,
-    "adagrad": AdagradConfig,
-    "rmsprop": RMSpropConfig,
-    "lars": LARSConfig,
-    "lamb": LAMBConfig,
-}
 
 
-def param_groups(model: torch.nn.Module, cfg: OptimizerConfig) -> list[dict]:
-    """The trainable parameters, grouped by `cfg.group_options(kind)`: for most optimizers
-    two groups, with weight decay and without (the kinds in cfg.no_decay), the decayed
-    group first; LARS splits them further by `lars_exclude`."""
-    kinds = parameter_kinds(model)
-    groups: dict[tuple, dict] = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            options = cfg.group_options(kinds[name])
-            key = tuple(sorted(options.items()))
-            groups.setdefault(key, {"params": [], **options})["params"].append(p)
-    return sorted(groups.values(), key=lambda group: "weight_decay" in group)
+@dataclass
+class AdafactorConfig(OptimizerConfig):
+    """torch.optim.Adafactor (Shazeer & Stern 2018): the second moment of a matrix kept as a
+    row and a column vector, no first moment, decoupled weight decay."""
 
+    beta2_decay: float = MISSING  # <= 0: beta2 at step t is 1 − t^beta2_decay
+    eps: list[float | None] = MISSING  # [eps1 (null: the dtype's eps), eps2]
+    d: float = MISSING  # >= 1: clipping threshold of the update's RMS
 
-# Devices on which torch (>= 2.4) has a fused kernel for the optimizer.
-FUSED_DEVICES = {
-    torch.optim.Adam: {"cuda", "cpu", "mps", "xpu"},
-    torch.optim.AdamW: {"cuda", "cpu", "mps", "xpu"},
-    torch.optim.SGD: {"cuda", "cpu", "mps", "xpu"},
-    torch.optim.Adagrad: {"cuda", "cpu"},
-}
+    shards: ClassVar[bool] = False  # torch's kernels have no rule for FSDP's sharded tensors
 
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        if not self.beta2_decay <= 0:
+            raise ConfigError(f"{prefix}.beta2_decay",
+                              f"got {self.beta2_decay}; allowed: beta2_decay <= 0")
+        if len(self.eps) != 2 or self.eps[1] is None:
+            raise ConfigError(f"{prefix}.eps", f"got {list(self.eps)}; allowed: [eps1, eps2], "
+                                               f"eps1 null or >= 0, eps2 >= 0")
+        if self.eps[0] is not None:
+            require_positive(f"{prefix}.eps[0]", self.eps[0], allow_zero=True)
+        require_positive(f"{prefix}.eps[1]", self.eps[1], allow_zero=True)
+        if not self.d >= 1:
+            raise ConfigError(f"{prefix}.d", f"got {self.d}; allowed: d >= 1")
 
-def kernel_options(optimizer_cls: type, device: torch.device) -> dict:
-    """fused=True where torch has a fused kernel for this optimizer on this device, else
-    foreach=True."""
-    if device.type in FUSED_DEVICES.get(optimizer_cls, ()):
-        return {"fused": True}
-    return {"foreach": True}
-
-
-# Where the parameters are sharded (FSDP's DTensors), the foreach kernels: torch has no
-# sharding rule for most fused ones. Named as a device on which no fused kernel exists.
-SHARDED = torch.device("meta")
-
-
-def build_optimizer(cfg: OptimizerConfig, model: torch.nn.Module,
-                    device: torch.device) -> torch.optim.Optimizer:
-    sharded = any(hasattr(p, "full_tensor") for p in model.parameters())  # DTensors
-    return cfg.build(param_groups(model, cfg), SHARDED if sharded else device)
+    def build(self, groups, device):
+        return torch.optim.Adafactor(groups, lr=self.lr, beta2_decay=self.beta2_decay,
+                                     eps=tuple(self.eps), d=self.d,
+                                     weight_decay=self.weight_decay,
+                                     **kernel_options(torch.optim.Adafactor, device))

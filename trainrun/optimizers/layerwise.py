@@ -53,7 +53,7 @@ class LARS(_Layerwise):
         buf = d at the first step, then buf ← momentum · buf + d    (state `momentum_buffer`)
         w ← w − lr · buf
 
-    Groups with `lars_exclude=True` (biases and norm gains, see trainrun.optimizers) take
+    Groups with `lars_exclude=True` (biases and norm gains, see trainrun.optimizers.standard) take
     the plain momentum step. The paper's Algorithm 1 keeps the global rate inside the
     buffer (v ← m·v + lr·λ·d, w ← w − v); this is the same update while lr is constant,
     and follows torch's SGD (lr applied after momentum) when a schedule changes it.
