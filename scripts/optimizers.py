@@ -94,15 +94,15 @@ def val_curve(run_dir: Path) -> tuple[list[int], list[float], list[float]]:
 def state_bytes(argv: list[str]) -> int:
     """Bytes of the optimizer's state tensors after one update, built as trainrun builds it."""
     from trainrun.cli import compose
-    from trainrun.data import VOCAB_SIZE
+    from trainrun.data.tokenizers import ByteTokenizer
     from trainrun.model import GPT
     from trainrun.optimizers import build_optimizer
 
     (cfg,) = compose([argv])
     torch.manual_seed(0)
-    model = GPT(cfg.model, VOCAB_SIZE)
+    model = GPT(cfg.model, ByteTokenizer.vocab_size)
     optimizer = build_optimizer(cfg.optimizer, model, torch.device("cpu"))
-    x = torch.randint(0, VOCAB_SIZE, (2, cfg.data.seq_len))
+    x = torch.randint(0, ByteTokenizer.vocab_size, (2, cfg.data.seq_len))
     torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
     optimizer.step()
     return sum(t.numel() * t.element_size() for state in optimizer.state.values()
@@ -201,11 +201,11 @@ def main() -> None:
 
 def _model(argv: list[str]) -> torch.nn.Module:
     from trainrun.cli import compose
-    from trainrun.data import VOCAB_SIZE
+    from trainrun.data.tokenizers import ByteTokenizer
     from trainrun.model import GPT
 
     (cfg,) = compose([argv])
-    return GPT(cfg.model, VOCAB_SIZE)
+    return GPT(cfg.model, ByteTokenizer.vocab_size)
 
 
 if __name__ == "__main__":

@@ -173,13 +173,13 @@ def assert_same_state(a, b) -> None:
 def twins(cfg: Config):
     """A seeded GPT of cfg.model with trainrun's optimizer and schedule, and an identical copy
     for a reference optimizer: (model, optimizer, schedule, copy)."""
-    from trainrun.data import VOCAB_SIZE
+    from trainrun.data.tokenizers import ByteTokenizer
     from trainrun.model import GPT
     from trainrun.optimizers import build_optimizer
     from trainrun.schedules import build_schedule
 
     torch.manual_seed(0)
-    model = GPT(cfg.model, VOCAB_SIZE)
+    model = GPT(cfg.model, ByteTokenizer.vocab_size)
     reference = copy.deepcopy(model)
     optimizer = build_optimizer(cfg.optimizer, model, torch.device("cpu"))
     schedule = build_schedule(cfg.scheduler, cfg.optimizer.lr, cfg.trainer.max_steps)

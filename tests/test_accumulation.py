@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from conftest import config, make_corpus, tiny, train, weights
 
 from trainrun import data
-from trainrun.data import IGNORE, VOCAB_SIZE
+from trainrun.data import IGNORE
+from trainrun.data.order import DataOrder, micro_batches
+from trainrun.data.tokenizers import ByteTokenizer
 from trainrun.model import GPT
-from trainrun.order import DataOrder, micro_batches
 
 SHAPES = [(8, 1), (4, 2), (2, 4)]  # (batch_size, grad_accum_steps): 8 sequences per update
 
@@ -40,11 +41,13 @@ def overrides(corpus, batch_size: int, accum: int) -> list[str]:
                 "optimizer=sgd", "optimizer.lr=0.5")
 
 
-def test_accumulation_equals_one_big_batch(tmp_path, padded_corpus):
+@pytest.mark.parametrize("tokenizer", [[], ["tokenizer=bpe", "tokenizer.vocab_size=320"]],
+                         ids=["byte", "bpe"])
+def test_accumulation_equals_one_big_batch(tmp_path, padded_corpus, tokenizer):
     final = {}
     for batch_size, accum in SHAPES:
         run_dir = tmp_path / f"{batch_size}x{accum}"
-        summary = train(run_dir, *overrides(padded_corpus, batch_size, accum))
+        summary = train(run_dir, *overrides(padded_corpus, batch_size, accum), *tokenizer)
         assert summary["steps"] == 10
         final[(batch_size, accum)] = weights(run_dir / "checkpoints/step-00000010/model.safetensors")
     big = final[(8, 1)]
@@ -70,7 +73,7 @@ def test_mean_of_micro_batch_means_would_fail_the_threshold(padded_corpus):
     seqs = data.load(cfg.data)["train"]
     window = DataOrder(len(seqs), cfg.trainer.seed).next_window(8)
     torch.manual_seed(0)
-    model = GPT(cfg.model, VOCAB_SIZE)
+    model = GPT(cfg.model, ByteTokenizer.vocab_size)
 
     def grads(loss_fn) -> torch.Tensor:
         model.zero_grad()

@@ -20,6 +20,7 @@ from conftest import make_corpus, scalars
 from trainrun import data
 from trainrun.after import evaluate, sample
 from trainrun.after.run import open_run
+from trainrun.data.tokenizers import ByteTokenizer
 from trainrun.model import KVCache
 
 
@@ -58,9 +59,9 @@ def test_kv_cache_forward_equals_full_recomputation(finished_run):
 
 def test_greedy_with_the_cache_gives_the_tokens_of_full_recomputation(finished_run):
     model = open_run(str(finished_run), [], data=False).model
-    prompt = [data.EOT, *b"the model learns"]
+    prompt = [ByteTokenizer.eot, *b"the model learns"]
     n = model.cfg.max_seq_len - len(prompt)  # up to the last position
-    pick = sample.picker(0.0, 0, 1.0, data.VOCAB_SIZE, torch.Generator())
+    pick = sample.picker(0.0, 0, 1.0, ByteTokenizer.vocab_size, torch.Generator())
     cached = list(sample.generate(model, prompt, n, pick))
     seq = list(prompt)
     with torch.no_grad():

@@ -51,8 +51,11 @@ def inputs(tmp_path_factory) -> dict:
     (root / "empty" / "b.txt").write_text("")
     (root / "blank").mkdir()
     (root / "blank" / "a.txt").write_text("\n  \n\t\n")
+    from trainrun.data.tokenizers import ByteTokenizer
+
+    ByteTokenizer().hf().save(str(root / "tokenizer.json"))
     return {"corpus": root / "corpus.txt", "ds": root / "ds", "empty": root / "empty",
-            "blank": root / "blank"}
+            "blank": root / "blank", "tokenizer": root / "tokenizer.json"}
 
 
 def needs(group: str, option: str, inputs: dict) -> list[str]:
@@ -61,6 +64,7 @@ def needs(group: str, option: str, inputs: dict) -> list[str]:
     select = f"{group}={option}" if group in DEFAULTS else f"+{group}={option}"
     extra = {("data", "text"): [f"data.files={inputs['corpus']}"],
              ("data", "hf"): [f"data.path={inputs['ds']}", "data.val_split=validation"],
+             ("tokenizer", "hf"): [f"tokenizer.path={inputs['tokenizer']}"],
              ("optimizer", "schedulefree"): ["scheduler=constant"]}  # the one it takes
     return [select, *extra.get((group, option), [])]
 

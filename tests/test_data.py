@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from conftest import config
 
 from trainrun import data
-from trainrun.data import EOT, IGNORE, VOCAB_SIZE, decode, encode
+from trainrun.data import IGNORE, storage
+from trainrun.data.order import DataOrder, micro_batches
+from trainrun.data.tokenizers import ByteTokenizer
 from trainrun.errors import ConfigError
 from trainrun.model import GPT, ModelConfig
-from trainrun.order import DataOrder, micro_batches
 from trainrun.update import loss_sum
 
 TEXTS = [
@@ -40,6 +41,9 @@ TEXTS = [
 def token_ids(text: str) -> list[int]:
     """The reference tokenization: Python's own UTF-8 bytes, then end of document."""
     return [*text.encode("utf-8"), EOT]
+
+
+EOT, VOCAB_SIZE = ByteTokenizer.eot, ByteTokenizer.vocab_size
 
 
 def stream(texts) -> list[int]:
@@ -70,18 +74,28 @@ def hf(folder: Path, *overrides: str) -> data.DataConfig:
 # -- tokens --------------------------------------------------------------------------
 
 
-def test_encode_is_utf8_bytes_then_eot_and_decode_inverts_it():
-    ids = encode({"text": TEXTS})["ids"]
-    assert [list(map(int, x)) for x in ids] == [token_ids(t) for t in TEXTS]
-    assert all(max(x) < VOCAB_SIZE for x in ids)
-    for text, x in zip(TEXTS, ids, strict=True):
-        assert decode(x) == text
-        assert decode([*x, IGNORE, EOT]) == text  # targets with padding decode too
+def byte_token_file(tmp_path, texts) -> tuple[np.ndarray, np.ndarray]:
+    import datasets
+
+    (tmp_path / "tokens").mkdir()
+    docs = datasets.Dataset.from_dict({"text": texts})
+    storage.write_split(docs, ByteTokenizer(), tmp_path / "tokens", "train", lambda line: None)
+    (tmp_path / "tokens" / "info.json").write_text(json.dumps({"dtype": "uint16"}))
+    return storage.open_split(tmp_path / "tokens", "train")
 
 
-def test_encode_drops_empty_documents():
-    ids = encode({"text": ["a", "", "  \n", None, "b"]})["ids"]
-    assert [list(map(int, x)) for x in ids] == [[97, EOT], [98, EOT]]
+def test_byte_tokens_are_utf8_bytes_then_eot_and_decode_back(tmp_path):
+    tokens, offsets = byte_token_file(tmp_path, TEXTS)
+    assert tokens.dtype == np.uint16 and tokens.tolist() == stream(TEXTS)
+    assert np.diff(offsets).tolist() == [len(token_ids(t)) for t in TEXTS]
+    for text, start, end in zip(TEXTS, offsets[:-1], offsets[1:], strict=True):
+        step = ByteTokenizer().streamer()
+        assert "".join(step(int(i)) for i in tokens[start:end]) == text
+
+
+def test_empty_documents_are_dropped(tmp_path):
+    tokens, offsets = byte_token_file(tmp_path, ["a", "", "  \n", None, "b"])
+    assert tokens.tolist() == [97, EOT, 98, EOT] and offsets.tolist() == [0, 2, 4]
 
 
 # -- packing and padding -------------------------------------------------------------
@@ -206,7 +220,12 @@ def test_hf_maps_onto_load_dataset(hf_folder):
     assert list(docs["validation"]["text"]) == list(reference["validation"]["body"])
     assert list(docs["validation"]["text"]) == ["valid one", "валидация два"]
 
-    # without val_split, val_fraction of the train split is held out
+    # without val_split: the folder's own validation split when it has one ...
+    own = config("data=hf", f"data.path={hf_folder}", "data.text_column=body").data.documents()
+    assert list(own["train"]["text"]) == TEXTS
+    assert list(own["validation"]["text"]) == list(reference["validation"]["body"])
+    # ... else val_fraction of the train split is held out
+    (hf_folder / "validation.jsonl").unlink()
     held = config("data=hf", f"data.path={hf_folder}", "data.text_column=body",
                   "data.val_fraction=0.3").data.documents()
     assert len(held["validation"]) == round(0.3 * len(TEXTS))
@@ -254,29 +273,27 @@ def cache_listing(root: Path) -> dict[str, int]:
     return {str(p): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
 
-def test_tokenized_data_is_read_back_from_the_datasets_cache(hf_folder, tmp_path, monkeypatch):
+def test_tokens_are_read_back_from_the_token_cache(hf_folder, tmp_path, monkeypatch):
     cache = tmp_path / "fresh-cache"
     monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
     cfg = hf(hf_folder, "data.seq_len=8")
 
-    first = data.tokenize(cfg)
-    files = {s: [f["filename"] for f in first[s].cache_files] for s in first}
-    for split in ("train", "validation"):
-        assert files[split], f"{split}: tokenized in memory, not cached"
-        assert all(Path(f).is_relative_to(cache) and Path(f).exists() for f in files[split])
+    first = data.load(cfg)
+    folder = Path(first.train.tokens.filename).parent
+    assert folder.is_relative_to(cache / "trainrun" / "tokens")
+    assert isinstance(first.train.tokens, np.memmap) and not first.train.tokens.flags.writeable
     listing = cache_listing(cache)
 
-    second = data.tokenize(cfg)
-    assert {s: [f["filename"] for f in second[s].cache_files] for s in second} == files
-    data.load(cfg)
+    second = data.load(cfg)
+    assert Path(second.train.tokens.filename).parent == folder
     assert cache_listing(cache) == listing  # nothing written again, nothing new
 
-    # the control: other documents are tokenized anew, into new cache files
+    # the control: other documents are tokenized anew, into a new cache folder
     write_jsonl(hf_folder / "train.jsonl",
                 [{"id": i, "body": t} for i, t in enumerate([*TEXTS, "one more document"])])
-    third = data.tokenize(cfg)
-    assert third["train"].cache_files[-1]["filename"] not in files["train"]
+    third = data.load(cfg)
+    assert Path(third.train.tokens.filename).parent != folder
     assert set(cache_listing(cache)) > set(listing)
 
 
@@ -323,6 +340,8 @@ def test_each_epoch_is_a_new_seeded_permutation():
     again, _ = seen(N, 1337, 4, 2, updates=40)
     other, _ = seen(N, 1338, 4, 2, updates=40)
     assert again == indices and other != indices
+    # NumPy's own permutation of n, as the order has always been (4-byte ids change nothing)
+    assert epochs == [np.random.default_rng([1337, e]).permutation(N).tolist() for e in range(4)]
 
 
 def test_order_state_dict_continues_the_stream():

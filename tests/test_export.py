@@ -14,14 +14,36 @@ import pytest
 import torch
 from conftest import cli, config, tiny, train
 
-from trainrun import data, gpt2, runner
+from trainrun import gpt2, runner
 from trainrun.after import export
 from trainrun.after.run import open_run
 from trainrun.console import Console
+from trainrun.data.tokenizers import ByteTokenizer
 from trainrun.errors import ConfigError
 
+VOCAB = ByteTokenizer.vocab_size
 TEXTS = ["the model learns", " two  spaces\tand a tab\n", "héllo wörld — 日本語 🎉",
          "a literal <|endoftext|> is text", ""]
+
+
+@pytest.fixture(scope="module")
+def bpe_run(tmp_path_factory, corpus) -> Path:
+    """A run of the real `trainrun` process with tokenizer=bpe (a small vocabulary)."""
+    run = tmp_path_factory.mktemp("bpe") / "run"
+    offline = {"HF_DATASETS_CACHE": str(tmp_path_factory.getbasetemp() / "hf-cache"),
+               "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    proc = cli(*tiny(corpus, "tokenizer=bpe", "tokenizer.vocab_size=320",
+                     "trainer.max_steps=10", f"hydra.run.dir={run}"), cwd=run.parent, env=offline)
+    assert proc.returncode == 0, proc.stderr
+    return run
+
+
+@pytest.fixture(scope="module", params=["byte", "bpe"])
+def run_and_export(request, finished_run, bpe_run, tmp_path_factory) -> tuple[Path, Path]:
+    run = finished_run if request.param == "byte" else bpe_run
+    out = tmp_path_factory.mktemp("export") / "hf"
+    export.main([str(run), str(out)])
+    return run, out
 
 
 @pytest.fixture(scope="module")
@@ -31,44 +53,52 @@ def exported(finished_run, tmp_path_factory) -> Path:
     return out
 
 
-def test_transformers_loads_the_export_as_gpt2_with_the_same_logits(finished_run, exported):
+def test_transformers_loads_the_export_as_gpt2_with_the_same_logits(run_and_export):
     transformers = pytest.importorskip("transformers")
+    run_dir, exported = run_and_export
     hf = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
     assert type(hf).__name__ == "GPT2LMHeadModel" and hf.dtype == torch.float32
-    model = open_run(str(finished_run), [], data=False).model
-    x = torch.randint(0, data.VOCAB_SIZE, (3, 64), generator=torch.Generator().manual_seed(1))
+    run = open_run(str(run_dir), [], data=False)
+    model, tok = run.model, run.tokenizer
+    assert hf.config.vocab_size == tok.vocab_size  # the embedding's padding rows left out
+    x = torch.randint(0, tok.vocab_size, (3, 64), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        diff = (hf(x).logits - model(x)).abs().max().item()
+        diff = (hf(x).logits - model(x)[..., :tok.vocab_size]).abs().max().item()
     assert diff < 1e-4
     # GPT-2's own generation, with its own cache, continues as trainrun-sample's greedy does
     from trainrun.after.sample import generate, picker
 
-    prompt = [data.EOT, *b"the "]
-    ours = list(generate(model, prompt, 20, picker(0.0, 0, 1.0, data.VOCAB_SIZE, None)))
+    prompt = [tok.eot, *tok.encode("the ")]
+    ours = list(generate(model, prompt, 20, picker(0.0, 0, 1.0, tok.vocab_size, None)))
     hf.generation_config.eos_token_id = None  # trainrun's generate() does not stop either
-    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
-                         pad_token_id=data.EOT)[0, len(prompt):].tolist()
+    theirs = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
+                         max_new_tokens=20, do_sample=False,
+                         pad_token_id=tok.eot)[0, len(prompt):].tolist()
     assert theirs == ours
 
 
-def test_autotokenizer_gives_the_runs_token_ids(exported):
+def test_autotokenizer_gives_the_runs_token_ids(run_and_export):
     transformers = pytest.importorskip("transformers")
+    run_dir, exported = run_and_export
     tok = transformers.AutoTokenizer.from_pretrained(exported)
+    ours = open_run(str(run_dir), [], data=False).tokenizer
     for text in TEXTS:
-        ids = data.encode({"text": [text]})["ids"]
-        expected = [int(i) for i in ids[0][:-1]] if ids else []  # data adds EOT after a text
+        # the reference: UTF-8 bytes for the byte tokenizer; for bpe, the ids of the token
+        # file's documents are checked in test_tokenizers.py
+        expected = list(text.encode("utf-8")) if ours.eot == 256 else ours.encode(text)
+        assert ours.encode(text) == expected
         assert tok(text)["input_ids"] == expected, text
         assert tok.decode(expected) == text
-    assert tok.eos_token_id == tok.bos_token_id == data.EOT
-    assert tok.decode([data.EOT]) == "<|endoftext|>"
+    assert tok.eos_token_id == tok.bos_token_id == ours.eot
+    assert tok.decode([ours.eot]) == "<|endoftext|>"
 
 
 def test_the_export_read_back_by_init_from_gives_the_same_logits(finished_run, exported,
                                                                  corpus):
     cfg = config(*tiny(corpus, f"model.init_from={exported}"))
-    started = runner.build_model(cfg.model, torch.device("cpu"), Console(interactive=False))
+    started = runner.build_model(cfg.model, VOCAB, torch.device("cpu"), Console(interactive=False))
     model = open_run(str(finished_run), [], data=False).model
-    x = torch.randint(0, data.VOCAB_SIZE, (2, 64), generator=torch.Generator().manual_seed(2))
+    x = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.equal(started.eval()(x), model(x))
 
@@ -100,7 +130,7 @@ def write_gpt2(folder: Path, corpus: Path, **changes) -> Path:
 
     folder.mkdir()
     cfg = config(*tiny(corpus)).model
-    gpt2.write(GPT(cfg, data.VOCAB_SIZE), folder, data.EOT)
+    gpt2.write(GPT(cfg, VOCAB), folder, ByteTokenizer.eot)
     hf = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**hf, **changes}))
     return folder
@@ -132,7 +162,7 @@ def test_weights_that_do_not_match_their_config_are_refused(tmp_path, corpus):
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     cfg = config(*tiny(corpus, f"model.init_from={folder}"))
     with pytest.raises(ConfigError, match=r"h\.1\.mlp\.c_fc\.weight has shape \(32, 63\)"):
-        runner.build_model(cfg.model, torch.device("cpu"), Console(interactive=False))
+        runner.build_model(cfg.model, VOCAB, torch.device("cpu"), Console(interactive=False))
 
 
 def test_a_bad_init_from_is_one_line_in_a_process_and_writes_nothing(exported, corpus,
@@ -158,7 +188,7 @@ def test_export_writes_a_complete_folder_or_nothing(finished_run, tmp_path, caps
                      "vocab.json"]
     hf = json.loads((out / "config.json").read_text())
     assert (hf["activation_function"], hf["layer_norm_epsilon"], hf["vocab_size"]) == (
-        "gelu", 1e-5, data.VOCAB_SIZE)
+        "gelu", 1e-5, VOCAB)
     with pytest.raises(SystemExit) as stop:
         export.main([str(finished_run), str(out)])
     assert stop.value.code == 2

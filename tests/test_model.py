@@ -11,8 +11,10 @@ import torch.nn as nn
 from conftest import REPO, config
 from omegaconf import OmegaConf
 
-from trainrun.data import VOCAB_SIZE
-from trainrun.model import GPT, ModelConfig, parameter_kinds
+from trainrun.data.tokenizers import ByteTokenizer
+from trainrun.model import GPT, ModelConfig, padded, parameter_kinds
+
+VOCAB_SIZE = ByteTokenizer.vocab_size
 
 PRESETS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml"))
 
@@ -43,9 +45,12 @@ def test_logits_have_shape_batch_time_vocab(batch, seq, vocab, cfg):
     torch.manual_seed(0)
     model = GPT(cfg, vocab)
     logits = model(torch.randint(0, vocab, (batch, seq)))
-    assert logits.shape == (batch, seq, vocab)
+    rows = -(-vocab // 64) * 64  # the vocabulary padded up to a multiple of 64
+    assert logits.shape == (batch, seq, rows) and model.tok_emb.num_embeddings == rows
     assert logits.dtype == torch.float32
-    assert torch.isfinite(logits).all()
+    assert torch.isfinite(logits[..., :vocab]).all()
+    assert (logits[..., vocab:] == torch.finfo(logits.dtype).min).all()  # never wins a softmax
+    assert (torch.softmax(logits, -1)[..., vocab:] == 0).all()
 
 
 def test_longer_sequence_than_positions_is_refused():
@@ -89,7 +94,8 @@ def test_num_params_counts_the_tied_weight_once():
     cfg = small()
     model = GPT(cfg, VOCAB_SIZE)
     unique = {id(p): p.numel() for m in model.modules() for p in m.parameters(recurse=False)}
-    assert model.num_params() == sum(unique.values()) == formula_count(cfg, VOCAB_SIZE)
+    padding = (padded(VOCAB_SIZE) - VOCAB_SIZE) * cfg.d_model  # rows that compute nothing
+    assert model.num_params() == sum(unique.values()) - padding == formula_count(cfg, VOCAB_SIZE)
     assert model.num_params() < sum(p.numel() for m in model.modules()
                                     for p in m.parameters(recurse=False))
 
@@ -114,7 +120,8 @@ def test_parameter_kinds_classifies_every_parameter_once():
     # per layer: 2 LayerNorms (gain + bias), 4 Linear layers (weight + bias); then ln_f
     assert counts == {"embedding": 2, "norm": 2 * (2 * cfg.n_layers + 1),
                       "bias": 4 * cfg.n_layers, "weight": 4 * cfg.n_layers}
-    assert sum(params[n].numel() for n in kinds) == model.num_params()
+    padding = (padded(VOCAB_SIZE) - VOCAB_SIZE) * cfg.d_model
+    assert sum(params[n].numel() for n in kinds) == model.num_params() + padding
     assert all(params[n].ndim == 1 for n, k in kinds.items() if k in ("bias", "norm"))
 
 

@@ -13,7 +13,7 @@ from conftest import assert_same_state, config, same_gradients, tiny, twins
 
 from trainrun import lrfind, runner
 from trainrun.console import Console
-from trainrun.data import VOCAB_SIZE
+from trainrun.data.tokenizers import ByteTokenizer
 from trainrun.model import GPT
 from trainrun.optimizers import MuonAdamW, build_optimizer
 
@@ -33,7 +33,7 @@ def muon_config(corpus, *extra: str):
 
 def test_muon_gets_the_block_matrices_and_adamw_the_rest(corpus):
     cfg = muon_config(corpus)
-    model = GPT(cfg.model, VOCAB_SIZE)
+    model = GPT(cfg.model, ByteTokenizer.vocab_size)
     opt = build_optimizer(cfg.optimizer, model, torch.device("cpu"))
     assert isinstance(opt, MuonAdamW) and isinstance(opt, torch.optim.Optimizer)
     muon = {id(p) for g in opt.muon.param_groups for p in g["params"]}
@@ -100,7 +100,7 @@ def test_updates_and_rates_match_torch_muon_and_adamw(corpus):
         ref_adamw.step()
     for (name, p), q in zip(model.named_parameters(), ref_model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
-    start = GPT(cfg.model, VOCAB_SIZE)
+    start = GPT(cfg.model, ByteTokenizer.vocab_size)
     assert not torch.equal(model.blocks[0].attn.qkv.weight, start.blocks[0].attn.qkv.weight)
 
 
@@ -125,7 +125,7 @@ def test_lr_range_test_scales_both_sides(corpus, tmp_path):
 def test_state_round_trip_keeps_the_configured_rates(corpus):
     cfg = muon_config(corpus)
     torch.manual_seed(0)
-    model = GPT(cfg.model, VOCAB_SIZE)
+    model = GPT(cfg.model, ByteTokenizer.vocab_size)
     opt = build_optimizer(cfg.optimizer, model, torch.device("cpu"))
     for p in model.parameters():
         p.grad = torch.randn_like(p)

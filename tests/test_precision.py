@@ -23,7 +23,7 @@ from conftest import (
 )
 
 from trainrun.clip import NormClip
-from trainrun.data import VOCAB_SIZE
+from trainrun.data.tokenizers import ByteTokenizer
 from trainrun.distributed import Replicas
 from trainrun.model import GPT
 from trainrun.optimizers import build_optimizer, param_groups
@@ -85,10 +85,10 @@ def build(name: str, model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
 def test_a_non_finite_gradient_changes_nothing(mode, name):
     cfg = config(*TINY, *OPTIMIZERS[name])
     torch.manual_seed(0)
-    model = GPT(cfg.model, VOCAB_SIZE)
+    model = GPT(cfg.model, ByteTokenizer.vocab_size)
     opt = build(name, model, cfg)
     precision = Precision(config(f"precision={mode}").precision, torch.device("cpu"))
-    x = torch.randint(0, VOCAB_SIZE, (2, 16))
+    x = torch.randint(0, ByteTokenizer.vocab_size, (2, 16))
     batch = [(x, torch.roll(x, -1, 1))]
     clipper = NormClip(1.0, 2.0, False)
     replicas = Replicas(model)

@@ -16,7 +16,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from trainrun import gpt2, threads
 from trainrun.clip import CLIPPERS, ClipConfig
-from trainrun.data import DATA, VOCAB_SIZE, DataConfig
+from trainrun.data import DATA, TOKENIZERS, DataConfig, TokenizerConfig
+from trainrun.data.tokenizers import ByteTokenizer
 from trainrun.distributed import STRATEGIES
 from trainrun.errors import ConfigError, require_in, require_positive
 from trainrun.model import ModelConfig
@@ -50,6 +51,7 @@ class TrainerConfig:
 class Config:
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
+    tokenizer: TokenizerConfig = MISSING
     optimizer: OptimizerConfig = MISSING
     scheduler: SchedulerConfig = MISSING
     clip: ClipConfig = MISSING
@@ -60,6 +62,7 @@ class Config:
 
 GROUPS = {
     "data": DATA,
+    "tokenizer": TOKENIZERS,
     "optimizer": OPTIMIZERS,
     "scheduler": SCHEDULES,
     "clip": CLIPPERS,
@@ -167,6 +170,7 @@ def validate(cfg: Config, data: bool = True) -> Config:
     cfg.model.validate("model")
     if data:
         cfg.data.validate("data")
+        cfg.tokenizer.validate("tokenizer")  # the commands after training read the run's copy
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise ConfigError(
             "data.seq_len",
@@ -174,7 +178,8 @@ def validate(cfg: Config, data: bool = True) -> Config:
             f"lower data.seq_len or raise model.max_seq_len",
         )
     if cfg.model.init_from is not None and cfg.resume is None:  # a resumed run has its weights
-        gpt2.check(cfg.model, VOCAB_SIZE)
+        if type(cfg.tokenizer) is TOKENIZERS["byte"]:  # others: once built (runner.build_model)
+            gpt2.check(cfg.model, ByteTokenizer.vocab_size)
     cfg.optimizer.validate("optimizer")
     cfg.scheduler.validate("scheduler", t.max_steps, cfg.optimizer.lr)
     check_optimizer_fits(cfg)

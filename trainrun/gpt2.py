@@ -53,7 +53,7 @@ def config(model: GPT, eot: int) -> dict:
     c = model.cfg
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-        "vocab_size": model.tok_emb.num_embeddings,  # with any padding rows
+        "vocab_size": model.vocab_size,  # the padding rows left out
         "n_positions": c.max_seq_len, "n_embd": c.d_model, "n_layer": c.n_layers,
         "n_head": c.n_heads, "n_inner": c.d_ff, "activation_function": "gelu",
         "layer_norm_epsilon": model.ln_f.eps, "resid_pdrop": c.dropout, "embd_pdrop": c.dropout,
@@ -73,6 +73,8 @@ def write(model: GPT, folder: Path, eot: int) -> list[str]:
         hf = gpt2_name(name)
         if hf is not None:
             value = value.detach().float().cpu()
+            if hf == "wte.weight":
+                value = value[:model.vocab_size]
             tensors[f"transformer.{hf}"] = (value.t() if hf.endswith(CONV1D) else value).contiguous()
     save_file(tensors, str(folder / MODEL_FILE), metadata={"format": "pt"})
     (folder / CONFIG_FILE).write_text(json.dumps(config(model, eot), indent=2) + "\n")
@@ -133,7 +135,7 @@ def load(cfg: ModelConfig, model: GPT) -> list[str]:
     for the log (an approximate GELU that trainrun computes exactly)."""
     from safetensors import safe_open
 
-    hf = check(cfg, model.tok_emb.num_embeddings)
+    hf = check(cfg, model.vocab_size)
     path = Path(cfg.init_from).expanduser() / MODEL_FILE
     with safe_open(str(path), framework="pt") as f:
         stored = {re.sub(r"^transformer\.", "", k): k for k in f.keys()}
@@ -144,11 +146,15 @@ def load(cfg: ModelConfig, model: GPT) -> list[str]:
                 raise ConfigError(KEY, f"{path}: no tensor {hf_name}; allowed: {ALLOWED}")
             value = f.get_tensor(stored[hf_name])
             conv1d = hf_name.endswith(CONV1D)
+            if hf_name == "wte.weight":  # the padding rows keep their values
+                param = param[:model.vocab_size]
             expected = tuple(param.shape[::-1] if conv1d else param.shape)
             if tuple(value.shape) != expected:
                 raise ConfigError(KEY, f"{path}: {hf_name} has shape {tuple(value.shape)}; "
                                        f"{CONFIG_FILE} gives {expected}")
             state[name] = value.t() if conv1d else value
+            if hf_name == "wte.weight":
+                state[name] = torch.cat([value, model.state_dict()[name][model.vocab_size:]])
         extra = [k for k in stored if k != "lm_head.weight" and not BUFFERS.fullmatch(k)
                  and k not in {gpt2_name(n) for n in state}]
     if extra:

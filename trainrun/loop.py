@@ -16,10 +16,10 @@ from trainrun import checkpoint
 from trainrun.cadence import Cadence
 from trainrun.console import Console
 from trainrun.data import Sequences
+from trainrun.data.order import micro_batches
 from trainrun.errors import out_of_space
 from trainrun.metrics import Metrics
 from trainrun.optimizers import eval_weights
-from trainrun.order import micro_batches
 from trainrun.precision import Precision
 from trainrun.signals import Signals, name
 from trainrun.state import Trainer

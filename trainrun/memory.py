@@ -13,7 +13,7 @@ import os
 import torch
 
 from trainrun.config import Config
-from trainrun.data import VOCAB_SIZE
+from trainrun.data.tokenizers import ByteTokenizer
 from trainrun.errors import ConfigError
 from trainrun.model import GPT, ModelConfig
 
@@ -26,7 +26,7 @@ def state_per_parameter(cfg: Config) -> float:
     from trainrun.optimizers import build_optimizer
 
     tiny = GPT(ModelConfig(d_model=8, n_layers=1, n_heads=1, d_ff=8, dropout=0.0,
-                           max_seq_len=4), VOCAB_SIZE)
+                           max_seq_len=4), ByteTokenizer.vocab_size)
     optimizer = build_optimizer(cfg.optimizer, tiny, torch.device("cpu"))
     for p in tiny.parameters():
         p.grad = torch.full_like(p, 1e-3)
@@ -59,7 +59,9 @@ def gib(n: float) -> str:
 def check(cfg: Config, device: torch.device, processes: int = 1) -> str | None:
     """Refuse a model that cannot fit (ConfigError naming both figures); return a warning
     when it comes close, else None. `processes`: over how many the state is sharded."""
-    params = cfg.model.num_params(VOCAB_SIZE)
+    # the tokenizer's ids as its config tells before it is built: bpe's vocab_size, else
+    # the byte tokenizer's (a floor for an hf tokenizer, read only when the data is built)
+    params = cfg.model.num_params(getattr(cfg.tokenizer, "vocab_size", ByteTokenizer.vocab_size))
     per_param = 4 * (2 + state_per_parameter(cfg))  # fp32 weights, grads, optimizer state
     sharded = processes if cfg.trainer.strategy == "fsdp" else 1
     need = params * per_param / sharded

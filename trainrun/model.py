@@ -126,16 +126,32 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.ln_mlp(x)))
 
 
+PAD_MULTIPLE = 64  # embedding rows: the vocabulary padded up to a multiple of it
+
+
+def padded(vocab_size: int) -> int:
+    """The embedding rows of a model with vocab_size real ids."""
+    return -(-vocab_size // PAD_MULTIPLE) * PAD_MULTIPLE
+
+
 class GPT(nn.Module):
+    """GPT-2's architecture over `vocab_size` ids. The embedding (tied with the output
+    layer) has padded(vocab_size) rows, for faster matrix products; the logits of the
+    padding ids are the lowest finite value, so that no softmax (loss, sampling, evaluation) gives them any
+    probability, and their rows get no gradient from the loss."""
+
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
-        self.cfg = cfg
-        self.tok_emb = nn.Embedding(vocab_size, cfg.d_model)
+        self.cfg, self.vocab_size = cfg, vocab_size
+        rows = padded(vocab_size)
+        self.padded = rows > vocab_size
+        self.register_buffer("padding", torch.arange(rows) >= vocab_size, persistent=False)
+        self.tok_emb = nn.Embedding(rows, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
-        self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        self.head = nn.Linear(cfg.d_model, rows, bias=False)
         self.head.weight = self.tok_emb.weight  # tied
         self.apply(self._init)
         # GPT-2: residual projections scaled down by the depth of the residual stream
@@ -151,7 +167,7 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """idx (B, T) token ids -> logits (B, T, vocab_size). With a cache, idx continues
+        """idx (B, T) token ids -> logits (B, T, padded(vocab_size)). With a cache, idx continues
         the positions it holds (T_past .. T_past + T - 1), and their keys and values are
         added to it."""
         past, T = (0 if cache is None else len(cache)), idx.shape[1]
@@ -162,11 +178,18 @@ class GPT(nn.Module):
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, None if cache is None else partial(cache.extend, i))
-        return self.head(self.ln_f(x))
+        logits = self.head(self.ln_f(x))
+        if not self.padded:
+            return logits
+        # the lowest finite value rather than -inf: no softmax gives it any probability
+        # (exp underflows to 0), and differences of logits stay finite
+        return logits.masked_fill(self.padding, torch.finfo(logits.dtype).min)
 
     def num_params(self) -> int:
-        """Parameters counted once (the tied head is the token embedding)."""
-        return sum(p.numel() for p in self.parameters())
+        """Parameters counted once (the tied head is the token embedding), the embedding's
+        padding rows left out: they compute nothing."""
+        padding = (self.tok_emb.num_embeddings - self.vocab_size) * self.cfg.d_model
+        return sum(p.numel() for p in self.parameters()) - padding
 
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token (forward + backward), as in the PaLM appendix:

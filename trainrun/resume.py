@@ -17,6 +17,7 @@ from pathlib import Path
 
 from trainrun import checkpoint
 from trainrun.config import GROUPS, Config
+from trainrun.data import RUN_FILE
 from trainrun.errors import ConfigError
 from trainrun.schedules import Schedule, build_schedule
 
@@ -77,7 +78,24 @@ def set_aside(damaged: dict[Path, str]) -> list[str]:
 
 def schemas(cfg: Config) -> dict[str, str]:
     """The schema (group option) of each section, for meta.json."""
-    return {section: type(getattr(cfg, section)).__name__ for section in ("data", "optimizer")}
+    return {section: type(getattr(cfg, section)).__name__
+            for section in ("data", "tokenizer", "optimizer")}
+
+
+def tokenizer_record(tokenizer) -> dict:
+    """meta.json's `tokenizer`: its fingerprint, and the run's copy of it (if any)."""
+    return {"fingerprint": tokenizer.fingerprint(),
+            "file": RUN_FILE if hasattr(tokenizer, "to_str") else None}
+
+
+def check_tokenizer(tokenizer, path: Path) -> None:
+    """Refuse a tokenizer whose ids differ from those the checkpoint at `path` learnt
+    (same options, but e.g. another tokenizer.json at tokenizer.path)."""
+    saved = checkpoint.read_meta(path).get("tokenizer", {"fingerprint": "byte"})
+    if saved["fingerprint"] != tokenizer.fingerprint():
+        raise ConfigError("tokenizer", f"gives other ids than the tokenizer the checkpoint "
+                                       f"{path.name} was trained with; allowed: that tokenizer "
+                                       f"(the run's copy: {path.parent.parent / RUN_FILE})")
 
 
 def option(section: str, schema_name: str) -> str:
@@ -90,12 +108,15 @@ def option(section: str, schema_name: str) -> str:
 def check_compatible(cfg: Config, meta: dict, path: Path) -> None:
     """Refuse a config that changes what the checkpoint at `path` was trained with."""
     saved, now = meta["config"], asdict(cfg)
-    changed = [(key, option(key, saved_schema)) for key, saved_schema in meta["schemas"].items()
+    saved_schemas = {"tokenizer": "ByteConfig", **meta["schemas"]}  # older runs: bytes
+    changed = [(key, option(key, saved_schema)) for key, saved_schema in saved_schemas.items()
                if saved_schema != schemas(cfg)[key]]
     changed += [(f"model.{k}", saved["model"][k]) for k in SHAPE_KEYS
                 if saved["model"][k] != now["model"][k]]
     changed += [(f"data.{k}", v) for k, v in saved["data"].items()
                 if k not in DATA_KEYS_FREE and v != now["data"].get(k)]
+    changed += [(f"tokenizer.{k}", v) for k, v in saved.get("tokenizer", {}).items()
+                if v != now["tokenizer"].get(k)]
     changed += [(f"optimizer.{k}", v) for k, v in saved["optimizer"].items()
                 if k in OPTIMIZER_GROUP_KEYS and v != now["optimizer"].get(k)]
     if saved["trainer"]["seed"] != now["trainer"]["seed"]:
@@ -107,8 +128,8 @@ def check_compatible(cfg: Config, meta: dict, path: Path) -> None:
         old = old if isinstance(old, str) and "=" in old else repr(old)
         raise ConfigError(
             key, f"the checkpoint {path.name} was trained with {old}; a resumed run keeps "
-                 f"the model's shape, the data, the seed, the optimizer and the strategy "
-                 f"(allowed: {old})")
+                 f"the model's shape, the data, the tokenizer, the seed, the optimizer and "
+                 f"the strategy (allowed: {old})")
 
 
 def check_steps(cfg: Config, step: int, run_dir: Path) -> None:

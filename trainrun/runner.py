@@ -15,12 +15,12 @@ import torch
 from trainrun import checkpoint, data, determinism, distributed, gpt2, resume, runinfo
 from trainrun.config import Config
 from trainrun.console import Console
+from trainrun.data.order import DataOrder
 from trainrun.errors import ConfigError
 from trainrun.loop import Outputs, fit
 from trainrun.metrics import Metrics
 from trainrun.model import GPT, ModelConfig
 from trainrun.optimizers import build_optimizer
-from trainrun.order import DataOrder
 from trainrun.precision import Precision
 from trainrun.schedules import build_schedule
 from trainrun.signals import Signals, hold, release
@@ -97,6 +97,7 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
             console.info("options: " + " ".join(f"{g}={o}" for g, o in choices.items()))
             trainer = build(cfg, device, precision, console, world, pretrained=resume_from is None)
             if resume_from is not None:
+                resume.check_tokenizer(trainer.tokenizer, resume_from)
                 trainer.load_state_dict(checkpoint.load(resume_from, trainer.raw_model,
                                                         trainer.replicas, trainer.optimizer))
                 console.info(f"resumed from {resume_from} at update {trainer.counters.k}")
@@ -110,13 +111,14 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
         hold()  # from here the run writes its directory: a stop is a stopped run
         if world.main:
             start(run_dir, console, record or {}, damaged)
+            keep_tokenizer(run_dir, trainer.tokenizer)
         metrics = Metrics(run_dir, console, cfg.trainer.log_every, cfg.trainer.max_steps,
                           first_step=trainer.counters.k + 1, writes=world.main,
                           earlier_seconds=trainer.counters.wall_seconds)
         if world.main:
             runinfo.write(run_dir, device)
         meta = {"config": json.loads(json.dumps(asdict(cfg))), "schemas": resume.schemas(cfg),
-                **origin(cfg, resume_from)}
+                "tokenizer": resume.tokenizer_record(trainer.tokenizer), **origin(cfg, resume_from)}
         outputs = Outputs(metrics, console, run_dir / "checkpoints", meta,
                           saved_k=trainer.counters.k if resume_from is not None else None)
         status = "failed"
@@ -224,11 +226,21 @@ def origin(cfg: Config, resume_from: Path | None) -> dict:
     return {"init_from": gpt2.source(cfg.model)} if cfg.model.init_from is not None else {}
 
 
-def build_model(cfg: ModelConfig, device: torch.device, console: Console | None = None) -> GPT:
-    """The model on device, GPT-2's initialization drawn from the seeded generator; given a
-    console (a run that starts from its config, not from a checkpoint), model.init_from's
-    weights then replace it."""
-    model = GPT(cfg, data.VOCAB_SIZE)
+def keep_tokenizer(run_dir: Path, tokenizer: data.Tokenizer) -> None:
+    """A copy of the run's tokenizer.json in its directory, which every checkpoint's
+    meta.json names (the byte tokenizer has none)."""
+    if hasattr(tokenizer, "to_str"):
+        tmp = run_dir / f".{data.RUN_FILE}.tmp"
+        tmp.write_text(tokenizer.to_str(), encoding="utf-8")
+        tmp.replace(run_dir / data.RUN_FILE)
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, device: torch.device,
+                console: Console | None = None) -> GPT:
+    """The model on device over vocab_size ids (the tokenizer's), GPT-2's initialization
+    drawn from the seeded generator; given a console (a run that starts from its config,
+    not from a checkpoint), model.init_from's weights then replace it."""
+    model = GPT(cfg, vocab_size)
     if console is not None and cfg.init_from is not None:
         for note in gpt2.load(cfg, model):
             console.warning(note)
@@ -246,8 +258,9 @@ def build(cfg: Config, device: torch.device, precision: Precision, console: Cons
         console.info(deterministic)
     console.info(set_threads(t.threads))
     seed_everything(t.seed)
-    splits = load_data(cfg.data, world)
-    model = build_model(cfg.model, device, console if pretrained else None)
+    splits = load_data(cfg, world, console)
+    model = build_model(cfg.model, splits.tokenizer.vocab_size, device,
+                        console if pretrained else None)
     replicas = distributed.Replicas(model, t.strategy, world, device, t.compile)
     optimizer = build_optimizer(cfg.optimizer, model, device)
     schedule = build_schedule(cfg.scheduler, cfg.optimizer.lr, t.max_steps, cfg.model.d_model)
@@ -273,15 +286,18 @@ def build(cfg: Config, device: torch.device, precision: Precision, console: Cons
         clipper=cfg.clip.build(model), precision=precision, train=splits["train"],
         val=splits["validation"], order=DataOrder(len(splits["train"]), t.seed),
         batch_size=cfg.data.batch_size, device=device, counters=Counters(), world=world,
+        tokenizer=splits.tokenizer,
     )
 
 
-def load_data(cfg: data.DataConfig, world: distributed.World) -> dict[str, data.Sequences]:
-    """The data, tokenized by rank 0 first: the other ranks then read the `datasets` cache
-    it wrote instead of tokenizing the same files at the same time."""
+def load_data(cfg: Config, world: distributed.World, console: Console) -> data.Loaded:
+    """The data, tokenized by rank 0 first: the other ranks then map the token files it
+    wrote (the cache's lock would make them wait anyway; the barrier keeps their `datasets`
+    reads off the disk while rank 0 tokenizes)."""
     if not world.main:
         distributed.barrier()
-    splits = data.load(cfg)
+    splits = data.load(cfg.data, cfg.tokenizer, console.info)
+    data.check_batch(cfg.data, splits.train)
     if world.main:
         distributed.barrier()
     return splits

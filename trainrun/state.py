@@ -13,9 +13,9 @@ import torch
 
 from trainrun.clip import Clipper
 from trainrun.config import TrainerConfig
-from trainrun.data import Sequences
+from trainrun.data import Sequences, Tokenizer
+from trainrun.data.order import DataOrder
 from trainrun.distributed import ONE_PROCESS, Replicas, World
-from trainrun.order import DataOrder
 from trainrun.precision import Precision
 from trainrun.schedules import Schedule
 
@@ -49,6 +49,7 @@ class Trainer:
     device: torch.device
     counters: Counters
     world: World = ONE_PROCESS
+    tokenizer: Tokenizer | None = None  # the run's, kept in its directory
     saved_world: tuple | None = None  # processes, sequences per update of a loaded checkpoint
 
     def state_dict(self) -> dict:

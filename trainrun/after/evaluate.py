@@ -75,7 +75,7 @@ def evaluate(args: argparse.Namespace, overrides: list[str]) -> None:
     messages = Messages()
     for warning in run.warnings:
         messages.warning(warning)
-    seqs = data.load(run.cfg.data)[args.split]
+    seqs = data.load(run.cfg.data, run.cfg.tokenizer, tokenizer=run.tokenizer)[args.split]
     batch_size = run.cfg.data.batch_size
     n_batches = math.ceil(len(seqs) / batch_size)
     if args.max_batches is not None:

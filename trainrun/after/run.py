@@ -18,10 +18,10 @@ import torch
 
 from trainrun import checkpoint, resume, runner
 from trainrun.config import Config
+from trainrun.data import Tokenizer, for_run
 from trainrun.errors import ConfigError
 from trainrun.model import GPT
 from trainrun.precision import Precision
-from trainrun.tokenizer import Tokenizer, for_run
 
 ARG = "RUN_DIR"
 RUN_ALLOWED = "a run directory of trainrun (outputs/<date>/<time>) with a checkpoint"
@@ -111,6 +111,7 @@ def open_run(run_dir: str, overrides: list[str], checkpoint_name: str | None = N
     ckpt, warnings = find_checkpoint(path, checkpoint_name)
     step = check_shape(cfg, ckpt)
     device, precision = runner.prepare(cfg)
-    model = runner.build_model(cfg.model, device)
+    tokenizer = for_run(path, getattr(cfg.tokenizer, "eot", None))
+    model = runner.build_model(cfg.model, tokenizer.vocab_size, device)
     checkpoint.load_weights(ckpt, model)
-    return Run(path, cfg, ckpt, step, model.eval(), for_run(path), device, precision, warnings)
+    return Run(path, cfg, ckpt, step, model.eval(), tokenizer, device, precision, warnings)

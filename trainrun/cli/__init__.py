@@ -16,6 +16,7 @@ the run writes .hydra/ once it has really started, so a refused or failed start 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -60,6 +61,12 @@ def explain(exc: Exception) -> ConfigError:
             group, option = missing.split("/", 1)
             return ConfigError(group, f"unknown option {option!r}; allowed: {', '.join(options(group))}")
         return ConfigError("config", str(exc).splitlines()[0])
+    ambiguous = re.match(r"Ambiguous value for argument '([\w.]+)=(.*)'", str(exc))
+    if ambiguous:  # a comma-separated value outside -m: Hydra's sweep syntax
+        key, value = ambiguous.groups()
+        return ConfigError(key, f"{value!r} is a sweep over {value.count(',') + 1} values (-m "
+                                f"runs one job each); allowed: one value, or a list in brackets "
+                                f"and quotes, {key}='[{value}]'")
     cause = exc.__cause__ or exc
     key = getattr(cause, "full_key", None) or "config"
     schema = getattr(cause, "object_type", None)

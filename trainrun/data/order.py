@@ -14,8 +14,12 @@ from trainrun.errors import ConfigError
 
 
 def permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The order of epoch `epoch` (0-based) over n sequences."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
+    """The order of epoch `epoch` (0-based) over n sequences: 4 bytes per sequence while
+    n < 2**32 (the same shuffle as NumPy's `permutation(n)`, which would hold 8), so that a corpus of
+    billions of tokens keeps its order in a modest array."""
+    order = np.arange(n, dtype=np.uint32 if n < 2**32 else np.int64)
+    np.random.default_rng([seed, epoch]).shuffle(order)  # in place: no second copy
+    return order
 
 
 class DataOrder:

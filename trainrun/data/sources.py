@@ -1,10 +1,9 @@
-"""Data: documents read through `datasets`, byte-level tokens, and fixed-length sequences.
+"""Data sources: the documents of a run, read through `datasets`, as two splits (train,
+validation) with one column, `text`.
 
-Every source yields two splits of documents (train, validation). Each document becomes its
-UTF-8 bytes (ids 0..255) followed by an end-of-document id (256); the tokenized splits are
-cached by `datasets`, so sweeps and resumed runs do not tokenize again. With packing the
-documents are concatenated and cut into windows of seq_len + 1 tokens; without it each
-document is one sequence, truncated and padded, with padding excluded from the loss.
+A source with a validation split of its own uses it; otherwise a fixed `val_fraction` of
+the documents is held out, with a seed of its own. `max_documents` caps each split, for quick
+runs on a large corpus.
 """
 
 from __future__ import annotations
@@ -15,17 +14,13 @@ import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-import torch
 from omegaconf import MISSING
 
 from trainrun.errors import ConfigError, require_positive
 from trainrun.textcheck import check_encoding, require_text
 
-VOCAB_SIZE = 257
-EOT = 256  # end of document; also the input id at padded positions
-IGNORE = -100  # target id excluded from the loss (padding)
 SPLIT_SEED = 0  # the train/validation split never depends on trainer.seed
 
 
@@ -35,6 +30,7 @@ class DataConfig:
     seq_len: int = MISSING  # tokens per sequence
     packing: bool = MISSING  # concatenate documents into windows (false: one per sequence)
     val_fraction: float = MISSING  # documents held out when the source has no validation split
+    max_documents: int | None = None  # at most this many documents per split (null: all)
 
     def validate(self, prefix: str) -> None:
         require_positive(f"{prefix}.batch_size", self.batch_size)
@@ -42,6 +38,21 @@ class DataConfig:
         if not 0 < self.val_fraction <= 0.5:
             raise ConfigError(f"{prefix}.val_fraction",
                               f"got {self.val_fraction}; allowed: 0 < val_fraction <= 0.5")
+        if self.max_documents is not None:
+            require_positive(f"{prefix}.max_documents", self.max_documents)
+
+    def splits(self):
+        """documents(), each split capped at max_documents (its first ones)."""
+        docs = self.documents()
+        if self.max_documents is not None:
+            for split in ("train", "validation"):
+                if len(docs[split]) > self.max_documents:
+                    docs[split] = docs[split].select(range(self.max_documents))
+        return docs
+
+    def describe(self) -> str:
+        """Where the validation split comes from, for the run's log."""
+        return f"validation: {self.val_fraction:g} of the documents held out"
 
     def documents(self):
         """A `datasets.DatasetDict` with splits `train` and `validation` and a `text` column."""
@@ -68,18 +79,31 @@ class TextDataConfig(DataConfig):
     """Local files by extension: .txt (a document per line), .jsonl/.json, .csv, .parquet
     (a document per row, its text in `text_column`); all but Parquet are text in `encoding`."""
 
-    files: str = MISSING  # glob patterns, comma-separated
+    files: Any = MISSING  # a glob pattern, or a list of them: data.files='[a.txt,b/*.txt]'
     text_column: str = MISSING
     encoding: str = MISSING  # a Python codec name; Parquet files are binary and ignore it
 
+    def patterns(self) -> list[str]:
+        if isinstance(self.files, str):
+            return [self.files.strip()] if self.files.strip() else []
+        return [str(p).strip() for p in self.files if str(p).strip()]
+
     def paths(self) -> list[str]:
-        patterns = [p.strip() for p in self.files.split(",") if p.strip()]
-        return sorted({f for p in patterns for f in glob.glob(os.path.expanduser(p), recursive=True)
+        return sorted({f for p in self.patterns()
+                       for f in glob.glob(os.path.expanduser(p), recursive=True)
                        if os.path.isfile(f)})
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
         check_encoding(f"{prefix}.encoding", self.encoding)
+        if not isinstance(self.files, (str, list, tuple)):
+            raise ConfigError(f"{prefix}.files", f"got {self.files!r}; allowed: a glob pattern "
+                              f"or a list of them, data.files='[a.txt,b/*.txt]'")
+        folders = [p for p in self.patterns() if os.path.isdir(os.path.expanduser(p))]
+        if folders:
+            raise ConfigError(f"{prefix}.files", f"{folders[0]!r} is a directory; allowed: "
+                              f"files or glob patterns, e.g. data.files='{folders[0].rstrip('/')}"
+                              f"/*.txt' (or '**/*.txt' with its subdirectories)")
         paths = self.paths()
         if not paths:
             raise ConfigError(f"{prefix}.files", f"{self.files!r} matches no file")
@@ -112,27 +136,47 @@ class HFDataConfig(DataConfig):
     path: str = MISSING
     name: str | None = None  # the data set's configuration
     train_split: str = MISSING
-    val_split: str | None = None  # null: hold out val_fraction of train_split
+    val_split: str | None = None  # null: the source's `validation` split, else held out
     text_column: str = MISSING
 
     def documents(self):
         import datasets
 
-        train = _text_column(self._split(self.train_split, "data.train_split"),
+        available = self._load(None, "data.path")
+        val_split = self.val_split
+        if val_split is None and "validation" in available and self.train_split != "validation":
+            val_split = "validation"
+        train = _text_column(self._pick(available, self.train_split, "data.train_split"),
                              self.text_column, "data.text_column")
-        if self.val_split is None:
+        if val_split is None:
             return _hold_out(train, self.val_fraction)
-        val = _text_column(self._split(self.val_split, "data.val_split"),
+        val = _text_column(self._pick(available, val_split, "data.val_split"),
                            self.text_column, "data.text_column")
-        return datasets.DatasetDict(train=train, validation=val)
+        return datasets.DatasetDict(train=train.select_columns(["text"]),
+                                    validation=val.select_columns(["text"]))
 
-    def _split(self, split: str, key: str):
-        """One split, with the usual ways of not finding it as one ConfigError line."""
+    def describe(self) -> str:
+        return (f"validation: split {self.val_split!r}" if self.val_split is not None else
+                f"validation: split 'validation' if {self.path} has one, else "
+                f"{self.val_fraction:g} of {self.train_split!r} held out")
+
+    def _pick(self, available, split: str, key: str):
+        if split not in available:
+            raise ConfigError(key, f"{split!r}: no such split in {self.path}; it has "
+                                   f"{', '.join(available)}")
+        return available[split]
+
+    def _load(self, split: str | None, key: str):
+        """The data set's splits (a DatasetDict), with the usual ways of not finding it as one
+        ConfigError line; a hub name fails at once when the hub cannot be reached."""
         import datasets
         from datasets.exceptions import DatasetNotFoundError
 
+        from trainrun.data.hub import offline_unless_reachable
+
         try:
-            return datasets.load_dataset(self.path, self.name, split=split)
+            with offline_unless_reachable(self.path):
+                return datasets.load_dataset(self.path, self.name, split=split)
         except (FileNotFoundError, DatasetNotFoundError, ConnectionError) as exc:
             why = str(exc).splitlines()[0].rstrip(".")
             raise ConfigError("data.path", f"{self.path!r}: {why}; allowed: a local folder, or "
@@ -196,91 +240,3 @@ def _hold_out(ds, val_fraction: float):
     n_val = max(1, round(val_fraction * len(ds)))
     split = ds.train_test_split(test_size=n_val, seed=SPLIT_SEED)
     return datasets.DatasetDict(train=split["train"], validation=split["test"])
-
-
-def encode(batch: dict) -> dict:
-    """Byte-level tokenization: UTF-8 bytes then EOT; empty documents are dropped."""
-    ids = [np.append(np.frombuffer(t.encode("utf-8"), np.uint8).astype(np.uint16), EOT)
-           for t in batch["text"] if t and t.strip()]
-    return {"ids": ids}
-
-
-def decode(ids) -> str:
-    """The text of byte ids; EOT, IGNORE and any other id outside 0..255 are left out."""
-    return bytes(int(i) for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
-
-
-class Sequences:
-    """Fixed-length training sequences; `batch(indices)` -> inputs, targets (B, T) int64."""
-
-    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, seq_len: int, packing: bool):
-        self.tokens, self.offsets, self.seq_len, self.packing = tokens, offsets, seq_len, packing
-        if packing:
-            self.n = max(0, len(tokens) - 1) // seq_len
-        else:
-            lengths = np.diff(offsets)
-            self.starts = offsets[:-1][lengths >= 2]  # a document needs one target at least
-            self.lengths = np.minimum(lengths[lengths >= 2], seq_len + 1)
-            self.n = len(self.starts)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        T = self.seq_len
-        cols = np.arange(T + 1)
-        if self.packing:
-            rows = self.tokens[np.asarray(indices)[:, None] * T + cols].astype(np.int64)
-            x, y = rows[:, :-1], rows[:, 1:]
-        else:
-            starts, lengths = self.starts[indices], self.lengths[indices]
-            real = cols < lengths[:, None]
-            pos = np.where(real, starts[:, None] + cols, 0)
-            rows = np.where(real, self.tokens[pos], EOT).astype(np.int64)
-            x = rows[:, :-1]
-            y = np.where(real[:, 1:], rows[:, 1:], IGNORE)
-        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
-
-    def num_targets(self, indices: np.ndarray) -> int:
-        """Target tokens (those the loss counts) in the sequences `indices`."""
-        if self.packing:
-            return len(indices) * self.seq_len
-        return int((self.lengths[indices] - 1).sum())
-
-
-def tokenize(cfg: DataConfig):
-    """The documents' splits as a `datasets.DatasetDict` with one column, `ids`.
-
-    `Dataset.map` writes the result into the `datasets` cache (next to the source's own
-    cache files), keyed by the fingerprint of the source and of `encode`; the next run on
-    the same data reads it back instead of tokenizing again.
-    """
-    import datasets
-
-    datasets.disable_progress_bars()  # they write carriage returns; the run logs its own lines
-    datasets.logging.set_verbosity_error()
-    docs = cfg.documents()
-    return datasets.DatasetDict({
-        split: docs[split].map(encode, batched=True, remove_columns=docs[split].column_names,
-                               features=datasets.Features(ids=datasets.Sequence(
-                                   datasets.Value("uint16"))))
-        for split in ("train", "validation")
-    })
-
-
-def load(cfg: DataConfig) -> dict[str, Sequences]:
-    """The tokenized splits as Sequences, tokenization cached by `datasets`."""
-    tokenized_splits = tokenize(cfg)
-    out = {}
-    for split in ("train", "validation"):
-        tokenized = tokenized_splits[split]
-        column = tokenized.data.column("ids").combine_chunks()
-        tokens = column.flatten().to_numpy(zero_copy_only=False).astype(np.uint16, copy=False)
-        offsets = column.offsets.to_numpy()
-        seqs = Sequences(tokens, offsets - offsets[0], cfg.seq_len, cfg.packing)
-        if len(seqs) == 0:
-            raise ConfigError(
-                "data", f"the {split} split has no sequence of data.seq_len={cfg.seq_len} tokens"
-            )
-        out[split] = seqs
-    return out

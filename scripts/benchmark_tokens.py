@@ -1,0 +1,146 @@
+"""Token storage at scale: tokenization throughput, token file sizes, and the peak resident
+memory of a training run on a large corpus against the same run on a 20 MB one.
+
+    python scripts/benchmark_tokens.py --size-mb 2048 --work /tmp/trainrun-bench
+
+It writes a synthetic corpus (documents of Zipf-distributed made-up words, one per line, in
+64 MB shards), tokenizes it with tokenizer=byte and tokenizer=bpe (vocab_size 8192) through
+trainrun's own data code in fresh processes (their own caches under --work), then trains
+gpt_tiny for --steps updates on the large and on the 20 MB corpus with each tokenizer and
+reads each run's peak RSS (getrusage of the child process). It prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHARD_MB = 64
+SMALL_MB = 20
+CHUNK_WORDS = 200_000  # about 1.2 MB of text
+
+TOKENIZE = """
+import json, sys, time
+from trainrun import data
+from trainrun.cli import compose
+cfg = compose([sys.argv[1:]])[0]
+began = time.monotonic()
+loaded = data.load(cfg.data, cfg.tokenizer, lambda line: print(line, flush=True))
+seconds = time.monotonic() - began
+folder = __import__("pathlib").Path(loaded.train.tokens.filename).parent
+print("RESULT " + json.dumps({"seconds": seconds, "folder": str(folder)}))
+"""
+
+
+def make_corpus(folder: Path, size_mb: int, seed: int) -> Path:
+    """size_mb of text in SHARD_MB shards: about 200 words per line (document)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    letters = np.frombuffer(b"etaoinshrdlcumwfgypbvkjxqz", np.uint8)
+    words = [bytes(letters[rng.integers(0, 26, rng.integers(1, 11))]) for _ in range(50_000)]
+    pieces = np.array([w + b" " for w in words] + [w + b"\n" for w in words], dtype=object)
+    weights = 1.0 / np.arange(1, len(words) + 1)  # Zipf's law
+    weights /= weights.sum()
+    target, written, shard = size_mb * 1_000_000, 0, 0
+    while written < target:
+        path = folder / f"shard-{shard:04d}.txt"
+        with open(path, "wb") as out:
+            size = 0
+            while size < min(SHARD_MB * 1_000_000, target - written):
+                idx = rng.choice(len(words), CHUNK_WORDS, p=weights)
+                idx += len(words) * (rng.random(CHUNK_WORDS) < 1 / 200)  # end of document
+                chunk = b"".join(pieces[idx])
+                out.write(chunk)
+                size += len(chunk)
+        written += size
+        shard += 1
+    return folder
+
+
+def child_peak_rss(cmd: list[str], env: dict, log: Path) -> tuple[float, int, str]:
+    """Run cmd; its wall seconds, its peak resident memory (bytes) and its output."""
+    wrapper = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:]); "
+               "print('PEAK', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); "
+               "sys.exit(p.returncode)")
+    began = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    seconds = time.monotonic() - began
+    log.write_text(proc.stdout)
+    if proc.returncode != 0:
+        sys.exit(f"failed ({log}):\n{proc.stdout[-3000:]}")
+    peak = int(proc.stdout.rsplit("PEAK ", 1)[1].split()[0])
+    return seconds, peak, proc.stdout
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mb", type=int, default=2048)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/trainrun-bench"))
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--tokenizers", default="byte,bpe")
+    args = parser.parse_args(argv)
+    work = args.work
+    env = {**os.environ, "HF_DATASETS_CACHE": str(work / "hf-cache"),
+           "TRAINRUN_CACHE": str(work / "trainrun-cache"), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1"}
+    corpora = {}
+    for name, size, seed in (("large", args.size_mb, 0), ("small", SMALL_MB, 1)):
+        folder = work / f"corpus-{name}-{size}mb"
+        if not folder.is_dir():
+            began = time.monotonic()
+            make_corpus(folder, size, seed)
+            print(f"wrote {folder} in {time.monotonic() - began:.0f}s", flush=True)
+        corpora[name] = folder
+    bytes_large = sum(p.stat().st_size for p in corpora["large"].iterdir())
+    tok_overrides = {"byte": ["tokenizer=byte"],
+                     "bpe": ["tokenizer=bpe", "tokenizer.vocab_size=8192"]}
+    rows = []
+    for tok in args.tokenizers.split(","):
+        for name, folder in corpora.items():
+            overrides = ["data=text", f"data.files={folder}/*.txt", *tok_overrides[tok]]
+            seconds, peak, out = child_peak_rss(
+                [sys.executable, "-c", TOKENIZE, *overrides], env,
+                work / f"tokenize-{tok}-{name}.log")
+            result = json.loads(out.split("RESULT ", 1)[1].splitlines()[0])
+            info = json.loads((Path(result["folder"]) / "info.json").read_text())
+            train = info["splits"]["train"]
+            files = sum(p.stat().st_size for p in Path(result["folder"]).iterdir())
+            run_dir = work / f"run-{tok}-{name}"
+            shutil.rmtree(run_dir, ignore_errors=True)
+            t_seconds, t_peak, _ = child_peak_rss(
+                [shutil.which("trainrun") or "trainrun", *overrides,
+                 f"trainer.max_steps={args.steps}", "trainer.eval_every=1000",
+                 "trainer.ckpt_every=1000", "trainer.device=cpu", "precision=fp32",
+                 f"hydra.run.dir={run_dir}"], env, work / f"train-{tok}-{name}.log")
+            rows.append({
+                "tokenizer": tok, "corpus": name,
+                "text_mb": round(sum(p.stat().st_size for p in folder.iterdir()) / 1e6, 1),
+                "load_s": round(result["seconds"], 1), "tokenize_s": train["seconds"],
+                "mb_per_s": round(train["text_bytes"] / 1e6 / max(train["seconds"], 1e-9), 1),
+                "tokens_per_s": round(train["tokens"] / max(train["seconds"], 1e-9)),
+                "tokens": train["tokens"] + info["splits"]["validation"]["tokens"],
+                "dtype": info["dtype"], "token_files_mb": round(files / 1e6, 1),
+                "tokenize_peak_rss_mb": round(peak / 1e6), "train_s": round(t_seconds, 1),
+                "train_peak_rss_mb": round(t_peak / 1e6)})
+            print(json.dumps(rows[-1]), flush=True)
+    (work / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    keys = list(rows[0])
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    for row in rows:
+        print("| " + " | ".join(f"{row[k]:,}" if isinstance(row[k], int) else str(row[k])
+                                for k in keys) + " |")
+    print(f"large corpus: {bytes_large / 1e6:,.0f} MB of text")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""The data of a run, as the rest of trainrun sees it: the source and tokenizer options
+(DATA, TOKENIZERS), `load` (documents -> tokenizer -> cached token files -> Sequences) and
+the run's tokenizer.
+
+    sources.py           data=builtin|text|hf: the documents, split into train and validation
+    tokenizer_options.py tokenizer=byte|bpe|hf: builds the run's tokenizer
+    tokenizers.py        the Tokenizer interface, byte-level and tokenizer.json ones
+    storage.py           the token cache: flat memory-mapped token files per split
+    sequences.py         fixed-length sequences over a split's tokens (packing or not)
+    order.py             the seeded order of the training sequences (SPEC §3)
+    hub.py               a quick look whether the Hugging Face hub can be reached
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from trainrun.data import storage
+from trainrun.data.sequences import IGNORE, Sequences
+from trainrun.data.sources import DATA, DataConfig
+from trainrun.data.tokenizer_options import TOKENIZERS, TokenizerConfig
+from trainrun.data.tokenizers import RUN_FILE, Tokenizer, for_run
+from trainrun.errors import ConfigError
+
+__all__ = ["DATA", "IGNORE", "RUN_FILE", "TOKENIZERS", "DataConfig", "Loaded", "Sequences",
+           "Tokenizer", "TokenizerConfig", "check_batch", "for_run", "load"]
+
+
+@dataclass
+class Loaded:
+    train: Sequences
+    validation: Sequences
+    tokenizer: Tokenizer
+
+    def __getitem__(self, split: str) -> Sequences:
+        return getattr(self, split)
+
+
+def load(cfg: DataConfig, tokenizer_cfg: TokenizerConfig | None = None,
+         log: Callable[[str], None] = lambda line: None,
+         tokenizer: Tokenizer | None = None) -> Loaded:
+    """The splits as Sequences over the cached token files, and the tokenizer (`tokenizer`,
+    e.g. a finished run's copy, else the one tokenizer_cfg builds)."""
+    import datasets
+
+    datasets.disable_progress_bars()  # they write carriage returns; the run logs its own lines
+    datasets.logging.set_verbosity_error()
+    docs = cfg.splits()
+    log(f"data: {len(docs['train']):,} train / {len(docs['validation']):,} validation "
+        f"documents; {cfg.describe()}")
+    tokenizer = tokenizer or (tokenizer_cfg or TOKENIZERS["byte"]()).build(docs, log)
+    folder = storage.tokenize(docs, tokenizer, log)
+    out = {}
+    for split in storage.SPLITS:
+        tokens, offsets = storage.open_split(folder, split)
+        seqs = Sequences(tokens, offsets, cfg.seq_len, cfg.packing, tokenizer.eot)
+        if len(seqs) == 0:
+            raise ConfigError(
+                "data", f"the {split} split has no sequence of data.seq_len={cfg.seq_len} tokens"
+            )
+        out[split] = seqs
+    log(f"tokens: {len(out['train'].tokens):,} train / {len(out['validation'].tokens):,} "
+        f"validation, vocabulary {tokenizer.vocab_size:,} ids; cache {folder}")
+    return Loaded(out["train"], out["validation"], tokenizer)
+
+
+def check_batch(cfg: DataConfig, train: Sequences) -> None:
+    """A micro-batch holds no more sequences than the training split has."""
+    if cfg.batch_size > len(train):
+        raise ConfigError("data.batch_size", f"{cfg.batch_size} exceeds the {len(train)} "
+                          f"training sequences of data.seq_len={cfg.seq_len} tokens; allowed: "
+                          f"at most {len(train)}")

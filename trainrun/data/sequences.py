@@ -1,0 +1,84 @@
+"""Fixed-length training sequences over a split's flat token array (SPEC §3).
+
+With packing the documents are concatenated (each ends with the end-of-document id) and cut
+into windows of seq_len + 1 tokens; without it each document is one sequence, truncated and
+padded, its padding excluded from the loss. The token array may be a read-only memory map:
+a batch reads only the pages of its own sequences.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+IGNORE = -100  # target id excluded from the loss (padding)
+
+
+class Sequences:
+    """Fixed-length training sequences; `batch(indices)` -> inputs, targets (B, T) int64.
+
+    `pad_id` is the input id at padded positions (the end-of-document id): any real id
+    does, as no target follows it."""
+
+    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, seq_len: int, packing: bool,
+                 pad_id: int):
+        self.tokens, self.offsets, self.seq_len, self.packing = tokens, offsets, seq_len, packing
+        self.pad_id = pad_id
+        self._fd: int | None = None
+        self._fd_pid = 0
+        if packing:
+            self.n = max(0, len(tokens) - 1) // seq_len
+        else:
+            lengths = np.diff(offsets)
+            self.starts = offsets[:-1][lengths >= 2]  # a document needs one target at least
+            self.lengths = np.minimum(lengths[lengths >= 2], seq_len + 1)
+            self.n = len(self.starts)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        T = self.seq_len
+        cols = np.arange(T + 1)
+        indices = np.asarray(indices, dtype=np.int64)  # the order's uint32 ids times T overflow
+        if self.packing:
+            rows = self.rows(indices * T, np.full(len(indices), T + 1))
+            x, y = rows[:, :-1], rows[:, 1:]
+        else:
+            starts, lengths = self.starts[indices], self.lengths[indices]
+            real = cols < lengths[:, None]
+            rows = np.where(real, self.rows(starts, lengths), self.pad_id)
+            x = rows[:, :-1]
+            y = np.where(real[:, 1:], rows[:, 1:], IGNORE)
+        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+
+    def rows(self, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """(len(starts), seq_len + 1) int64: tokens[start : start + length] in each row, the
+        rest 0. From a token file, each row is read with pread rather than through the map:
+        a page touched through a map stays in the process's resident memory (with the page
+        cache's large folios, up to megabytes per random read), while read pages stay in
+        the page cache only, shared by every process."""
+        out = np.zeros((len(starts), self.seq_len + 1), dtype=np.int64)
+        if not isinstance(self.tokens, np.memmap):
+            for row, (start, length) in enumerate(zip(starts, lengths, strict=True)):
+                out[row, :length] = self.tokens[start : start + length]
+            return out
+        if self._fd is None or self._fd_pid != os.getpid():  # a forked process opens its own
+            self._fd, self._fd_pid = os.open(self.tokens.filename, os.O_RDONLY), os.getpid()
+        size = self.tokens.dtype.itemsize
+        for row, (start, length) in enumerate(zip(starts, lengths, strict=True)):
+            raw = os.pread(self._fd, int(length) * size, int(start) * size + self.tokens.offset)
+            out[row, :length] = np.frombuffer(raw, dtype=self.tokens.dtype)
+        return out
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None and self._fd_pid == os.getpid():
+            os.close(self._fd)
+
+    def num_targets(self, indices: np.ndarray) -> int:
+        """Target tokens (those the loss counts) in the sequences `indices`."""
+        if self.packing:
+            return len(indices) * self.seq_len
+        return int((self.lengths[indices] - 1).sum())
