@@ -33,7 +33,7 @@ def state_per_parameter(cfg: Config) -> float:
     optimizer.step()
     per_param = [t.numel() for state in optimizer.state.values() for t in state.values()
                  if torch.is_tensor(t) and t.numel() > 1]
-    return sum(per_param) / tiny.num_params()
+    return sum(per_param) / sum(p.numel() for p in tiny.parameters())  # padding rows too
 
 
 def available(device: torch.device) -> tuple[int, str]:
