@@ -162,6 +162,7 @@ def test_auto_is_fp32_on_cpu():
     assert Precision(config("precision=auto").precision, torch.device("cpu")).mode == "fp32"
 
 
+@pytest.mark.cuda
 @cuda
 @pytest.mark.parametrize("mode", ["fp16", "bf16", "auto"])
 def test_cuda_precisions_train_with_fused_adamw(tmp_path, corpus, mode):
