@@ -30,6 +30,8 @@ EXAMPLES = [
     ("trainrun-lr scheduler=wsd", "preview a schedule without training"),
     ("trainrun-sample RUN_DIR 'def '", "text from a run's checkpoint (also -eval, -export)"),
     ("trainrun model.init_from=hf-folder", "start from a Hugging Face GPT-2 folder"),
+    ("trainrun-nohup trainer.max_steps=20000", "in the background over SSH (or trainrun-tmux)"),
+    ("torchrun --nproc_per_node=2 -m trainrun", "one run on 2 processes (DDP; trainer.strategy=fsdp)"),
 ]
 
 HYDRA_FLAGS = [
@@ -37,6 +39,7 @@ HYDRA_FLAGS = [
     ("-c, --cfg job|hydra|all", "print the config instead of running"),
     ("--info", "what Hydra composed and from where"),
     ("--hydra-help", "Hydra's own help and flags"),
+    ("--version", "the versions of trainrun, torch, Hydra and the rest"),
 ]
 
 
