@@ -7,7 +7,7 @@ import shlex
 
 import pytest
 import yaml
-from conftest import cli, config
+from conftest import cli, config, tiny
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
@@ -194,3 +194,17 @@ def test_trainruns_own_overrides_are_taken(tmp_path):
                "optimizer.betas=[0.9,0.99]", f"resume={quote(str(tmp_path))}", "precision=fp32"]
     (tmp_path / ".hydra/overrides.yaml").write_text(yaml.safe_dump(entries))
     assert saved(tmp_path) == entries
+
+
+def test_cfg_prints_only_what_a_run_would_take(tmp_path, corpus):
+    bad = cli("--cfg", "job", "trainer.max_steps=0", cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.strip() == ("trainrun: error: trainer.max_steps: got 0; allowed: a finite "
+                                  "number > 0")
+    run = cli(*tiny(corpus, "trainer.max_steps=2", "trainer.log_every=7", "hydra.run.dir=r"),
+              cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    # --cfg with resume= prints the resumed run's config: its saved overrides, then these
+    shown = cli("--cfg", "job", f"resume={tmp_path / 'r'}", "trainer.max_steps=5", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "log_every: 7" in shown.stdout and "max_steps: 5" in shown.stdout

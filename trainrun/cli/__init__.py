@@ -144,12 +144,13 @@ def preflight(argv: list[str]) -> None:
     of a basic sweep too), and Hydra's own choices (launcher, sweeper); raise ConfigError if
     any is bad, before anything is written.
 
-    Hydra's informational flags (--help, --cfg, ...) are left to Hydra; with another sweeper
+    With --cfg (and --resolve, --package) the config is printed only if a run would take it;
+    Hydra's other flags (--info, --config-dir, ...) are left to Hydra; with another sweeper
     (hparams_search=optuna, hydra/sweeper=...) each job is validated as it starts.
     """
     multirun = any(a in ("-m", "--multirun") for a in argv)
-    flags = [a for a in argv if a.startswith("-") and a not in ("-m", "--multirun")]
-    if flags:
+    flags, argv = split_flags(argv)
+    if not printing_only(flags):
         return
     overrides = task_overrides(argv)
     searches = [a for a in overrides if key(a) == "hparams_search" and not a.endswith("=null")]
@@ -279,9 +280,20 @@ def arguments(argv: list[str]) -> list[str]:
     no override after a flag's value), a resumed run's saved ones first, and one key of a
     "one of these keys" pair replacing the other."""
     flags, overrides = split_flags(argv)
-    if not flags:  # with a flag (--cfg, --config-dir, ...) Hydra runs no resumable job
+    if printing_only(flags):  # other flags (--info, --config-dir, ...): no resumable job
         overrides = resume_argv(overrides)
     return [*flags, *one_of(overrides)]
+
+
+# Hydra's flags that run or print the config trainrun composes (with --cfg's value)
+PRINTING = ("-m", "--multirun", "--cfg", "-c", "--resolve", "--package", "-p", "job", "hydra",
+            "all")
+
+
+def printing_only(flags: list[str]) -> bool:
+    """No flag, or only those that run or print the composed config, with their values."""
+    return all(f in PRINTING or not f.startswith("-") and flags[i - 1] in ("--package", "-p")
+               for i, f in enumerate(flags))
 
 
 def main() -> None:
