@@ -93,10 +93,13 @@ def tiny(corpus: Path, *overrides: str) -> list[str]:
 
 
 def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
-    """(step, value) of a TensorBoard scalar tag, in the order written."""
+    """(step, value) of a TensorBoard scalar tag, in the order written, from the one folder
+    of run_dir/tb that holds event files (tb/ itself, or a sweep job's tb/<overrides>/)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    (folder,) = {p.parent for p in (run_dir / "tb").rglob("events.out.tfevents.*")} or \
+        {run_dir / "tb"}
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
     acc.Reload()
     if tag not in acc.Tags()["scalars"]:
         return []

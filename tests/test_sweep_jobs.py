@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import cli, tiny, wait_for
+from conftest import cli, scalars, tiny, wait_for
 
 
 def rows(sweep_dir: Path) -> list[dict]:
@@ -59,9 +59,29 @@ def test_a_signal_says_how_to_continue_the_whole_sweep_and_that_command_does(tmp
         m = json.loads((sweep_dir / job / "metrics.json").read_text())
         assert m["status"] == "completed" and m["steps"] == 300
     assert "resumed from" in (sweep_dir / "0" / "train.log").read_text()
+    # the resumed job goes on in the same TensorBoard run, named by its swept override
+    assert [p.name for p in (sweep_dir / "0" / "tb").iterdir()] == ["optimizer.lr=0.001"]
+    assert [k for k, _ in scalars(sweep_dir / "0", "train/lr")] == list(range(1, 301))
     # once more: every job is complete, nothing runs or changes
     before = (sweep_dir / "0" / "metrics.json").read_text()
     third = subprocess.run(hint.replace("trainrun", str(exe), 1), shell=True, cwd=tmp_path,
                            capture_output=True, text=True, timeout=300)
     assert third.returncode == 0 and third.stderr.count("already complete at update 300") == 2
     assert (sweep_dir / "0" / "metrics.json").read_text() == before
+
+
+def test_tensorboard_names_a_job_by_the_overrides_it_sweeps(monkeypatch):
+    from trainrun import sweep
+
+    monkeypatch.delenv(sweep.SWEPT, raising=False)
+    sweep.announce_swept({"optimizer.lr", "data.files"})
+    job = ["trainer.max_steps=3", "data.files=/a/b.txt", "optimizer.lr=0.001"]
+    assert sweep.tb_name(job, []) == "data.files=_a_b.txt,optimizer.lr=0.001"
+    # another sweeper's searched keys; and every override when none is known
+    assert sweep.tb_name(["trainer.max_steps=3", "+x=1"], ["x"]) == "+x=1"
+    monkeypatch.delenv(sweep.SWEPT)
+    assert sweep.tb_name(["a=1", "b=2"], []) == "a=1,b=2"
+    assert sweep.tb_name([], []) == "defaults"
+    long = sweep.tb_name([f"k{i}=" + "v" * 20 for i in range(10)], [])
+    assert len(long) == 119 and "/" not in long
+    assert long != sweep.tb_name([f"k{i}=" + "v" * 20 for i in range(11)], [])

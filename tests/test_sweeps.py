@@ -76,6 +76,11 @@ def test_a_2x2_sweep_writes_a_row_per_job(tmp_path, corpus, launcher):
     assert swept == {(f"optimizer.lr={lr}", f"scheduler={s}")
                      for lr in ("0.001", "0.003") for s in ("cosine", "constant")}
     assert_best_first(rows)
+    for row in rows:  # TensorBoard names each job's run by the overrides it sweeps
+        named = [o for o in shlex.split(row["overrides"])
+                 if o.startswith(("optimizer.lr=", "scheduler="))]
+        (run,) = (Path(row["run_dir"]) / "tb").iterdir()
+        assert run.name == ",".join(named) and list(run.glob("events.out.tfevents.*"))
     # the table on stdout: one line per job, best first, with its loss to 4 decimals
     lines = proc.stdout.splitlines()
     title = next(i for i, line in enumerate(lines) if f"sweep {sweep}: 4 jobs" in line)

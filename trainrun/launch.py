@@ -56,10 +56,19 @@ def sweep_command(args: list[str], sweep_dir: Path) -> str:
     return shlex.join(["trainrun", *kept, "resume=auto", f"hydra.sweep.dir={sweep_dir}"])
 
 
+def config_dir(args: list[str]) -> list[str]:
+    """The `--config-dir DIR` (-cd) among args, which a resume must be given again."""
+    found = []
+    for i, arg in enumerate(args):
+        if arg.partition("=")[0] in ("--config-dir", "-cd"):
+            found = [arg] if "=" in arg else args[i:i + 2]
+    return found
+
+
 def resume_hint(run_dir: Path, args: list[str], sweep: bool) -> str:
     if sweep:
         return sweep_command(args, run_dir)
-    return shlex.join(["trainrun", f"resume={run_dir}"])
+    return shlex.join(["trainrun", *config_dir(args), f"resume={run_dir}"])
 
 
 def _ignore_hangup() -> None:

@@ -30,16 +30,18 @@ SUMMARY_KEYS = ("status", "steps", "tokens", "train_loss", "val_loss", "best_val
 
 class Metrics:
     def __init__(self, run_dir: Path, console: Console, log_every: int, max_steps: int,
-                 first_step: int = 1, writes: bool = True, earlier_seconds: float = 0.0):
+                 first_step: int = 1, writes: bool = True, earlier_seconds: float = 0.0,
+                 tb_name: str | None = None):
         """first_step > 1 continues a resumed run: TensorBoard drops whatever an earlier
         process logged at steps >= first_step, so curves have no duplicated steps;
         earlier_seconds: the time earlier processes trained it. With `writes` false (ranks
-        other than 0), nothing is written: no events, no metrics.json."""
+        other than 0), nothing is written: no events, no metrics.json. The events go into
+        tb/, or tb/<tb_name>/ (a sweep's job, so that TensorBoard names it by its overrides)."""
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir, self.console, self.writes = run_dir, console, writes
         self.log_every, self.max_steps = log_every, max_steps
-        self.writer = SummaryWriter(str(run_dir / "tb"),
+        self.writer = SummaryWriter(str(run_dir / "tb" / (tb_name or "")),
                                     purge_step=first_step if first_step > 1 else None) \
             if writes else _NoWriter()
         self.started = time.perf_counter()

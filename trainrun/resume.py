@@ -46,9 +46,11 @@ def quote(value: str) -> str:
     return f'"{escaped}"'
 
 
-def command(run_dir: Path) -> str:
-    """The shell command that continues run_dir, ready to copy."""
-    return f"trainrun {shlex.quote('resume=' + quote(str(run_dir)))}"
+def command(run_dir: Path, config_dir: str | Path | None = None) -> str:
+    """The shell command that continues run_dir (started with `--config-dir config_dir`),
+    ready to copy."""
+    folder = f"--config-dir {shlex.quote(str(config_dir))} " if config_dir else ""
+    return f"trainrun {folder}{shlex.quote('resume=' + quote(str(run_dir)))}"
 
 
 def find(run_dir: Path) -> tuple[Path | None, dict[Path, str]]:

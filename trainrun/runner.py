@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import random
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -75,18 +75,28 @@ class RunStopped(SystemExit):
         self.reason = reason
 
 
+@dataclass(frozen=True)
+class Launch:
+    """What the command line adds to a run besides its config; none of it changes what is
+    trained."""
+
+    record: dict[str, str] = field(default_factory=dict)  # name -> text, into .hydra/
+    config_dir: Path | None = None  # --config-dir's folder, named in resume commands
+    tb_name: str | None = None  # a sweep job's TensorBoard run: tb/<its swept overrides>/
+
+
 def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
-        record: dict[str, str] | None = None) -> dict:
+        launch: Launch = Launch()) -> dict:
     """Train (or continue) the run described by cfg in run_dir; return the metrics.json
     summary. Raises RunStopped when a signal stopped the run or it failed.
 
     Nothing is written into run_dir until the run is built and its checkpoint loaded: a run
     refused before then (ConfigError) leaves the directory as it found it, and removes it if
-    it was empty. `record` (name -> text) is written into run_dir/.hydra once it starts."""
+    it was empty; the launch's record is written into run_dir/.hydra once it starts."""
     device, precision = prepare(cfg)
     resume_from, damaged = resume.locate(cfg, run_dir)
     if cfg.resume is None:
-        refuse_used(run_dir)
+        refuse_used(run_dir, launch.config_dir)
     world = distributed.init()  # a no-op when the CLI joined already, or for one process
     if cfg.trainer.strategy == "fsdp":
         world = distributed.init_single()  # FSDP needs a process group, even of one
@@ -110,11 +120,11 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
             raise
         hold()  # from here the run writes its directory: a stop is a stopped run
         if world.main:
-            start(run_dir, console, record or {}, damaged)
+            start(run_dir, console, launch.record, damaged)
             keep_tokenizer(run_dir, trainer.tokenizer)
         metrics = Metrics(run_dir, console, cfg.trainer.log_every, cfg.trainer.max_steps,
                           first_step=trainer.counters.k + 1, writes=world.main,
-                          earlier_seconds=trainer.counters.wall_seconds)
+                          earlier_seconds=trainer.counters.wall_seconds, tb_name=launch.tb_name)
         if world.main:
             runinfo.write(run_dir, device)
         meta = {"config": json.loads(json.dumps(asdict(cfg))), "schemas": resume.schemas(cfg),
@@ -127,7 +137,8 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
                 status = fit(trainer, outputs, stops)
         finally:
             summary = metrics.finish(summarize(trainer, metrics, status), hparams(cfg, choices))
-        return finish(summary, run_dir, console, stops, outputs.failure, world)
+        return finish(summary, run_dir, console, stops, outputs.failure, world,
+                      launch.config_dir)
     finally:
         release()
         determinism.restore()
@@ -138,13 +149,14 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
 RUN_FILES = ("checkpoints", "metrics.json", "train.log", "tb", ".hydra")
 
 
-def refuse_used(run_dir: Path) -> None:
+def refuse_used(run_dir: Path, config_dir: Path | None = None) -> None:
     """A fresh run goes into a directory that holds no other run."""
     held = [name for name in RUN_FILES if (run_dir / name).exists()]
     if not held:
         return
     if resume.find(run_dir)[0] is not None:
-        allowed = f"`{resume.command(run_dir)}` to continue it, or another hydra.run.dir"
+        allowed = (f"`{resume.command(run_dir, config_dir)}` to continue it, or another "
+                   f"hydra.run.dir")
     else:
         allowed = "another hydra.run.dir (it has no checkpoint to resume from)"
     raise ConfigError("hydra.run.dir", f"{run_dir} already holds a run ({', '.join(held)}); "
@@ -186,13 +198,14 @@ def summarize(t: Trainer, metrics: Metrics, status: str) -> dict:
 
 def finish(summary: dict, run_dir: Path, console: Console, signals: Signals,
            failure: checkpoint.NoSpace | None = None,
-           world: distributed.World = distributed.ONE_PROCESS) -> dict:
+           world: distributed.World = distributed.ONE_PROCESS,
+           config_dir: Path | None = None) -> dict:
     """Report how the run ended (rank 0 only); raise RunStopped unless it completed."""
     if not world.main:
         if summary["status"] != "completed":
             raise RunStopped(signals.exit_status if summary["status"] == "stopped" else 1)
         return summary
-    resume_command = resume.command(run_dir)
+    resume_command = resume.command(run_dir, config_dir)
     if world.size > 1:
         resume_command = (f"the same launch with {resume_command.split(' ', 1)[1]} "
                           f"(e.g. torchrun --nproc_per_node={world.size} -m {resume_command}; "

@@ -22,6 +22,28 @@ COLUMNS = ("job", "overrides", "status", "best_val_loss", "val_loss", "steps",
 METRICS = ("status", "best_val_loss", "val_loss", "steps", "skipped_updates", "wall_seconds",
            "tokens_per_sec")
 RECORDS = ".jobs"
+SWEPT = "TRAINRUN_SWEPT_KEYS"  # the keys a basic sweep varies, for its jobs to read
+
+
+def announce_swept(keys: set[str]) -> None:
+    """Hand the keys a sweep varies to its jobs (through the environment, which joblib's
+    workers and submitit's jobs inherit, as identical.announce does)."""
+    os.environ[SWEPT] = json.dumps(sorted(keys))
+
+
+def tb_name(overrides: list[str], searched: list[str]) -> str:
+    """A sweep job's TensorBoard run name: its overrides of the swept keys (announced by the
+    basic sweep, or `searched` by another sweeper), as written, in order; every override if
+    none is known. One folder name: `/` becomes `_`, and a name past 120 characters ends in
+    a hash of the whole."""
+    import hashlib
+
+    swept = set(json.loads(os.environ.get(SWEPT, "[]"))) | set(searched)
+    shown = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in swept] or overrides
+    name = ",".join(shown).replace("/", "_").replace("\\", "_") or "defaults"
+    if len(name) > 120 or name in (".", ".."):
+        name = f"{name[:110]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return name
 
 
 class JobFailed(float):

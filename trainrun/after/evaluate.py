@@ -29,7 +29,7 @@ import numpy as np
 
 from trainrun import data
 from trainrun.after.output import Messages, Parser, run_command
-from trainrun.after.run import open_run
+from trainrun.after.run import arguments, open_run
 from trainrun.cli.overrides import key
 from trainrun.errors import ConfigError
 from trainrun.loop import eval_batches, loss_total
@@ -48,8 +48,7 @@ def parser() -> Parser:
                epilog=f"examples:\n  {PROG} outputs/2026-11-21/14-03-12\n"
                       f"  {PROG} RUN_DIR --max-batches 20 --json\n"
                       f"  {PROG} RUN_DIR data=text 'data.files=held-out/*.txt'")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (outputs/<date>/<time>)")
-    p.add_argument("--checkpoint", metavar="step-N", help="this checkpoint instead of the newest")
+    arguments(p)
     p.add_argument("--split", choices=("validation", "train"), default="validation")
     p.add_argument("--max-batches", type=int, metavar="N",
                    help="the first N micro-batches of data.batch_size sequences (default: all)")
@@ -71,7 +70,7 @@ def evaluate(args: argparse.Namespace, overrides: list[str]) -> None:
     check_overrides(overrides)
     if args.max_batches is not None and args.max_batches < 1:
         raise ConfigError("--max-batches", f"got {args.max_batches}; allowed: an integer >= 1")
-    run = open_run(args.run_dir, overrides, args.checkpoint)
+    run = open_run(args.run_dir, overrides, args.checkpoint, config_dir=args.config_dir)
     messages = Messages()
     for warning in run.warnings:
         messages.warning(warning)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from trainrun import gpt2
 from trainrun.after.output import Messages, Parser, run_command
-from trainrun.after.run import open_run
+from trainrun.after.run import arguments, open_run
 from trainrun.errors import ConfigError
 from trainrun.resume import SHAPE_KEYS, quote
 
@@ -30,9 +30,8 @@ PROG = "trainrun-export"
 def parser() -> Parser:
     p = Parser(prog=PROG, description="Write a run's newest intact checkpoint (or --checkpoint) "
                                       "as a Hugging Face GPT-2 folder with its tokenizer.")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (outputs/<date>/<time>)")
+    arguments(p)
     p.add_argument("out", metavar="OUT", help="the folder to write (new, or empty)")
-    p.add_argument("--checkpoint", metavar="step-N", help="this checkpoint instead of the newest")
     return p
 
 
@@ -48,7 +47,8 @@ def check_out(out: Path) -> None:
 def export(args: argparse.Namespace, _: list[str]) -> None:
     out = Path(args.out).expanduser()
     check_out(out)
-    run = open_run(args.run_dir, ["trainer.device=cpu"], args.checkpoint, data=False)
+    run = open_run(args.run_dir, ["trainer.device=cpu"], args.checkpoint, data=False,
+                   config_dir=args.config_dir)
     messages = Messages()
     for warning in run.warnings:
         messages.warning(warning)

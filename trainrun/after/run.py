@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from trainrun import checkpoint, resume, runner
+from trainrun.after.output import Parser
 from trainrun.config import Config
 from trainrun.data import Tokenizer, for_run
 from trainrun.errors import ConfigError
@@ -40,18 +41,29 @@ class Run:
     warnings: list[str]
 
 
-def config(run_dir: Path, overrides: list[str], data: bool) -> Config:
+def arguments(p: Parser) -> None:
+    """RUN_DIR (the first positional argument), --checkpoint and --config-dir."""
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (outputs/<date>/<time>)")
+    p.add_argument("--checkpoint", metavar="step-N", help="this checkpoint instead of the newest")
+    p.add_argument("--config-dir", metavar="DIR",
+                   help="the folder the run was started with `trainrun --config-dir DIR`")
+
+
+def config(run_dir: Path, overrides: list[str], data: bool,
+           config_dir: str | None = None) -> Config:
     """The run's saved overrides, then `overrides` (a group switched drops the old option's
-    keys), composed and validated (data=False: the data source unchecked)."""
-    from trainrun.cli import compose
+    keys), composed and validated (data=False: the data source unchecked), with the options
+    of config_dir too (--config-dir)."""
+    from trainrun.cli import compose, config_folder
     from trainrun.cli.overrides import OWN, continue_run, key, one_of
 
+    folder = None if config_dir is None else config_folder(config_dir)
     try:
-        merged = continue_run(run_dir, overrides)
+        merged = continue_run(run_dir, overrides, folder)
     except ConfigError as error:  # refused by the trust boundary, named as resume's are
         raise ConfigError(ARG, error.message) from None
     (cfg,) = compose([one_of([o for o in merged if key(o) not in (*OWN, "model.init_from")])],
-                     data)
+                     data, folder)
     return cfg
 
 
@@ -99,7 +111,7 @@ def check_shape(cfg: Config, path: Path) -> int:
 
 
 def open_run(run_dir: str, overrides: list[str], checkpoint_name: str | None = None,
-             data: bool = True) -> Run:
+             data: bool = True, config_dir: str | None = None) -> Run:
     """Everything a command after training needs; every problem is one ConfigError, raised
     before the model is built."""
     path = Path(run_dir).expanduser()
@@ -107,7 +119,7 @@ def open_run(run_dir: str, overrides: list[str], checkpoint_name: str | None = N
         raise ConfigError(ARG, f"{run_dir}: no such directory; allowed: {RUN_ALLOWED}")
     if not (path / "checkpoints").is_dir():
         raise ConfigError(ARG, f"{run_dir}: no checkpoints/ in it; allowed: {RUN_ALLOWED}")
-    cfg = config(path.resolve(), overrides, data)
+    cfg = config(path.resolve(), overrides, data, config_dir)
     ckpt, warnings = find_checkpoint(path, checkpoint_name)
     step = check_shape(cfg, ckpt)
     device, precision = runner.prepare(cfg)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from trainrun.after.output import Messages, Parser, run_command
-from trainrun.after.run import open_run
+from trainrun.after.run import arguments, open_run
 from trainrun.errors import ConfigError
 from trainrun.model import GPT, KVCache
 
@@ -79,12 +79,11 @@ def parser() -> Parser:
                       f"  {PROG} RUN_DIR - --temperature 0 --max-new-tokens 50 < prompt.txt\n"
                       f"  {PROG} RUN_DIR 'import ' --top-k 40 --top-p 0.9 --num-samples 3 "
                       f"--seed 1")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (outputs/<date>/<time>)")
+    arguments(p)
     p.add_argument("prompt", metavar="PROMPT", nargs="?", default=None,
                    help="text to continue; '-' reads it from stdin (default: none, a new "
                         "document)")
     p.add_argument("--prompt-file", metavar="FILE", help="read the prompt from FILE (UTF-8)")
-    p.add_argument("--checkpoint", metavar="step-N", help="this checkpoint instead of the newest")
     p.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
                    help="tokens per sample at most (default 200)")
     p.add_argument("--temperature", type=float, default=0.8, metavar="T",
@@ -136,7 +135,8 @@ def sample(args: argparse.Namespace, overrides: list[str]) -> None:
     check(args)
     prompt = read_prompt(args)
     device = [f"trainer.device={args.device}"] if args.device else []
-    run = open_run(args.run_dir, device, args.checkpoint, data=False)
+    run = open_run(args.run_dir, device, args.checkpoint, data=False,
+                   config_dir=args.config_dir)
     messages = Messages()
     for warning in run.warnings:
         messages.warning(warning)

@@ -59,7 +59,8 @@ def explain(exc: Exception) -> ConfigError:
                                       f"{', '.join(exc.options)} ({PLUGINS})")
         if "/" in missing:
             group, option = missing.split("/", 1)
-            return ConfigError(group, f"unknown option {option!r}; allowed: {', '.join(options(group))}")
+            allowed = exc.options or options(group)  # Hydra's: --config-dir's options too
+            return ConfigError(group, f"unknown option {option!r}; allowed: {', '.join(allowed)}")
         return ConfigError("config", str(exc).splitlines()[0])
     ambiguous = re.match(r"Ambiguous value for argument '([\w.]+)=(.*)'", str(exc))
     if ambiguous:  # a comma-separated value outside -m: Hydra's sweep syntax
@@ -114,22 +115,26 @@ def is_sweep(override: str) -> bool:
         raise explain(exc) from None
 
 
-def compose(jobs: list[list[str]], data: bool = True) -> list[Config]:
+def compose(jobs: list[list[str]], data: bool = True,
+            config_dir: Path | None = None) -> list[Config]:
     """The validated Config of each job's overrides, composed as `trainrun` composes them
     (data=False: without checking the data source, see config.validate)."""
-    return [load(cfg, data) for cfg in composed(jobs)]
+    return [load(cfg, data) for cfg in composed(jobs, config_dir=config_dir)]
 
 
-def composed(jobs: list[list[str]], with_hydra: bool = False) -> list[DictConfig]:
+def composed(jobs: list[list[str]], with_hydra: bool = False,
+             config_dir: Path | None = None) -> list[DictConfig]:
     """Each job's overrides composed (types, keys and options checked, no cross-field rule);
     with_hydra: Hydra's own config too, so that hydra/launcher=..., hydra.launcher.*=... and
     hparams_search=... are checked (a launcher or sweeper that is not installed, or a key
-    it does not have)."""
+    it does not have). config_dir: the folder --config-dir adds to the search path."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
     configs = []
     with initialize_config_module(config_module=CONF, version_base=None):
+        if config_dir is not None:
+            search(config_dir)
         for overrides in jobs:
             try:
                 configs.append(hydra_compose(config_name="config", overrides=overrides,
@@ -139,35 +144,72 @@ def composed(jobs: list[list[str]], with_hydra: bool = False) -> list[DictConfig
     return configs
 
 
+def search(config_dir: Path) -> None:
+    """Make Hydra's global instance search config_dir too, where and as `--config-dir` puts
+    it: after trainrun's own configs (which it adds options to), before the schemas."""
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_automatic_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+    from hydra.core.global_hydra import GlobalHydra
+
+    path = create_automatic_config_search_path(None, f"{CONF}.app", None)
+    path.prepend(provider="command-line", path=f"file://{config_dir}",
+                 anchor=SearchPathQuery(provider="schema"))
+    GlobalHydra.instance().clear()
+    Hydra.create_main_hydra2("app", path)
+
+
+def config_dir(flags: list[str]) -> Path | None:
+    """The folder `--config-dir` (-cd) names, made absolute as Hydra makes it; ConfigError if
+    it is not a folder."""
+    given = None
+    for i, flag in enumerate(flags):
+        name, _, value = flag.partition("=")
+        if name in CONFIG_DIR:
+            given = value if value else (flags[i + 1] if i + 1 < len(flags) else None)
+    return None if given is None else config_folder(given)
+
+
+def config_folder(given: str) -> Path:
+    """A --config-dir value as an absolute path; ConfigError if it is not a folder."""
+    folder = Path(os.path.abspath(given))
+    if not folder.is_dir():
+        raise ConfigError("--config-dir", f"{given}: no such folder; allowed: a folder of "
+                                          f"config groups (model/<option>.yaml, ...)")
+    return folder
+
+
 def preflight(argv: list[str]) -> None:
     """Compose and validate the overrides of every job `trainrun argv` would run (each job
     of a basic sweep too), and Hydra's own choices (launcher, sweeper); raise ConfigError if
     any is bad, before anything is written.
 
     With --cfg (and --resolve, --package) the config is printed only if a run would take it;
-    Hydra's other flags (--info, --config-dir, ...) are left to Hydra; with another sweeper
+    --config-dir adds its folder's options; Hydra's other flags (--info, --config-path,
+    --config-name, ...) are left to Hydra; with another sweeper
     (hparams_search=optuna, hydra/sweeper=...) each job is validated as it starts.
     """
     multirun = any(a in ("-m", "--multirun") for a in argv)
     flags, argv = split_flags(argv)
-    if not printing_only(flags):
+    if not composing_only(flags):
         return
+    folder = config_dir(flags)
     overrides = task_overrides(argv)
     searches = [a for a in overrides if key(a) == "hparams_search" and not a.endswith("=null")]
     hydra_own = [a for a in argv if not a.startswith("-") and a not in overrides]
     if hydra_own or searches:
-        composed([[*hydra_own, *searches]], with_hydra=True)
+        composed([[*hydra_own, *searches]], with_hydra=True, config_dir=folder)
     if searches or any(key(a) == "hydra/sweeper" and not a.endswith("=basic") for a in argv):
         # another sweeper: its jobs are known only as it runs them, each validated as it
         # starts; the values that every job shares are composed here
-        composed([[o for o in overrides if not is_sweep(o)]])
+        composed([[o for o in overrides if not is_sweep(o)]], config_dir=folder)
         return
     jobs, swept = sweep(overrides) if multirun else ([overrides], set())
     from trainrun.runner import prepare
 
     run_dir = next((Path(override_value(a)) for a in reversed(argv)
                     if a.startswith("hydra.run.dir=")), None)
-    configs, modes = compose(jobs), []
+    configs, modes = compose(jobs, config_dir=folder), []
     for config in configs:
         device, precision = prepare(config)  # the device and precision this machine can run
         modes.append(precision.mode)
@@ -175,6 +217,9 @@ def preflight(argv: list[str]) -> None:
         if close is not None:
             print(f"trainrun: warning: {close}", file=sys.stderr)
     if multirun:
+        from trainrun.sweep import announce_swept
+
+        announce_swept(swept)
         for line in identical.announce(identical.find(jobs, configs, modes)):
             print(f"trainrun: {line}", file=sys.stderr)
     for config in configs:
@@ -200,7 +245,7 @@ def _job(cfg: DictConfig) -> float:
     from hydra.types import RunMode
 
     from trainrun import runner
-    from trainrun.sweep import JobFailed, crashed
+    from trainrun.sweep import JobFailed, crashed, tb_name
 
     hc = HydraConfig.get()
     in_sweep = hc.mode == RunMode.MULTIRUN
@@ -217,7 +262,11 @@ def _job(cfg: DictConfig) -> float:
         config = load(cfg)
         choices = {g: o for g, o in hc.runtime.choices.items()
                    if not g.startswith("hydra") and o is not None}
-        summary = runner.run(config, run_dir, OmegaConf.to_yaml(cfg), choices, record)
+        added = [s.path for s in hc.runtime.config_sources if s.provider == "command-line"]
+        searched = list(hc.sweeper.get("params") or {}) if in_sweep else []
+        launch = runner.Launch(record, Path(added[0].removeprefix("file://")) if added else None,
+                               tb_name(list(hc.overrides.task), searched) if in_sweep else None)
+        summary = runner.run(config, run_dir, OmegaConf.to_yaml(cfg), choices, launch)
     except ConfigError as error:
         if not in_sweep:
             fail(error)
@@ -280,19 +329,23 @@ def arguments(argv: list[str]) -> list[str]:
     no override after a flag's value), a resumed run's saved ones first, and one key of a
     "one of these keys" pair replacing the other."""
     flags, overrides = split_flags(argv)
-    if printing_only(flags):  # other flags (--info, --config-dir, ...): no resumable job
-        overrides = resume_argv(overrides)
+    if composing_only(flags):  # other flags (--info, --config-path, ...): no resumable job
+        overrides = resume_argv(overrides, config_dir(flags))
     return [*flags, *one_of(overrides)]
 
 
-# Hydra's flags that run or print the config trainrun composes (with --cfg's value)
+# Hydra's flags that run or print the config trainrun composes (with --cfg's value), and
+# the one that adds options to it
 PRINTING = ("-m", "--multirun", "--cfg", "-c", "--resolve", "--package", "-p", "job", "hydra",
             "all")
+CONFIG_DIR = ("--config-dir", "-cd")
 
 
-def printing_only(flags: list[str]) -> bool:
-    """No flag, or only those that run or print the composed config, with their values."""
-    return all(f in PRINTING or not f.startswith("-") and flags[i - 1] in ("--package", "-p")
+def composing_only(flags: list[str]) -> bool:
+    """No flag, or only those that run or print the composed config or add a config folder,
+    with their values."""
+    return all(f in PRINTING or f.partition("=")[0] in CONFIG_DIR
+               or not f.startswith("-") and flags[i - 1] in ("--package", "-p", *CONFIG_DIR)
                for i, f in enumerate(flags))
 
 

@@ -22,10 +22,12 @@ SECTIONS = tuple(f.name for f in dataclasses.fields(Config))  # model, data, ...
 OWN = ("resume", "hydra.run.dir")  # what trainrun itself adds when it continues a run
 
 
-def options(group: str) -> list[str]:
-    """The options of a config group, as conf/<group>/*.yaml names them."""
-    folder = resources.files(CONF) / group
-    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+def options(group: str, config_dir: Path | None = None) -> list[str]:
+    """The options of a config group, as conf/<group>/*.yaml names them, and the folder
+    --config-dir adds (config_dir/<group>/*.yaml)."""
+    folders = [resources.files(CONF) / group, *([config_dir / group] if config_dir else [])]
+    return sorted({p.name[: -len(".yaml")] for folder in folders if folder.is_dir()
+                   for p in folder.iterdir() if p.name.endswith(".yaml")})
 
 
 def groups() -> list[str]:
@@ -79,9 +81,10 @@ def one_of(overrides: list[str]) -> list[str]:
     return [*overrides, *nulls]
 
 
-def saved(run_dir: Path) -> list[str]:
+def saved(run_dir: Path, config_dir: Path | None = None) -> list[str]:
     """The overrides a run directory recorded, each checked to be one of trainrun's own task
-    keys with a plain value; raise ConfigError naming the file and the entry otherwise."""
+    keys with a plain value (a group's option one of trainrun's or config_dir's); raise
+    ConfigError naming the file and the entry otherwise."""
     import yaml
 
     path = run_dir / ".hydra" / "overrides.yaml"
@@ -101,7 +104,9 @@ def saved(run_dir: Path) -> list[str]:
     # is not part of the run: dropped, never used
     entries = [e for e in entries if not (isinstance(e, str) and key(e) == "hparams_search")]
     for entry in entries:
-        problem = _refusal(entry)
+        problem = _refusal(entry, config_dir)
+        if problem is not None and problem.endswith(OPTION):
+            raise ConfigError("resume", f"{path}: entry {entry!r}: {problem}{_hint(run_dir)}")
         if problem is not None:
             raise ConfigError("resume", f"{path}: entry {entry!r} refused: {problem}; a run "
                                         f"directory may hold only trainrun's own keys with plain "
@@ -109,7 +114,34 @@ def saved(run_dir: Path) -> list[str]:
     return entries
 
 
-def _refusal(entry: object) -> str | None:
+OPTION = "is not an option of trainrun's configs or of --config-dir's"
+
+
+def recorded_config_dir(run_dir: Path) -> str | None:
+    """The folder the run was started with `--config-dir`, as its .hydra/hydra.yaml records
+    it (read to name it in a message only: a run directory never chooses a config folder)."""
+    import yaml
+
+    try:
+        hydra = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text(encoding="utf-8"))
+        sources = hydra["hydra"]["runtime"]["config_sources"]
+        return next((s["path"].removeprefix("file://") for s in sources
+                     if s.get("provider") == "command-line"), None)
+    except (OSError, ValueError, yaml.YAMLError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _hint(run_dir: Path) -> str:
+    from trainrun.resume import command
+
+    folder = recorded_config_dir(run_dir)
+    if folder is None:
+        return "; allowed: the options of trainrun's configs (nothing was run or written)"
+    return (f"; the run was started with --config-dir {folder}: allowed: the same "
+            f"--config-dir, as in `{command(run_dir, folder)}` (nothing was run or written)")
+
+
+def _refusal(entry: object, config_dir: Path | None = None) -> str | None:
     """Why a recorded override may not be used, or None if it may."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import OverrideType
@@ -129,19 +161,19 @@ def _refusal(entry: object) -> str | None:
         return f"not one of trainrun's keys ({', '.join(SECTIONS)}, and the keys under them)"
     if override.is_sweep_override():
         return "a sweep, not one value"
-    if name in groups() and override.value() not in options(name):
-        return f"{override.value()!r} is not an option of {name}"
+    if name in groups() and override.value() not in options(name, config_dir):
+        return f"{override.value()!r} of {name} {OPTION}"
     return None
 
 
-def continue_run(run_dir: Path, argv: list[str]) -> list[str]:
+def continue_run(run_dir: Path, argv: list[str], config_dir: Path | None = None) -> list[str]:
     """The overrides that continue run_dir: its saved ones, then the new ones (the last value
-    of a key wins), then the run directory itself.
+    of a key wins), then the run directory itself (config_dir: the --config-dir given now).
 
     A group switched to another option drops the saved keys of the old option; a key named
     anew drops the saved keys on the other side of its pair (warmup_steps replaces a saved
     warmup_ratio)."""
-    old = [o for o in saved(run_dir) if key(o) not in OWN]
+    old = [o for o in saved(run_dir, config_dir) if key(o) not in OWN]
     new = [a for a in argv if key(a) not in OWN]
     for group in groups():
         if any(key(a) == group for a in new) and chosen(group, new) != chosen(group, old):

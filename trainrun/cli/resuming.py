@@ -21,8 +21,9 @@ def finished_loss(run_dir: Path) -> float:
     return float("inf") if best is None else float(best)
 
 
-def resume_argv(argv: list[str]) -> list[str]:
-    """`resume=<run dir>` continues that run: its saved overrides, then these."""
+def resume_argv(argv: list[str], config_dir: Path | None = None) -> list[str]:
+    """`resume=<run dir>` continues that run: its saved overrides, then these (config_dir:
+    the folder --config-dir adds options from)."""
     given = [a for a in argv if key(a) == "resume"]
     if not given:
         return argv
@@ -43,4 +44,4 @@ def resume_argv(argv: list[str]) -> list[str]:
     if not (run_dir / "checkpoints").is_dir():
         raise ConfigError("resume", f"{value}: no checkpoints/ in that directory; allowed: "
                                     f"a run directory with a checkpoint, auto, or null")
-    return continue_run(run_dir, argv)
+    return continue_run(run_dir, argv, config_dir)
