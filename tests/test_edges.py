@@ -13,6 +13,7 @@ import torch
 from conftest import cli, config
 
 from trainrun import memory
+from trainrun.cli import options
 from trainrun.config import GROUPS, validate
 from trainrun.data.tokenizers import ByteTokenizer
 from trainrun.errors import ConfigError
@@ -125,6 +126,13 @@ def test_the_parameter_count_from_the_config_is_the_models(shape):
 ])
 def test_optimizer_state_per_parameter(overrides, values):
     assert memory.state_per_parameter(config(*overrides)) == values
+
+
+@pytest.mark.parametrize("overrides", [[f"optimizer={o}", "scheduler=constant"]
+                                       for o in options("optimizer")] + [
+    ["optimizer=rmsprop", "optimizer.momentum=0.9", "optimizer.centered=true"]])
+def test_no_optimizer_keeps_as_much_state_as_the_memory_checks_bound(overrides):
+    assert memory.state_per_parameter(config(*overrides)) < memory.MOST_STATE
 
 
 def test_a_model_that_cannot_fit_is_refused_with_both_figures():

@@ -18,6 +18,7 @@ from trainrun.errors import ConfigError
 from trainrun.model import GPT, ModelConfig
 
 WARN_AT = 0.8  # of the device's memory
+MOST_STATE = 4  # values per parameter, more than any optimizer option keeps (tests check)
 
 
 def state_per_parameter(cfg: Config) -> float:
@@ -62,10 +63,12 @@ def check(cfg: Config, device: torch.device, processes: int = 1) -> str | None:
     # the tokenizer's ids as its config tells before it is built: bpe's vocab_size, else
     # the byte tokenizer's (a floor for an hf tokenizer, read only when the data is built)
     params = cfg.model.num_params(getattr(cfg.tokenizer, "vocab_size", ByteTokenizer.vocab_size))
-    per_param = 4 * (2 + state_per_parameter(cfg))  # fp32 weights, grads, optimizer state
     sharded = processes if cfg.trainer.strategy == "fsdp" else 1
-    need = params * per_param / sharded
     have, what = available(device)
+    if params * 4 * (2 + MOST_STATE) / sharded <= WARN_AT * have:
+        return None  # fits whatever the optimizer keeps: its state is not measured (a second)
+    per_param = 4 * (2 + state_per_parameter(cfg))  # fp32 weights, grads, optimizer state
+    need = params * per_param / sharded
     figures = (f"{params:,} parameters x {per_param:g} bytes (weights, gradients, optimizer "
                f"state) need {gib(need)}")
     if need > have:
