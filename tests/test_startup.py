@@ -47,6 +47,22 @@ def test_a_stop_signal_before_the_first_update_ends_in_one_line(tmp_path, corpus
     assert not run_dir.exists()  # nothing of the run was written
 
 
+def test_a_signal_the_moment_hydra_makes_the_run_directory_leaves_none(tmp_path, corpus):
+    """Hydra makes the run directory, then trainrun builds the run: a stop in between too
+    leaves nothing behind (the directory is looked for every half millisecond)."""
+    run_dir = tmp_path / "run"
+    proc = trainrun_process(tiny(corpus, "trainer.max_steps=100000", f"hydra.run.dir={run_dir}"),
+                            tmp_path)
+    deadline = time.monotonic() + 60
+    while not run_dir.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.0005)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err == "trainrun: SIGINT: stopped before the first update\n" and "step 1/" not in out
+    assert not run_dir.exists()
+
+
 def test_a_signal_during_start_up_leaves_a_resumed_run_as_it_was(tmp_path, finished_run):
     import shutil
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from collections.abc import Callable
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
@@ -35,14 +36,29 @@ class StartupStop(BaseException):
         return f"{name(self.signum)}: stopped {when}"
 
 
-_startup: dict = {"received": None, "training": None}
+_startup: dict = {"received": None, "training": None, "run_dir": None}
 
 
 def _during_startup(signum, frame) -> None:
     if _startup["received"] is not None:
         os._exit(128 + signum)  # the second signal: at once
     _startup["received"] = signum
+    _startup["run_dir"] = _hydra_output_dir()
     raise StartupStop(signum)
+
+
+def _hydra_output_dir() -> str | None:
+    """The directory of the job Hydra is starting, if it is starting one (Hydra makes it
+    before the run is built, and forgets it once the job has ended)."""
+    hydra_config = sys.modules.get("hydra.core.hydra_config")
+    if hydra_config is None or not hydra_config.HydraConfig.initialized():
+        return None
+    return hydra_config.HydraConfig.get().runtime.output_dir
+
+
+def startup_run_dir() -> str | None:
+    """The run directory Hydra had made or was making when a start-up signal came."""
+    return _startup["run_dir"]
 
 
 def catch_startup() -> None:

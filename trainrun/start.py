@@ -39,8 +39,22 @@ def main() -> None:
 
         cli_main()
     except signals.StartupStop as stop:
+        remove_empty_run_dir()
         print(f"trainrun: {stop}", file=sys.stderr)
         sys.exit(128 + stop.signum)
+
+
+def remove_empty_run_dir() -> None:
+    """Hydra makes the run directory before the run is built (which removes it on a refusal
+    or a stop): a stop that comes in between leaves it empty, and it is removed here."""
+    from trainrun import signals
+
+    if signals.startup_run_dir() is not None:
+        from pathlib import Path
+
+        from trainrun.runner import remove_if_empty
+
+        remove_if_empty(Path(signals.startup_run_dir()))
 
 
 if __name__ == "__main__":
