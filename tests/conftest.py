@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -28,6 +29,12 @@ REPO = Path(__file__).resolve().parents[1]
 # many-fold. The default-run test gives its process every core again.
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
+
+# The tests send SIGINT to the processes they start. A background job of a shell script
+# (`pytest ... &`) starts with SIGINT ignored, which its children would inherit, and
+# trainrun keeps an ignored SIGINT ignored (README "Long jobs"): give them the default.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # A model and run small enough for a test to train in a second or two on a CPU.
 TINY = [
