@@ -135,6 +135,22 @@ def test_sigterm_to_slurm_tasks_exits_143_after_one_update(docs, tmp_path):
     assert "torchrun --nproc_per_node=2 -m trainrun" in outs[0][0]
 
 
+def test_a_signal_to_one_rank_stops_all_with_that_signal(docs, tmp_path):
+    """SIGUSR1 to rank 1 alone: rank 0 learns it with the update's loss, and every rank
+    stops after the same update, reports SIGUSR1 and exits 128 + 10."""
+    run = tmp_path / "slurm"
+    tasks = slurm_tasks([*overrides(docs, 4), "trainer.max_steps=400", f"hydra.run.dir={run}"],
+                        tmp_path)
+    log = run / "train.log"
+    wait_for(lambda: log.exists() and "step 20/" in log.read_text())
+    tasks[1].send_signal(signal.SIGUSR1)
+    outs = [task.communicate(timeout=120) for task in tasks]
+    assert [t.returncode for t in tasks] == [138, 138], outs
+    steps = json.loads((run / "metrics.json").read_text())["steps"]
+    assert f"SIGUSR1: stopped after update {steps}" in log.read_text()
+    assert "SIGTERM" not in log.read_text()
+
+
 def test_slurm_variables_become_torchruns():
     env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
            "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "123456",

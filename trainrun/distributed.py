@@ -23,6 +23,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from trainrun.signals import STOP_SIGNALS
+
 STRATEGIES = ("ddp", "fsdp")
 
 
@@ -162,14 +164,18 @@ class Replicas:
             dist.all_reduce(value)
         return value
 
-    def agree(self, loss: torch.Tensor, stop: bool) -> tuple[torch.Tensor, torch.Tensor | bool]:
-        """The update's loss summed over ranks, and whether any rank was asked to stop, in
-        one all-reduce: every rank then decides to skip or stop identically."""
+    def agree(self, loss: torch.Tensor, stop: int) -> tuple[torch.Tensor, int]:
+        """The update's loss summed over ranks, and the stop signal some rank was asked to
+        stop by (`stop`: this rank's, 0 for none; a count per signal travels with the loss),
+        in one all-reduce: every rank then decides to skip or stop identically, and all
+        report and exit with the signal that was really sent."""
         if self.world.size == 1:
             return loss, stop
-        both = torch.stack([loss, torch.tensor(float(stop), device=loss.device)])
+        asked = torch.tensor([float(stop == s) for s in STOP_SIGNALS], device=loss.device)
+        both = torch.cat([loss.reshape(1), asked])
         dist.all_reduce(both)
-        return both[0], both[1] > 0
+        counts = both[1:].tolist()  # the update's one read of the device
+        return both[0], next((s for s, n in zip(STOP_SIGNALS, counts, strict=True) if n), 0)
 
 
     # FSDP's checkpoints (trainrun.checkpoint): torch.distributed.checkpoint writes each

@@ -3,7 +3,6 @@ on their cadences, until the run completes, fails or is asked to stop."""
 
 from __future__ import annotations
 
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -66,7 +65,7 @@ def train(t: Trainer, out: Outputs, signals: Signals) -> str:
     while c.k < cfg.max_steps:
         k = c.k + 1
         lr = t.schedule.apply(t.optimizer, k)
-        result, n_targets = one_update(t, stop=signals.requested is not None)
+        result, n_targets = one_update(t, stop=signals.requested or 0)
         if result.stepped:
             c.k, c.tokens, c.skipped_in_a_row = k, c.tokens + n_targets, 0
             recorded = out.metrics.update(k, lr, result, n_targets, t.precision.loss_scale(),
@@ -84,16 +83,17 @@ def train(t: Trainer, out: Outputs, signals: Signals) -> str:
             save(t, out)  # the last good state: a skipped update changed nothing
             return "failed"
         if result.stop and c.k < cfg.max_steps:  # asked of this rank or another
-            signals.requested = signals.requested or signal.SIGTERM  # torchrun sends SIGTERM
+            signals.requested = signals.requested or result.stop
             save(t, out)
             out.console.warning(f"{name(signals.requested)}: stopped after update {c.k}")
             return "stopped"
     return "completed"
 
 
-def one_update(t: Trainer, stop: bool = False) -> tuple[UpdateResult, int]:
+def one_update(t: Trainer, stop: int = 0) -> tuple[UpdateResult, int]:
     """Train on the next window of the data order (this rank's share of it); return the
-    result and the window's target count. `stop`: this rank was asked to stop."""
+    result and the window's target count. `stop`: the signal this rank was asked to stop
+    by (0: none)."""
     w = t.world
     indices = t.order.next_window(t.batch_size * t.cfg.grad_accum_steps * w.size)
     batches = [t.train.batch(ix) for ix in micro_batches(indices, t.batch_size, w.rank, w.size)]

@@ -33,7 +33,7 @@ class UpdateResult:
     grad_norm: torch.Tensor  # pre-clip global L2 norm of the gradients
     clip_coef: torch.Tensor  # the coefficient the clipper applied
     stepped: bool  # False: skipped for non-finite gradients, nothing was changed
-    stop: bool = False  # some rank was asked to stop (a signal): all stop after this update
+    stop: int = 0  # the signal some rank was asked to stop by (0: none): all stop after it
 
 
 def loss_sum(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -45,9 +45,10 @@ def loss_sum(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.
 
 def train_update(replicas: Replicas, batches: list[tuple[torch.Tensor, torch.Tensor]],
                  n_targets: int, optimizer: torch.optim.Optimizer, clipper: Clipper,
-                 precision: Precision, device: torch.device, stop: bool = False) -> UpdateResult:
+                 precision: Precision, device: torch.device, stop: int = 0) -> UpdateResult:
     """Apply one update from this rank's `batches` (CPU tensors), normalized by the
-    `n_targets` tokens of the whole window (all ranks); `stop`: this rank was asked to stop."""
+    `n_targets` tokens of the whole window (all ranks); `stop`: the signal this rank was
+    asked to stop by (0: none)."""
     total = torch.zeros((), device=device)
     for i, (x, y) in enumerate(batches):
         if device.type == "cuda":  # from pinned memory the copy runs beside the compute
@@ -67,4 +68,4 @@ def train_update(replicas: Replicas, batches: list[tuple[torch.Tensor, torch.Ten
     grad_norm, clip_coef = full_tensor(grad_norm), full_tensor(clip_coef)
     stepped = precision.step(optimizer, torch.isfinite(total) & torch.isfinite(grad_norm))
     optimizer.zero_grad(set_to_none=True)
-    return UpdateResult(total, grad_norm, clip_coef, stepped, bool(stop))
+    return UpdateResult(total, grad_norm, clip_coef, stepped, stop)
