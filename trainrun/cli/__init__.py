@@ -24,8 +24,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from trainrun import distributed, identical, memory
-from trainrun.cli.overrides import CONF, key, one_of, options
+from trainrun import distributed, identical, launch, memory
+from trainrun.cli.overrides import CONF, added_config_dir, key, one_of, options
 from trainrun.cli.resuming import finished_loss, resume_argv
 from trainrun.config import Config, register_schemas, to_config, validate
 from trainrun.errors import ConfigError
@@ -162,12 +162,9 @@ def search(config_dir: Path) -> None:
 def config_dir(flags: list[str]) -> Path | None:
     """The folder `--config-dir` (-cd) names, made absolute as Hydra makes it; ConfigError if
     it is not a folder."""
-    given = None
-    for i, flag in enumerate(flags):
-        name, _, value = flag.partition("=")
-        if name in CONFIG_DIR:
-            given = value if value else (flags[i + 1] if i + 1 < len(flags) else None)
-    return None if given is None else config_folder(given)
+    words = launch.config_dir(flags)  # [--config-dir=DIR] or [--config-dir, DIR]
+    value = words[1] if len(words) == 2 else "".join(words).partition("=")[2]
+    return config_folder(value) if value else None
 
 
 def config_folder(given: str) -> Path:
@@ -262,11 +259,11 @@ def _job(cfg: DictConfig) -> float:
         config = load(cfg)
         choices = {g: o for g, o in hc.runtime.choices.items()
                    if not g.startswith("hydra") and o is not None}
-        added = [s.path for s in hc.runtime.config_sources if s.provider == "command-line"]
+        added = added_config_dir(hc.runtime.config_sources)
         searched = list(hc.sweeper.get("params") or {}) if in_sweep else []
-        launch = runner.Launch(record, Path(added[0].removeprefix("file://")) if added else None,
-                               tb_name(list(hc.overrides.task), searched) if in_sweep else None)
-        summary = runner.run(config, run_dir, OmegaConf.to_yaml(cfg), choices, launch)
+        job = runner.Launch(record, None if added is None else Path(added),
+                            tb_name(list(hc.overrides.task), searched) if in_sweep else None)
+        summary = runner.run(config, run_dir, OmegaConf.to_yaml(cfg), choices, job)
     except ConfigError as error:
         if not in_sweep:
             fail(error)

@@ -124,11 +124,16 @@ def recorded_config_dir(run_dir: Path) -> str | None:
 
     try:
         hydra = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text(encoding="utf-8"))
-        sources = hydra["hydra"]["runtime"]["config_sources"]
-        return next((s["path"].removeprefix("file://") for s in sources
-                     if s.get("provider") == "command-line"), None)
+        return added_config_dir(hydra["hydra"]["runtime"]["config_sources"])
     except (OSError, ValueError, yaml.YAMLError, KeyError, TypeError, AttributeError):
         return None
+
+
+def added_config_dir(sources) -> str | None:
+    """The folder `--config-dir` added, among Hydra's config sources (its
+    hydra.runtime.config_sources: dicts of path, schema and provider)."""
+    return next((s["path"].removeprefix("file://") for s in sources
+                 if s.get("provider") == "command-line"), None)
 
 
 def _hint(run_dir: Path) -> str:
