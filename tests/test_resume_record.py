@@ -84,7 +84,8 @@ def test_a_stopped_and_resumed_run_reports_the_whole_run_and_writes_hparams_once
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: (run / "train.log").exists() and "step 20/" in (run / "train.log").read_text())
     proc.send_signal(signal.SIGTERM)
-    assert proc.communicate(timeout=120) and proc.returncode == 143
+    proc.communicate(timeout=120)
+    assert proc.returncode == 143
     first = json.loads((run / "metrics.json").read_text())
     assert first["status"] == "stopped" and hparams_entries(run) == 0
     resumed = cli(f"resume={run}", cwd=tmp_path)

@@ -182,8 +182,9 @@ class GPT(nn.Module):
         if not self.padded:
             return logits
         # the lowest finite value rather than -inf: no softmax gives it any probability
-        # (exp underflows to 0), and differences of logits stay finite
-        return logits.masked_fill(self.padding, torch.finfo(logits.dtype).min)
+        # (exp underflows to 0), and differences of logits stay finite; in place, as the
+        # head's backward needs its inputs, not its output: no second (B, T, V) tensor
+        return logits.masked_fill_(self.padding, torch.finfo(logits.dtype).min)
 
     def num_params(self) -> int:
         """Parameters counted once (the tied head is the token embedding), the embedding's

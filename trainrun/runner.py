@@ -136,7 +136,7 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
             with Signals(on_hangup=console.detach_terminal) as stops:
                 status = fit(trainer, outputs, stops)
         finally:
-            summary = metrics.finish(summarize(trainer, metrics, status), hparams(cfg, choices))
+            summary = metrics.finish(summarize(trainer, status), hparams(cfg, choices))
         return finish(summary, run_dir, console, stops, outputs.failure, world,
                       launch.config_dir)
     finally:
@@ -189,7 +189,7 @@ def start(run_dir: Path, console: Console, record: dict[str, str],
         console.warning(warning)
 
 
-def summarize(t: Trainer, metrics: Metrics, status: str) -> dict:
+def summarize(t: Trainer, status: str) -> dict:
     c = t.counters
     return {"status": status, "steps": c.k, "tokens": c.tokens, "train_loss": c.train_loss,
             "val_loss": c.val_loss, "best_val_loss": c.best_val_loss,

@@ -273,11 +273,12 @@ def _job(cfg: DictConfig) -> float:
         print(f"trainrun: {done}", file=sys.stderr)
         return finished_loss(run_dir)
     except runner.RunStopped as stop:
-        if in_sweep and stop.code != 1:  # a signal stops the whole sweep
+        if not in_sweep:
+            raise
+        if stop.code != 1:  # a signal stops the whole sweep
             print(f"trainrun: the sweep stopped at job {hc.job.num}; to continue all of it "
                   f"(finished jobs are skipped, stopped ones resumed):\n"
                   f"{sweep_command(sys.argv[1:], Path(hc.sweep.dir))}", file=sys.stderr)
-        if not in_sweep or stop.code != 1:
             raise
         return JobFailed(stop.reason)
     except Exception as exc:

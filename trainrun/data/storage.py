@@ -131,7 +131,3 @@ def open_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     tokens = (np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size
               else np.zeros(0, dtype))
     return tokens, np.load(folder / f"{split}.offsets.npy", mmap_mode="r")
-
-
-def size(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir())
