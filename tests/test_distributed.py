@@ -17,7 +17,7 @@ import pytest
 from conftest import assert_identical, cli, final_weights, make_corpus, scalars, tiny, wait_for
 from test_accumulation import max_relative_difference
 
-from trainrun.distributed import first_host, slurm_environment
+from trainrun.distributed import first_host, launch_size, slurm_environment
 
 pytestmark = pytest.mark.slow
 N = 10  # updates: 10 windows of 8 sequences cross the end of the ~57-sequence epoch
@@ -161,6 +161,9 @@ def test_slurm_variables_become_torchruns():
     no_step = {k: v for k, v in env.items() if k != "SLURM_STEP_ID"}
     assert slurm_environment(no_step) == {}  # a shell inside an allocation is one process
     assert first_host("node1") == "node1" and first_host("a[1-3]") == "a1"
+    # before the group is made: the memory check and the sweep refusal count srun's tasks
+    assert launch_size(env) == 8 and launch_size({"WORLD_SIZE": "2", **env}) == 2
+    assert launch_size(no_step) == 1 and launch_size({}) == 1
 
 
 def test_sigterm_stops_every_rank_after_the_same_update_and_resumes(docs, tmp_path):

@@ -58,6 +58,13 @@ def slurm_environment(env: dict[str, str]) -> dict[str, str]:
     }
 
 
+def launch_size(env: dict[str, str] | None = None) -> int:
+    """How many processes this launch has (torchrun's WORLD_SIZE, or the tasks of an srun
+    step), known before the process group is made."""
+    env = dict(os.environ if env is None else env)
+    return int(env.get("WORLD_SIZE") or slurm_environment(env).get("WORLD_SIZE", "1"))
+
+
 def first_host(nodelist: str) -> str:
     """The first host of a SLURM node list: "gpu[03-05,07],cpu1" -> "gpu03"."""
     match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())

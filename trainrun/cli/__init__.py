@@ -210,7 +210,7 @@ def preflight(argv: list[str]) -> None:
     for config in configs:
         device, precision = prepare(config)  # the device and precision this machine can run
         modes.append(precision.mode)
-        close = memory.check(config, device, int(os.environ.get("WORLD_SIZE", "1")))
+        close = memory.check(config, device, distributed.launch_size())
         if close is not None:
             print(f"trainrun: warning: {close}", file=sys.stderr)
     if multirun:
@@ -370,7 +370,7 @@ def one_run_dir(argv: list[str]) -> list[str]:
     rank 0's run directory: Hydra's default names it by the time, which differs between
     processes by a second now and then. A sweep's jobs join theirs when they run."""
     if any(a in ("-m", "--multirun") for a in argv):
-        size = int(os.environ.get("WORLD_SIZE", "1"))
+        size = distributed.launch_size()
         if size > 1:
             raise ConfigError("--multirun", f"a sweep cannot run inside a distributed launch "
                                             f"({size} processes); allowed: a sweep whose jobs "
