@@ -63,6 +63,24 @@ def test_a_signal_the_moment_hydra_makes_the_run_directory_leaves_none(tmp_path,
     assert not run_dir.exists()
 
 
+def test_a_signal_after_hydra_composed_but_before_it_names_the_directory():
+    """Between composing the config and naming the job's directory, Hydra's output_dir is
+    still missing ('???'): the start-up handler must still raise only StartupStop."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from trainrun import signals
+    from trainrun.cli import composed
+
+    HydraConfig.instance().set_config(composed([[]], with_hydra=True)[0])
+    try:
+        with pytest.raises(signals.StartupStop):
+            signals._during_startup(signal.SIGTERM, None)
+        assert signals.startup_run_dir() is None
+    finally:
+        HydraConfig.instance().cfg = None
+        signals._startup.update(received=None, run_dir=None)
+
+
 def test_a_signal_during_start_up_leaves_a_resumed_run_as_it_was(tmp_path, finished_run):
     import shutil
 

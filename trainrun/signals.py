@@ -53,7 +53,10 @@ def _hydra_output_dir() -> str | None:
     hydra_config = sys.modules.get("hydra.core.hydra_config")
     if hydra_config is None or not hydra_config.HydraConfig.initialized():
         return None
-    return hydra_config.HydraConfig.get().runtime.output_dir
+    try:  # a signal handler raises nothing but StartupStop
+        return hydra_config.HydraConfig.get().runtime.output_dir
+    except Exception:  # composed, but not yet given a directory ('???'): none made yet
+        return None
 
 
 def startup_run_dir() -> str | None:
