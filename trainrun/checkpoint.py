@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_file, save_model
 
+from trainrun import rundir
 from trainrun.errors import out_of_space
 
 MODEL_FILE, STATE_FILE, META_FILE, LATEST = "model.safetensors", "trainer_state.pt", "meta.json", "latest"
@@ -85,26 +86,21 @@ def save(root: Path, k: int, model: torch.nn.Module | dict[str, torch.Tensor], s
     the new checkpoint."""
     final = root / step_name(k)
     tmp = tmp or root / f".tmp-{step_name(k)}-{os.getpid()}"
-    latest_tmp = root / f".{LATEST}.tmp"
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        rundir.folder(root, within=root.parent)
         clean(root, keep=tmp)
         _write(tmp, k, model, state, meta)
         _put_in_place(tmp, final)
         _fsync(root)
-        with open(latest_tmp, "w") as f:
-            f.write(final.name + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        # by rename: the save is complete once `latest` names it
+        rundir.write(root / LATEST, final.name + "\n", within=root.parent, sync=True)
     except Exception as error:
         full = out_of_space(error)
         if full is None:
             raise
         shutil.rmtree(tmp, ignore_errors=True)  # frees the space, and so does:
         shutil.rmtree(final, ignore_errors=True)  # renamed, but `latest` does not name it yet
-        latest_tmp.unlink(missing_ok=True)
         raise _no_space(full, k, root, model, state) from None
-    os.replace(latest_tmp, root / LATEST)  # the save is complete from here on
     _fsync(root)
     _prune(root, keep_last)
     return final
@@ -121,9 +117,9 @@ def save_sharded(root: Path, k: int, replicas, optimizer: torch.optim.Optimizer,
 
     tmp = root / f".tmp-{step_name(k)}-sharded"  # one name on every rank
     if main:
-        root.mkdir(parents=True, exist_ok=True)
+        rundir.folder(root, within=root.parent)
         clean(root)
-        tmp.mkdir()
+        tmp.mkdir()  # new: it holds no link
     distributed.barrier()
     dcp.save(replicas.sharded_state(optimizer), checkpoint_id=str(tmp / SHARDS))
     weights = replicas.full_weights()
@@ -133,9 +129,13 @@ def save_sharded(root: Path, k: int, replicas, optimizer: torch.optim.Optimizer,
 
 
 def clean(root: Path, keep: Path | None = None) -> None:
-    """Remove what a process killed while saving left behind."""
+    """Remove what a process killed while saving left behind (a link: the link alone)."""
     for leftover in [*root.glob(".tmp-*"), *root.glob(".old-*")]:
-        if leftover != keep:
+        if leftover == keep:
+            continue
+        if leftover.is_symlink() or not leftover.is_dir():
+            leftover.unlink(missing_ok=True)
+        else:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
@@ -148,8 +148,9 @@ def files(path: Path) -> list[str]:
 
 
 def _write(tmp: Path, k: int, model: torch.nn.Module | dict, state: dict, meta: dict) -> None:
-    """The checkpoint's files in the directory tmp, fsynced."""
-    tmp.mkdir(exist_ok=True)
+    """The checkpoint's files in the directory tmp (new, or made by save_sharded), fsynced."""
+    if not tmp.is_dir() or tmp.is_symlink():
+        tmp.mkdir()
     _save_weights(model, tmp / MODEL_FILE)
     # fault injection for disk-full tests: the disk fills up while the state is written
     if os.environ.get("TRAINRUN_SAVE_FAIL_ENOSPC_AT") == str(k):

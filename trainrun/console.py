@@ -16,6 +16,7 @@ import sys
 from logging.handlers import MemoryHandler
 from pathlib import Path
 
+from trainrun import rundir
 from trainrun.errors import out_of_space
 
 RECORD = {"record": True}  # `extra` of a per-log_every record: the bar shows it on a terminal
@@ -27,8 +28,16 @@ class _NotRecords(logging.Filter):
 
 
 class _LogFile(logging.FileHandler):
-    """train.log. On a full disk a line that cannot be written is dropped without logging's
-    traceback on stderr: the run reports the full disk itself, in one line."""
+    """train.log, opened without following a link (trainrun.rundir.append). On a full disk
+    a line that cannot be written is dropped without logging's traceback on stderr: the run
+    reports the full disk itself, in one line."""
+
+    def __init__(self, path: Path, within: Path):
+        self.within = within
+        super().__init__(path, encoding="utf-8")
+
+    def _open(self):
+        return rundir.append(Path(self.baseFilename), self.within)
 
     def handleError(self, record: logging.LogRecord) -> None:
         if out_of_space(sys.exc_info()[1]) is None:
@@ -68,12 +77,14 @@ class Console:
             self.term_handler.setFormatter(logging.Formatter("%(message)s"))
         self.log.addHandler(self.term_handler)
 
-    def open_log(self, log_path: Path) -> None:
-        """Start writing train.log (appending), beginning with the lines held so far."""
+    def open_log(self, log_path: Path, within: Path | None = None) -> None:
+        """Start writing train.log (appending), beginning with the lines held so far;
+        `within`: the run directory (default: the log's folder), below which no link is
+        followed."""
         if self.silent:
             return
         held = self.file_handler
-        self.file_handler = _LogFile(log_path, encoding="utf-8")
+        self.file_handler = _LogFile(log_path, within or log_path.parent)
         self.file_handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         held.setTarget(self.file_handler)

@@ -65,6 +65,13 @@ def launch_size(env: dict[str, str] | None = None) -> int:
     return int(env.get("WORLD_SIZE") or slurm_environment(env).get("WORLD_SIZE", "1"))
 
 
+def launch_rank(env: dict[str, str] | None = None) -> int:
+    """This process's rank in its launch (torchrun's RANK, or srun's task), known before
+    the process group is made; 0 for a single process."""
+    env = dict(os.environ if env is None else env)
+    return int(env.get("RANK") or slurm_environment(env).get("RANK", "0"))
+
+
 def first_host(nodelist: str) -> str:
     """The first host of a SLURM node list: "gpu[03-05,07],cpu1" -> "gpu03"."""
     match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())

@@ -2,10 +2,13 @@
 session, and print where it runs and how to follow, stop and resume it, unwrapped and
 quoted for the shell, ready to copy.
 
-The run directory is the one trainrun really uses: the run given to `resume=<dir>`, an
-explicit `hydra.run.dir=` (or `hydra.sweep.dir=` under -m), or else one fixed here by the
-time and passed to trainrun, as Hydra would have named it. The console output goes to
-console.out there (appended: a resumed run keeps what it printed before)."""
+The arguments are validated first, in the foreground: what trainrun would refuse is
+refused here, in one line with exit status 2, and nothing is started. The run directory is
+the one trainrun really uses: the run given to `resume=<dir>`, an explicit `hydra.run.dir=`
+(or `hydra.sweep.dir=` under -m), or else a new one made here, named by the time as Hydra
+would name it (with -1, -2, ... when another run took that second), and passed to trainrun.
+The console output goes to console.out there (appended: a resumed run keeps what it
+printed before; never through a link)."""
 
 from __future__ import annotations
 
@@ -25,21 +28,59 @@ def value(args: list[str], key: str) -> str | None:
 
 
 def run_directory(args: list[str]) -> tuple[Path, list[str], bool]:
-    """The directory trainrun will use, the arguments that make it so, and whether it is
-    a sweep's."""
+    """The directory trainrun will use (made if it is a new one), the arguments that make
+    it so, and whether it is a sweep's."""
+    from trainrun import rundir
+
     sweep = any(a in ("-m", "--multirun") for a in args)
-    stamp = datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
     if sweep:
         given = value(args, "hydra.sweep.dir")
-        return (Path(given), args, True) if given else \
-            (Path("multirun", stamp), [*args, f"hydra.sweep.dir=multirun/{stamp}"], True)
+        if given:
+            return Path(given), args, True
+        made = rundir.fresh(Path("multirun"), claimed=False)
+        return made, [*args, f"hydra.sweep.dir={made}"], True
     resume = value(args, "resume")
     if resume not in (None, "auto", "null"):
         return Path(resume), args, False
     given = value(args, "hydra.run.dir")
     if given:
         return Path(given), args, False
-    return Path("outputs", stamp), [*args, f"hydra.run.dir=outputs/{stamp}"], False
+    made = rundir.fresh(Path("outputs"), claimed=False)
+    return made, [*args, f"hydra.run.dir={made}"], False
+
+
+def validate(prog: str, args: list[str]) -> None:
+    """Refuse here, in the foreground, what trainrun would refuse (one line, exit status 2;
+    a finished run: its line, exit status 0), and a run directory another process writes
+    or that holds a link where trainrun writes; `--help` prints the usage."""
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE.format(prog=prog))
+        sys.exit(0)
+    from trainrun import cli, rundir
+    from trainrun.errors import ConfigError
+    from trainrun.resume import AlreadyComplete
+
+    try:
+        full = cli.arguments(args)
+        cli.preflight(full)
+        run_dir = cli.given_run_dir(full)
+        if run_dir is not None and run_dir.is_dir():
+            rundir.claim(run_dir, "resume" if value(args, "resume") else "hydra.run.dir")
+            rundir.release(run_dir)  # free for the job this command starts
+    except ConfigError as error:
+        cli.fail(error, prog)
+    except AlreadyComplete as done:
+        print(f"{prog}: {done}", file=sys.stderr)
+        sys.exit(0)
+
+
+USAGE = """usage: {prog} [trainrun's arguments]
+
+Start `trainrun <arguments>` detached from the terminal, so that it outlives the SSH
+session; its output goes to console.out in the run directory. The arguments are checked
+first: what trainrun would refuse is refused here, and nothing is started. Prints the run
+directory and the commands to follow, stop and resume the run (README "Over SSH").
+`trainrun --help` lists trainrun's arguments."""
 
 
 def trainrun_command() -> list[str]:
@@ -75,11 +116,19 @@ def _ignore_hangup() -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
+def console_out(run_dir: Path):
+    """run_dir/console.out, appended, never through a link (the directory made if new)."""
+    from trainrun import rundir
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return rundir.append(run_dir / "console.out", within=run_dir, binary=True)
+
+
 def nohup() -> None:
     args = sys.argv[1:]
+    validate("trainrun-nohup", args)
     run_dir, args, sweep = run_directory(args)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "console.out", "ab") as out:
+    with console_out(run_dir) as out:
         proc = subprocess.Popen([*trainrun_command(), *args], stdout=out,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, preexec_fn=_ignore_hangup)
@@ -97,8 +146,9 @@ def nohup() -> None:
 
 def tmux() -> None:
     args = sys.argv[1:]
+    validate("trainrun-tmux", args)
     run_dir, args, sweep = run_directory(args)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    console_out(run_dir).close()  # made here, so that tmux's `cat >>` finds a plain file
     stamp = datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
     session = os.environ.get("TRAINRUN_SESSION", f"trainrun-{stamp}")
     command = (f"{shlex.join([*trainrun_command(), *args])}; "

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import threading
 import time
 from pathlib import Path
 
 import torch
 
+from trainrun import rundir
 from trainrun.console import Console
 from trainrun.errors import out_of_space
 from trainrun.update import UpdateResult
@@ -130,15 +130,13 @@ class Metrics:
                   if summary[key] is not None}
         if not self.writes:
             return summary
-        path, tmp = self.run_dir / "metrics.json", self.run_dir / ".metrics.json.tmp"
         try:  # by rename: a full disk leaves an earlier process's metrics.json whole
-            tmp.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
-            os.replace(tmp, path)
+            rundir.write(self.run_dir / "metrics.json",
+                         json.dumps(summary, indent=2, allow_nan=False) + "\n", self.run_dir)
         except Exception as error:
             full = out_of_space(error)
             if full is None:
                 raise
-            tmp.unlink(missing_ok=True)
             self.console.warning(f"metrics.json not written: {full.strerror}")
         try:
             if summary["status"] == "completed":

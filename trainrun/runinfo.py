@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from trainrun import rundir
+
 PACKAGES = ("trainrun", "torch", "hydra-core", "omegaconf", "datasets", "rich", "tensorboard",
             "safetensors", "numpy")
 
@@ -55,4 +57,4 @@ def environment(device: torch.device) -> dict:
 
 
 def write(run_dir: Path, device: torch.device) -> None:
-    (run_dir / "env.json").write_text(json.dumps(environment(device), indent=2) + "\n")
+    rundir.write(run_dir / "env.json", json.dumps(environment(device), indent=2) + "\n", run_dir)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainrun import checkpoint, data, determinism, distributed, gpt2, resume, runinfo
+from trainrun import checkpoint, data, determinism, distributed, gpt2, resume, rundir, runinfo
 from trainrun.config import Config
 from trainrun.console import Console
 from trainrun.data.order import DataOrder
@@ -94,15 +94,18 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
     refused before then (ConfigError) leaves the directory as it found it, and removes it if
     it was empty; the launch's record is written into run_dir/.hydra once it starts."""
     device, precision = prepare(cfg)
-    resume_from, damaged = resume.locate(cfg, run_dir)
-    if cfg.resume is None:
-        refuse_used(run_dir, launch.config_dir)
     world = distributed.init()  # a no-op when the CLI joined already, or for one process
     if cfg.trainer.strategy == "fsdp":
         world = distributed.init_single()  # FSDP needs a process group, even of one
+    key = "hydra.run.dir" if cfg.resume in (None, "auto") else "resume"
+    claim = rundir.claim(run_dir, key) if world.main else None  # checks it for links too
     console = Console(silent=not world.main)
     try:
         try:
+            rundir.check(run_dir, key)
+            resume_from, damaged = resume.locate(cfg, run_dir)
+            if cfg.resume is None:
+                refuse_used(run_dir, launch.config_dir)
             console.config(config_yaml)
             console.info("options: " + " ".join(f"{g}={o}" for g, o in choices.items()))
             trainer = build(cfg, device, precision, console, world, pretrained=resume_from is None)
@@ -116,7 +119,8 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
                         trainer.schedule)]:
                     console.info(note)
         except BaseException:  # a refused start or a start-up signal (StartupStop)
-            remove_if_empty(run_dir)
+            rundir.release(run_dir)
+            rundir.remove_if_empty(run_dir)
             raise
         hold()  # from here the run writes its directory: a stop is a stopped run
         if world.main:
@@ -143,6 +147,8 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
         release()
         determinism.restore()
         console.close()
+        if claim is not None:
+            claim.release()
 
 
 # What a run writes into its directory: another run there would mix with it or overwrite it.
@@ -163,28 +169,15 @@ def refuse_used(run_dir: Path, config_dir: Path | None = None) -> None:
                                        f"allowed: {allowed}")
 
 
-def remove_if_empty(run_dir: Path) -> None:
-    """Remove a run directory left empty (Hydra makes it before the run is built), and its
-    empty parents inside the working directory (outputs/<date>/)."""
-    cwd = Path.cwd().resolve()
-    path = run_dir.resolve()
-    while path != cwd and cwd in path.parents:
-        try:
-            path.rmdir()  # only an empty directory
-        except OSError:
-            return
-        path = path.parent
-
-
 def start(run_dir: Path, console: Console, record: dict[str, str],
           damaged: dict[Path, str]) -> None:
     """The run has started: from here on it writes into run_dir."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    console.open_log(run_dir / "train.log")
+    console.open_log(run_dir / "train.log", within=run_dir)
     if record:
-        (run_dir / ".hydra").mkdir(exist_ok=True)
+        rundir.folder(run_dir / ".hydra", within=run_dir)
     for name, text in record.items():
-        (run_dir / ".hydra" / name).write_text(text, encoding="utf-8")
+        rundir.write(run_dir / ".hydra" / name, text, within=run_dir)
     for warning in resume.set_aside(damaged):
         console.warning(warning)
 
@@ -243,9 +236,7 @@ def keep_tokenizer(run_dir: Path, tokenizer: data.Tokenizer) -> None:
     """A copy of the run's tokenizer.json in its directory, which every checkpoint's
     meta.json names (the byte tokenizer has none)."""
     if hasattr(tokenizer, "to_str"):
-        tmp = run_dir / f".{data.RUN_FILE}.tmp"
-        tmp.write_text(tokenizer.to_str(), encoding="utf-8")
-        tmp.replace(run_dir / data.RUN_FILE)
+        rundir.write(run_dir / data.RUN_FILE, tokenizer.to_str(), within=run_dir)
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, device: torch.device,

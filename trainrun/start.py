@@ -45,16 +45,16 @@ def main() -> None:
 
 
 def remove_empty_run_dir() -> None:
-    """Hydra makes the run directory before the run is built (which removes it on a refusal
-    or a stop): a stop that comes in between leaves it empty, and it is removed here."""
-    from trainrun import signals
+    """trainrun (or Hydra) makes the run directory before the run is built (which removes
+    it on a refusal or a stop): a stop that comes in between leaves it empty, and it is
+    removed here."""
+    from trainrun import rundir, signals
 
+    rundir.abandon()
     if signals.startup_run_dir() is not None:
         from pathlib import Path
 
-        from trainrun.runner import remove_if_empty
-
-        remove_if_empty(Path(signals.startup_run_dir()))
+        rundir.remove_if_empty(Path(signals.startup_run_dir()))
 
 
 if __name__ == "__main__":

@@ -10,12 +10,15 @@ report travels through files. The rest of a row comes from the job's own metrics
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
 import shlex
 import sys
 from pathlib import Path
+
+from trainrun import rundir
 
 COLUMNS = ("job", "overrides", "status", "best_val_loss", "val_loss", "steps",
            "skipped_updates", "wall_seconds", "tokens_per_sec", "run_dir", "error")
@@ -69,8 +72,8 @@ def crashed(exc: Exception, job: int, run_dir: Path) -> str:
 
     text = "".join(traceback.format_exception(exc))
     log = run_dir / "train.log"
-    if log.is_file():
-        with log.open("a", encoding="utf-8") as f:
+    if log.is_file() and not log.is_symlink():
+        with rundir.append(log, within=run_dir) as f:
             f.write(text)
     line = f"failed: {error_line(exc)}"
     print(f"{text}trainrun: {line} (job {job}; the sweep goes on)", file=sys.stderr)
@@ -81,11 +84,11 @@ def record(sweep_dir: Path, job: int, overrides: list[str], run_dir: Path,
            error: str | None) -> None:
     """Write job's record (by rename: a summary read meanwhile never sees half a file)."""
     folder = sweep_dir / RECORDS
-    folder.mkdir(parents=True, exist_ok=True)
-    path, tmp = folder / f"{job}.json", folder / f".{job}.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({"job": job, "overrides": list(overrides),
-                               "run_dir": str(run_dir), "error": error}) + "\n")
-    os.replace(tmp, path)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    rundir.folder(folder, within=sweep_dir)
+    rundir.write(folder / f"{job}.json", json.dumps({"job": job, "overrides": list(overrides),
+                                                     "run_dir": str(run_dir), "error": error})
+                 + "\n", within=sweep_dir)
 
 
 def forget(sweep_dir: Path) -> None:
@@ -123,14 +126,13 @@ def rank(row: dict) -> tuple:
 def write_csv(table: list[dict], path: Path) -> None:
     """summary.csv: COLUMNS, one row per job in the order given; the overrides as a shell
     would take them (`trainrun <overrides>` runs the job again); None is an empty cell."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", newline="") as f:
-        out = csv.DictWriter(f, fieldnames=COLUMNS)
-        out.writeheader()
-        for row in table:
-            cells = {**row, "overrides": shlex.join(row["overrides"])}
-            out.writerow({k: "" if cells[k] is None else cells[k] for k in COLUMNS})
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    out = csv.DictWriter(text, fieldnames=COLUMNS)
+    out.writeheader()
+    for row in table:
+        cells = {**row, "overrides": shlex.join(row["overrides"])}
+        out.writerow({k: "" if cells[k] is None else cells[k] for k in COLUMNS})
+    rundir.write(path, text.getvalue(), within=path.parent)  # by rename, never through a link
 
 
 def common_overrides(table: list[dict]) -> list[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from trainrun import checkpoint, resume, runner
+from trainrun import checkpoint, resume, rundir, runner
 from trainrun.after.output import Parser
 from trainrun.config import Config
 from trainrun.data import Tokenizer, for_run
@@ -119,6 +119,7 @@ def open_run(run_dir: str, overrides: list[str], checkpoint_name: str | None = N
         raise ConfigError(ARG, f"{run_dir}: no such directory; allowed: {RUN_ALLOWED}")
     if not (path / "checkpoints").is_dir():
         raise ConfigError(ARG, f"{run_dir}: no checkpoints/ in it; allowed: {RUN_ALLOWED}")
+    rundir.check(path, ARG)  # before anything in it is read
     cfg = config(path.resolve(), overrides, data, config_dir)
     ckpt, warnings = find_checkpoint(path, checkpoint_name)
     step = check_shape(cfg, ckpt)

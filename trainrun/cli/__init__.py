@@ -18,19 +18,18 @@ from __future__ import annotations
 import os
 import re
 import sys
-from datetime import datetime
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from trainrun import distributed, identical, launch, memory
+from trainrun import distributed, identical, launch, memory, rundir
 from trainrun.cli.overrides import CONF, added_config_dir, key, one_of, options
 from trainrun.cli.resuming import finished_loss, resume_argv
 from trainrun.config import Config, register_schemas, to_config, validate
 from trainrun.errors import ConfigError
 from trainrun.launch import sweep_command
-from trainrun.resume import AlreadyComplete
+from trainrun.resume import AlreadyComplete, quote
 
 __all__ = ["arguments", "compose", "fail", "load", "main", "options", "preflight", "sweep",
            "task_overrides"]
@@ -248,7 +247,7 @@ def _job(cfg: DictConfig) -> float:
     in_sweep = hc.mode == RunMode.MULTIRUN
     repeats = identical.repeated(hc.job.num) if in_sweep else None
     if repeats is not None:
-        runner.remove_if_empty(Path(hc.runtime.output_dir))
+        rundir.remove_if_empty(Path(hc.runtime.output_dir))
         return JobFailed(f"not run: identical to job {repeats[0]} ({repeats[1]})")
     # what Hydra would have saved in .hydra/, written by the run once it has started
     record = {"config.yaml": OmegaConf.to_yaml(cfg),
@@ -355,6 +354,7 @@ def main() -> None:
         return
     try:
         sys.argv[1:] = arguments(sys.argv[1:])
+        claim_given(sys.argv[1:])
         preflight(sys.argv[1:])
         sys.argv[1:] = one_run_dir(sys.argv[1:])
     except ConfigError as error:
@@ -365,10 +365,34 @@ def main() -> None:
     _job()
 
 
+def runs_one_job(argv: list[str]) -> bool:
+    """Whether `trainrun argv` runs a single job (not a sweep, nor a printed config)."""
+    flags, _ = split_flags(argv)
+    return not any(f in ("-m", "--multirun") for f in flags) and composing_only(flags) \
+        and not any(f in PRINTING for f in flags)
+
+
+def given_run_dir(argv: list[str]) -> Path | None:
+    """The run directory a single job's `hydra.run.dir=` names (resume=<dir> adds it)."""
+    found = [a for a in argv if not a.startswith("-") and key(a) == "hydra.run.dir"]
+    return Path(override_value(found[-1])) if found and runs_one_job(argv) else None
+
+
+def claim_given(argv: list[str]) -> None:
+    """Claim the run directory a single job names, when it exists already (a resume, a run
+    into a fixed hydra.run.dir): no other process writes it from pre-flight to the end
+    (rank 0 claims for a distributed launch). A new one is claimed as it is made."""
+    run_dir = given_run_dir(argv)
+    if run_dir is not None and run_dir.is_dir() and distributed.launch_rank() == 0:
+        named = any(key(a) == "resume" and override_value(a) not in (None, "auto") for a in argv)
+        rundir.claim(run_dir, "resume" if named else "hydra.run.dir")
+
+
 def one_run_dir(argv: list[str]) -> list[str]:
-    """Under torchrun or srun, every process joins the process group here, and all take
-    rank 0's run directory: Hydra's default names it by the time, which differs between
-    processes by a second now and then. A sweep's jobs join theirs when they run."""
+    """A single job's run directory, made and claimed before Hydra starts: a fixed
+    hydra.run.dir, else outputs/<date>/<time> (<time>-1, -2, ... when another run took that
+    second). Under torchrun or srun every process joins the process group here and takes
+    rank 0's directory. A sweep's jobs join theirs when they run."""
     if any(a in ("-m", "--multirun") for a in argv):
         size = distributed.launch_size()
         if size > 1:
@@ -377,10 +401,15 @@ def one_run_dir(argv: list[str]) -> list[str]:
                                             f"are distributed (hydra/launcher=slurm)")
         return argv
     world = distributed.init()
-    if world.size == 1 or any(key(a) == "hydra.run.dir" for a in argv):
+    if not runs_one_job(argv):
         return argv
-    now = distributed.broadcast(datetime.now().strftime("%Y-%m-%d/%H-%M-%S"))
-    return [*argv, f"hydra.run.dir=outputs/{now}"]
+    given = given_run_dir(argv)
+    if given is not None:
+        if world.main:
+            rundir.claim(given, "hydra.run.dir")
+        return argv
+    made = str(rundir.fresh(Path("outputs"))) if world.main else None
+    return [*argv, f"hydra.run.dir={quote(distributed.broadcast(made))}"]
 
 
 if __name__ == "__main__":

@@ -20,6 +20,9 @@ from trainrun.resume import quote
 CONF = "trainrun.conf"
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))  # model, data, ..., resume
 OWN = ("resume", "hydra.run.dir")  # what trainrun itself adds when it continues a run
+# what a resume never takes from a run directory: a file to start from (the checkpoint
+# holds the weights, and meta.json records where they first came from)
+NOT_TAKEN = ("model.init_from",)
 
 
 def options(group: str, config_dir: Path | None = None) -> list[str]:
@@ -178,7 +181,7 @@ def continue_run(run_dir: Path, argv: list[str], config_dir: Path | None = None)
     A group switched to another option drops the saved keys of the old option; a key named
     anew drops the saved keys on the other side of its pair (warmup_steps replaces a saved
     warmup_ratio)."""
-    old = [o for o in saved(run_dir, config_dir) if key(o) not in OWN]
+    old = [o for o in saved(run_dir, config_dir) if key(o) not in (*OWN, *NOT_TAKEN)]
     new = [a for a in argv if key(a) not in OWN]
     for group in groups():
         if any(key(a) == group for a in new) and chosen(group, new) != chosen(group, old):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from trainrun import rundir
 from trainrun.cli.overrides import continue_run, key
 from trainrun.errors import ConfigError
 from trainrun.resume import quote
@@ -44,4 +45,5 @@ def resume_argv(argv: list[str], config_dir: Path | None = None) -> list[str]:
     if not (run_dir / "checkpoints").is_dir():
         raise ConfigError("resume", f"{value}: no checkpoints/ in that directory; allowed: "
                                     f"a run directory with a checkpoint, auto, or null")
+    rundir.check(run_dir, "resume")  # before its overrides are read
     return continue_run(run_dir, argv, config_dir)
