@@ -202,3 +202,16 @@ def same_gradients(model: torch.nn.Module, reference: torch.nn.Module,
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         p.grad = torch.randn(p.shape, generator=gen)
         q.grad = p.grad.clone()
+
+
+def small_tmpfs_works(where: Path) -> bool:
+    """Can this machine mount a tmpfs in a new user and mount namespace (no root needed on
+    most Linux systems; refused in some containers)?"""
+    where.mkdir()
+    try:
+        probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                                f"mount -t tmpfs -o size=64k tmpfs {where}"],
+                               capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0

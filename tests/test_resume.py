@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_identical, cli, final_weights, scalars, tiny, wait_for
+from conftest import (
+    assert_identical,
+    cli,
+    final_weights,
+    scalars,
+    small_tmpfs_works,
+    tiny,
+    wait_for,
+)
 
 from trainrun import checkpoint
 
@@ -215,19 +223,6 @@ def test_a_full_disk_fails_in_one_line_and_resume_finishes_identically(full, cor
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {run}/checkpoints/step-00000004" in resumed.stdout
     assert_identical(final_weights(run), final_weights(full))
-
-
-def small_tmpfs_works(where: Path) -> bool:
-    """Can this machine mount a tmpfs in a new user and mount namespace (no root needed on
-    most Linux systems; refused in some containers)?"""
-    where.mkdir()
-    try:
-        probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
-                                f"mount -t tmpfs -o size=64k tmpfs {where}"],
-                               capture_output=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return probe.returncode == 0
 
 
 @pytest.mark.slow

@@ -176,3 +176,33 @@ def test_a_path_with_any_characters_resumes_with_the_printed_command(corpus, tmp
     assert again.returncode == 0, again.stderr
     assert "resumed from" in again.stdout
     assert json.loads((run / "metrics.json").read_text())["steps"] == stopped + 2
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_start_up_fails_in_one_line_and_leaves_nothing(corpus, tmp_path):
+    """A real file system with no space left: the run's first files cannot be written; it
+    says so in one line, removes what it wrote, and the same command runs once there is
+    space."""
+    import shutil
+
+    from conftest import small_tmpfs_works
+
+    fs = tmp_path / "fs"
+    if shutil.which("unshare") is None or not small_tmpfs_works(fs):
+        pytest.skip("no tmpfs can be mounted here (unshare --user --mount)")
+    script = ('fs=$1; shift; mount -t tmpfs -o size=4m tmpfs "$fs" || exit 99; '
+              'head -c 8M /dev/zero > "$fs/filler" 2>/dev/null; "$@"; echo "status $?"; '
+              'ls -A "$fs"; rm "$fs/filler"; "$@" > /dev/null 2>&1; echo "again $?"; ls -A "$fs/run"')
+    args = tiny(corpus, "trainer.max_steps=2", "trainer.eval_every=2", f"hydra.run.dir={fs}/run")
+    proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                           script, "sh", fs, sys.executable, "-m", "trainrun", *args],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    line, = proc.stderr.strip().splitlines()
+    assert line.startswith(f"trainrun: failed: no space left on device while starting the run "
+                           f"in {fs}/run (writing {fs}/run/"), line
+    assert line.endswith("nothing it wrote was kept; free space, then run the same command "
+                         "again"), line
+    shown = proc.stdout.split("status ", 1)[1].splitlines()
+    assert shown[0] == "1" and shown[1:3] == ["filler", "again 0"], proc.stdout
+    assert {"checkpoints", "metrics.json", ".hydra", "train.log"} <= set(shown[3:])

@@ -175,4 +175,8 @@ class Console:
             self.progress = None
         for handler in (self.file_handler, self.term_handler):
             self.log.removeHandler(handler)
-            handler.close()
+            try:
+                handler.close()
+            except OSError as error:  # train.log's last lines on a full disk: dropped
+                if out_of_space(error) is None:
+                    raise

@@ -140,8 +140,10 @@ def write(path: Path, data: str | bytes, within: Path, sync: bool = False) -> No
                     f.flush()
                     os.fsync(f.fileno())
             os.replace(tmp, path.name, src_dir_fd=fd, dst_dir_fd=fd)
-        except BaseException:
+        except BaseException as error:
             _unlink(tmp, fd)
+            if isinstance(error, OSError) and error.filename is None:
+                error.filename = str(path)  # named in the one line a full disk gives
             raise
     finally:
         os.close(fd)
@@ -232,8 +234,11 @@ def claim(run_dir: Path, key: str, made: bool = False) -> Claim:
         if _still_there(run_dir, fd):
             break
         os.close(fd)  # released and removed while this process waited: take the new one
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:  # the pid, for the message another process gets (not needed for the lock)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:
+        pass
     _held[_id(run_dir)] = found = Claim(run_dir, fd, made)
     return found
 

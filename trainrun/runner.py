@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainrun import checkpoint, data, determinism, distributed, gpt2, resume, rundir, runinfo
+from trainrun import checkpoint, data, determinism, distributed, gpt2, opening, resume, rundir
 from trainrun.config import Config
 from trainrun.console import Console
 from trainrun.data.order import DataOrder
@@ -105,7 +105,7 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
             rundir.check(run_dir, key)
             resume_from, damaged = resume.locate(cfg, run_dir)
             if cfg.resume is None:
-                refuse_used(run_dir, launch.config_dir)
+                opening.refuse_used(run_dir, launch.config_dir)
             console.config(config_yaml)
             console.info("options: " + " ".join(f"{g}={o}" for g, o in choices.items()))
             trainer = build(cfg, device, precision, console, world, pretrained=resume_from is None)
@@ -124,13 +124,17 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
             raise
         hold()  # from here the run writes its directory: a stop is a stopped run
         if world.main:
-            start(run_dir, console, launch.record, damaged)
-            keep_tokenizer(run_dir, trainer.tokenizer)
+            try:
+                opening.start(run_dir, console, launch.record, damaged, trainer.tokenizer,
+                              device)
+            except opening.StartFailed as failed:
+                print(f"trainrun: {failed}", file=sys.stderr)
+                rundir.release(run_dir)
+                rundir.remove_if_empty(run_dir)
+                raise RunStopped(1, str(failed)) from None
         metrics = Metrics(run_dir, console, cfg.trainer.log_every, cfg.trainer.max_steps,
                           first_step=trainer.counters.k + 1, writes=world.main,
                           earlier_seconds=trainer.counters.wall_seconds, tb_name=launch.tb_name)
-        if world.main:
-            runinfo.write(run_dir, device)
         meta = {"config": json.loads(json.dumps(asdict(cfg))), "schemas": resume.schemas(cfg),
                 "tokenizer": resume.tokenizer_record(trainer.tokenizer), **origin(cfg, resume_from)}
         outputs = Outputs(metrics, console, run_dir / "checkpoints", meta,
@@ -149,37 +153,6 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
         console.close()
         if claim is not None:
             claim.release()
-
-
-# What a run writes into its directory: another run there would mix with it or overwrite it.
-RUN_FILES = ("checkpoints", "metrics.json", "train.log", "tb", ".hydra")
-
-
-def refuse_used(run_dir: Path, config_dir: Path | None = None) -> None:
-    """A fresh run goes into a directory that holds no other run."""
-    held = [name for name in RUN_FILES if (run_dir / name).exists()]
-    if not held:
-        return
-    if resume.find(run_dir)[0] is not None:
-        allowed = (f"`{resume.command(run_dir, config_dir)}` to continue it, or another "
-                   f"hydra.run.dir")
-    else:
-        allowed = "another hydra.run.dir (it has no checkpoint to resume from)"
-    raise ConfigError("hydra.run.dir", f"{run_dir} already holds a run ({', '.join(held)}); "
-                                       f"allowed: {allowed}")
-
-
-def start(run_dir: Path, console: Console, record: dict[str, str],
-          damaged: dict[Path, str]) -> None:
-    """The run has started: from here on it writes into run_dir."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    console.open_log(run_dir / "train.log", within=run_dir)
-    if record:
-        rundir.folder(run_dir / ".hydra", within=run_dir)
-    for name, text in record.items():
-        rundir.write(run_dir / ".hydra" / name, text, within=run_dir)
-    for warning in resume.set_aside(damaged):
-        console.warning(warning)
 
 
 def summarize(t: Trainer, status: str) -> dict:
@@ -230,13 +203,6 @@ def origin(cfg: Config, resume_from: Path | None) -> dict:
     if resume_from is not None:
         return {k: v for k, v in checkpoint.read_meta(resume_from).items() if k == "init_from"}
     return {"init_from": gpt2.source(cfg.model)} if cfg.model.init_from is not None else {}
-
-
-def keep_tokenizer(run_dir: Path, tokenizer: data.Tokenizer) -> None:
-    """A copy of the run's tokenizer.json in its directory, which every checkpoint's
-    meta.json names (the byte tokenizer has none)."""
-    if hasattr(tokenizer, "to_str"):
-        rundir.write(run_dir / data.RUN_FILE, tokenizer.to_str(), within=run_dir)
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, device: torch.device,
