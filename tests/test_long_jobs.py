@@ -125,3 +125,22 @@ def test_sighup_keeps_training_and_logging(tmp_path, corpus):
     assert proc.wait(timeout=180) == 0
     text = log.read_text()
     assert "SIGHUP" in text and "step 60/60" in text and completed(run_dir)
+
+
+@pytest.mark.parametrize("name", ["trainrun-nohup", "trainrun-tmux"])
+def test_a_launcher_refuses_bad_arguments_in_the_foreground_and_starts_nothing(tmp_path, name):
+    out = subprocess.run([*launcher(name), "optimizer=adamx"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TRAINRUN": TRAINRUN})
+    assert out.returncode == 2 and out.stdout == "", out.stdout + out.stderr
+    line, = out.stderr.strip().splitlines()
+    assert line.startswith(f"{name}: error: optimizer: unknown option 'adamx'; allowed: "), line
+    assert list(tmp_path.iterdir()) == []  # no run directory, no console.out, no process
+
+
+@pytest.mark.parametrize("name", ["trainrun-nohup", "trainrun-tmux"])
+def test_a_launcher_help_starts_nothing(tmp_path, name):
+    out = subprocess.run([*launcher(name), "--help"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "TRAINRUN": TRAINRUN})
+    assert out.returncode == 0 and out.stdout.startswith(f"usage: {name} "), out.stderr
+    assert list(tmp_path.iterdir()) == []
