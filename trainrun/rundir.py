@@ -21,6 +21,7 @@ from datetime import datetime
 from itertools import count
 from pathlib import Path
 
+from trainrun import signals
 from trainrun.errors import ConfigError
 
 LOCK = ".trainrun.lock"
@@ -211,8 +212,13 @@ def _id(path: Path) -> str:
 
 
 def claim(run_dir: Path, key: str, made: bool = False) -> Claim:
-    """Lock run_dir for this process (again: the claim it holds). Another process holding
-    it: ConfigError on `key` naming that process's pid."""
+    """Lock run_dir for this process (again: the claim it holds), making it if it is
+    missing. Another process holding it: ConfigError on `key` naming that process's pid."""
+    with signals.deferred():  # a stop meanwhile finds the claim recorded, and undoes it
+        return _claim(run_dir, key, made)
+
+
+def _claim(run_dir: Path, key: str, made: bool) -> Claim:
     held = _held.get(_id(run_dir))
     if held is not None:
         return held
@@ -291,12 +297,13 @@ def fresh(base: Path, claimed: bool = True) -> Path:
     day.mkdir(parents=True, exist_ok=True)
     for n in count():
         path = day / (now.strftime("%H-%M-%S") + (f"-{n}" if n else ""))
-        try:
-            path.mkdir()
-        except FileExistsError:
-            continue
-        if claimed:
-            claim(path, "hydra.run.dir", made=True)
+        with signals.deferred():  # made and claimed as one step
+            try:
+                path.mkdir()
+            except FileExistsError:
+                continue
+            if claimed:
+                _claim(path, "hydra.run.dir", made=True)
         return path
     raise AssertionError("unreachable")
 

@@ -13,6 +13,7 @@ Signals, so that a run that has started writing its directory always ends as a s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -80,6 +81,18 @@ def hold() -> None:
 def release() -> None:
     """Undo hold() (a run that failed before training)."""
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def deferred():
+    """Stop signals wait until the block is done (then arrive as before): for steps that
+    must not be cut in half, such as making a run directory and recording that it was
+    made, so that a stop can remove it again."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class Signals:
