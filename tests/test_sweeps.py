@@ -92,15 +92,14 @@ def test_a_2x2_sweep_writes_a_row_per_job(tmp_path, corpus, launcher):
 
 
 def test_failed_jobs_get_their_row_and_the_sweep_goes_on(tmp_path, corpus):
-    """Job by job: a crash (its .hydra/config.yaml cannot be written: a directory is in
-    the way),
+    """Job by job: a crash (its env.json cannot be written: a directory is in the way),
     a run that completes, one that diverges past trainer.max_skipped, and three whose data
     file is not text, which only reading it shows (the sweep's check before the first job
     passes them)."""
     binary = tmp_path / "binary.txt"
     binary.write_bytes(bytes(range(128, 256)) * 20)
     sweep = tmp_path / "sweep"
-    (sweep / "0/.hydra/config.yaml").mkdir(parents=True)
+    (sweep / "0/env.json").mkdir(parents=True)
     proc = cli("-m", *TINY, *SHORT, "scheduler=constant", "trainer.max_skipped=2", "data=text",
                f"data.files={corpus},{binary}", "optimizer.lr=1e-3,3e-3,1e30",
                f"hydra.sweep.dir={sweep}", cwd=tmp_path)

@@ -50,8 +50,8 @@ def unsafe(run_dir: Path) -> tuple[Path, str] | None:
         return None
     for name in filter(written, names):
         path = run_dir / name
-        problem = _kind(path, folder=name in FOLDERS)
-        if problem is None and name in APPENDED and path.lstat().st_nlink > 1:
+        problem = _kind(path)
+        if problem is None and name in APPENDED and path.is_file() and path.lstat().st_nlink > 1:
             problem = "a file with another hard link (it would be written too)"
         if problem is not None:
             return path, problem
@@ -62,23 +62,22 @@ def unsafe(run_dir: Path) -> tuple[Path, str] | None:
     return None
 
 
-def _kind(path: Path, folder: bool | None) -> str | None:
-    """What is wrong with the entry at path: a link, or not what trainrun writes there
-    (folder: True a folder, False a plain file, None either)."""
+def _kind(path: Path) -> str | None:
+    """What is wrong with the entry at path: a link, or neither a plain file nor a folder.
+    (A folder where a file goes, or the reverse, is no way out of the run directory: the
+    write that meets it fails.)"""
     mode = path.lstat().st_mode
     if stat.S_ISLNK(mode):
         return f"a symbolic link (to {os.readlink(path)})"
-    if stat.S_ISDIR(mode):
-        return "a folder, not a file" if folder is False else None
-    if stat.S_ISREG(mode):
-        return "a file, not a folder" if folder is True else None
+    if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+        return None
     return "not a plain file or folder (a pipe, socket or device)"
 
 
 def _inside(top: Path) -> tuple[Path, str] | None:
     for folder, dirs, files in os.walk(top):  # lists links as entries, never follows them
         for name in sorted([*dirs, *files]):
-            problem = _kind(Path(folder, name), folder=None)
+            problem = _kind(Path(folder, name))
             if problem is not None:
                 return Path(folder, name), problem
     return None
