@@ -3,18 +3,65 @@ that a Latin-1 or binary file is one line naming the file and the first bad byte
 of a `UnicodeDecodeError` from deep inside a `datasets` builder.
 
 Each file is streamed in blocks through an incremental decoder, so memory does not grow
-with the file; offsets are absolute, 0-based byte offsets into the file.
+with the file; offsets are absolute, 0-based byte offsets into the file. Only regular files
+(or links to them) are read: a named pipe would block the check forever, a device never end.
 """
 
 from __future__ import annotations
 
 import codecs
 import os
+import stat
 from collections.abc import Iterable
+from typing import BinaryIO
 
 from trainrun.errors import ConfigError
 
 BLOCK_SIZE = 1 << 20  # bytes read at a time
+KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+         (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+         (stat.S_ISBLK, "a block device"))
+
+
+class NotRegular(OSError):
+    """A data file that is not a regular file: `kind` says what it is."""
+
+    def __init__(self, path: str | os.PathLike, kind: str):
+        super().__init__(f"{path} is {kind}, not a regular file")
+        self.kind = kind
+
+
+def kind(mode: int) -> str | None:
+    """What a file of st_mode `mode` is, if not a regular file (None for one)."""
+    return next((name for test, name in KINDS if test(mode)), None if stat.S_ISREG(mode)
+                else "not a regular file")
+
+
+def open_regular(path: str | os.PathLike) -> BinaryIO:
+    """`path` opened for reading in binary if it is a regular file (or a link to one), else
+    NotRegular. The open itself does not block (a named pipe without a writer would), and
+    what is checked is what was opened, so a file swapped for a pipe meanwhile is caught."""
+    found = kind(os.stat(path).st_mode)  # a device is never opened
+    if found is not None:
+        raise NotRegular(path, found)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    try:
+        found = kind(os.fstat(fd).st_mode)
+        if found is not None:
+            raise NotRegular(path, found)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def require_regular(key: str, paths: Iterable[str | os.PathLike], allowed: str) -> None:
+    """ConfigError on `key` for the first of `paths` that is not a regular file."""
+    for path in paths:
+        found = kind(os.stat(path).st_mode)
+        if found is not None:
+            raise ConfigError(key, f"{path} is {found}, not a regular file; allowed: {allowed}")
 
 
 def check_encoding(key: str, encoding: str) -> None:
@@ -34,12 +81,13 @@ def first_bad_byte(path: str | os.PathLike, encoding: str = "utf-8",
 
     A bad byte is one the codec cannot decode (or the start of a sequence the file ends
     in the middle of), or, in encodings where the NUL character is the byte 0x00 (UTF-8 and
-    every ASCII superset), a 0x00: text files have none, binary files mostly do.
+    every ASCII superset), a 0x00: text files have none, binary files mostly do. A path
+    that is not a regular file raises NotRegular.
     """
     decoder = codecs.getincrementaldecoder(encoding)()
     nul_is_zero = "\0".encode(encoding) == b"\0"
     start = 0  # offset of the block's first byte
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while True:
             block = f.read(block_size)
             nul = block.find(b"\0") if nul_is_zero else -1
@@ -60,9 +108,14 @@ def first_bad_byte(path: str | os.PathLike, encoding: str = "utf-8",
 
 
 def require_text(key: str, paths: Iterable[str], encoding: str, allowed: str) -> None:
-    """ConfigError on `key` for the first of `paths` that is not text in `encoding`."""
+    """ConfigError on `key` for the first of `paths` that is not a regular file of text in
+    `encoding`."""
     for path in paths:
-        if (bad := first_bad_byte(path, encoding)) is not None:
+        try:
+            bad = first_bad_byte(path, encoding)
+        except NotRegular as exc:
+            raise ConfigError(key, f"{exc}; allowed: {allowed}") from None
+        if bad is not None:
             offset, what = bad
             name = "UTF-8" if codecs.lookup(encoding).name == "utf-8" else encoding
             raise ConfigError(key, f"{path} is not {name} text ({what} at offset {offset}); "

@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from trainrun.errors import ConfigError, require_positive
-from trainrun.textcheck import check_encoding, require_text
+from trainrun.textcheck import check_encoding, open_regular, require_regular, require_text
 
 SPLIT_SEED = 0  # the train/validation split never depends on trainer.seed
 
@@ -89,9 +89,11 @@ class TextDataConfig(DataConfig):
         return [str(p).strip() for p in self.files if str(p).strip()]
 
     def paths(self) -> list[str]:
+        """The files the patterns match (a named pipe or a device too, to be refused; not
+        directories, which `**` matches, nor links to nothing)."""
         return sorted({f for p in self.patterns()
                        for f in glob.glob(os.path.expanduser(p), recursive=True)
-                       if os.path.isfile(f)})
+                       if os.path.exists(f) and not os.path.isdir(f)})
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
@@ -107,6 +109,8 @@ class TextDataConfig(DataConfig):
         paths = self.paths()
         if not paths:
             raise ConfigError(f"{prefix}.files", f"{self.files!r} matches no file")
+        require_regular(f"{prefix}.files", paths, "regular files (a named pipe, socket or "
+                                                  "device is never read)")
         if all(_is_empty(p) for p in paths):
             raise ConfigError(f"{prefix}.files", f"{self.files!r} matches only empty files")
         kinds = {_BUILDERS.get(Path(p).suffix.lower()) for p in paths}
@@ -142,6 +146,10 @@ class HFDataConfig(DataConfig):
     def documents(self):
         import datasets
 
+        if os.path.isdir(os.path.expanduser(self.path)):  # what `datasets` would block on
+            require_regular("data.path", _data_files(os.path.expanduser(self.path)),
+                            "a folder of regular files (a named pipe, socket or device is "
+                            "never read)")
         available = self._load(None, "data.path")
         val_split = self.val_split
         if val_split is None and "validation" in available and self.train_split != "validation":
@@ -205,12 +213,17 @@ def _allowed(encoding: str) -> str:
     return f"text files in {encoding} (data.encoding), or data.encoding=<codec> for another"
 
 
-def _text_files(folder: str) -> list[str]:
-    """The files of a folder that `datasets` would read as text, as it does: by extension,
-    hidden ones left out."""
+def _data_files(folder: str) -> list[str]:
+    """The entries of a folder that `datasets` would read, as it picks them: by extension,
+    hidden ones left out; directories and links to nothing are not files."""
     return sorted(str(p) for p in Path(folder).rglob("*")
-                  if p.suffix.lower() in _BUILDERS and p.suffix.lower() != ".parquet"
+                  if p.suffix.lower() in _BUILDERS and p.exists() and not p.is_dir()
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _text_files(folder: str) -> list[str]:
+    """The files of a folder that `datasets` would read as text."""
+    return [p for p in _data_files(folder) if Path(p).suffix.lower() != ".parquet"]
 
 
 def _is_empty(path: str) -> bool:
@@ -218,7 +231,7 @@ def _is_empty(path: str) -> bool:
     the first character that is not white space."""
     if Path(path).suffix.lower() == ".parquet":
         return os.path.getsize(path) == 0
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while block := f.read(1 << 16):
             if block.strip():
                 return False
