@@ -10,6 +10,7 @@ with the file; offsets are absolute, 0-based byte offsets into the file. Only re
 from __future__ import annotations
 
 import codecs
+import hashlib
 import os
 import stat
 from collections.abc import Iterable
@@ -75,14 +76,15 @@ def check_encoding(key: str, encoding: str) -> None:
 
 
 def first_bad_byte(path: str | os.PathLike, encoding: str = "utf-8",
-                   block_size: int = BLOCK_SIZE) -> tuple[int, str] | None:
+                   block_size: int = BLOCK_SIZE, digest=None) -> tuple[int, str] | None:
     """(offset, what) of the first byte that keeps the file from being text in `encoding`,
     or None when it all is.
 
     A bad byte is one the codec cannot decode (or the start of a sequence the file ends
     in the middle of), or, in encodings where the NUL character is the byte 0x00 (UTF-8 and
     every ASCII superset), a 0x00: text files have none, binary files mostly do. A path
-    that is not a regular file raises NotRegular.
+    that is not a regular file raises NotRegular. `digest` (a hashlib object), if given, is
+    fed every byte read: the check reads the whole file anyway.
     """
     decoder = codecs.getincrementaldecoder(encoding)()
     nul_is_zero = "\0".encode(encoding) == b"\0"
@@ -90,6 +92,8 @@ def first_bad_byte(path: str | os.PathLike, encoding: str = "utf-8",
     with open_regular(path) as f:
         while True:
             block = f.read(block_size)
+            if digest is not None:
+                digest.update(block)
             nul = block.find(b"\0") if nul_is_zero else -1
             # the decoder may hold the first bytes of a character cut by the block's end;
             # its state's first item is those bytes (codecs.IncrementalDecoder.getstate)
@@ -107,16 +111,36 @@ def first_bad_byte(path: str | os.PathLike, encoding: str = "utf-8",
             start += len(block)
 
 
-def require_text(key: str, paths: Iterable[str], encoding: str, allowed: str) -> None:
+def require_text(key: str, paths: Iterable[str], encoding: str, allowed: str) -> str:
     """ConfigError on `key` for the first of `paths` that is not a regular file of text in
-    `encoding`."""
+    `encoding`; else the files' content fingerprint (a sha256 of their sha256s, in order),
+    at no cost beyond the check's own reading."""
+    files = hashlib.sha256()
     for path in paths:
+        digest = hashlib.sha256()
         try:
-            bad = first_bad_byte(path, encoding)
+            bad = first_bad_byte(path, encoding, digest=digest)
         except NotRegular as exc:
             raise ConfigError(key, f"{exc}; allowed: {allowed}") from None
+        files.update(f"{digest.hexdigest()}\n".encode())
         if bad is not None:
             offset, what = bad
             name = "UTF-8" if codecs.lookup(encoding).name == "utf-8" else encoding
             raise ConfigError(key, f"{path} is not {name} text ({what} at offset {offset}); "
                                    f"allowed: {allowed}")
+    return files.hexdigest()
+
+
+def fingerprint(paths: Iterable[str | os.PathLike], root: str | None = None) -> str:
+    """The files' content fingerprint, as require_text gives it, for files it does not check
+    (Parquet, a data=hf folder); with `root`, their paths under it are hashed too (a
+    folder's layout says which file is which split)."""
+    files = hashlib.sha256()
+    for path in paths:
+        digest = hashlib.sha256()
+        with open_regular(path) as f:
+            while block := f.read(BLOCK_SIZE):
+                digest.update(block)
+        name = "" if root is None else f" {os.path.relpath(path, root)}"
+        files.update(f"{digest.hexdigest()}{name}\n".encode())
+    return files.hexdigest()
