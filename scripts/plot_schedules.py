@@ -40,7 +40,7 @@ def main() -> None:
     for ax, option, cfg in zip(axes.flat, options, configs, strict=False):
         evals = synthetic_val_loss(cfg.trainer.max_steps) if cfg.scheduler.uses_val_loss else ()
         c = curve(option, cfg, evals)
-        ax.plot(range(1, len(c.lrs) + 1), c.lrs, color="C0")
+        ax.plot(*c.points(), color="C0")
         keys = ", ".join(f"{k}={v}" for k, v in asdict(cfg.scheduler).items() if v is not None)
         ax.set_title(f"{option}\n" + "\n".join(textwrap.wrap(keys, 60)) if keys else option,
                      fontsize=8)

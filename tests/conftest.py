@@ -162,6 +162,19 @@ def finished_run(tmp_path_factory, corpus) -> Path:
     return run
 
 
+@pytest.fixture(scope="session")
+def bpe_run(tmp_path_factory, corpus) -> Path:
+    """A run of the real `trainrun` process with tokenizer=bpe (a small vocabulary, padded to
+    320 ids like the byte tokenizer's 257: the shapes alone cannot tell them apart)."""
+    run = tmp_path_factory.mktemp("bpe") / "run"
+    offline = {"HF_DATASETS_CACHE": str(tmp_path_factory.getbasetemp() / "hf-cache"),
+               "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    proc = cli(*tiny(corpus, "tokenizer=bpe", "tokenizer.vocab_size=320",
+                     "trainer.max_steps=10", f"hydra.run.dir={run}"), cwd=run.parent, env=offline)
+    assert proc.returncode == 0, proc.stderr
+    return run
+
+
 def flat(state, prefix: str = "") -> dict[str, object]:
     """Every tensor and plain value of a nested state (an optimizer's), by its path."""
     if isinstance(state, dict):

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_corpus, scalars
+from conftest import WORDS, make_corpus, scalars
 
 from trainrun import data
-from trainrun.after import evaluate, sample
+from trainrun.after import evaluate, export, sample
 from trainrun.after.run import open_run
 from trainrun.data.tokenizers import ByteTokenizer
 from trainrun.model import KVCache
@@ -221,3 +221,85 @@ def test_sample_reads_no_data_and_eval_names_the_missing_files(finished_run, cor
     assert capsys.readouterr().out.startswith("the")
     exits_2(evaluate.main, str(run))
     assert str(gone) in one_line(capsys, "trainrun-eval", "data.files:")
+
+
+def another_bpe(path: Path) -> Path:
+    """A valid byte-level BPE tokenizer.json of another vocabulary than bpe_run's (300 ids
+    rather than 320, padded to the same 320 rows), trained on the test's words."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([" ".join(WORDS)] * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(path))
+    return path
+
+
+COMMANDS = {"eval": (evaluate.main, "trainrun-eval", ["--max-batches", "2"]),
+            "sample": (sample.main, "trainrun-sample", ["a", "--max-new-tokens", "3"])}
+
+
+def run_command(command: str, run: Path, out: Path) -> None:
+    if command == "export":
+        export.main([str(run), str(out)])
+    else:
+        main, _, argv = COMMANDS[command]
+        main([str(run), *argv])
+
+
+@pytest.mark.parametrize("command", ["eval", "sample", "export"])
+def test_a_runs_tokenizer_missing_or_not_its_own_is_one_line(bpe_run, tmp_path, capsys, command):
+    prog = f"trainrun-{command}"
+    run = tmp_path / "run"
+    shutil.copytree(bpe_run, run)
+    copy = run / "tokenizer.json"
+    meta = json.loads(next((run / "checkpoints").glob("step-*/meta.json")).read_text())
+    assert meta["tokenizer"] == {"fingerprint": data.for_run(run).fingerprint(),
+                                 "file": "tokenizer.json"}
+    run_command(command, run, tmp_path / "ok")  # intact: it works
+    capsys.readouterr()
+    own = copy.read_text()
+    planted = {"missing": None,
+               "the byte tokenizer's": ByteTokenizer().hf().to_str(),
+               "another bpe's": another_bpe(tmp_path / "other.json").read_text()}
+    for what, text in planted.items():
+        copy.unlink(missing_ok=True)
+        if text is not None:
+            copy.write_text(text)
+        with pytest.raises(SystemExit) as stop:
+            run_command(command, run, tmp_path / "out")
+        assert stop.value.code == 2, what
+        line = one_line(capsys, prog, "RUN_DIR:")
+        assert str(copy) in line and ("is missing" if text is None else
+                                      "is not the tokenizer step-00000010 was trained") in line
+        assert not (tmp_path / "out").exists() and capsys.readouterr().out == ""
+    copy.write_text(own)
+    run_command(command, run, tmp_path / "again")
+
+
+def test_a_byte_run_refuses_a_planted_tokenizer_and_an_old_meta_means_bytes(
+        finished_run, bpe_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "tokenizer.json").write_text((bpe_run / "tokenizer.json").read_text())
+    exits_2(evaluate.main, str(run), "--max-batches", "1")
+    assert "trained with the byte tokenizer" in one_line(capsys, "trainrun-eval", "RUN_DIR:")
+    (run / "tokenizer.json").unlink()
+    for path in (run / "checkpoints").glob("step-*/meta.json"):  # as runs wrote it before
+        meta = json.loads(path.read_text())                       # tokenizers had options
+        del meta["tokenizer"], meta["schemas"]["tokenizer"]
+        path.write_text(json.dumps(meta))
+    sample.main([str(run), "a", "--max-new-tokens", "2"])
+    assert capsys.readouterr().out.startswith("a")
+    bpe = tmp_path / "bpe"  # a bpe run's meta.json without its record is not trainrun's
+    shutil.copytree(bpe_run, bpe)
+    for path in (bpe / "checkpoints").glob("step-*/meta.json"):
+        meta = json.loads(path.read_text())
+        del meta["tokenizer"]
+        path.write_text(json.dumps(meta))
+    exits_2(sample.main, str(bpe), "a")
+    assert "no tokenizer record for a run with BPEConfig" in one_line(capsys, "trainrun-sample",
+                                                                     "RUN_DIR:")

@@ -79,8 +79,10 @@ def byte_token_file(tmp_path, texts) -> tuple[np.ndarray, np.ndarray]:
 
     (tmp_path / "tokens").mkdir()
     docs = datasets.Dataset.from_dict({"text": texts})
-    storage.write_split(docs, ByteTokenizer(), tmp_path / "tokens", "train", lambda line: None)
-    (tmp_path / "tokens" / "info.json").write_text(json.dumps({"dtype": "uint16"}))
+    record = storage.write_split(docs, ByteTokenizer(), tmp_path / "tokens", "train",
+                                 lambda line: None)
+    (tmp_path / "tokens" / "info.json").write_text(json.dumps(
+        {"dtype": "uint16", "vocab_size": ByteTokenizer.vocab_size, "splits": {"train": record}}))
     return storage.open_split(tmp_path / "tokens", "train")
 
 

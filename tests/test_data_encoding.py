@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import cli, config, make_corpus, tiny, train
+from conftest import TINY, cli, config, make_corpus, tiny, train
 
 from trainrun.errors import ConfigError
 from trainrun.textcheck import BLOCK_SIZE, first_bad_byte
@@ -202,3 +203,31 @@ def test_builtin_files_are_checked_too(tmp_path, monkeypatch):
         config().data.documents()
     assert err.value.key == "data" and "odd.py is not UTF-8 text" in err.value.message
     assert "offset 8)" in err.value.message
+
+
+# -- files that are not regular files --------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["hf folder", "text glob", "text pipe"])
+def test_a_named_pipe_among_the_data_is_one_line_not_a_hang(tmp_path, source):
+    """A named pipe with no writer blocks whoever opens it; the process must end, in one
+    line naming it (the timeout only guards the test run)."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    make_corpus(folder / "a.txt")
+    pipe = folder / "b.txt"
+    os.mkfifo(pipe)
+    if source == "hf folder":  # a file not UTF-8 beside it sent the check through the folder
+        (folder / "c.txt").write_bytes(latin1_corpus(tmp_path)[1])
+        overrides = [*TINY, "data=hf", f"data.path={folder}"]
+    else:
+        overrides = tiny(folder / "*.txt" if source == "text glob" else pipe)
+    proc = cli(*overrides, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, timeout=120)
+    key = "data.path" if source == "hf folder" else "data.files"
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == (f"trainrun: error: {key}: {pipe} is a named pipe (FIFO), "
+                                   f"not a regular file; allowed: "
+                                   + ("a folder of regular files" if source == "hf folder"
+                                      else "regular files")
+                                   + " (a named pipe, socket or device is never read)")
+    assert not (tmp_path / "run").exists()

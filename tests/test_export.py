@@ -26,18 +26,6 @@ TEXTS = ["the model learns", " two  spaces\tand a tab\n", "héllo wörld — 日
          "a literal <|endoftext|> is text", ""]
 
 
-@pytest.fixture(scope="module")
-def bpe_run(tmp_path_factory, corpus) -> Path:
-    """A run of the real `trainrun` process with tokenizer=bpe (a small vocabulary)."""
-    run = tmp_path_factory.mktemp("bpe") / "run"
-    offline = {"HF_DATASETS_CACHE": str(tmp_path_factory.getbasetemp() / "hf-cache"),
-               "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-    proc = cli(*tiny(corpus, "tokenizer=bpe", "tokenizer.vocab_size=320",
-                     "trainer.max_steps=10", f"hydra.run.dir={run}"), cwd=run.parent, env=offline)
-    assert proc.returncode == 0, proc.stderr
-    return run
-
-
 @pytest.fixture(scope="module", params=["byte", "bpe"])
 def run_and_export(request, finished_run, bpe_run, tmp_path_factory) -> tuple[Path, Path]:
     run = finished_run if request.param == "byte" else bpe_run

@@ -20,7 +20,7 @@ from conftest import TINY, config
 from trainrun import lrfind, lrpreview
 from trainrun.distributed import Replicas
 from trainrun.errors import ConfigError
-from trainrun.schedules import SCHEDULES
+from trainrun.schedules import SCHEDULES, build_schedule
 
 MODULES = {"trainrun-lr": "trainrun.lrpreview", "trainrun-lrfind": "trainrun.lrfind"}
 
@@ -119,11 +119,71 @@ def test_preview_reads_overrides_as_trainrun_does(capsys):
 
 
 def test_preview_plot_marks_every_curve():
-    curves = [lrpreview.Curve("a", [1.0] * 10), lrpreview.Curve("b", [0.1 * k for k in range(10)])]
+    curves = [lrpreview.Curve("a", lambda k: 1.0, 10),
+              lrpreview.Curve("b", lambda k: 0.1 * (k - 1), 10, peaks=[10])]
     text = lrpreview.ascii_plot(curves, width=20, height=5)
     lines = text.splitlines()
     assert lines[0].startswith(" 1.00e+00 |*") and lines[4].startswith(" 0.00e+00 |o")
     assert lines[-1] == "* a  o b"
+
+
+PEAKS = [  # settings where the peak sits somewhere else, or is reached more than once
+    [], ["scheduler.warmup_ratio=null", "scheduler.warmup_steps=0"],
+    ["scheduler.warmup_ratio=null", "scheduler.warmup_steps=7"],
+    ["scheduler=constant"], ["scheduler=constant", "scheduler.warmup_ratio=null"],
+    ["scheduler=step", "scheduler.step_size=3"], ["scheduler=multistep"],
+    ["scheduler=exponential"], ["scheduler=cosine", "scheduler.min_lr=0.003"],
+    ["scheduler=cosine_restarts", "scheduler.T_0=10", "scheduler.cycle_decay=1"],
+    ["scheduler=cosine_restarts", "scheduler.T_0=7", "scheduler.T_mult=2"],
+    ["scheduler=onecycle"], ["scheduler=onecycle", "scheduler.pct_start=0.337"],
+    ["scheduler=onecycle", "scheduler.three_phase=true", "scheduler.anneal_strategy=linear"],
+    ["scheduler=onecycle", "scheduler.div_factor=1"],
+    ["scheduler=linear", "scheduler.min_lr=0.001"],
+    ["scheduler=polynomial", "scheduler.cycle=true", "scheduler.decay_steps=50"],
+    ["scheduler=noam"], ["scheduler=noam", "scheduler.warmup_steps=5000"],
+    ["scheduler=inverse_sqrt", "scheduler.warmup_steps=33"],
+    ["scheduler=wsd"], ["scheduler=wsd", "scheduler.decay_steps=null",
+                        "scheduler.decay_ratio=1.0", "scheduler.warmup_ratio=null"],
+    ["scheduler=plateau"],
+]
+
+
+@pytest.mark.parametrize("n", [997, 1000])
+@pytest.mark.parametrize("overrides", PEAKS, ids=lambda o: " ".join(o) or "default")
+def test_the_summary_found_at_the_peak_candidates_is_that_of_every_update(overrides, n):
+    """The reference: lr(k) at every update, its max and the first k where it occurs."""
+    c = lrpreview.curve("", config(*overrides, f"trainer.max_steps={n}"))
+    every = [c.lr(k) for k in range(1, n + 1)]
+    assert c.peak == (max(every), every.index(max(every)) + 1)
+    assert (c.first, c.final, c.n) == (every[0], every[-1], n)
+    ks, rates = c.points(50)
+    assert ks[0] == 1 and ks[-1] == n and c.peak[1] in ks and len(ks) <= 51
+    assert rates == [every[k - 1] for k in ks]
+
+
+def test_a_preview_of_10_to_the_11_updates_is_bounded_and_exact(tmp_path: Path):
+    """No list of every rate: the process ends (the timeout only guards the test run), lr.csv
+    is bounded, and the summary's figures are the schedule's own at the updates it names."""
+    n = 10**11
+    result = command("trainrun-lr", "-m", "scheduler=cosine,onecycle,noam",
+                     f"trainer.max_steps={n}", "out=big", cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    header, rows = read_csv(tmp_path / "big" / "lr.csv")
+    assert lrpreview.CSV_POINTS <= len(rows) <= lrpreview.CSV_POINTS + 9
+    assert int(rows[0][0]) == 1 and int(rows[-1][0]) == n
+    assert f"of the {n:,} updates, evenly spread" in result.stdout
+    for option in ("cosine", "onecycle", "noam"):
+        cfg = config(f"scheduler={option}", f"trainer.max_steps={n}")
+        schedule = build_schedule(cfg.scheduler, cfg.optimizer.lr, n, cfg.model.d_model)
+        first, peak, at, final, updates = summary_row(result.stdout, f"scheduler={option}")
+        assert (first, final, updates) == (f"{schedule(1):.3e}", f"{schedule(n):.3e}", str(n))
+        assert peak == f"{schedule(int(at)):.3e}"
+        column = [float(r[header.index(f"scheduler={option}")]) for r in rows]
+        assert max(column) <= schedule(int(at)) and schedule(int(at) - 1) < schedule(int(at))
+    assert (tmp_path / "big" / "lr.png").read_bytes().startswith(b"\x89PNG")
+    result = command("trainrun-lr", "trainer.max_steps=1e11", cwd=tmp_path)  # a float: refused
+    assert result.returncode == 2 and result.stderr.startswith(
+        "trainrun-lr: error: trainer.max_steps: ") and result.stderr.count("\n") == 1
 
 
 # --- trainrun-lrfind ----------------------------------------------------------------------

@@ -129,11 +129,29 @@ def test_threads_auto_leaves_the_cores_other_jobs_use(monkeypatch):
     assert threads.choose("auto")[0] == 2
 
 
-@pytest.mark.parametrize("value", ["0", "-2", "1.5", "many", "nan"])
+@pytest.mark.parametrize("value", ["0", "-2", "1.5", "many", "nan", "1025", "100000"])
 def test_threads_refuses_what_is_not_auto_or_a_count(value):
     with pytest.raises(ConfigError) as err:
         config(f"trainer.threads={value}")
     assert err.value.key == "trainer.threads"
+    assert err.value.message.endswith("allowed: auto, or a whole number of threads from 1 to "
+                                      "1024")
+
+
+def test_threads_up_to_the_bound_are_allowed_and_more_than_the_cores_said(monkeypatch):
+    assert config("trainer.threads=1024").trainer.threads == "1024"
+    monkeypatch.setattr(threads, "cores", lambda: 8)
+    assert threads.choose("8") == (8, "trainer.threads=8")
+    n, why = threads.choose("64")
+    assert n == 64 and "more than the 8 core(s) this process may run on" in why
+
+
+def test_threads_far_past_the_cores_is_one_line_in_a_process(tmp_path):
+    proc = cli("trainer.threads=100000", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and proc.stderr == (
+        "trainrun: error: trainer.threads: got '100000'; allowed: auto, or a whole number of "
+        "threads from 1 to 1024\n")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_run_uses_and_logs_the_threads_asked_for(tmp_path, corpus):

@@ -112,6 +112,52 @@ def test_a_bad_hf_tokenizer_path_is_one_line_before_any_directory(corpus, tmp_pa
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_hub_tokenizer_with_the_hub_turned_off_is_one_line(corpus, tmp_path):
+    proc = cli(*tiny(corpus, "tokenizer=hf", "tokenizer.path=org/name"), cwd=tmp_path,
+               env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr == (
+        "trainrun: error: tokenizer.path: 'org/name': the hub is turned off (HF_HUB_OFFLINE=1) "
+        "and 'org/name' is not in the local cache; allowed: a local file or folder, or a hub "
+        "name once online (HF_HUB_OFFLINE unset)\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("code, why", [
+    ("RepoNotFound", "no such repository on http://127.0.0.1:{port} (or it is private or gated)"),
+    ("EntryNotFound", "the repository has no tokenizer.json"),
+])
+def test_a_hub_that_answers_not_found_is_one_line(corpus, tmp_path, code, why):
+    """A real HTTP server as the hub (HF_ENDPOINT), answering 404 as the hub does."""
+    import http.server
+    import threading
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(404)
+            self.send_header("X-Error-Code", code)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD
+
+        def log_message(self, *args):
+            pass
+
+    hub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    try:
+        proc = cli(*tiny(corpus, "tokenizer=hf", "tokenizer.path=org/name"), cwd=tmp_path,
+                   env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{hub.server_port}"})
+    finally:
+        hub.shutdown()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr == (f"trainrun: error: tokenizer.path: 'org/name': "
+                           f"{why.format(port=hub.server_port)}; allowed: a tokenizer.json, a "
+                           f"folder holding one, or a hub name with one\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_vocabulary_is_padded_to_64_and_padding_never_wins(corpus):
     cfg = config(*tiny(corpus, *BPE))
     tok = data.load(cfg.data, cfg.tokenizer).tokenizer

@@ -7,6 +7,13 @@ and the update where it first occurs, the final lr (update N), and a plot in the
 `out=DIR` also writes DIR/lr.csv (k, then one column of lr(k) per curve, k = 1..N) and
 DIR/lr.png. `-m` expands comma-separated overrides (Hydra's sweep syntax, e.g.
 `scheduler=cosine,noam,onecycle`) and shows every combination side by side.
+
+A run may have 10^11 updates: no list of every rate is ever made. The summary evaluates
+lr(k) at update 1, at N and where the schedule says its peak can be
+(SchedulerConfig.peak_candidates), so its figures are those of every update; the plot evaluates its columns;
+lr.png is drawn through PNG_POINTS updates spread over the run, and lr.csv has a row per
+update up to CSV_EVERY updates, beyond that CSV_POINTS rows spread over the run (with the
+first, the peak and the last), and says so.
 """
 
 from __future__ import annotations
@@ -14,8 +21,9 @@ from __future__ import annotations
 import csv
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from trainrun.cli import arguments, compose, fail, sweep
@@ -38,19 +46,59 @@ examples:
   {PROG} scheduler=onecycle trainer.max_steps=2000 out=lr-preview
   {PROG} -m scheduler=cosine,noam,onecycle"""
 MARKS = "*o+x#@%&=~"
+CSV_EVERY = 1_000_000  # lr.csv has a row per update up to this many updates
+CSV_POINTS = 10_000  # and this many rows beyond
+PNG_POINTS = 4_000  # updates lr.png is drawn through
 
 
 @dataclass
 class Curve:
+    """One schedule: lr(k) for k = 1..n, evaluated only where it is shown."""
+
     label: str
-    lrs: list[float]  # lr(k) for k = 1..N
+    lr: Callable[[int], float]
+    n: int  # trainer.max_steps
     notes: list[str] = field(default_factory=list)
+    peaks: Iterable[int] = ()  # the updates among which lr is highest (peak_candidates)
 
     @property
+    def first(self) -> float:
+        return self.lr(1)
+
+    @property
+    def final(self) -> float:
+        return self.lr(self.n)
+
+    @cached_property
     def peak(self) -> tuple[float, int]:
-        """The highest lr and the first update k where it occurs."""
-        top = max(self.lrs)
-        return top, self.lrs.index(top) + 1
+        """The highest lr and the first update k where it occurs. The rate never falls on
+        its way to the peak, so the first k is found by bisection below the candidate that
+        has it: a long rise rounds to the peak's float some updates before it gets there
+        (onecycle over 10^11 updates)."""
+        ks = sorted({k for k in (1, *self.peaks, self.n) if 1 <= k <= self.n})
+        rates = [self.lr(k) for k in ks]
+        top = max(rates)
+        low, high = 1, ks[rates.index(top)]
+        while low < high:
+            mid = (low + high) // 2
+            if self.lr(mid) >= top:
+                high = mid
+            else:
+                low = mid + 1
+        return top, low
+
+    def points(self, count: int = PNG_POINTS) -> tuple[list[int], list[float]]:
+        """(k, lr(k)) at `count` updates spread over the run (every one when n <= count),
+        the peak's among them."""
+        ks = sorted({*spread(self.n, count), self.peak[1]})
+        return ks, [self.lr(k) for k in ks]
+
+
+def spread(n: int, count: int) -> range | list[int]:
+    """1..n when n <= count, else `count` updates evenly from 1 to n, both included."""
+    if n <= count:
+        return range(1, n + 1)
+    return [1 + i * (n - 1) // (count - 1) for i in range(count)]
 
 
 def parse_args(argv: Sequence[str]) -> tuple[bool, Path | None, list[str]]:
@@ -88,7 +136,8 @@ def curve(label: str, cfg: Config, evals: Sequence[tuple[int, float]] = ()) -> C
     if cfg.scheduler.uses_val_loss and not evals:
         notes.append(f"scheduler={option}: its reductions depend on val/loss, which a preview "
                      f"does not have; shown without reductions")
-    return Curve(label or f"scheduler={option}", [schedule(k) for k in range(1, n + 1)], notes)
+    return Curve(label or f"scheduler={option}", schedule, n, notes,
+                 schedule.cfg.peak_candidates(n))
 
 
 def summary(curves: list[Curve]) -> str:
@@ -97,23 +146,23 @@ def summary(curves: list[Curve]) -> str:
              f"{'final lr':>10}  {'updates':>7}"]
     for c in curves:
         top, at = c.peak
-        lines.append(f"{c.label:<{width}}  {c.lrs[0]:>10.3e}  {top:>10.3e}  {at:>9d}  "
-                     f"{c.lrs[-1]:>10.3e}  {len(c.lrs):>7d}")
+        lines.append(f"{c.label:<{width}}  {c.first:>10.3e}  {top:>10.3e}  {at:>9d}  "
+                     f"{c.final:>10.3e}  {c.n:>7d}")
     lines += [f"note: {note}" for c in curves for note in c.notes]
     return "\n".join(lines)
 
 
 def ascii_plot(curves: list[Curve], width: int = 64, height: int = 14) -> str:
     """lr against k as characters: one mark per curve, y from 0 to the highest lr."""
-    n = max(len(c.lrs) for c in curves)
-    top = max(max(c.lrs) for c in curves) or 1.0
+    n = max(c.n for c in curves)
+    top = max(c.peak[0] for c in curves) or 1.0
     grid = [[" "] * width for _ in range(height)]
     marks = MARKS * len(curves)
     for mark, c in zip(marks, curves, strict=False):
         for col in range(width):
             k = 1 + round(col * (n - 1) / max(1, width - 1))
-            if k <= len(c.lrs):
-                row = round(c.lrs[k - 1] / top * (height - 1))
+            if k <= c.n:
+                row = round(c.lr(k) / top * (height - 1))
                 grid[height - 1 - row][col] = mark
     labels = {0: f"{top:.2e}", height // 2: f"{top / 2:.2e}", height - 1: f"{0:.2e}"}
     lines = [f"{labels.get(r, ''):>9} |{''.join(row)}" for r, row in enumerate(grid)]
@@ -124,14 +173,23 @@ def ascii_plot(curves: list[Curve], width: int = 64, height: int = 14) -> str:
     return "\n".join(lines)
 
 
-def write_csv(curves: list[Curve], path: Path, multirun: bool) -> None:
-    """k, then lr(k) per curve (column `lr` for a single run; blank past a shorter run)."""
-    n = max(len(c.lrs) for c in curves)
+def write_csv(curves: list[Curve], path: Path, multirun: bool) -> str | None:
+    """k, then lr(k) per curve (column `lr` for a single run; blank past a shorter run): a
+    row per update up to CSV_EVERY updates, else CSV_POINTS rows spread over the run and
+    each curve's first, peak and last update, with a note that says so."""
+    n = max(c.n for c in curves)
+    if n <= CSV_EVERY:
+        ks, note = range(1, n + 1), None
+    else:
+        ks = sorted({*spread(n, CSV_POINTS), *(k for c in curves for k in (1, c.peak[1], c.n))})
+        note = (f"{path}: {len(ks):,} of the {n:,} updates, evenly spread, with the first, "
+                f"the peak and the last (every update up to {CSV_EVERY:,})")
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
         out.writerow(["k", *(c.label for c in curves)] if multirun else ["k", "lr"])
-        for k in range(1, n + 1):
-            out.writerow([k, *(repr(c.lrs[k - 1]) if k <= len(c.lrs) else "" for c in curves)])
+        for k in ks:
+            out.writerow([k, *(repr(c.lr(k)) if k <= c.n else "" for c in curves)])
+    return note
 
 
 def write_png(curves: list[Curve], path: Path, title: str = "learning-rate schedule") -> None:
@@ -142,7 +200,7 @@ def write_png(curves: list[Curve], path: Path, title: str = "learning-rate sched
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for c in curves:
-        ax.plot(range(1, len(c.lrs) + 1), c.lrs, label=c.label, linewidth=1.5)
+        ax.plot(*c.points(), label=c.label, linewidth=1.5)
     ax.set(xlabel="update k", ylabel="learning rate", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -167,9 +225,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        write_csv(curves, out / "lr.csv", multirun)
+        note = write_csv(curves, out / "lr.csv", multirun)
         write_png(curves, out / "lr.png")
         print(f"wrote {out / 'lr.csv'} and {out / 'lr.png'}")
+        if note is not None:
+            print(f"note: {note}")
 
 
 if __name__ == "__main__":

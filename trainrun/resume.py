@@ -100,6 +100,36 @@ def check_tokenizer(tokenizer, path: Path) -> None:
                                        f"(the run's copy: {path.parent.parent / RUN_FILE})")
 
 
+def data_record(train, validation) -> dict:
+    """meta.json's `data`: each split's documents' fingerprint, the sha256 of its token file
+    and its number of tokens (Sequences.record)."""
+    return {"train": train.record, "validation": validation.record}
+
+
+def check_data(record: dict, path: Path) -> None:
+    """Refuse to continue on other tokens than the checkpoint at `path` was trained on: a
+    resumed run is exact, and these would be other data under the same settings (a file
+    edited, even at the same size and time). Checkpoints from before the record pass."""
+    saved = checkpoint.read_meta(path).get("data") or {}
+    if not isinstance(saved, dict):
+        raise ConfigError("resume", f"{path / checkpoint.META_FILE}: not a meta.json that "
+                                    f"trainrun wrote (data: {saved!r}); allowed: a checkpoint "
+                                    f"written by trainrun")
+    for split in ("train", "validation"):
+        old, new = saved.get(split), record.get(split)
+        if not (isinstance(old, dict) and new) or old.get("tokens") == new["tokens"]:
+            continue
+        why = ("its documents changed" if old.get("documents") != new["documents"] else
+               "it was tokenized differently (another version of datasets or trainrun?)")
+        then = old.get("count")
+        then = f"{then:,}" if isinstance(then, int) else "?"
+        raise ConfigError("data", f"the {split} split is not the one checkpoint {path.name} "
+                                  f"was trained on: {why}; {then} tokens then, "
+                                  f"{new['count']:,} now; allowed: that data, as it was "
+                                  f"(a resumed run continues on the same tokens), or a new run "
+                                  f"from these weights (trainrun-export, then model.init_from)")
+
+
 def option(section: str, schema_name: str) -> str:
     """`optimizer=adamw` for the schema AdamWConfig: an option as the user names it."""
     names = [name for name, schema in GROUPS.get(section, {}).items()

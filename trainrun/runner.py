@@ -111,6 +111,7 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
             trainer = build(cfg, device, precision, console, world, pretrained=resume_from is None)
             if resume_from is not None:
                 resume.check_tokenizer(trainer.tokenizer, resume_from)
+                resume.check_data(resume.data_record(trainer.train, trainer.val), resume_from)
                 trainer.load_state_dict(checkpoint.load(resume_from, trainer.raw_model,
                                                         trainer.replicas, trainer.optimizer))
                 console.info(f"resumed from {resume_from} at update {trainer.counters.k}")
@@ -136,7 +137,8 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
                           first_step=trainer.counters.k + 1, writes=world.main,
                           earlier_seconds=trainer.counters.wall_seconds, tb_name=launch.tb_name)
         meta = {"config": json.loads(json.dumps(asdict(cfg))), "schemas": resume.schemas(cfg),
-                "tokenizer": resume.tokenizer_record(trainer.tokenizer), **origin(cfg, resume_from)}
+                "tokenizer": resume.tokenizer_record(trainer.tokenizer),
+                "data": resume.data_record(trainer.train, trainer.val), **origin(cfg, resume_from)}
         outputs = Outputs(metrics, console, run_dir / "checkpoints", meta,
                           saved_k=trainer.counters.k if resume_from is not None else None)
         status = "failed"

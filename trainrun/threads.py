@@ -4,13 +4,20 @@ torch's own default is one thread per core. On a machine shared with other jobs 
 a CI runner) that oversubscribes the cores: each thread waits for the others at every
 operator, and a run can take many times longer than with fewer threads. `auto` therefore
 takes the cores this process may run on, shares them between the processes of this launch
-on this machine, and leaves out the cores that other jobs keep busy (the load average)."""
+on this machine, and leaves out the cores that other jobs keep busy (the load average).
+
+A number is bounded by MAX_THREADS, a fixed figure rather than this machine's cores: a
+config is validated where it is written (a sweep's submit host, a laptop) and may run on a
+larger machine. Past it, starting the threads alone can exhaust memory; more threads than
+cores is allowed but said in the log, since it only slows a run down."""
 
 from __future__ import annotations
 
 import os
 
 from trainrun.errors import ConfigError
+
+MAX_THREADS = 1024  # above the cores of the largest machines (2 x 192 cores x 2 threads)
 
 
 def check(key: str, value: str) -> None:
@@ -20,8 +27,9 @@ def check(key: str, value: str) -> None:
         n = int(value)
     except ValueError:
         n = 0
-    if n < 1 or str(n) != str(value).strip():
-        raise ConfigError(key, f"got {value!r}; allowed: auto, or a whole number of threads >= 1")
+    if not 1 <= n <= MAX_THREADS or str(n) != str(value).strip():
+        raise ConfigError(key, f"got {value!r}; allowed: auto, or a whole number of threads "
+                               f"from 1 to {MAX_THREADS}")
 
 
 def cores() -> int:
@@ -36,7 +44,10 @@ def choose(value: str) -> tuple[int, str]:
     """The number of threads for trainer.threads=value, and why (for the log)."""
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by torchrun
     if value != "auto":
-        return int(value), f"trainer.threads={value}"
+        n = cores()
+        more = (f"; more than the {n} core(s) this process may run on, so they wait for "
+                f"each other" if int(value) > n else "")
+        return int(value), f"trainer.threads={value}{more}"
     omp = os.environ.get("OMP_NUM_THREADS", "")
     if omp.isdigit() and int(omp) > 0:
         return int(omp), f"auto: OMP_NUM_THREADS={omp}"

@@ -6,11 +6,14 @@ reaches Hydra or OmegaConf's resolvers), then the command's own overrides, compo
 validated as `trainrun` does it; model.init_from is left out (the checkpoint holds the
 weights). The checkpoint is the newest intact one (a damaged newer one is skipped with a
 warning, and left where it is) or the one asked for; its meta.json must describe the model
-that the config builds.
+that the config builds and name the tokenizer it was trained with: the run's copy
+(tokenizer.json) must be there exactly when meta.json names one, with the fingerprint it
+records, so that no figure, sample or export is made with other ids.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +22,8 @@ import torch
 from trainrun import checkpoint, resume, rundir, runner
 from trainrun.after.output import Parser
 from trainrun.config import Config
-from trainrun.data import Tokenizer, for_run
+from trainrun.data import RUN_FILE, Tokenizer
+from trainrun.data.tokenizers import ByteTokenizer, JSONTokenizer
 from trainrun.errors import ConfigError
 from trainrun.model import GPT
 from trainrun.precision import Precision
@@ -93,21 +97,67 @@ def find_checkpoint(run_dir: Path, name: str | None) -> tuple[Path, list[str]]:
                   for p, problem in damaged.items()]
 
 
-def check_shape(cfg: Config, path: Path) -> int:
-    """The update of checkpoint `path`, whose meta.json must give the model cfg builds."""
+def not_meta(path: Path, why: object) -> ConfigError:
+    return ConfigError(ARG, f"{path / checkpoint.META_FILE}: not a meta.json that trainrun "
+                            f"wrote ({why}); allowed: {RUN_ALLOWED}")
+
+
+def check_shape(cfg: Config, path: Path) -> tuple[int, dict]:
+    """The update of checkpoint `path`, whose meta.json must give the model cfg builds, and
+    that meta.json."""
     try:
         meta = checkpoint.read_meta(path)
         step, saved = int(meta["step"]), meta["config"]["model"]
         differs = [k for k in resume.SHAPE_KEYS if saved[k] != getattr(cfg.model, k)]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(ARG, f"{path / checkpoint.META_FILE}: not a meta.json that trainrun "
-                               f"wrote ({exc}); allowed: {RUN_ALLOWED}") from None
+        raise not_meta(path, exc) from None
     if differs:
         k = differs[0]
         raise ConfigError(ARG, f"{path.name} holds a model with model.{k}={saved[k]}, but the "
                                f"run's saved overrides (.hydra/overrides.yaml) give "
                                f"{getattr(cfg.model, k)}; allowed: {RUN_ALLOWED} and its .hydra/")
-    return step
+    return step, meta
+
+
+def tokenizer_of(run_dir: Path, path: Path, meta: dict, eot: str | None) -> Tokenizer:
+    """The tokenizer checkpoint `path` was trained with, as its meta.json records it: the
+    byte tokenizer, or the run's copy (run_dir/tokenizer.json, end of document `eot`) with
+    the recorded fingerprint. A meta.json without a record is from before tokenizers had
+    options (they came with the record), so bytes, as its schemas must then say too."""
+    record = meta.get("tokenizer")
+    if record is None:
+        schema = meta.get("schemas", {}).get("tokenizer", "ByteConfig")
+        if schema != "ByteConfig":
+            raise not_meta(path, f"no tokenizer record for a run with {schema}")
+        record = {"fingerprint": "byte", "file": None}
+    if not (isinstance(record, dict) and isinstance(record.get("fingerprint"), str)
+            and record.get("file") in (None, RUN_FILE)
+            and (record["file"] is None) == (record["fingerprint"] == "byte")):
+        raise not_meta(path, f"tokenizer: {record!r}")
+    copy = run_dir / RUN_FILE
+    if record["file"] is None:
+        if os.path.lexists(copy):
+            raise ConfigError(ARG, f"{copy}: {path.name} was trained with the byte tokenizer, "
+                                   f"which has no tokenizer.json; allowed: {RUN_ALLOWED}, "
+                                   f"without a tokenizer.json that is not its own")
+        return ByteTokenizer()
+    saved = record["fingerprint"]
+    if not copy.is_file():
+        what = "is not a regular file" if os.path.lexists(copy) else "is missing"
+        raise ConfigError(ARG, f"{copy} {what}; {path.name} was trained with it "
+                               f"(fingerprint {saved[:12]} in meta.json); allowed: "
+                               f"{RUN_ALLOWED} and its own tokenizer.json")
+    try:
+        tokenizer = JSONTokenizer.from_file(copy, eot)
+    except ConfigError as error:  # not a tokenizer.json, or without the run's end of document
+        raise ConfigError(ARG, f"{error.message}; {path.name} was trained with another one "
+                               f"(fingerprint {saved[:12]} in meta.json)") from None
+    if tokenizer.fingerprint() != saved:
+        raise ConfigError(ARG, f"{copy} is not the tokenizer {path.name} was trained with "
+                               f"(fingerprint {tokenizer.fingerprint()[:12]}, meta.json "
+                               f"records {saved[:12]}); allowed: {RUN_ALLOWED} and its own "
+                               f"tokenizer.json")
+    return tokenizer
 
 
 def open_run(run_dir: str, overrides: list[str], checkpoint_name: str | None = None,
@@ -122,9 +172,9 @@ def open_run(run_dir: str, overrides: list[str], checkpoint_name: str | None = N
     rundir.check(path, ARG)  # before anything in it is read
     cfg = config(path.resolve(), overrides, data, config_dir)
     ckpt, warnings = find_checkpoint(path, checkpoint_name)
-    step = check_shape(cfg, ckpt)
+    step, meta = check_shape(cfg, ckpt)
+    tokenizer = tokenizer_of(path, ckpt, meta, getattr(cfg.tokenizer, "eot", None))
     device, precision = runner.prepare(cfg)
-    tokenizer = for_run(path, getattr(cfg.tokenizer, "eot", None))
     model = runner.build_model(cfg.model, tokenizer.vocab_size, device)
     checkpoint.load_weights(ckpt, model)
     return Run(path, cfg, ckpt, step, model.eval(), tokenizer, device, precision, warnings)

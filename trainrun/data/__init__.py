@@ -53,8 +53,11 @@ def load(cfg: DataConfig, tokenizer_cfg: TokenizerConfig | None = None,
     folder = storage.tokenize(docs, tokenizer, log)
     out = {}
     for split in storage.SPLITS:
-        tokens, offsets = storage.open_split(folder, split)
-        seqs = Sequences(tokens, offsets, cfg.seq_len, cfg.packing, tokenizer.eot)
+        tokens, offsets = storage.open_split(folder, split, tokenizer.vocab_size)
+        record = {"documents": docs[split]._fingerprint,
+                  "tokens": storage.info(folder)["splits"][split]["sha256"],
+                  "count": len(tokens)}
+        seqs = Sequences(tokens, offsets, cfg.seq_len, cfg.packing, tokenizer.eot, record)
         if len(seqs) == 0:
             raise ConfigError(
                 "data", f"the {split} split has no sequence of data.seq_len={cfg.seq_len} tokens"

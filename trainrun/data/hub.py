@@ -39,16 +39,35 @@ def reachable(timeout: float = PROBE_SECONDS) -> bool:
     return bool(ok)
 
 
-def _offline_set() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on") or \
-        os.environ.get("HF_DATASETS_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+SWITCHES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")  # what turns the hub off for `datasets`
+
+
+def _offline_set(switches: tuple[str, ...] = SWITCHES) -> list[str]:
+    """The variables of `switches` that are set and turn the hub off (HF_HUB_OFFLINE=1)."""
+    return [name for name in switches
+            if os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")]
 
 
 @contextmanager
-def offline_unless_reachable(name: str, key: str = "data.path"):
+def offline_unless_reachable(name: str, key: str = "data.path",
+                             switches: tuple[str, ...] = SWITCHES):
     """Run the body offline (local cache only) when `name` is a hub name and the hub cannot
-    be reached; a failure then is one ConfigError line for `key`."""
-    if os.path.exists(os.path.expanduser(name)) or _offline_set() or reachable():
+    be reached; a failure then is one ConfigError line for `key`. So is a name that is not
+    in the local cache when one of `switches` turns the hub off (HF_HUB_OFFLINE=1)."""
+    if os.path.exists(os.path.expanduser(name)):
+        yield
+        return
+    if off := _offline_set(switches):
+        try:
+            yield
+        except OSError:  # the hub's and `datasets`' "not in the cache" and "offline" errors
+            variables = " and ".join(f"{v}={os.environ[v]}" for v in off)
+            raise ConfigError(key, f"{name!r}: the hub is turned off ({variables}) and "
+                                   f"{name!r} is not in the local cache; allowed: a local file "
+                                   f"or folder, or a hub name once online ({' and '.join(off)} "
+                                   f"unset)") from None
+        return
+    if reachable():
         yield
         return
     import datasets.config

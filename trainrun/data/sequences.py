@@ -20,12 +20,13 @@ class Sequences:
     """Fixed-length training sequences; `batch(indices)` -> inputs, targets (B, T) int64.
 
     `pad_id` is the input id at padded positions (the end-of-document id): any real id
-    does, as no target follows it."""
+    does, as no target follows it. `record` says where the tokens come from (the documents'
+    fingerprint, the token file's sha256 and its number of tokens), for checkpoints."""
 
     def __init__(self, tokens: np.ndarray, offsets: np.ndarray, seq_len: int, packing: bool,
-                 pad_id: int):
+                 pad_id: int, record: dict | None = None):
         self.tokens, self.offsets, self.seq_len, self.packing = tokens, offsets, seq_len, packing
-        self.pad_id = pad_id
+        self.pad_id, self.record = pad_id, record
         self._fd: int | None = None
         self._fd_pid = 0
         if packing:

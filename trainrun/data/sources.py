@@ -4,6 +4,11 @@ validation) with one column, `text`.
 A source with a validation split of its own uses it; otherwise a fixed `val_fraction` of
 the documents is held out, with a seed of its own. `max_documents` caps each split, for quick
 runs on a large corpus.
+
+Local files are known by their content, not only by what `datasets` looks at (their paths and
+modification times): their sha256, taken while the text check reads them, keys the folder
+where `datasets` keeps its copy of them and is part of the documents' fingerprint, so that a
+file edited at the same size and time is read again and tokenized anew.
 """
 
 from __future__ import annotations
@@ -19,7 +24,13 @@ from typing import Any
 from omegaconf import MISSING
 
 from trainrun.errors import ConfigError, require_positive
-from trainrun.textcheck import check_encoding, require_text
+from trainrun.textcheck import (
+    check_encoding,
+    fingerprint,
+    open_regular,
+    require_regular,
+    require_text,
+)
 
 SPLIT_SEED = 0  # the train/validation split never depends on trainer.seed
 
@@ -69,9 +80,10 @@ class BuiltinDataConfig(DataConfig):
         files = sorted(str(p) for p in Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
         # CPython's sources are UTF-8; checking ~5 MB costs ~30 ms, and a Python whose are
         # not gets one line instead of a traceback
-        require_text("data", files, "utf-8", "data=text for other data")
-        ds = datasets.load_dataset("text", data_files=files, split="train", sample_by="document")
-        return _hold_out(ds, self.val_fraction)
+        content = require_text("data", files, "utf-8", "data=text for other data")
+        ds = datasets.load_dataset("text", data_files=files, split="train", sample_by="document",
+                                   cache_dir=_cache_dir(content))
+        return _hold_out(ds, self.val_fraction, content)
 
 
 @dataclass
@@ -89,9 +101,11 @@ class TextDataConfig(DataConfig):
         return [str(p).strip() for p in self.files if str(p).strip()]
 
     def paths(self) -> list[str]:
+        """The files the patterns match (a named pipe or a device too, to be refused; not
+        directories, which `**` matches, nor links to nothing)."""
         return sorted({f for p in self.patterns()
                        for f in glob.glob(os.path.expanduser(p), recursive=True)
-                       if os.path.isfile(f)})
+                       if os.path.exists(f) and not os.path.isdir(f)})
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
@@ -107,6 +121,8 @@ class TextDataConfig(DataConfig):
         paths = self.paths()
         if not paths:
             raise ConfigError(f"{prefix}.files", f"{self.files!r} matches no file")
+        require_regular(f"{prefix}.files", paths, "regular files (a named pipe, socket or "
+                                                  "device is never read)")
         if all(_is_empty(p) for p in paths):
             raise ConfigError(f"{prefix}.files", f"{self.files!r} matches only empty files")
         kinds = {_BUILDERS.get(Path(p).suffix.lower()) for p in paths}
@@ -123,10 +139,14 @@ class TextDataConfig(DataConfig):
         builder = _BUILDERS[Path(paths[0]).suffix.lower()]
         encoding = {}
         if builder != "parquet":
-            require_text("data.files", paths, self.encoding, _allowed(self.encoding))
+            content = require_text("data.files", paths, self.encoding, _allowed(self.encoding))
             encoding = {"encoding": self.encoding}  # the text, json and csv builders' key
-        ds = datasets.load_dataset(builder, data_files=paths, split="train", **encoding)
-        return _hold_out(_text_column(ds, self.text_column, "data.text_column"), self.val_fraction)
+        else:
+            content = fingerprint(paths)
+        ds = datasets.load_dataset(builder, data_files=paths, split="train",
+                                   cache_dir=_cache_dir(content), **encoding)
+        return _hold_out(_text_column(ds, self.text_column, "data.text_column"), self.val_fraction,
+                         content)
 
 
 @dataclass
@@ -142,18 +162,24 @@ class HFDataConfig(DataConfig):
     def documents(self):
         import datasets
 
-        available = self._load(None, "data.path")
+        content = None  # a hub data set: `datasets` knows it by its revision
+        folder = os.path.expanduser(self.path)
+        if os.path.isdir(folder):
+            require_regular("data.path", _data_files(folder), "a folder of regular files (a "
+                            "named pipe, socket or device is never read)")
+            content = fingerprint(_folder_files(folder), folder)
+        available = self._load(None, "data.path", content)
         val_split = self.val_split
         if val_split is None and "validation" in available and self.train_split != "validation":
             val_split = "validation"
         train = _text_column(self._pick(available, self.train_split, "data.train_split"),
                              self.text_column, "data.text_column")
         if val_split is None:
-            return _hold_out(train, self.val_fraction)
+            return _hold_out(train, self.val_fraction, content)
         val = _text_column(self._pick(available, val_split, "data.val_split"),
                            self.text_column, "data.text_column")
-        return datasets.DatasetDict(train=train.select_columns(["text"]),
-                                    validation=val.select_columns(["text"]))
+        return datasets.DatasetDict(train=_text_only(train, content),
+                                    validation=_text_only(val, content))
 
     def describe(self) -> str:
         return (f"validation: split {self.val_split!r}" if self.val_split is not None else
@@ -166,9 +192,10 @@ class HFDataConfig(DataConfig):
                                    f"{', '.join(available)}")
         return available[split]
 
-    def _load(self, split: str | None, key: str):
+    def _load(self, split: str | None, key: str, content: str | None = None):
         """The data set's splits (a DatasetDict), with the usual ways of not finding it as one
-        ConfigError line; a hub name fails at once when the hub cannot be reached."""
+        ConfigError line; a hub name fails at once when the hub cannot be reached. `content`:
+        a local folder's fingerprint."""
         import datasets
         from datasets.exceptions import DatasetNotFoundError
 
@@ -176,7 +203,8 @@ class HFDataConfig(DataConfig):
 
         try:
             with offline_unless_reachable(self.path):
-                return datasets.load_dataset(self.path, self.name, split=split)
+                return datasets.load_dataset(self.path, self.name, split=split,
+                                             cache_dir=_cache_dir(content))
         except (FileNotFoundError, DatasetNotFoundError, ConnectionError) as exc:
             why = str(exc).splitlines()[0].rstrip(".")
             raise ConfigError("data.path", f"{self.path!r}: {why}; allowed: a local folder, or "
@@ -205,12 +233,35 @@ def _allowed(encoding: str) -> str:
     return f"text files in {encoding} (data.encoding), or data.encoding=<codec> for another"
 
 
-def _text_files(folder: str) -> list[str]:
-    """The files of a folder that `datasets` would read as text, as it does: by extension,
-    hidden ones left out."""
-    return sorted(str(p) for p in Path(folder).rglob("*")
-                  if p.suffix.lower() in _BUILDERS and p.suffix.lower() != ".parquet"
+def _cache_dir(content: str | None) -> str | None:
+    """Where `datasets` keeps its copy of local files whose content fingerprint is `content`
+    (None: its own cache): one folder per content, since `datasets` itself tells files apart
+    by their paths and modification times only."""
+    if content is None:
+        return None
+    from trainrun.data.storage import cache_root
+
+    return str(cache_root() / "documents" / content[:24])
+
+
+def _folder_files(folder: str) -> list[str]:
+    """Every file of a data=hf folder but hidden ones: any of them may change what `datasets`
+    reads (a README.md can name the splits' files)."""
+    return sorted(str(p) for p in Path(folder).rglob("*") if p.is_file()
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _data_files(folder: str) -> list[str]:
+    """The entries of a folder that `datasets` would read, as it picks them: by extension,
+    hidden ones left out; directories and links to nothing are not files."""
+    return sorted(str(p) for p in Path(folder).rglob("*")
+                  if p.suffix.lower() in _BUILDERS and p.exists() and not p.is_dir()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _text_files(folder: str) -> list[str]:
+    """The files of a folder that `datasets` would read as text."""
+    return [p for p in _data_files(folder) if Path(p).suffix.lower() != ".parquet"]
 
 
 def _is_empty(path: str) -> bool:
@@ -218,7 +269,7 @@ def _is_empty(path: str) -> bool:
     the first character that is not white space."""
     if Path(path).suffix.lower() == ".parquet":
         return os.path.getsize(path) == 0
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while block := f.read(1 << 16):
             if block.strip():
                 return False
@@ -231,10 +282,19 @@ def _text_column(ds, column: str, key: str):
     return ds.select_columns([column]).rename_column(column, "text") if column != "text" else ds
 
 
-def _hold_out(ds, val_fraction: float):
+def _text_only(ds, content: str | None):
+    """The `text` column, its fingerprint made from the files' content fingerprint too."""
+    if content is None:
+        return ds.select_columns(["text"])
+    from trainrun.data.storage import key
+
+    return ds.select_columns(["text"], new_fingerprint=key(ds._fingerprint, content))
+
+
+def _hold_out(ds, val_fraction: float, content: str | None):
     import datasets
 
-    ds = ds.select_columns(["text"])
+    ds = _text_only(ds, content)
     if len(ds) < 2:
         raise ConfigError("data", f"{len(ds)} document(s); at least 2 are needed to hold one out")
     n_val = max(1, round(val_fraction * len(ds)))

@@ -4,14 +4,21 @@ fingerprints of the documents and the tokenizer; every process opens the files r
 (sequences.py reads them).
 
 A cache folder appears whole or not at all: it is written under another name while an
-exclusive lock is held, then renamed into place. Two runs (or ranks) starting together
-wait for each other instead of tokenizing twice, and a crash leaves only a temporary folder
-that the next writer removes. Layout (README "Data"):
+exclusive lock is held, its files synced to disk, then renamed into place. Two runs (or
+ranks) starting together wait for each other instead of tokenizing twice, and a crash
+leaves only a temporary folder that the next writer removes. Layout (README "Data"):
 
     <cache root>/tokens/<key>/{train,validation}.bin          tokens, end of document after each
     <cache root>/tokens/<key>/{train,validation}.offsets.npy  int64: where each document starts
-    <cache root>/tokens/<key>/info.json                       sizes and fingerprints
+    <cache root>/tokens/<key>/info.json                       sizes, fingerprints, checksums
     <cache root>/tokenizers/<key>/tokenizer.json              tokenizer=bpe, trained once
+    <cache root>/documents/<content>/                         `datasets`' cache of local files
+
+The token files are checked whenever they are opened (open_split), against the sha256 of
+each written beside them in info.json: their sizes and the offsets always, the tokens whole
+up to VERIFY_ALL bytes, beyond that SAMPLES blocks spread over the file (a truncation, an
+appended or a re-tokenized file is always found; an edit between two sampled blocks is not).
+An id beyond the vocabulary in what was read is an error too.
 """
 
 from __future__ import annotations
@@ -27,10 +34,15 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT = 1  # of the files below; part of every key
+from trainrun.errors import ConfigError
+
+FORMAT = 2  # of the files below; part of every key (2: checksums in info.json)
 BATCH = 1000  # documents per encode_batch call
 PROGRESS_SECONDS = 10.0
 SPLITS = ("train", "validation")
+VERIFY_ALL = 2 << 30  # token files up to this size are read whole at every open (~1 GB/s)
+SAMPLES, SAMPLE_BYTES = 1024, 64 << 10  # beyond it, 64 MiB in blocks spread over the file
+READ_BYTES = 1 << 20
 
 
 def cache_root() -> Path:
@@ -62,11 +74,22 @@ def cached(folder: Path, build: Callable[[Path], None]) -> Path:
         tmp.mkdir()
         try:
             build(tmp)
+            for path in [*tmp.iterdir(), tmp]:  # on disk before the name says it is complete
+                _fsync(path)
             os.rename(tmp, folder)
+            _fsync(folder.parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return folder
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def dtype_for(vocab_size: int) -> np.dtype:
@@ -78,6 +101,7 @@ def write_split(docs, tokenizer, folder: Path, split: str, log: Callable[[str], 
     non-blank document's ids, then the end-of-document id."""
     dtype, eot = dtype_for(tokenizer.vocab_size), np.array([tokenizer.eot])
     starts, n_docs, n_tokens, n_bytes = [np.zeros(1, np.int64)], 0, 0, 0
+    digest = hashlib.sha256()
     began = last = time.monotonic()
     with open(folder / f"{split}.bin", "wb") as out:
         for batch in docs.iter(batch_size=BATCH):
@@ -85,7 +109,9 @@ def write_split(docs, tokenizer, folder: Path, split: str, log: Callable[[str], 
             if not texts:
                 continue
             ids = tokenizer.encode_batch(texts)
-            np.concatenate([part for a in ids for part in (a, eot)]).astype(dtype).tofile(out)
+            chunk = np.concatenate([part for a in ids for part in (a, eot)]).astype(dtype)
+            chunk.tofile(out)
+            digest.update(chunk)
             lengths = np.fromiter((len(a) + 1 for a in ids), np.int64, len(ids))
             starts.append(n_tokens + np.cumsum(lengths))
             n_docs, n_tokens = n_docs + len(ids), n_tokens + int(lengths.sum())
@@ -96,8 +122,12 @@ def write_split(docs, tokenizer, folder: Path, split: str, log: Callable[[str], 
     np.save(folder / f"{split}.offsets.npy", np.concatenate(starts))
     seconds = time.monotonic() - began
     log(f"tokenized {split}: {rates(n_docs, n_tokens, n_bytes, seconds)}")
+    bin_path, offsets_path = folder / f"{split}.bin", folder / f"{split}.offsets.npy"
     return {"documents": n_docs, "tokens": n_tokens, "text_bytes": n_bytes,
-            "seconds": round(seconds, 3)}
+            "seconds": round(seconds, 3), "bytes": bin_path.stat().st_size,
+            "sha256": digest.hexdigest(), "sampled_sha256": _read(bin_path, dtype)[0],
+            "offsets_bytes": offsets_path.stat().st_size,
+            "offsets_sha256": _read(offsets_path, np.dtype(np.uint8), whole=True)[0]}
 
 
 def rates(docs: int, tokens: int, text_bytes: int, seconds: float) -> str:
@@ -123,11 +153,82 @@ def tokenize(docs, tokenizer, log: Callable[[str], None]) -> Path:
     return cached(folder, build)
 
 
-def open_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """A split's tokens and document offsets, mapped read-only (pages are read on use)."""
-    info = json.loads((folder / "info.json").read_text())
-    path = folder / f"{split}.bin"
-    dtype = np.dtype(info["dtype"])
-    tokens = (np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size
-              else np.zeros(0, dtype))
-    return tokens, np.load(folder / f"{split}.offsets.npy", mmap_mode="r")
+def spans(size: int, itemsize: int) -> list[tuple[int, int]]:
+    """(offset, length) of the blocks a sampled check reads: the whole file when it is no
+    larger than SAMPLES blocks, else SAMPLES blocks from its start to its end, aligned to
+    whole ids."""
+    if size <= SAMPLES * SAMPLE_BYTES:
+        return [(0, size)]
+    starts = (i * (size - SAMPLE_BYTES) // (SAMPLES - 1) for i in range(SAMPLES))
+    return [(start - start % itemsize, SAMPLE_BYTES) for start in starts]
+
+
+def _read(path: Path, dtype: np.dtype, whole: bool = False) -> tuple[str, int]:
+    """(sha256, highest id) of the file, or of its sampled blocks (spans): read with plain
+    reads, never through a map, so that the pages stay out of the process's memory."""
+    digest, top = hashlib.sha256(), 0
+    size = path.stat().st_size
+    with open(path, "rb", buffering=0) as f:
+        for start, length in [(0, size)] if whole else spans(size, dtype.itemsize):
+            f.seek(start)
+            while length > 0 and (block := f.read(min(length, READ_BYTES))):
+                digest.update(block)
+                length -= len(block)
+                if len(block) >= dtype.itemsize:
+                    top = max(top, int(np.frombuffer(block, dtype).max()))
+    return digest.hexdigest(), top
+
+
+def info(folder: Path) -> dict:
+    """A cache folder's info.json."""
+    try:
+        return json.loads((folder / "info.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise damaged(folder, f"info.json: {exc}") from None
+
+
+def damaged(folder: Path, why: str) -> ConfigError:
+    return ConfigError("data", f"the token cache {folder} is damaged ({why}); allowed: remove "
+                               f"that folder, and the next run tokenizes the data again")
+
+
+def verify(folder: Path, split: str, recorded: dict, dtype: np.dtype, vocab_size: int) -> None:
+    """The split's files are those info.json describes (ConfigError naming what is not)."""
+    tokens, offsets = folder / f"{split}.bin", folder / f"{split}.offsets.npy"
+    for path, key in ((tokens, "bytes"), (offsets, "offsets_bytes")):
+        size = path.stat().st_size if path.is_file() else None
+        if size != recorded[key]:
+            held = "is missing" if size is None else f"holds {size:,} bytes"
+            raise damaged(folder, f"{path.name} {held}, info.json says {recorded[key]:,}")
+    if _read(offsets, np.dtype(np.uint8), whole=True)[0] != recorded["offsets_sha256"]:
+        raise damaged(folder, f"{offsets.name} does not match its sha256 in info.json")
+    whole = recorded["bytes"] <= VERIFY_ALL
+    digest, top = _read(tokens, dtype, whole)
+    if digest != recorded["sha256" if whole else "sampled_sha256"]:
+        what = "its sha256" if whole else "the sha256 of its sampled blocks"
+        raise damaged(folder, f"{tokens.name} does not match {what} in info.json")
+    if recorded["bytes"] and top >= vocab_size:
+        raise damaged(folder, f"{tokens.name} holds the id {top}, beyond the tokenizer's "
+                              f"{vocab_size} ids")
+
+
+def open_split(folder: Path, split: str,
+               vocab_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A split's tokens and document offsets, mapped read-only (pages are read on use),
+    once verify() has found them as they were written; ids must be below vocab_size (the
+    tokenizer's; default: info.json's)."""
+    described = info(folder)
+    try:
+        dtype = np.dtype(described["dtype"])
+        recorded = described["splits"][split]
+        verify(folder, split, recorded, dtype, vocab_size or described["vocab_size"])
+        path = folder / f"{split}.bin"
+        tokens = np.memmap(path, dtype=dtype, mode="r") if recorded["bytes"] else np.zeros(0, dtype)
+        offsets = np.load(folder / f"{split}.offsets.npy", mmap_mode="r")
+    except ConfigError:
+        raise
+    except (KeyError, TypeError, ValueError) as exc:
+        raise damaged(folder, f"info.json or the offsets are not trainrun's: {exc!r}") from None
+    if offsets[0] != 0 or offsets[-1] != len(tokens):
+        raise damaged(folder, f"{split}.offsets.npy does not end at the {len(tokens):,} tokens")
+    return tokens, offsets

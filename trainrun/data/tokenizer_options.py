@@ -116,11 +116,27 @@ class HFConfig(TokenizerConfig):
             return JSONTokenizer.from_file(path / "tokenizer.json" if path.is_dir() else path,
                                            self.eot)
         from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            HFValidationError,
+            RepositoryNotFoundError,
+        )
 
-        from trainrun.data.hub import offline_unless_reachable
+        from trainrun.data.hub import endpoint, offline_unless_reachable
 
-        with offline_unless_reachable(self.path, "tokenizer.path"):
-            file = hf_hub_download(self.path, "tokenizer.json")
+        try:
+            with offline_unless_reachable(self.path, "tokenizer.path", ("HF_HUB_OFFLINE",)):
+                file = hf_hub_download(self.path, "tokenizer.json")
+        except (OSError, EntryNotFoundError, HFValidationError) as exc:  # the hub answered no
+            if isinstance(exc, RepositoryNotFoundError):
+                why = f"no such repository on {endpoint()} (or it is private or gated)"
+            elif isinstance(exc, EntryNotFoundError):
+                why = "the repository has no tokenizer.json"
+            else:
+                why = str(exc).splitlines()[0].rstrip(".") or type(exc).__name__
+            raise ConfigError("tokenizer.path", f"{self.path!r}: {why}; allowed: a "
+                                                f"tokenizer.json, a folder holding one, or a "
+                                                f"hub name with one") from None
         return JSONTokenizer.from_file(Path(file), self.eot)
 
 

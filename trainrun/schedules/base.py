@@ -82,6 +82,15 @@ class SchedulerConfig:
         """The rate after warmup at e = 0..d-1."""
         raise NotImplementedError
 
+    def peak_candidates(self, max_steps: int) -> set[int]:
+        """Updates among which lr(k) is highest, the first update where it is included: the
+        ends of the rising phases, since elsewhere the rate never climbs above them (every
+        decay starts from its highest rate; later restarts or cycles start lower or as high).
+        trainrun-lr finds the peak of a run of 10^11 updates there. Values outside 1..N are
+        ignored."""
+        w = self.warmup(max_steps)
+        return {1, w, w + 1}
+
     def momentum(self, k: int, max_steps: int) -> float | None:
         """The momentum (SGD) or beta1 (Adam) update k uses, for schedules that cycle it."""
         return None

@@ -83,6 +83,11 @@ class OneCycleConfig(SchedulerConfig):
             start = end
         raise AssertionError("unreachable")
 
+    def peak_candidates(self, max_steps: int) -> set[int]:
+        """Around the end of the rising phase, update pct_start·N (k = last_epoch + 1)."""
+        end = math.floor(self.pct_start * max_steps)
+        return {1, *range(end - 1, end + 3)}
+
     def lr(self, k: int, base: float, max_steps: int, evals: Evals = ()) -> float:
         initial = base / self.div_factor
         lowest = initial / self.final_div_factor
@@ -119,6 +124,11 @@ class NoamConfig(SchedulerConfig):
 
     def bind(self, d_model: int | None) -> NoamConfig:
         return self if self.d_model is not None else dataclasses.replace(self, d_model=d_model)
+
+    def peak_candidates(self, max_steps: int) -> set[int]:
+        """Around W, where min() changes sides, and N when W is longer than the run."""
+        w = self.warmup(max_steps)
+        return {1, w - 1, w, w + 1, max_steps}
 
     def lr(self, k: int, base: float, max_steps: int, evals: Evals = ()) -> float:
         if self.d_model is None:

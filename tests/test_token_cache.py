@@ -1,0 +1,145 @@
+"""The data a run trains on is the data on disk (README "Token storage"): a corpus edited at
+the same size and modification time is read and tokenized anew, token files that are not
+as written (truncated, overwritten, ids beyond the vocabulary) are one line, and a resume
+after the corpus changed is refused in one line, the run directory untouched."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import cli, config, make_corpus, tiny
+
+from trainrun import data
+from trainrun.data import storage
+from trainrun.data.tokenizers import ByteTokenizer
+from trainrun.errors import ConfigError
+
+EOT = ByteTokenizer.eot
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch) -> Path:
+    """A token cache of the test's own: these tests damage it."""
+    monkeypatch.setenv("TRAINRUN_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def edit_in_place(path: Path, old: bytes, new: bytes) -> None:
+    """Replace `old` by `new` (as long) everywhere in the file, keeping its size and its
+    modification time: what `datasets` identifies local files by."""
+    assert len(old) == len(new)
+    before = path.stat()
+    content = path.read_bytes()
+    assert old in content
+    path.write_bytes(content.replace(old, new))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+
+def documents(loaded: data.Loaded) -> list[bytes]:
+    """Every document of both splits as the token files hold it (byte tokenizer: its UTF-8
+    bytes), sorted."""
+    out = []
+    for split in ("train", "validation"):
+        tokens = np.asarray(loaded[split].tokens)
+        ends = np.flatnonzero(tokens == EOT)
+        out += [tokens[a:b].astype(np.uint8).tobytes()
+                for a, b in zip([0, *(ends + 1)[:-1]], ends, strict=True)]
+    return sorted(out)
+
+
+def test_a_corpus_edited_at_the_same_size_and_time_is_tokenized_anew(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus.txt")
+    cfg = config("data=text", f"data.files={corpus}").data
+    first = data.load(cfg)
+    assert documents(first) == sorted(line for line in corpus.read_bytes().splitlines() if line)
+    edit_in_place(corpus, b"model", b"MODEL")
+    second = data.load(cfg)
+    # the reference: the edited file's lines (a document per line)
+    assert documents(second) == sorted(line for line in corpus.read_bytes().splitlines() if line)
+    assert Path(second.train.tokens.filename).parent != Path(first.train.tokens.filename).parent
+    assert second.train.record["documents"] != first.train.record["documents"]
+
+
+def cached_split(tmp_path) -> tuple[Path, Path, dict]:
+    """A tokenized test corpus: its cache folder, the corpus, and its info.json."""
+    corpus = make_corpus(tmp_path / "corpus.txt")
+    loaded = data.load(config("data=text", f"data.files={corpus}").data)
+    folder = Path(loaded.train.tokens.filename).parent
+    return folder, corpus, json.loads((folder / "info.json").read_text())
+
+
+def refused(corpus: Path, match: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        data.load(config("data=text", f"data.files={corpus}").data)
+    assert err.value.key == "data" and "\n" not in err.value.message
+    assert match in err.value.message and "is damaged" in err.value.message, err.value.message
+
+
+def test_a_truncated_token_file_is_one_line(tmp_path):
+    folder, corpus, _ = cached_split(tmp_path)
+    size = (folder / "train.bin").stat().st_size
+    os.truncate(folder / "train.bin", size - 2)
+    refused(corpus, f"train.bin holds {size - 2:,} bytes, info.json says {size:,}")
+    proc = cli(*tiny(corpus), cwd=tmp_path)  # in a process: one line, nothing written
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(
+        f"trainrun: error: data: the token cache {folder} is damaged (train.bin holds")
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_ids_beyond_the_vocabulary_are_one_line(tmp_path):
+    folder, corpus, info = cached_split(tmp_path)
+    tokens = np.fromfile(folder / "train.bin", np.uint16)
+    tokens[10:20] = 60000
+    tokens.tofile(folder / "train.bin")  # the same size
+    refused(corpus, "train.bin does not match its sha256 in info.json")
+    info["splits"]["train"]["sha256"] = hashlib.sha256(tokens.tobytes()).hexdigest()
+    info["splits"]["train"]["sampled_sha256"] = info["splits"]["train"]["sha256"]  # < 64 MiB
+    (folder / "info.json").write_text(json.dumps(info))  # a cache whose checksums agree
+    refused(corpus, "train.bin holds the id 60000, beyond the tokenizer's 257 ids")
+
+
+def test_a_large_token_file_is_checked_by_sampled_blocks(tmp_path, monkeypatch):
+    """Past VERIFY_ALL bytes the sampled blocks are checked, which include the last one."""
+    monkeypatch.setattr(storage, "SAMPLES", 4)
+    monkeypatch.setattr(storage, "SAMPLE_BYTES", 64)
+    folder, corpus, info = cached_split(tmp_path)
+    monkeypatch.setattr(storage, "VERIFY_ALL", 1024)
+    tokens = np.fromfile(folder / "train.bin", np.uint16)
+    assert len(storage.spans(tokens.nbytes, 2)) == 4
+    tokens[-3] = 60001  # in the last sampled block
+    tokens.tofile(folder / "train.bin")
+    refused(corpus, "train.bin does not match the sha256 of its sampled blocks in info.json")
+
+
+def test_a_resume_after_the_corpus_changed_is_one_line(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus.txt")
+    run = tmp_path / "run"
+    proc = cli(*tiny(corpus, "trainer.max_steps=4", "trainer.ckpt_every=2",
+                     f"hydra.run.dir={run}"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+
+    edit_in_place(corpus, b"model", b"MODEL")
+    proc = cli(f"resume={run}", "trainer.max_steps=6", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(
+        "trainrun: error: data: the train split is not the one checkpoint step-00000004 was "
+        "trained on: its documents changed; ")
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+    # what the checkpoint recorded: the sha256 of the token files it was trained on
+    meta = json.loads((run / "checkpoints/step-00000004/meta.json").read_text())
+    folders = [p for p in (tmp_path / "cache" / "tokens").iterdir() if p.is_dir()]
+    trained = {hashlib.sha256((f / "train.bin").read_bytes()).hexdigest() for f in folders}
+    assert meta["data"]["train"]["tokens"] in trained and len(trained) == 2
+
+    edit_in_place(corpus, b"MODEL", b"model")  # the control: the same data again
+    proc = cli(f"resume={run}", "trainer.max_steps=6", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
