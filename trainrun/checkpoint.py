@@ -281,10 +281,12 @@ def read_meta(path: Path) -> dict:
 
 def load(path: Path, model: torch.nn.Module, replicas=None,
          optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """Load the weights into `model` and return the trainer state. A sharded checkpoint
-    (trainer.strategy=fsdp) is read by every rank into its shards of the model and of the
-    optimizer, whatever the number of ranks that wrote it."""
-    if (path / SHARDS).is_dir():
+    """Load the weights into `model` and return the trainer state. Under
+    trainer.strategy=fsdp (`replicas` sharded) the sharded checkpoint is read by every rank
+    into its shards of the model and of the optimizer, whatever the number of ranks that
+    wrote it; a run of any other strategy never reads sharded/ (resume.locate refuses a
+    checkpoint that holds one)."""
+    if replicas is not None and replicas.sharded:
         replicas.load_sharded(path / SHARDS, optimizer)
     else:
         load_weights(path, model)

@@ -20,6 +20,12 @@ class ConfigError(ValueError):
         self.message = message
 
 
+class NotTrainrun(ValueError):
+    """A file of a run directory that is not what trainrun writes there (another program's,
+    or edited by hand), found while reading it. str() is one line naming the file and what
+    is wrong; the command that read it reports it as a ConfigError of its own key."""
+
+
 def require_positive(key: str, value: float, *, allow_zero: bool = False) -> None:
     """A finite number > 0 (or >= 0 with allow_zero)."""
     ok = value is not None and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)

@@ -184,5 +184,22 @@ def locate(cfg: Config, run_dir: Path) -> tuple[Path | None, dict[Path, str]]:
             raise ConfigError("resume", f"{path / checkpoint.META_FILE}: not a meta.json that "
                                         f"trainrun wrote (bad or missing {exc}); allowed: a "
                                         f"checkpoint written by trainrun") from None
+        check_shards(cfg, path)
         check_steps(cfg, step, run_dir)
     return path, damaged
+
+
+def check_shards(cfg: Config, path: Path) -> None:
+    """A checkpoint holds sharded/ exactly when its run is sharded (trainer.strategy=fsdp):
+    a run of another strategy never reads one, and does not resume past one planted."""
+    sharded = cfg.trainer.strategy == "fsdp"
+    if (path / checkpoint.SHARDS).exists() == sharded:
+        return
+    if sharded:
+        raise ConfigError("resume", f"{path}: no {checkpoint.SHARDS}/ in this checkpoint of a "
+                                    f"trainer.strategy=fsdp run; allowed: a checkpoint written "
+                                    f"by trainrun")
+    raise ConfigError("resume", f"{path / checkpoint.SHARDS}: sharded files in a checkpoint of "
+                                f"a trainer.strategy={cfg.trainer.strategy} run, which writes "
+                                f"none and never reads them; allowed: a checkpoint written by "
+                                f"trainrun (without {checkpoint.SHARDS}/)")

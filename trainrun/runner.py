@@ -16,7 +16,7 @@ from trainrun import checkpoint, data, determinism, distributed, gpt2, resume, r
 from trainrun.config import Config
 from trainrun.console import Console
 from trainrun.data.order import DataOrder
-from trainrun.errors import ConfigError
+from trainrun.errors import ConfigError, NotTrainrun
 from trainrun.loop import Outputs, fit
 from trainrun.metrics import Metrics
 from trainrun.model import GPT, ModelConfig
@@ -108,8 +108,7 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
             trainer = build(cfg, device, precision, console, world, pretrained=resume_from is None)
             if resume_from is not None:
                 resume.check_tokenizer(trainer.tokenizer, resume_from)
-                trainer.load_state_dict(checkpoint.load(resume_from, trainer.raw_model,
-                                                        trainer.replicas, trainer.optimizer))
+                load_checkpoint(trainer, resume_from)
                 console.info(f"resumed from {resume_from} at update {trainer.counters.k}")
                 for note in [*trainer.resume_notes(), *resume.schedule_notes(
                         cfg, checkpoint.read_meta(resume_from), trainer.counters.k,
@@ -229,6 +228,16 @@ def finish(summary: dict, run_dir: Path, console: Console, signals: Signals,
                  f"(best {shown['best_val_loss']:.6}), {shown['tokens_per_sec']:.6} tok/s, "
                  f"{shown['wall_seconds']:.1f}s; run directory {run_dir}")
     return summary
+
+
+def load_checkpoint(t: Trainer, path: Path) -> None:
+    """Continue from checkpoint `path`: its files are refused in one line (ConfigError) when
+    they are not what trainrun writes, whatever meta.json's checksums say."""
+    try:
+        t.load_state_dict(checkpoint.load(path, t.raw_model, t.replicas, t.optimizer))
+    except NotTrainrun as error:
+        raise ConfigError("resume", f"{error}; allowed: a checkpoint written by trainrun") \
+            from None
 
 
 def origin(cfg: Config, resume_from: Path | None) -> dict:

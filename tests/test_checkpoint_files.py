@@ -1,0 +1,132 @@
+"""What a resume reads from a checkpoint is data, with real runs and real files: a pickle
+planted in a sharded checkpoint runs nothing, and files that match meta.json's checksums but
+are not trainrun's are refused in one line, the run directory left as it was."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import cli, tiny
+
+from trainrun import checkpoint
+
+
+class Payload:
+    """Unpickled, it touches `marker`: what an attacker's file would run."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.marker}'",)
+
+
+def files(run: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """Exit 2, exactly one line on stderr, `trainrun: error: resume: ...`."""
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("trainrun: error: resume: "), proc.stderr
+    return lines[0]
+
+
+def plant(ckpt: Path, name: str, content: bytes) -> None:
+    """Write `name` into checkpoint `ckpt` and its sha256 into meta.json, as whoever plants a
+    file can."""
+    (ckpt / name).parent.mkdir(parents=True, exist_ok=True)
+    (ckpt / name).write_bytes(content)
+    meta = json.loads((ckpt / checkpoint.META_FILE).read_text())
+    meta["sha256"][name] = hashlib.sha256(content).hexdigest()
+    (ckpt / checkpoint.META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def newest(run: Path) -> Path:
+    return checkpoint.complete(run / "checkpoints")[-1]
+
+
+@pytest.fixture
+def plain(tmp_path, finished_run) -> Path:
+    """A copy of the session's finished single-process run (checkpoints 20 and 40)."""
+    return Path(shutil.copytree(finished_run, tmp_path / "plain"))
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory, corpus) -> Path:
+    """A finished trainer.strategy=fsdp run of one process: checkpoints 2 and 4, each with
+    sharded/ (DCP's .metadata and one shard)."""
+    run = tmp_path_factory.mktemp("fsdp") / "run"
+    proc = cli(*tiny(corpus, "trainer.strategy=fsdp", "trainer.max_steps=4",
+                     "trainer.ckpt_every=2", "trainer.eval_every=2", f"hydra.run.dir={run}"),
+               cwd=run.parent)
+    assert proc.returncode == 0, proc.stderr
+    return run
+
+
+@pytest.fixture
+def fsdp(tmp_path, fsdp_run) -> Path:
+    return Path(shutil.copytree(fsdp_run, tmp_path / "fsdp"))
+
+
+# -- a pickle planted in sharded/ --------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_pickle_planted_as_sharded_metadata_runs_nothing(plain, fsdp, tmp_path, strategy):
+    run = plain if strategy == "ddp" else fsdp
+    marker = tmp_path / "pwned"
+    plant(newest(run), "sharded/.metadata", pickle.dumps(Payload(marker)))
+    before = files(run)
+    proc = cli(f"resume={run}", "trainer.max_steps=41", cwd=tmp_path)
+    line = one_error_line(proc)
+    assert str(newest(run) / "sharded") in line
+    assert not marker.exists()
+    assert files(run) == before
+
+
+def replace_bytes_value(ckpt: Path, fqn: str, content: bytes) -> None:
+    """Make the plain value `fqn` of a sharded checkpoint read `content`: appended to its
+    shard, with DCP's index (rewritten with DCP's own classes) and meta.json pointing at it."""
+    shards = ckpt / "sharded"
+    with open(shards / ".metadata", "rb") as f:
+        metadata = pickle.load(f)  # the genuine index, written by this test's own run
+    (info,) = [s for i, s in metadata.storage_data.items() if i.fqn == fqn]
+    shard = shards / info.relative_path
+    info.offset, info.length = shard.stat().st_size, len(content)
+    plant(ckpt, f"sharded/{info.relative_path}", shard.read_bytes() + content)
+    plant(ckpt, "sharded/.metadata", pickle.dumps(metadata))
+
+
+@pytest.mark.slow
+def test_a_pickle_planted_as_a_sharded_plain_value_runs_nothing(fsdp, tmp_path):
+    """DCP reads param_groups' values with torch.load(weights_only=False): not here."""
+    marker = tmp_path / "pwned"
+    payload = io.BytesIO()
+    torch.save(Payload(marker), payload)
+    replace_bytes_value(newest(fsdp), "optimizer.param_groups.0.lr", payload.getvalue())
+    before = files(fsdp)
+    proc = cli(f"resume={fsdp}", "trainer.max_steps=6", cwd=tmp_path)
+    line = one_error_line(proc)
+    assert "optimizer.param_groups.0.lr" in line and "not a plain value" in line
+    assert not marker.exists()
+    assert files(fsdp) == before
+
+
+@pytest.mark.slow
+def test_a_genuine_sharded_checkpoint_resumes_on_one_process(fsdp, tmp_path):
+    proc = cli(f"resume={fsdp}", "trainer.max_steps=6", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed from" in proc.stdout and "step-00000004" in proc.stdout
+    assert json.loads((fsdp / "metrics.json").read_text())["steps"] == 6
