@@ -130,3 +130,91 @@ def test_a_genuine_sharded_checkpoint_resumes_on_one_process(fsdp, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "resumed from" in proc.stdout and "step-00000004" in proc.stdout
     assert json.loads((fsdp / "metrics.json").read_text())["steps"] == 6
+
+
+# -- files that match meta.json but are not trainrun's, and meta.json edited by hand -----
+
+def torch_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def edited_state(ckpt: Path, edit) -> bytes:
+    """The checkpoint's trainer state, changed by edit(state)."""
+    state = torch.load(ckpt / checkpoint.STATE_FILE, weights_only=True)
+    edit(state)
+    return torch_bytes(state)
+
+
+def other_weights(tmp_path: Path) -> bytes:
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(3)}, str(tmp_path / "other.safetensors"))
+    return (tmp_path / "other.safetensors").read_bytes()
+
+
+def first_moment(state: dict) -> dict:
+    return next(iter(state["optimizer"]["state"].values()))
+
+
+# each: (the file, what to write into it given the checkpoint and a scratch folder, words
+# of the line)
+FOREIGN = {
+    "state-of-another-program": (checkpoint.STATE_FILE, lambda c, t: torch_bytes({"x": 1}),
+                                 "'schedule' missing"),
+    "state-with-a-pickle": (checkpoint.STATE_FILE,
+                            lambda c, t: torch_bytes(Payload(t / "pwned")),
+                            "unsupported GLOBAL posix.system"),
+    "counter-of-another-type": (checkpoint.STATE_FILE, lambda c, t: edited_state(
+        c, lambda s: s["counters"].update(k="40")), "state.counters.k: str where trainrun "
+                                                    "writes int"),
+    "moment-of-another-shape": (checkpoint.STATE_FILE, lambda c, t: edited_state(
+        c, lambda s: first_moment(s).update(exp_avg=torch.zeros(7, 3))),
+        "optimizer state 'exp_avg' of shape (7, 3)"),
+    "state-of-another-update": (checkpoint.STATE_FILE, lambda c, t: edited_state(
+        c, lambda s: s["counters"].update(k=20)), "the state after update 20"),
+    "weights-of-another-model": (checkpoint.MODEL_FILE, lambda c, t: other_weights(t),
+                                 "w not in the model"),
+    "weights-not-safetensors": (checkpoint.MODEL_FILE, lambda c, t: b"{}" * 8,
+                                "not this model's weights"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", FOREIGN)
+def test_a_file_that_matches_meta_json_but_is_not_trainruns_is_one_line(plain, tmp_path, case):
+    name, content, words = FOREIGN[case]
+    ckpt = newest(plain)
+    plant(ckpt, name, content(ckpt, tmp_path))
+    before = files(plain)
+    line = one_error_line(cli(f"resume={plain}", "trainer.max_steps=41", cwd=tmp_path))
+    assert str(ckpt / name) in line and words in line
+    assert files(plain) == before
+    assert not (tmp_path / "pwned").exists()
+
+
+EDITS = {
+    "max_steps-0": (("config", "trainer", "max_steps"), 0,
+                    "config.trainer.max_steps: got 0 (allowed: a finite number > 0)"),
+    "lr-x": (("config", "optimizer", "lr"), "x", "config.optimizer.lr: Value 'x'"),
+    "step-x": (("step",), "x", "step 'x' in the checkpoint of update 40"),
+    "tokenizer-5": (("tokenizer",), 5, "tokenizer: 5"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("edit", EDITS)
+def test_a_meta_json_edited_by_hand_is_one_line(plain, tmp_path, edit):
+    keys, value, words = EDITS[edit]
+    meta_file = newest(plain) / checkpoint.META_FILE
+    meta = json.loads(meta_file.read_text())
+    node = meta
+    for key in keys[:-1]:
+        node = node[key]
+    node[keys[-1]] = value
+    meta_file.write_text(json.dumps(meta))
+    before = files(plain)
+    line = one_error_line(cli(f"resume={plain}", "trainer.max_steps=41", cwd=tmp_path))
+    assert str(meta_file) in line and words in line
+    assert files(plain) == before

@@ -23,7 +23,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from trainrun.errors import NotTrainrun
+from trainrun.errors import NotTrainrun, reason
 from trainrun.signals import STOP_SIGNALS
 
 STRATEGIES = ("ddp", "fsdp")
@@ -211,9 +211,9 @@ class Replicas:
             dcp.load(state, storage_reader=sharded.Reader(path), planner=sharded.Planner())
         except CheckpointException as error:  # DCP's wrapper of every rank's failure
             cause = next(iter(error.failures.values()))[0]
-            what = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
-            raise NotTrainrun(what if isinstance(cause, NotTrainrun) else
-                              f"{path}: not the shards of this model ({what})") from None
+            raise NotTrainrun(str(cause) if isinstance(cause, NotTrainrun) else
+                              f"{path}: not the shards of this model ({reason(cause)})") \
+                from None
         set_state_dict(self.module, optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
 

@@ -16,7 +16,7 @@ from trainrun import checkpoint, data, determinism, distributed, gpt2, resume, r
 from trainrun.config import Config
 from trainrun.console import Console
 from trainrun.data.order import DataOrder
-from trainrun.errors import ConfigError, NotTrainrun
+from trainrun.errors import ConfigError, NotTrainrun, reason
 from trainrun.loop import Outputs, fit
 from trainrun.metrics import Metrics
 from trainrun.model import GPT, ModelConfig
@@ -234,7 +234,20 @@ def load_checkpoint(t: Trainer, path: Path) -> None:
     """Continue from checkpoint `path`: its files are refused in one line (ConfigError) when
     they are not what trainrun writes, whatever meta.json's checksums say."""
     try:
-        t.load_state_dict(checkpoint.load(path, t.raw_model, t.replicas, t.optimizer))
+        state = checkpoint.load(path, t.raw_model, t.replicas, t.optimizer)
+        try:
+            t.load_state_dict(state)
+        except ConfigError:  # another seed or data than the checkpoint's: said as such
+            raise
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError,
+                RuntimeError) as error:  # what loading the components raises
+            what = f"{reason(error)} missing" if isinstance(error, KeyError) else reason(error)
+            raise NotTrainrun(f"{path / checkpoint.STATE_FILE}: not a trainer state of this "
+                              f"run ({what})") from None
+        if t.counters.k != checkpoint.step_number(path):
+            raise NotTrainrun(f"{path / checkpoint.STATE_FILE}: the state after update "
+                              f"{t.counters.k}, in the checkpoint of update "
+                              f"{checkpoint.step_number(path)}")
     except NotTrainrun as error:
         raise ConfigError("resume", f"{error}; allowed: a checkpoint written by trainrun") \
             from None

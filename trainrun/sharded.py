@@ -27,7 +27,8 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from trainrun.errors import NotTrainrun
+from trainrun import checkpoint
+from trainrun.errors import NotTrainrun, reason
 
 METADATA = ".metadata"
 SHARD = re.compile(r"__\d+_\d+\.distcp")  # the name DCP's FileSystemWriter gives a shard
@@ -65,8 +66,7 @@ def read_metadata(folder: Path) -> Metadata:
     except NotTrainrun as error:
         raise NotTrainrun(f"{path}: {error}; nothing in it was run") from None
     except Exception as error:  # whatever a malformed pickle raises
-        raise NotTrainrun(f"{path}: not DCP's metadata ({type(error).__name__}: "
-                          f"{str(error).splitlines()[0] if str(error) else ''})") from None
+        raise NotTrainrun(f"{path}: not DCP's metadata ({reason(error)})") from None
     problem = _problem(metadata, folder)
     if problem is not None:
         raise NotTrainrun(f"{path}: {problem}")
@@ -116,13 +116,13 @@ class Planner(DefaultLoadPlanner):
 
     def load_bytes(self, read_item, value: io.BytesIO) -> None:
         try:
-            plain = torch.load(value, weights_only=True)
+            value = checkpoint.plain(value)
         except Exception as error:  # an UnpicklingError names the global it refused
             raise NotTrainrun(f"{read_item.dest_index.fqn}: not a plain value "
-                              f"({str(error).splitlines()[0]})") from None
+                              f"({reason(error)})") from None
         # DefaultLoadPlanner places the value where it belongs (it unflattens the state);
         # it reads it back from this copy, written here from plain values only
         copy = io.BytesIO()
-        torch.save(plain, copy)
+        torch.save(value, copy)
         copy.seek(0)
         super().load_bytes(read_item, copy)

@@ -20,7 +20,7 @@ from trainrun import checkpoint, resume, runner
 from trainrun.after.output import Parser
 from trainrun.config import Config
 from trainrun.data import Tokenizer, for_run
-from trainrun.errors import ConfigError
+from trainrun.errors import ConfigError, NotTrainrun
 from trainrun.model import GPT
 from trainrun.precision import Precision
 
@@ -125,5 +125,8 @@ def open_run(run_dir: str, overrides: list[str], checkpoint_name: str | None = N
     device, precision = runner.prepare(cfg)
     tokenizer = for_run(path, getattr(cfg.tokenizer, "eot", None))
     model = runner.build_model(cfg.model, tokenizer.vocab_size, device)
-    checkpoint.load_weights(ckpt, model)
+    try:
+        checkpoint.load_weights(ckpt, model)
+    except NotTrainrun as error:
+        raise ConfigError(ARG, f"{error}; allowed: {RUN_ALLOWED}") from None
     return Run(path, cfg, ckpt, step, model.eval(), tokenizer, device, precision, warnings)
