@@ -167,11 +167,19 @@ def schedule_notes(cfg: Config, meta: dict, k: int, schedule: Schedule) -> list[
 def locate(cfg: Config, run_dir: Path) -> tuple[Path | None, dict[Path, str]]:
     """The checkpoint this run continues from (None: start fresh) and the damaged ones.
 
-    resume=<dir> must hold an intact checkpoint; resume=auto may hold none.
+    resume=<dir> must hold an intact checkpoint; resume=auto may hold none, but not only
+    damaged ones: starting afresh there would write a second history over the run's
+    (TensorBoard's steps 1..N twice, its checkpoints replaced).
     """
     if cfg.resume is None:
         return None, {}
     path, damaged = find(run_dir)
+    if path is None and damaged:
+        newest, problem = next(iter(damaged.items()))
+        raise ConfigError("resume", f"{cfg.resume}: no intact checkpoint in "
+                                    f"{run_dir / 'checkpoints'}: {newest.name} is damaged "
+                                    f"({problem}); allowed: that checkpoint restored, or a "
+                                    f"fresh run in another hydra.run.dir (nothing was changed)")
     if path is None and cfg.resume != "auto":
         raise ConfigError("resume", f"{cfg.resume}: no intact checkpoint in "
                                     f"{run_dir / 'checkpoints'}; allowed: a run directory "
