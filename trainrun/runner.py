@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from trainrun import checkpoint, data, determinism, distributed, gpt2, resume, runinfo
+from trainrun.cadence import recover_best
 from trainrun.config import Config
 from trainrun.console import Console
 from trainrun.data.order import DataOrder
@@ -186,6 +187,9 @@ def start(run_dir: Path, console: Console, record: dict[str, str],
         (run_dir / ".hydra" / name).write_text(text, encoding="utf-8")
     for warning in resume.set_aside(damaged):
         console.warning(warning)
+    restored = recover_best(run_dir / "checkpoints")  # before a save removes its copies
+    if restored:
+        console.warning(restored)
 
 
 def summarize(t: Trainer, status: str) -> dict:
