@@ -18,7 +18,7 @@ from trainrun.config import Config
 from trainrun.console import Console
 from trainrun.data.order import DataOrder
 from trainrun.errors import ConfigError, NotTrainrun, reason
-from trainrun.loop import Outputs, fit
+from trainrun.loop import NonFinite, Outputs, fit
 from trainrun.metrics import Metrics
 from trainrun.model import GPT, ModelConfig
 from trainrun.optimizers import build_optimizer
@@ -200,7 +200,7 @@ def summarize(t: Trainer, status: str) -> dict:
 
 
 def finish(summary: dict, run_dir: Path, console: Console, signals: Signals,
-           failure: checkpoint.NoSpace | None = None,
+           failure: checkpoint.NoSpace | NonFinite | None = None,
            world: distributed.World = distributed.ONE_PROCESS,
            config_dir: Path | None = None) -> dict:
     """Report how the run ended (rank 0 only); raise RunStopped unless it completed."""
@@ -219,7 +219,8 @@ def finish(summary: dict, run_dir: Path, console: Console, signals: Signals,
     if summary["status"] == "failed" and failure is not None:
         then = (f"continue with: {resume_command}" if failure.previous is not None
                 else "start the run again")
-        reason = f"failed: {failure}; free space, then {then}"
+        advice = "free space" if isinstance(failure, checkpoint.NoSpace) else failure.advice
+        reason = f"failed: {failure}; {advice}, then {then}"
         print(f"trainrun: {reason}", file=sys.stderr)
         raise RunStopped(1, reason)
     if summary["status"] == "failed":
