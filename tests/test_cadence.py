@@ -3,10 +3,13 @@ kept apart from keep_last, early stopping on val/loss."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import assert_identical, cli, config, scalars, tiny, train, weights
+from conftest import assert_identical, cli, config, scalars, tiny, train, wait_for, weights
 
 from trainrun import checkpoint
 from trainrun.errors import ConfigError
@@ -54,6 +57,29 @@ def test_keep_best_survives_keep_last_pruning(tmp_path, corpus):
                      weights(kept / "model.safetensors"))
     # and resuming the run still continues from its newest checkpoint, not from best/
     assert checkpoint.complete(root)[-1].name == (root / "latest").read_text().strip()
+
+
+def test_a_crash_between_keep_bests_renames_leaves_a_best_that_resume_restores(tmp_path, corpus):
+    run = tmp_path / "run"
+    args = tiny(corpus, "trainer.max_steps=8", "trainer.eval_every=2", "trainer.keep_best=true",
+                f"hydra.run.dir={run}")
+    # the process pauses once best/ is moved aside, before the new copy takes its place
+    proc = subprocess.Popen([sys.executable, "-m", "trainrun", *args], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "TRAINRUN_BEST_PAUSE": "600"})
+    root = run / "checkpoints"
+    wait_for(lambda: (root / ".old-best").is_dir())
+    proc.kill()
+    proc.wait(timeout=60)
+    assert not (root / "best").exists() and (root / ".tmp-best").is_dir()
+    best_k = checkpoint.step_number(root / (root / "latest").read_text().strip())
+    # keep_best off: best/ after the resume is the one restored, not one saved anew
+    resumed = cli(f"resume={run}", "trainer.keep_best=false", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"checkpoints/best/ restored from .tmp-best (step {best_k})" in resumed.stdout
+    assert checkpoint.verify(root / "best") is None
+    assert checkpoint.read_meta(root / "best")["step"] == best_k
+    assert not (root / ".old-best").exists() and not (root / ".tmp-best").exists()
 
 
 def test_early_stopping_after_patience_validations_without_improvement(tmp_path, corpus):

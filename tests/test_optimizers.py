@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import config, scalars, tiny, train
+from conftest import cli, config, scalars, tiny, train, weights
 
 from trainrun.errors import ConfigError
 from trainrun.model import GPT, parameter_kinds
@@ -254,6 +254,9 @@ def test_kernel_choice_by_device():
     (["optimizer=adafactor", "optimizer.beta2_decay=0.5"], "optimizer.beta2_decay"),
     (["optimizer=adafactor", "optimizer.eps=[null]"], "optimizer.eps"),
     (["optimizer=adafactor", "optimizer.eps=[-1,1e-3]"], "optimizer.eps[0]"),
+    (["optimizer=adafactor", "optimizer.eps=[0,0]"], "optimizer.eps[0]"),
+    (["optimizer=adafactor", "optimizer.eps=[1e-30,1e-3]"], "optimizer.eps[0]"),  # the paper's
+    (["optimizer=adafactor", "optimizer.eps=[null,0]"], "optimizer.eps[1]"),
     (["optimizer=adafactor", "optimizer.d=0.5"], "optimizer.d"),
     (["optimizer=schedulefree", "scheduler=constant", "optimizer.betas=[0,0.999]"],
      "optimizer.betas[0]"),
@@ -268,6 +271,29 @@ def test_bad_optimizer_settings_name_the_key(corpus, overrides, key):
     with pytest.raises(ConfigError) as err:
         config(*tiny(corpus, *overrides))
     assert err.value.key == key
+
+
+def test_adafactor_with_eps_0_is_refused_before_anything_is_written(tmp_path, corpus):
+    """It trained once, and saved NaN weights as a good checkpoint."""
+    proc = cli(*tiny(corpus, "optimizer=adafactor", "optimizer.eps=[0,0]"), cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith("trainrun: error: optimizer.eps[0]: got 0.0; allowed: null (the "
+                           "dtype's eps) or eps1 >= 1.1e-19")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_adafactor_eps1_at_its_bound_keeps_the_weights_finite(tmp_path, corpus):
+    """Far enough below the bound (the paper's 1e-30), eps1² is 0 in float32 and the unused
+    tokens' embedding rows (all their gradients 0) become 0/0 at update 1; at the bound the
+    weights stay finite."""
+    from trainrun.optimizers.standard import EPS1_MIN
+
+    run = tmp_path / "bound"
+    train(run, *tiny(corpus, "optimizer=adafactor", "scheduler=constant", "trainer.max_steps=2",
+                     f"optimizer.eps=[{EPS1_MIN!r},1e-3]"))
+    saved = weights(run / "checkpoints/step-00000002/model.safetensors")
+    assert all(torch.isfinite(t).all() for t in saved.values())
 
 
 # lr for the tiny test model where the YAML default (tuned on gpt_tiny) is slow over 15 updates

@@ -107,20 +107,66 @@ def test_a_non_finite_gradient_changes_nothing(mode, name):
                                              before_weights["blocks.0.mlp.fc.weight"])
 
 
-def test_max_skipped_stops_a_run_whose_loss_is_never_finite(tmp_path, corpus):
-    # a huge lr makes the weights overflow after the first update: every loss is then inf/nan
+@pytest.mark.parametrize("optimizer", [["optimizer=adamw"], ["optimizer=sgd", "clip=none"]],
+                         ids=["adamw", "sgd"])
+def test_max_skipped_stops_a_run_whose_loss_is_never_finite(tmp_path, corpus, optimizer):
+    """A huge lr makes the weights overflow at the first update (every loss is then inf or
+    nan): the run stops after max_skipped, and those weights are not saved as good."""
     run = tmp_path / "diverged"
-    proc = cli(*tiny(corpus, "optimizer.lr=1e30", "scheduler=constant", "trainer.max_skipped=3",
-                     f"hydra.run.dir={run}"), cwd=tmp_path)
+    proc = cli(*tiny(corpus, *optimizer, "optimizer.lr=1e30", "scheduler=constant",
+                     "trainer.max_skipped=3", f"hydra.run.dir={run}"), cwd=tmp_path)
     assert proc.returncode == 1
-    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("trainrun: failed:")
+    assert proc.stderr == (
+        "trainrun: failed: the weights became non-finite at update 1 (NaN, inf, or too large "
+        "for the sum of their squares in float32); nothing was saved for it; there is no "
+        "earlier checkpoint; change what made them so (a lower optimizer.lr, clipping, the "
+        "optimizer's eps), then start the run again\n")
     m = json.loads((run / "metrics.json").read_text())
     assert m["status"] == "failed"
     assert m["steps"] == 1 and m["skipped_updates"] == 3
-    latest = (run / "checkpoints/latest").read_text().strip()
-    assert latest == "step-00000001"
-    good = weights(run / "checkpoints" / latest / "model.safetensors")
-    assert all(torch.isfinite(t).all() for t in good.values())
+    assert not (run / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, 1e20])
+@pytest.mark.parametrize("where", ["weight", "bias"])  # 9 elements, and 1
+def test_the_check_at_save_time_sees_weights_that_are_not_finite(bad, where):
+    from types import SimpleNamespace
+
+    from trainrun.loop import weights_finite
+
+    model = torch.nn.Linear(3, 3 if where == "weight" else 1)
+    trainer = SimpleNamespace(raw_model=model, replicas=Replicas(model))
+    assert weights_finite(trainer)
+    with torch.no_grad():
+        getattr(model, where).view(-1)[0] = bad
+    assert not weights_finite(trainer)
+
+
+def test_weights_that_overflow_are_not_saved_and_the_last_good_checkpoint_stays(tmp_path,
+                                                                                corpus):
+    """The save due right after the update that broke the weights (ckpt_every=1) is not
+    written; the run resumes from the checkpoint before it."""
+    run = tmp_path / "run"
+    good = cli(*tiny(corpus, "optimizer=sgd", "optimizer.lr=0.1", "trainer.max_steps=4",
+                     "trainer.ckpt_every=2", f"hydra.run.dir={run}"), cwd=tmp_path)
+    assert good.returncode == 0, good.stderr
+    broken = cli(f"resume={run}", "optimizer.lr=1e30", "clip=none", "trainer.max_steps=8",
+                 "trainer.ckpt_every=1", cwd=tmp_path)
+    assert broken.returncode == 1
+    assert broken.stderr == (
+        f"trainrun: failed: the weights became non-finite at update 5 (NaN, inf, or too large "
+        f"for the sum of their squares in float32); nothing was saved for it; the last good "
+        f"checkpoint is step-00000004 and checkpoints/latest names it; change what made them "
+        f"so (a lower optimizer.lr, clipping, the optimizer's eps), then continue with: "
+        f"trainrun resume={run}\n")
+    assert (run / "checkpoints/latest").read_text().strip() == "step-00000004"
+    assert [p.name for p in sorted((run / "checkpoints").glob("step-*"))] == [
+        "step-00000002", "step-00000004"]
+    assert json.loads((run / "metrics.json").read_text())["status"] == "failed"
+    again = cli(f"resume={run}", "optimizer.lr=0.1", "clip=norm", "trainer.max_steps=6",
+                cwd=tmp_path)  # the broken resume's overrides are the run's record now
+    assert again.returncode == 0, again.stderr
+    assert "resumed from" in again.stdout and "step-00000004" in again.stdout
 
 
 def test_clipping_sees_unscaled_gradients(tmp_path, corpus):

@@ -113,6 +113,25 @@ def test_resume_auto_starts_fresh_then_continues(corpus, tmp_path):
     assert json.loads((run / "metrics.json").read_text())["steps"] == 12
 
 
+def test_resume_auto_with_only_a_damaged_checkpoint_refuses_and_changes_nothing(corpus,
+                                                                                 tmp_path):
+    """Starting afresh would write a second history over the run's (TensorBoard's steps 1..N
+    twice); the newest checkpoint is named, with what is wrong with it."""
+    run = tmp_path / "auto"
+    args = overrides(corpus, run, "resume=auto", "trainer.max_steps=4")  # one checkpoint: 4
+    assert cli(*args, cwd=tmp_path).returncode == 0
+    (run / "checkpoints/step-00000004/trainer_state.pt").write_bytes(b"truncated")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    again = cli(*args[:-1], "trainer.max_steps=8", cwd=tmp_path)
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    (line,) = again.stderr.splitlines()
+    assert line.startswith(f"trainrun: error: resume: auto: no intact checkpoint in "
+                           f"{run / 'checkpoints'}: step-00000004 is damaged (trainer_state.pt "
+                           f"does not match its sha256 in meta.json)"), line
+    assert "allowed: " in line and "hydra.run.dir" in line
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
 def reject_non_json(constant: str):
     raise ValueError(f"metrics.json holds {constant}, which is not JSON")
 

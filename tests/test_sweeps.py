@@ -122,8 +122,7 @@ def test_failed_jobs_get_their_row_and_the_sweep_goes_on(tmp_path, corpus):
     assert "Traceback" in proc.stderr
     log = (sweep / "0/train.log").read_text()
     assert "Traceback" in log and "IsADirectoryError" in log
-    assert by_job[2]["error"] == (f"failed: too many non-finite updates in a row at update 1; "
-                                  f"last good checkpoint in {sweep / '2/checkpoints'}")
+    assert by_job[2]["error"].startswith("failed: the weights became non-finite at update 1")
     assert json.loads((sweep / "2/metrics.json").read_text())["status"] == "failed"
     for job in (3, 4, 5):
         assert by_job[job]["error"].startswith("error: data.files: ")

@@ -5,7 +5,8 @@
   loses at most that much of a long run whatever its update cadence. Every process of a
   launch takes rank 0's clock (sharded saves need all of them).
 - trainer.keep_best: the checkpoint of the best val/loss so far is saved when it is measured
-  and kept as checkpoints/best/ (hard links to its files), apart from keep_last's pruning.
+  and kept as checkpoints/best/ (hard links to its files), apart from keep_last's pruning;
+  a run that starts writing puts back a best/ that a crash left aside (recover_best).
 - trainer.early_stop_patience: the run ends (completed) once that many validations in a row
   have not improved on the best val/loss. It is derived from the counters (the update of
   the best loss), so a resumed run counts as the uninterrupted one would.
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from trainrun import checkpoint
 from trainrun.state import Trainer
 
 BEST = "best"
@@ -66,15 +68,36 @@ class Cadence:
 
 def keep_best(root: Path, path: Path) -> None:
     """checkpoints/best/: the files of checkpoint `path`, as hard links (no second copy on
-    disk; pruning `path` later leaves them), replaced atomically by rename."""
-    tmp, old = root / f".tmp-{BEST}", root / f".old-{BEST}"
+    disk; pruning `path` later leaves them), replaced by two renames: best/ to .old-best,
+    then the complete copy .tmp-best to best/. A process that dies between them leaves no
+    best/, and both copies: recover_best() puts one back."""
+    tmp, old, best = root / f".tmp-{BEST}", root / f".old-{BEST}", root / BEST
+    recover_best(root)
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(path, tmp, copy_function=_link)
-    best = root / BEST
     if best.exists():
         best.rename(old)
+        # fault injection for crash-safety tests: a pause between the two renames
+        time.sleep(float(os.environ.get("TRAINRUN_BEST_PAUSE", "0")))
     tmp.rename(best)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_best(root: Path) -> str | None:
+    """Put checkpoints/best/ back after a process died between keep_best's two renames:
+    the new copy .tmp-best when it is intact (it was complete before best/ moved aside;
+    it is the checkpoint the run's counters name as best), else the old one, .old-best.
+    Called before anything else of the run writes in root (checkpoint.save removes both
+    copies as leftovers); returns a line saying what it did, or None."""
+    best = root / BEST
+    if best.exists():
+        return None
+    for copy in (root / f".tmp-{BEST}", root / f".old-{BEST}"):
+        if copy.is_dir() and checkpoint.verify(copy) is None:
+            copy.rename(best)
+            return (f"checkpoints/{BEST}/ restored from {copy.name} (step "
+                    f"{checkpoint.read_meta(best)['step']}): a process died while replacing it")
+    return None
 
 
 def _link(src: str, dst: str) -> None:

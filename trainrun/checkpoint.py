@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_file, save_model
 
 from trainrun import rundir
-from trainrun.errors import out_of_space
+from trainrun.errors import NotTrainrun, out_of_space, reason
 
 MODEL_FILE, STATE_FILE, META_FILE, LATEST = "model.safetensors", "trainer_state.pt", "meta.json", "latest"
 SHARDS = "sharded"  # trainer.strategy=fsdp: torch.distributed.checkpoint's files of every rank
@@ -282,15 +283,39 @@ def read_meta(path: Path) -> dict:
 
 def load(path: Path, model: torch.nn.Module, replicas=None,
          optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """Load the weights into `model` and return the trainer state. A sharded checkpoint
-    (trainer.strategy=fsdp) is read by every rank into its shards of the model and of the
-    optimizer, whatever the number of ranks that wrote it."""
-    if (path / SHARDS).is_dir():
+    """Load the weights into `model` and return the trainer state. Under
+    trainer.strategy=fsdp (`replicas` sharded) the sharded checkpoint is read by every rank
+    into its shards of the model and of the optimizer, whatever the number of ranks that
+    wrote it; a run of any other strategy never reads sharded/ (resume.locate refuses a
+    checkpoint that holds one)."""
+    if replicas is not None and replicas.sharded:
         replicas.load_sharded(path / SHARDS, optimizer)
     else:
         load_weights(path, model)
-    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    try:
+        return plain(path / STATE_FILE)
+    except Exception as error:  # whatever a file that torch.save did not write raises
+        raise NotTrainrun(f"{path / STATE_FILE}: not a trainer state ({reason(error)})") from None
+
+
+def plain(source) -> object:
+    """torch.load(weights_only=True) of a path or buffer, without its warnings (a pickle
+    protocol it did not write, for one): a refused file is one line, raised by the caller."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(source, map_location="cpu", weights_only=True)
 
 
 def load_weights(path: Path, model: torch.nn.Module) -> None:
-    load_model(model, str(path / MODEL_FILE), device=str(next(model.parameters()).device))
+    """The weights of checkpoint `path` into `model`; NotTrainrun when model.safetensors is
+    not a safetensors file or holds other tensors than the model's (names or shapes)."""
+    file = path / MODEL_FILE
+    try:
+        missing, unexpected = load_model(model, str(file), strict=False,
+                                         device=str(next(model.parameters()).device))
+    except (SafetensorError, RuntimeError, OSError) as error:  # a header, a size mismatch
+        raise NotTrainrun(f"{file}: not this model's weights ({reason(error)})") from None
+    if missing or unexpected:
+        listed = ", ".join([*(f"{n} missing" for n in sorted(missing)[:2]),
+                            *(f"{n} not in the model" for n in sorted(unexpected)[:2])])
+        raise NotTrainrun(f"{file}: not this model's weights ({listed})")

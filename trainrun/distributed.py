@@ -23,6 +23,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from trainrun.errors import NotTrainrun, reason
 from trainrun.signals import STOP_SIGNALS
 
 STRATEGIES = ("ddp", "fsdp")
@@ -203,12 +204,23 @@ class Replicas:
         return {"model": model, "optimizer": optim}
 
     def load_sharded(self, path, optimizer: torch.optim.Optimizer) -> None:
-        """Read a sharded checkpoint written by any number of ranks into this one's shards."""
+        """Read a sharded checkpoint written by any number of ranks into this one's shards,
+        unpickling nothing but DCP's own index (trainrun.sharded); NotTrainrun if its files
+        are not the shards of this model and optimizer."""
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
+        from trainrun import sharded
+
         state = self.sharded_state(optimizer)
-        dcp.load(state, checkpoint_id=str(path))
+        try:
+            dcp.load(state, storage_reader=sharded.Reader(path), planner=sharded.Planner())
+        except CheckpointException as error:  # DCP's wrapper of every rank's failure
+            cause = next(iter(error.failures.values()))[0]
+            raise NotTrainrun(str(cause) if isinstance(cause, NotTrainrun) else
+                              f"{path}: not the shards of this model ({reason(cause)})") \
+                from None
         set_state_dict(self.module, optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
 

@@ -20,6 +20,22 @@ class ConfigError(ValueError):
         self.message = message
 
 
+class NotTrainrun(ValueError):
+    """A file of a run directory that is not what trainrun writes there (another program's,
+    or edited by hand), found while reading it. str() is one line naming the file and what
+    is wrong; the command that read it reports it as a ConfigError of its own key."""
+
+
+def reason(error: BaseException) -> str:
+    """The line of an exception's message that says what is wrong: not a heading ending in
+    ':' ("Error(s) in loading state_dict for GPT:"), nor torch.load's advice about
+    weights_only; the exception's type when it says nothing else."""
+    advice = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    said = [line.strip() for line in str(error).splitlines()]
+    said = [line for line in said if line and not line.endswith(":") and not line.startswith(advice)]
+    return said[0] if said else type(error).__name__
+
+
 def require_positive(key: str, value: float, *, allow_zero: bool = False) -> None:
     """A finite number > 0 (or >= 0 with allow_zero)."""
     ok = value is not None and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)

@@ -25,6 +25,23 @@ from trainrun.state import Trainer
 from trainrun.update import UpdateResult, loss_sum, train_update
 
 
+class NonFinite(Exception):
+    """The weights at update k are not finite numbers: nothing is saved for them, and
+    `previous`, the newest checkpoint (None if there is none), is the last good one. str()
+    is one line. They became so at update k itself: weights that are not finite give a
+    non-finite loss, so every later update would have been skipped."""
+
+    advice = "change what made them so (a lower optimizer.lr, clipping, the optimizer's eps)"
+
+    def __init__(self, k: int, previous: Path | None):
+        self.previous = previous
+        last = (f"the last good checkpoint is {previous.name} and checkpoints/latest names "
+                f"it" if previous is not None else "there is no earlier checkpoint")
+        super().__init__(f"the weights became non-finite at update {k} (NaN, inf, or too "
+                         f"large for the sum of their squares in float32); nothing was saved "
+                         f"for it; {last}")
+
+
 @dataclass
 class Outputs:
     metrics: Metrics
@@ -32,7 +49,7 @@ class Outputs:
     ckpt_root: Path  # run_dir / "checkpoints"
     meta: dict  # written into every checkpoint's meta.json
     saved_k: int | None = None  # the update whose checkpoint this run last wrote or loaded
-    failure: checkpoint.NoSpace | None = None  # why the run failed, when a save did
+    failure: checkpoint.NoSpace | NonFinite | None = None  # why a save failed the run
     cadence: Cadence = field(init=False)  # saves by time and best val/loss, early stopping
 
     def __post_init__(self) -> None:
@@ -43,10 +60,11 @@ def fit(t: Trainer, out: Outputs, signals: Signals) -> str:
     """Train until k = max_steps; return the status: completed, stopped or failed.
 
     A full disk fails the run (out.failure says why): the newest checkpoint is intact, and
-    going on would only lose more updates at the next save."""
+    going on would only lose more updates at the next save. So do weights found not finite
+    when they are to be saved: that checkpoint is not written."""
     try:
         return train(t, out, signals)
-    except checkpoint.NoSpace as error:
+    except (checkpoint.NoSpace, NonFinite) as error:
         out.failure = error
     except Exception as error:
         full = out_of_space(error)  # TensorBoard's events, for one
@@ -125,8 +143,8 @@ def skip(t: Trainer, out: Outputs, result: UpdateResult, k: int) -> bool:
     if c.skipped_in_a_row >= t.cfg.max_skipped:
         out.console.warning(
             f"stopping: {c.skipped_in_a_row} updates in a row had a non-finite loss or "
-            f"gradients (trainer.max_skipped={t.cfg.max_skipped}); the last good state is "
-            f"checkpoint step {c.k}")
+            f"gradients (trainer.max_skipped={t.cfg.max_skipped}); saving the state of "
+            f"update {c.k}, if its weights are finite")
         return True
     return False
 
@@ -188,6 +206,9 @@ def save(t: Trainer, out: Outputs) -> None:
         return
     t.counters.wall_seconds = out.metrics.run_seconds()
     with eval_weights(t.optimizer):  # the weights to export, and the state to resume
+        if not weights_finite(t):  # a checkpoint is a good state: never one of these
+            previous = checkpoint.complete(out.ckpt_root)
+            raise NonFinite(t.counters.k, previous[-1] if previous else None)
         if t.replicas.sharded:
             checkpoint.save_sharded(out.ckpt_root, t.counters.k, t.replicas, t.optimizer,
                                     t.state_dict(), out.meta, t.cfg.keep_last, t.world.main)
@@ -196,3 +217,16 @@ def save(t: Trainer, out: Outputs) -> None:
                             t.cfg.keep_last)
     out.saved_k = t.counters.k
     out.cadence.saved(t, out.ckpt_root / checkpoint.step_name(t.counters.k))
+
+
+def weights_finite(t: Trainer) -> bool:
+    """The weights are finite, and small enough that the sum of their squares is finite in
+    float32 (|w| up to about 1e19: far past any that trained). One foreach norm over all
+    parameters (this rank's shards, summed over ranks under FSDP) and one read of the
+    device, at save time only: the updates themselves add no sync for it."""
+    local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach()
+             for p in t.raw_model.parameters()]
+    total = torch.stack(torch._foreach_norm(local)).float().square().sum()
+    if t.replicas.sharded:
+        total = t.replicas.sum(total)
+    return bool(torch.isfinite(total))

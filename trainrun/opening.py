@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from trainrun import data, resume, rundir, runinfo
+from trainrun.cadence import recover_best
 from trainrun.console import Console
 from trainrun.errors import ConfigError, out_of_space
 
@@ -64,6 +65,9 @@ def start(run_dir: Path, console: Console, record: dict[str, str], damaged: dict
                           f"again") from None
     for warning in resume.set_aside(damaged):
         console.warning(warning)
+    restored = recover_best(run_dir / "checkpoints")  # before a save removes its copies
+    if restored:
+        console.warning(restored)
 
 
 def _entries(run_dir: Path) -> list[str]:

@@ -15,10 +15,13 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
 from trainrun import checkpoint
 from trainrun.config import GROUPS, Config
 from trainrun.data import RUN_FILE
-from trainrun.errors import ConfigError
+from trainrun.errors import ConfigError, reason, require_positive
 from trainrun.schedules import Schedule, build_schedule
 
 # What a resumed run may not change: the model's shape, the data and the data order's seed,
@@ -194,11 +197,19 @@ def schedule_notes(cfg: Config, meta: dict, k: int, schedule: Schedule) -> list[
 def locate(cfg: Config, run_dir: Path) -> tuple[Path | None, dict[Path, str]]:
     """The checkpoint this run continues from (None: start fresh) and the damaged ones.
 
-    resume=<dir> must hold an intact checkpoint; resume=auto may hold none.
+    resume=<dir> must hold an intact checkpoint; resume=auto may hold none, but not only
+    damaged ones: starting afresh there would write a second history over the run's
+    (TensorBoard's steps 1..N twice, its checkpoints replaced).
     """
     if cfg.resume is None:
         return None, {}
     path, damaged = find(run_dir)
+    if path is None and damaged:
+        newest, problem = next(iter(damaged.items()))
+        raise ConfigError("resume", f"{cfg.resume}: no intact checkpoint in "
+                                    f"{run_dir / 'checkpoints'}: {newest.name} is damaged "
+                                    f"({problem}); allowed: that checkpoint restored, or a "
+                                    f"fresh run in another hydra.run.dir (nothing was changed)")
     if path is None and cfg.resume != "auto":
         raise ConfigError("resume", f"{cfg.resume}: no intact checkpoint in "
                                     f"{run_dir / 'checkpoints'}; allowed: a run directory "
@@ -206,13 +217,76 @@ def locate(cfg: Config, run_dir: Path) -> tuple[Path | None, dict[Path, str]]:
     if path is not None:
         try:
             meta = checkpoint.read_meta(path)
-            step = int(meta["step"])
+            step = meta["step"]
+            if type(step) is not int or step != checkpoint.step_number(path):
+                raise ValueError(f"step {step!r} in the checkpoint of update "
+                                 f"{checkpoint.step_number(path)}")
+            check_recorded(cfg, meta)
             check_compatible(cfg, meta, path)
         except ConfigError:
             raise
         except (KeyError, TypeError, AttributeError, ValueError) as exc:  # edited by hand
+            what = f"bad or missing {exc}" if not isinstance(exc, ValueError) else exc
             raise ConfigError("resume", f"{path / checkpoint.META_FILE}: not a meta.json that "
-                                        f"trainrun wrote (bad or missing {exc}); allowed: a "
-                                        f"checkpoint written by trainrun") from None
+                                        f"trainrun wrote ({what}); allowed: a checkpoint "
+                                        f"written by trainrun") from None
+        check_shards(cfg, path)
         check_steps(cfg, step, run_dir)
     return path, damaged
+
+
+RECORDED = ("model", "data", "tokenizer", "optimizer", "trainer")  # the sections read back
+
+
+def check_recorded(cfg: Config, meta: dict) -> None:
+    """meta.json holds what trainrun writes there, where a resume reads it back: in each
+    section of RECORDED whose schema is cfg's (another is check_compatible's to refuse),
+    each key of the schema with a value of its type; the numbers a resume computes with
+    (the old schedule's max_steps, at least the checkpoint's update, and lr) as validate()
+    allows them; the tokenizer's fingerprint a string. Raises ValueError naming the first
+    entry that is not, where a value edited by hand would otherwise end in a traceback."""
+    saved_schemas = {"tokenizer": "ByteConfig", **meta["schemas"]}
+    saved = {name: _typed(getattr(cfg, name), meta["config"].get(name, {}), f"config.{name}")
+             for name in RECORDED
+             if saved_schemas.get(name, schemas(cfg).get(name)) == schemas(cfg).get(name)}
+    try:
+        require_positive("trainer.max_steps", saved["trainer"].max_steps)
+        if "optimizer" in saved:
+            require_positive("optimizer.lr", saved["optimizer"].lr)
+    except ConfigError as exc:
+        allowed = exc.message.replace("; allowed: ", " (allowed: ")
+        raise ValueError(f"config.{exc.key}: {allowed}{')' if allowed != exc.message else ''}") \
+            from None
+    if meta["step"] > saved["trainer"].max_steps:
+        raise ValueError(f"config.trainer.max_steps: {saved['trainer'].max_steps}, below the "
+                         f"checkpoint's update {meta['step']}")
+    record = meta.get("tokenizer", {"fingerprint": "byte"})
+    if not isinstance(record, dict) or not isinstance(record.get("fingerprint"), str):
+        raise ValueError(f"tokenizer: {record!r}, where trainrun writes its fingerprint")
+
+
+def _typed(section, recorded: dict, where: str):
+    """The keys of `recorded` that `section`'s schema has, typed by it, over section's
+    values (keys of other versions are not read back, so not checked)."""
+    node = OmegaConf.structured(section)
+    try:
+        node = OmegaConf.merge(node, {k: v for k, v in recorded.items() if k in node})
+    except OmegaConfBaseException as exc:
+        raise ValueError(f"{where}.{getattr(exc, 'full_key', '')}: {reason(exc)}") from None
+    return OmegaConf.to_object(node)
+
+
+def check_shards(cfg: Config, path: Path) -> None:
+    """A checkpoint holds sharded/ exactly when its run is sharded (trainer.strategy=fsdp):
+    a run of another strategy never reads one, and does not resume past one planted."""
+    sharded = cfg.trainer.strategy == "fsdp"
+    if (path / checkpoint.SHARDS).exists() == sharded:
+        return
+    if sharded:
+        raise ConfigError("resume", f"{path}: no {checkpoint.SHARDS}/ in this checkpoint of a "
+                                    f"trainer.strategy=fsdp run; allowed: a checkpoint written "
+                                    f"by trainrun")
+    raise ConfigError("resume", f"{path / checkpoint.SHARDS}: sharded files in a checkpoint of "
+                                f"a trainer.strategy={cfg.trainer.strategy} run, which writes "
+                                f"none and never reads them; allowed: a checkpoint written by "
+                                f"trainrun (without {checkpoint.SHARDS}/)")

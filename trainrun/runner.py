@@ -16,8 +16,8 @@ from trainrun import checkpoint, data, determinism, distributed, gpt2, opening, 
 from trainrun.config import Config
 from trainrun.console import Console
 from trainrun.data.order import DataOrder
-from trainrun.errors import ConfigError
-from trainrun.loop import Outputs, fit
+from trainrun.errors import ConfigError, NotTrainrun, reason
+from trainrun.loop import NonFinite, Outputs, fit
 from trainrun.metrics import Metrics
 from trainrun.model import GPT, ModelConfig
 from trainrun.optimizers import build_optimizer
@@ -112,8 +112,7 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
             if resume_from is not None:
                 resume.check_tokenizer(trainer.tokenizer, resume_from)
                 resume.check_data(resume.data_record(trainer.train, trainer.val), resume_from)
-                trainer.load_state_dict(checkpoint.load(resume_from, trainer.raw_model,
-                                                        trainer.replicas, trainer.optimizer))
+                load_checkpoint(trainer, resume_from)
                 console.info(f"resumed from {resume_from} at update {trainer.counters.k}")
                 for note in [*trainer.resume_notes(), *resume.schedule_notes(
                         cfg, checkpoint.read_meta(resume_from), trainer.counters.k,
@@ -165,7 +164,7 @@ def summarize(t: Trainer, status: str) -> dict:
 
 
 def finish(summary: dict, run_dir: Path, console: Console, signals: Signals,
-           failure: checkpoint.NoSpace | None = None,
+           failure: checkpoint.NoSpace | NonFinite | None = None,
            world: distributed.World = distributed.ONE_PROCESS,
            config_dir: Path | None = None) -> dict:
     """Report how the run ended (rank 0 only); raise RunStopped unless it completed."""
@@ -184,7 +183,8 @@ def finish(summary: dict, run_dir: Path, console: Console, signals: Signals,
     if summary["status"] == "failed" and failure is not None:
         then = (f"continue with: {resume_command}" if failure.previous is not None
                 else "start the run again")
-        reason = f"failed: {failure}; free space, then {then}"
+        advice = "free space" if isinstance(failure, checkpoint.NoSpace) else failure.advice
+        reason = f"failed: {failure}; {advice}, then {then}"
         print(f"trainrun: {reason}", file=sys.stderr)
         raise RunStopped(1, reason)
     if summary["status"] == "failed":
@@ -197,6 +197,29 @@ def finish(summary: dict, run_dir: Path, console: Console, signals: Signals,
                  f"(best {shown['best_val_loss']:.6}), {shown['tokens_per_sec']:.6} tok/s, "
                  f"{shown['wall_seconds']:.1f}s; run directory {run_dir}")
     return summary
+
+
+def load_checkpoint(t: Trainer, path: Path) -> None:
+    """Continue from checkpoint `path`: its files are refused in one line (ConfigError) when
+    they are not what trainrun writes, whatever meta.json's checksums say."""
+    try:
+        state = checkpoint.load(path, t.raw_model, t.replicas, t.optimizer)
+        try:
+            t.load_state_dict(state)
+        except ConfigError:  # another seed or data than the checkpoint's: said as such
+            raise
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError,
+                RuntimeError) as error:  # what loading the components raises
+            what = f"{reason(error)} missing" if isinstance(error, KeyError) else reason(error)
+            raise NotTrainrun(f"{path / checkpoint.STATE_FILE}: not a trainer state of this "
+                              f"run ({what})") from None
+        if t.counters.k != checkpoint.step_number(path):
+            raise NotTrainrun(f"{path / checkpoint.STATE_FILE}: the state after update "
+                              f"{t.counters.k}, in the checkpoint of update "
+                              f"{checkpoint.step_number(path)}")
+    except NotTrainrun as error:
+        raise ConfigError("resume", f"{error}; allowed: a checkpoint written by trainrun") \
+            from None
 
 
 def origin(cfg: Config, resume_from: Path | None) -> dict:

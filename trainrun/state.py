@@ -68,8 +68,12 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Raises ValueError (or what a component's own load raises: KeyError, TypeError,
+        RuntimeError, ...) when `state` is not one that a trainer of this config writes."""
+        check_like(state, self.state_dict())
         if "optimizer" in state:  # else loaded with the shards (checkpoint.load)
             self.optimizer.load_state_dict(state["optimizer"])
+            check_optimizer_state(self.optimizer)
         self.schedule.load_state_dict(state["schedule"])
         self.clipper.load_state_dict(state["clipper"])
         self.precision.load_state_dict(state["scaler"])
@@ -90,6 +94,52 @@ class Trainer:
                 f"{sequences} sequences; this run has {self.world.size}, with updates of "
                 f"{self.sequences_per_update()}: the data order continues where it stopped (it "
                 f"does not depend on the number of processes)"]
+
+
+LIKE = {("float", "int"), ("bool", "null")}  # (written, read) kinds that check_like takes
+
+
+def _kind(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor of {value.dtype}"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    return "null" if value is None else type(value).__name__
+
+
+def check_like(saved, template, where: str = "state") -> None:
+    """`saved` holds values of the kinds that `template` (this trainer's own state_dict())
+    holds, wherever both have one: a dict where it has a dict, a float (or int) where it has
+    a float, a tensor of the same dtype, and so on; null in the template stands for anything,
+    and null for a flag (the optimizer's fused and foreach: set on the device that saved).
+    Entries only one of them has are left to the components (an older checkpoint, another
+    clip= or precision= on resume). Raises ValueError naming the first that differs."""
+    kind, expected = _kind(saved), _kind(template)
+    if expected != "null" and kind != expected and (expected, kind) not in LIKE:
+        raise ValueError(f"{where}: {kind} where trainrun writes {expected}")
+    if isinstance(template, dict):
+        for key in template.keys() & saved.keys():
+            check_like(saved[key], template[key], f"{where}.{key}")
+    elif expected == "list":
+        for i, (item, like) in enumerate(zip(saved, template, strict=False)):
+            check_like(item, like, f"{where}[{i}]")
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Each loaded state tensor fits its parameter: of its shape, a scalar, or (Adafactor's
+    factored moments) a shape that broadcasts to it. Raises ValueError otherwise, rather
+    than fail at the first update with the run directory already written."""
+    for param, state in optimizer.state.items():
+        for name, value in state.items():
+            fits = not isinstance(value, torch.Tensor)
+            if not fits:
+                try:
+                    fits = torch.broadcast_shapes(value.shape, param.shape) == param.shape
+                except RuntimeError:
+                    fits = False
+            if not fits:
+                raise ValueError(f"optimizer state {name!r} of shape {tuple(value.shape)} for a "
+                                 f"parameter of shape {tuple(param.shape)}")
 
 
 def rng_state() -> dict:

@@ -24,7 +24,7 @@ from trainrun.after.output import Parser
 from trainrun.config import Config
 from trainrun.data import RUN_FILE, Tokenizer
 from trainrun.data.tokenizers import ByteTokenizer, JSONTokenizer
-from trainrun.errors import ConfigError
+from trainrun.errors import ConfigError, NotTrainrun
 from trainrun.model import GPT
 from trainrun.precision import Precision
 
@@ -176,5 +176,8 @@ def open_run(run_dir: str, overrides: list[str], checkpoint_name: str | None = N
     tokenizer = tokenizer_of(path, ckpt, meta, getattr(cfg.tokenizer, "eot", None))
     device, precision = runner.prepare(cfg)
     model = runner.build_model(cfg.model, tokenizer.vocab_size, device)
-    checkpoint.load_weights(ckpt, model)
+    try:
+        checkpoint.load_weights(ckpt, model)
+    except NotTrainrun as error:
+        raise ConfigError(ARG, f"{error}; allowed: {RUN_ALLOWED}") from None
     return Run(path, cfg, ckpt, step, model.eval(), tokenizer, device, precision, warnings)

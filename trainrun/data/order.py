@@ -53,7 +53,11 @@ class DataOrder:
                 "data", f"{self.n} training sequences, the checkpoint's data had {state['n']}; "
                 f"allowed: the data and data.seq_len of the checkpoint"
             )
-        self.epoch, self.offset = state["epoch"], state["offset"]
+        epoch, offset = state["epoch"], state["offset"]
+        if min(epoch, offset) < 0:
+            raise ValueError(f"order: epoch {epoch}, offset {offset}; a data position is two "
+                             f"whole numbers >= 0")
+        self.epoch, self.offset = epoch, offset
         self._perm = permutation(self.n, self.seed, self.epoch)
 
 

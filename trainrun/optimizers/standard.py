@@ -3,6 +3,7 @@ layer-wise ones implemented in the project (trainrun.optimizers.layerwise)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -167,6 +168,7 @@ class LAMBConfig(AdamWConfig):
                     weight_decay=self.weight_decay)
 
 
+EPS1_MIN = math.sqrt(torch.finfo(torch.float32).tiny)  # 1.08e-19: eps1² a normal float32
 
 
 @dataclass
@@ -187,10 +189,18 @@ class AdafactorConfig(OptimizerConfig):
                               f"got {self.beta2_decay}; allowed: beta2_decay <= 0")
         if len(self.eps) != 2 or self.eps[1] is None:
             raise ConfigError(f"{prefix}.eps", f"got {list(self.eps)}; allowed: [eps1, eps2], "
-                                               f"eps1 null or >= 0, eps2 >= 0")
-        if self.eps[0] is not None:
-            require_positive(f"{prefix}.eps[0]", self.eps[0], allow_zero=True)
-        require_positive(f"{prefix}.eps[1]", self.eps[1], allow_zero=True)
+                                               f"eps1 null or >= {EPS1_MIN:.2g}, eps2 > 0")
+        # torch floors the second-moment estimate at eps1² (the paper's ε1 = 1e-30 is on
+        # that squared scale): below EPS1_MIN it is no normal float32 (0 from about 1e-23,
+        # or where denormals are flushed), and a row of gradients that are all zero (an
+        # unused token's embedding) then gives 0/0 weights at update 1
+        eps1 = self.eps[0]
+        if eps1 is not None and not (math.isfinite(eps1) and eps1 >= EPS1_MIN):
+            raise ConfigError(f"{prefix}.eps[0]", f"got {eps1}; allowed: null (the dtype's "
+                                                  f"eps) or eps1 >= {EPS1_MIN:.2g}, whose "
+                                                  f"square float32 holds (torch squares it)")
+        # eps2 floors the step's scale: at 0, weights that start at 0 (biases) never move
+        require_positive(f"{prefix}.eps[1]", self.eps[1])
         if not self.d >= 1:
             raise ConfigError(f"{prefix}.d", f"got {self.d}; allowed: d >= 1")
 
