@@ -328,7 +328,9 @@ def arguments(argv: list[str]) -> list[str]:
     "one of these keys" pair replacing the other."""
     flags, overrides = split_flags(argv)
     if composing_only(flags):  # other flags (--info, --config-path, ...): no resumable job
-        overrides = resume_argv(overrides, config_dir(flags))
+        searching = any(key(o) == "hparams_search" and not o.endswith("=null") for o in overrides)
+        overrides = resume_argv(overrides, config_dir(flags),
+                                sweep=searching or any(f in ("-m", "--multirun") for f in flags))
     return [*flags, *one_of(overrides)]
 
 
