@@ -242,14 +242,14 @@ def _job(cfg: DictConfig) -> float:
     from hydra.types import RunMode
 
     from trainrun import runner
-    from trainrun.sweep import JobFailed, crashed, tb_name
+    from trainrun.sweep import JobFailed, NotRun, crashed, tb_name
 
     hc = HydraConfig.get()
     in_sweep = hc.mode == RunMode.MULTIRUN
     repeats = identical.repeated(hc.job.num) if in_sweep else None
     if repeats is not None:
         runner.remove_if_empty(Path(hc.runtime.output_dir))
-        return JobFailed(f"not run: identical to job {repeats[0]} ({repeats[1]})")
+        return NotRun(f"not run: identical to job {repeats[0]} ({repeats[1]})")
     # what Hydra would have saved in .hydra/, written by the run once it has started
     record = {"config.yaml": OmegaConf.to_yaml(cfg),
               "hydra.yaml": OmegaConf.to_yaml(HydraConfig.instance().cfg),
@@ -365,6 +365,12 @@ def main() -> None:
         print(f"trainrun: {done}", file=sys.stderr)
         return
     _job()
+    from trainrun.cli.summary import failures
+
+    failed = failures()  # a sweep in which a job failed exits 1 (README "Sweeps")
+    if failed is not None:
+        print(f"trainrun: {failed}", file=sys.stderr)
+        sys.exit(1)
 
 
 def one_run_dir(argv: list[str]) -> list[str]:
