@@ -24,7 +24,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from trainrun import distributed, identical, launch, memory
+from trainrun import distributed, identical, launch, memory, signals
 from trainrun.cli.overrides import CONF, added_config_dir, key, one_of, options
 from trainrun.cli.resuming import finished_loss, resume_argv
 from trainrun.config import Config, register_schemas, to_config, validate
@@ -358,6 +358,7 @@ def main() -> None:
     try:
         sys.argv[1:] = arguments(sys.argv[1:])
         preflight(sys.argv[1:])
+        signals.check()  # a stop that came while torch was imported or a config composed
         sys.argv[1:] = one_run_dir(sys.argv[1:])
     except ConfigError as error:
         fail(error)

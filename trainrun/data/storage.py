@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from trainrun import signals
+
 FORMAT = 1  # of the files below; part of every key
 BATCH = 1000  # documents per encode_batch call
 PROGRESS_SECONDS = 10.0
@@ -81,6 +83,7 @@ def write_split(docs, tokenizer, folder: Path, split: str, log: Callable[[str], 
     began = last = time.monotonic()
     with open(folder / f"{split}.bin", "wb") as out:
         for batch in docs.iter(batch_size=BATCH):
+            signals.check()  # a start-up stop that came while `datasets` read the batch
             texts = [t for t in batch["text"] if t and t.strip()]
             if not texts:
                 continue
