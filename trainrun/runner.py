@@ -4,6 +4,7 @@ of the config meet the components they configure."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 from dataclasses import asdict, dataclass, field
@@ -164,12 +165,18 @@ def refuse_used(run_dir: Path, config_dir: Path | None = None) -> None:
                                        f"allowed: {allowed}")
 
 
+# The nearest folder above the run directory that existed before `trainrun` started, which
+# the command records (trainrun.cli.outputs): everything Hydra made below it is this run's.
+MADE_UNDER = "TRAINRUN_MADE_UNDER"
+
+
 def remove_if_empty(run_dir: Path) -> None:
-    """Remove a run directory left empty (Hydra makes it before the run is built), and its
-    empty parents inside the working directory (outputs/<date>/)."""
-    cwd = Path.cwd().resolve()
+    """Remove a run directory left empty (Hydra makes it before the run is built), and the
+    empty folders Hydra made above it (outputs/<date>/): up to the folder recorded in
+    $TRAINRUN_MADE_UNDER, or else up to the working directory; never that folder itself."""
+    top = Path(os.environ.get(MADE_UNDER) or Path.cwd()).resolve()
     path = run_dir.resolve()
-    while path != cwd and cwd in path.parents:
+    while path != top and top in path.parents:
         try:
             path.rmdir()  # only an empty directory
         except OSError:

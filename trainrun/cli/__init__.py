@@ -11,6 +11,8 @@ the run writes .hydra/ once it has really started, so a refused or failed start 
     help.py       `trainrun --help`
     resuming.py   what `resume=` names on the command line
     summary.py    the sweep summary's Hydra callbacks
+    outputs.py    where Hydra will make the run's directory: makeable, and what was there
+    folders.py    what a --config-dir folder may add (no Hydra settings)
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from trainrun import distributed, identical, launch, memory, signals
+from trainrun.cli import folders, outputs
 from trainrun.cli.overrides import CONF, added_config_dir, key, one_of, options
 from trainrun.cli.resuming import finished_loss, resume_argv
 from trainrun.config import Config, register_schemas, to_config, validate
@@ -196,12 +199,19 @@ def preflight(argv: list[str]) -> None:
     hydra_own = [a for a in argv if not a.startswith("-") and a not in overrides]
     if hydra_own or searches:
         composed([[*hydra_own, *searches]], with_hydra=True, config_dir=folder)
+    if not any(f in ("--cfg", "-c") for f in flags):  # a run: Hydra will make its directory
+        outputs.check([*flags, *argv])
     if searches or any(key(a) == "hydra/sweeper" and not a.endswith("=basic") for a in argv):
         # another sweeper: its jobs are known only as it runs them, each validated as it
         # starts; the values that every job shares are composed here
-        composed([[o for o in overrides if not is_sweep(o)]], config_dir=folder)
+        shared = [o for o in overrides if not is_sweep(o)]
+        composed([shared], config_dir=folder)
+        if folder is not None:
+            folders.check(folder, [shared], hydra_own)
         return
     jobs, swept = sweep(overrides) if multirun else ([overrides], set())
+    if folder is not None:
+        folders.check(folder, jobs, hydra_own)
     from trainrun.runner import prepare
 
     run_dir = next((Path(override_value(a)) for a in reversed(argv)
@@ -359,6 +369,7 @@ def main() -> None:
         sys.argv[1:] = arguments(sys.argv[1:])
         preflight(sys.argv[1:])
         signals.check()  # a stop that came while torch was imported or a config composed
+        outputs.record(sys.argv[1:])  # what exists where Hydra will make the run's directory
         sys.argv[1:] = one_run_dir(sys.argv[1:])
     except ConfigError as error:
         fail(error)
