@@ -147,6 +147,42 @@ def test_plain_paths_print_unquoted():
     assert command("outputs/2026-11-23/12-00-00") == "trainrun resume=outputs/2026-11-23/12-00-00"
 
 
+# each a character of Hydra's grammar (a sweep, a list, a quote, an escape, an interpolation,
+# a key) or one its lexer does not take (non-ASCII), in a real directory's name
+NAMES = ["a,b", "[x]", "it's", "wörk", "a b", "run=1", 'say "hi"', "back\\slash", "${x}",
+         "wörk, [x] it's/run=1"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_resume_takes_a_path_as_the_shell_passes_it(tmp_path, name):
+    run = tmp_path / name
+    (run / "checkpoints").mkdir(parents=True)
+    args = arguments([f"resume={run}", "trainer.max_steps=5"])
+    read = {key: OmegaConf.create({"v": OverridesParser.create().parse_override(a).value()}).v
+            for a in args for key in ("resume", "hydra.run.dir") if a.startswith(f"{key}=")}
+    assert read == {"resume": str(run), "hydra.run.dir": str(run)}  # as Hydra reads them
+    assert config(*[a for a in args if not a.startswith("hydra.")]).resume == str(run)
+
+
+def test_resume_keeps_the_quoted_form_it_prints(tmp_path):
+    run = tmp_path / "wörk, [x] it's" / "run=1"
+    (run / "checkpoints").mkdir(parents=True)
+    (word,) = shlex.split(command(run)[len("trainrun "):])  # as the shell hands it over
+    assert word.startswith('resume="')
+    assert config(*[a for a in arguments([word]) if not a.startswith("hydra.")]).resume == str(run)
+    for special in ("auto", "null"):
+        assert arguments([f"resume={special}"]) == [f"resume={special}"]
+
+
+def test_a_sweep_does_not_continue_one_run_directory(tmp_path):
+    run = tmp_path / "a,b"
+    (run / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ConfigError) as err:
+        arguments(["-m", f"resume={run}", "optimizer.lr=0.1,0.2"])
+    assert err.value.key == "resume" and "allowed: resume=auto with the sweep's" in str(err.value)
+    assert arguments(["-m", "resume=auto", "optimizer.lr=0.1,0.2"])[-1] == "resume=auto"
+
+
 # -- the trust boundary ----------------------------------------------------------------
 
 REFUSED = [

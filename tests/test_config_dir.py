@@ -113,3 +113,49 @@ def test_printed_resume_commands_keep_the_folder(tmp_path):
     for given in (["--config-dir", "conf"], ["-cd", "conf"], ["--config-dir=conf"]):
         assert resume_hint(Path("r"), [*given, "model=wee"], False) == \
             f"trainrun {' '.join(given)} resume=r"
+
+
+# options of a folder that would set Hydra's own settings behind pre-flight's back
+HYDRA_SETTINGS = {
+    "run-dir": ("model/away.yaml", "# @package _global_\ndefaults:\n  - /model/gpt_tiny@model\n"
+                "hydra:\n  run:\n    dir: {tmp}/elsewhere\n", "model=away", "hydra.run.dir"),
+    "callback": ("model/away.yaml", "# @package _global_\ndefaults:\n  - /model/gpt_tiny@model\n"
+                 "hydra:\n  callbacks:\n    x:\n      _target_: builtins.open\n"
+                 "      file: {tmp}/ran\n      mode: w\n", "model=away", "hydra.callbacks.x"),
+    "launcher": ("clip/away.yaml", "# @package _global_\ndefaults:\n  - /clip/norm@clip\n"
+                 "  - override /hydra/launcher: joblib\n", "clip=away", "hydra.launcher."),
+    "hydra-folder": ("hydra/launcher/mine.yaml", "n_jobs: 1\n", "model=gpt_tiny",
+                     "myconf/hydra: options of Hydra's own groups"),
+}
+
+
+@pytest.mark.parametrize("path, text, choice, named", HYDRA_SETTINGS.values(),
+                         ids=HYDRA_SETTINGS.keys())
+def test_a_folder_may_not_set_hydras_own_settings(tmp_path, corpus, path, text, choice, named):
+    folder = tmp_path / "myconf"
+    (folder / path).parent.mkdir(parents=True)
+    (folder / path).write_text(text.format(tmp=tmp_path))
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    proc = cli("--config-dir", str(folder), choice, *tiny(corpus, "trainer.max_steps=2"),
+               cwd=cwd)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("trainrun: error: --config-dir: ") and named in proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["myconf", "work"]  # nothing ran
+    assert list(cwd.iterdir()) == []
+
+
+def test_a_folders_search_preset_may_set_the_sweeper(tmp_path):
+    """hparams_search options are search presets: they set Hydra's sweeper, as trainrun's
+    own optuna does."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    from trainrun.cli import preflight
+
+    folder = tmp_path / "myconf"
+    (folder / "hparams_search").mkdir(parents=True)
+    (folder / "hparams_search/mine.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /hydra/sweeper: optuna\n"
+        "hydra:\n  mode: MULTIRUN\n  sweeper:\n    n_trials: 2\n    params:\n"
+        "      optimizer.lr: interval(1e-4, 1e-2)\n")
+    preflight(["--config-dir", str(folder), "hparams_search=mine", "trainer.max_steps=2"])

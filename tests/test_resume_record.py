@@ -115,3 +115,29 @@ def test_a_changed_option_is_named_as_the_user_writes_it(run, tmp_path):
     proc = cli(f"resume={run}", "optimizer=sgd", "trainer.max_steps=80", cwd=tmp_path)
     assert proc.returncode == 2
     assert "trained with optimizer=adamw" in proc.stderr and "Config" not in proc.stderr
+
+
+def test_a_run_named_with_any_characters_resumes_as_the_shell_passes_it(run, tmp_path):
+    """trainrun resume="$DIR": a comma, brackets, an apostrophe, non-ASCII, a space and `=`
+    in the path are the path, not Hydra's syntax; and the quoted form trainrun prints works."""
+    named = tmp_path / "wörk, [x] it's" / "run=1"
+    named.parent.mkdir()
+    run.rename(named)
+    proc = cli(f"resume={named}", "trainer.max_steps=41", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"resumed from {named / 'checkpoints/step-00000040'} at update 40" in proc.stdout
+    assert json.loads((named / "metrics.json").read_text())["steps"] == 41
+    proc = cli(f'resume="{named}"', "trainer.max_steps=42", cwd=tmp_path)  # README's form
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((named / "metrics.json").read_text())["steps"] == 42
+
+
+def test_a_sweep_given_one_run_directory_is_refused(run, tmp_path):
+    named = tmp_path / "a,b"
+    run.rename(named)
+    before = snapshot(named)
+    proc = cli("-m", f"resume={named}", "trainer.max_steps=50,60", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"trainrun: error: resume: {named}: the jobs of a sweep each "
+                                  f"continue their own run directory") and proc.stderr.count("\n") == 1
+    assert snapshot(named) == before and not (tmp_path / "multirun").exists()

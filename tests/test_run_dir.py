@@ -78,6 +78,49 @@ def test_a_data_error_leaves_no_run_directory(tmp_path, content):
     assert list(cwd.iterdir()) == []
 
 
+# -- where Hydra makes the run directory ------------------------------------------------
+
+# the folders there before trainrun starts -> the folders there after a refused start
+EXISTED = {"none": ([], ["work"]),
+           "a-parent": (["elsewhere"], ["elsewhere", "work"]),
+           "the-run-directory": (["elsewhere/deep/run"],
+                                 ["elsewhere", "elsewhere/deep", "elsewhere/deep/run", "work"])}
+
+
+@pytest.mark.parametrize("existed, left", EXISTED.values(), ids=EXISTED.keys())
+def test_a_refused_start_removes_only_what_hydra_made_for_it(tmp_path, existed, left):
+    """A run directory outside the working directory, refused once built (its data is not
+    text): the folders Hydra made for it go, one that existed before trainrun started stays."""
+    bad = tmp_path / "data.txt"
+    bad.write_bytes(bytes(range(128, 256)) * 8)
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    for folder in existed:
+        (tmp_path / folder).mkdir(parents=True)
+    proc = cli(*tiny(bad), f"hydra.run.dir={tmp_path / 'elsewhere/deep/run'}", cwd=cwd)
+    one_error_line(proc, "data.files:")
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_dir()) == left
+
+
+@pytest.mark.parametrize("key, flags", [("hydra.run.dir", []), ("hydra.sweep.dir", ["-m"])])
+def test_a_run_directory_hydra_cannot_make_is_one_line(tmp_path, corpus, key, flags):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder\n")
+    proc = cli(*flags, *tiny(corpus), f"{key}={blocker / 'run'}", cwd=tmp_path)
+    line = one_error_line(proc, f"{key}: ")
+    assert f"{blocker} is not a folder" in line
+    assert blocker.read_text() == "not a folder\n" and sorted(tmp_path.iterdir()) == [blocker]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write in any folder")
+def test_a_run_directory_in_a_folder_without_permission_is_one_line(tmp_path, corpus):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    proc = cli(*tiny(corpus), f"hydra.run.dir={locked / 'run'}", cwd=tmp_path)
+    assert "permission denied" in one_error_line(proc, "hydra.run.dir: ")
+    assert list(locked.iterdir()) == []
+
+
 # -- resume: a run directory is data, never code -----------------------------------------
 
 @pytest.fixture

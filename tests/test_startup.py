@@ -47,6 +47,22 @@ def test_a_stop_signal_before_the_first_update_ends_in_one_line(tmp_path, corpus
     assert not run_dir.exists()  # nothing of the run was written
 
 
+# a stop sent from inside a library's code, on purpose (TRAINRUN_SIGNAL_INSIDE): while Hydra
+# is imported (the window 0.3 s after launch), and while `datasets` loads the data
+@pytest.mark.parametrize("sig, where", [(signal.SIGINT, "hydra.core.hydra_config"),
+                                        (signal.SIGTERM, "datasets.load.load_dataset")])
+def test_a_stop_signal_inside_a_library_ends_in_one_line_once_its_call_returns(
+        tmp_path, corpus, sig, where):
+    run_dir = tmp_path / "run"
+    proc = cli(*tiny(corpus, "trainer.max_steps=200", f"hydra.run.dir={run_dir}"), cwd=tmp_path,
+               env={"TRAINRUN_SIGNAL_INSIDE": f"{sig.name}:{where}"})
+    assert proc.returncode == 128 + sig, proc.stderr
+    assert proc.stderr == f"trainrun: {sig.name}: stopped before the first update\n"
+    assert not run_dir.exists() and "step 1/" not in proc.stdout
+    if where.startswith("datasets"):  # the stop waited for datasets' call to return
+        assert "data: " in proc.stdout
+
+
 def test_a_signal_the_moment_hydra_makes_the_run_directory_leaves_none(tmp_path, corpus):
     """Hydra makes the run directory, then trainrun builds the run: a stop in between too
     leaves nothing behind (the directory is looked for every half millisecond)."""

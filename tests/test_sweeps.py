@@ -64,6 +64,7 @@ def test_a_2x2_sweep_writes_a_row_per_job(tmp_path, corpus, launcher):
     proc = cli("-m", *tiny(corpus, *SHORT), "optimizer.lr=1e-3,3e-3", "scheduler=cosine,constant",
                *launcher, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+    assert "failed" not in proc.stderr
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name[0] != ".") == \
         ["0", "1", "2", "3"]
     rows = summary(sweep)
@@ -103,7 +104,9 @@ def test_failed_jobs_get_their_row_and_the_sweep_goes_on(tmp_path, corpus):
     proc = cli("-m", *TINY, *SHORT, "scheduler=constant", "trainer.max_skipped=2", "data=text",
                f"data.files={corpus},{binary}", "optimizer.lr=1e-3,3e-3,1e30",
                f"hydra.sweep.dir={sweep}", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.splitlines()[-1] == \
+        f"trainrun: 5 of 6 jobs failed; see {sweep / 'summary.csv'}"
     rows = summary(sweep)
     assert [r["job"] for r in rows] == ["1", "0", "2", "3", "4", "5"]  # completed, then failed
     by_job = {int(r["job"]): r for r in rows}
@@ -129,6 +132,28 @@ def test_failed_jobs_get_their_row_and_the_sweep_goes_on(tmp_path, corpus):
         assert "UTF-8" in by_job[job]["error"]
         assert not (sweep / str(job)).exists()  # a run refused while built writes nothing
         assert by_job[job]["steps"] == ""
+
+
+@pytest.mark.parametrize("launcher", [
+    [],
+    ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+], ids=["basic", "joblib"])
+def test_a_sweep_in_which_a_job_failed_exits_1_and_says_how_many(tmp_path, corpus, launcher):
+    """One job of two fails (its data file is not text, which only reading it shows): the
+    other still runs, and the sweep exits 1 with the count."""
+    if launcher:
+        pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(bytes(range(128, 256)) * 20)
+    sweep = tmp_path / "sweep"
+    proc = cli("-m", *TINY, "trainer.max_steps=2", "data=text", f"data.files={corpus},{binary}",
+               *launcher, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.splitlines()[-1] == \
+        f"trainrun: 1 of 2 jobs failed; see {sweep / 'summary.csv'}"
+    assert "Traceback" not in proc.stderr
+    statuses = {r["job"]: r["status"] for r in summary(sweep)}
+    assert statuses == {"0": "completed", "1": "failed"}
 
 
 def test_an_optuna_search_of_4_trials(tmp_path, corpus):

@@ -307,12 +307,18 @@ def fresh(base: Path, claimed: bool = True) -> Path:
     raise AssertionError("unreachable")
 
 
+# The nearest folder above the run directory that existed before `trainrun` started, which
+# the command records (trainrun.cli.outputs): everything made below it is this run's.
+MADE_UNDER = "TRAINRUN_MADE_UNDER"
+
+
 def remove_if_empty(run_dir: Path) -> None:
-    """Remove a run directory left empty (made before the run was built), and its empty
-    parents inside the working directory (outputs/<date>/)."""
-    cwd = Path.cwd().resolve()
+    """Remove a run directory left empty (made before the run was built), and the empty
+    folders made above it (outputs/<date>/): up to the folder recorded in
+    $TRAINRUN_MADE_UNDER, or else up to the working directory; never that folder itself."""
+    top = Path(os.environ.get(MADE_UNDER) or Path.cwd()).resolve()
     path = run_dir.resolve()
-    while path != cwd and cwd in path.parents:
+    while path != top and top in path.parents:
         try:
             path.rmdir()  # only an empty directory
         except OSError:

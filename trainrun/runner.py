@@ -12,7 +12,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainrun import checkpoint, data, determinism, distributed, gpt2, opening, resume, rundir
+from trainrun import (
+    checkpoint,
+    data,
+    determinism,
+    distributed,
+    gpt2,
+    opening,
+    resume,
+    rundir,
+    signals,
+)
 from trainrun.config import Config
 from trainrun.console import Console
 from trainrun.data.order import DataOrder
@@ -118,6 +128,7 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
                         cfg, checkpoint.read_meta(resume_from), trainer.counters.k,
                         trainer.schedule)]:
                     console.info(note)
+            signals.check()  # the last point where a start-up stop leaves nothing behind
         except BaseException:  # a refused start or a start-up signal (StartupStop)
             rundir.release(run_dir)
             rundir.remove_if_empty(run_dir)
@@ -253,10 +264,13 @@ def build(cfg: Config, device: torch.device, precision: Precision, console: Cons
         console.info(deterministic)
     console.info(set_threads(t.threads))
     seed_everything(t.seed)
+    signals.check()  # stops that came during a library's call, between start-up phases
     splits = load_data(cfg, world, console)
+    signals.check()
     model = build_model(cfg.model, splits.tokenizer.vocab_size, device,
                         console if pretrained else None)
     replicas = distributed.Replicas(model, t.strategy, world, device, t.compile)
+    signals.check()
     optimizer = build_optimizer(cfg.optimizer, model, device)
     schedule = build_schedule(cfg.scheduler, cfg.optimizer.lr, t.max_steps, cfg.model.d_model)
     schedule.check(optimizer)

@@ -6,9 +6,13 @@ session closed without nohup or tmux): training goes on, the terminal is no long
 written to, train.log still is.
 
 Before training (`catch_startup`, from the command's first line): a stop signal raises
-StartupStop, which ends the command with one line and 128 + the signal's number. Between
-the built run and training the stop signals are held back (`hold`) and delivered to
-Signals, so that a run that has started writing its directory always ends as a stopped run.
+StartupStop, which ends the command with one line and 128 + the signal's number. It is
+raised only into code that expects it (trainrun's, Hydra's, OmegaConf's, Python's own, and
+no import under way): a signal that lands inside a library (importing torch, `datasets`
+loading the data) is recorded, and `check()`, which trainrun calls between its start-up
+phases, raises it once the library's call has returned. Between the built run and training
+the stop signals are held back (`hold`) and delivered to Signals, so that a run that has
+started writing its directory always ends as a stopped run.
 """
 
 from __future__ import annotations
@@ -37,26 +41,62 @@ class StartupStop(BaseException):
         return f"{name(self.signum)}: stopped {when}"
 
 
-_startup: dict = {"received": None, "training": None, "run_dir": None}
+_startup: dict = {"received": None, "pending": False, "training": None, "run_dir": None}
+
+# The packages a start-up stop may be raised into (besides Python's standard library): the
+# way out of their code is trainrun's own or known to unwind cleanly.
+RAISE_INTO = ("trainrun", "hydra", "omegaconf", "__main__")
 
 
 def _during_startup(signum, frame) -> None:
     if _startup["received"] is not None:
         os._exit(128 + signum)  # the second signal: at once
     _startup["received"] = signum
+    if not interruptible(frame):
+        _startup["pending"] = True  # raised by the next check(), out of the library's code
+        return
+    raise _stop(signum)
+
+
+def check() -> None:
+    """Raise StartupStop if a start-up stop signal landed inside a library's code and has
+    not been acted on; a no-op otherwise (and in commands that do not catch_startup)."""
+    if _startup["pending"]:
+        _startup["pending"] = False
+        raise _stop(_startup["received"])
+
+
+def _stop(signum: int) -> StartupStop:
     _startup["run_dir"] = _hydra_output_dir()
-    raise StartupStop(signum)
+    return StartupStop(signum)
+
+
+def interruptible(frame) -> bool:
+    """Whether an exception raised in `frame` unwinds only code that expects one: every
+    frame of the stack runs code of RAISE_INTO or of the standard library, and none is
+    importing a module (an import cut short leaves a half-made module that the way out may
+    use). Anything else is a library whose state a raise could break mid-way (`datasets`
+    patches modules while it loads)."""
+    while frame is not None:
+        module = frame.f_globals.get("__name__") or ""
+        importing = module.startswith("importlib") or (frame.f_code.co_name == "<module>"
+                                                       and module != "__main__")
+        known = module.partition(".")[0] in (*RAISE_INTO, *sys.stdlib_module_names)
+        if importing or not known:
+            return False
+        frame = frame.f_back
+    return True
 
 
 def _hydra_output_dir() -> str | None:
     """The directory of the job Hydra is starting, if it is starting one (Hydra makes it
     before the run is built, and forgets it once the job has ended)."""
-    hydra_config = sys.modules.get("hydra.core.hydra_config")
-    if hydra_config is None or not hydra_config.HydraConfig.initialized():
-        return None
     try:  # a signal handler raises nothing but StartupStop
+        hydra_config = sys.modules.get("hydra.core.hydra_config")
+        if hydra_config is None or not hydra_config.HydraConfig.initialized():
+            return None
         return hydra_config.HydraConfig.get().runtime.output_dir
-    except Exception:  # composed, but not yet given a directory ('???'): none made yet
+    except Exception:  # not yet given a directory ('???'), or Hydra half imported: none made
         return None
 
 
@@ -71,6 +111,25 @@ def catch_startup() -> None:
         if sig in IGNORABLE and signal.getsignal(sig) == signal.SIG_IGN:
             continue
         signal.signal(sig, _during_startup)
+    if os.environ.get(SIGNAL_INSIDE):
+        _signal_inside(*os.environ[SIGNAL_INSIDE].split(":", 1))
+
+
+SIGNAL_INSIDE = "TRAINRUN_SIGNAL_INSIDE"  # tests: SIGTERM:datasets.load.load_dataset
+
+
+def _signal_inside(sig: str, where: str) -> None:
+    """Tests: send this process `sig` when code named `where` first runs, a function
+    (`module.function`) or a module (its import, or any of its functions), so that a stop
+    lands inside a library on purpose rather than by timing."""
+    def profile(frame, event, arg) -> None:
+        module = frame.f_globals.get("__name__") or ""
+        if event == "call" and (where in (module, f"{module}.{frame.f_code.co_name}")
+                                or module.startswith(f"{where}.")):
+            sys.setprofile(None)
+            os.kill(os.getpid(), signal.Signals[sig])
+
+    sys.setprofile(profile)
 
 
 def hold() -> None:

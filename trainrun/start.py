@@ -4,8 +4,10 @@ stop signals are caught from the first moment, and `--version` needs none of the
 A stop signal (SIGINT, SIGTERM, SIGUSR1) before training has started ends the command with
 one line and exit status 128 + the signal's number: nothing of a fresh run is left on disk
 (the run directory is written only once the run is built), a resumed run's directory is as
-it was. Once training runs, trainrun.signals.Signals takes over (finish the update, save,
-exit 128 + signal)."""
+it was. A stop that lands inside a library's code is acted on once that call returns, at
+the next of trainrun's checks between start-up phases (trainrun.signals.check). Once
+training runs, trainrun.signals.Signals takes over (finish the update, save, exit 128 +
+signal)."""
 
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ def main() -> None:
             return
         from trainrun.cli import main as cli_main
 
+        signals.check()  # a stop that came while Hydra was imported
         cli_main()
     except signals.StartupStop as stop:
         remove_empty_run_dir()

@@ -53,10 +53,18 @@ class JobFailed(float):
     """What a failed job returns to Hydra's sweeper: inf (the worst loss, so that Optuna
     steers away from it), carrying the error's one line for the job's record."""
 
+    status = "failed"
+
     def __new__(cls, error: str):
         value = super().__new__(cls, math.inf)
         value.error = error
         return value
+
+
+class NotRun(JobFailed):
+    """A job not run because it is identical to an earlier one: not a failure."""
+
+    status = "identical"
 
 
 def error_line(exc: BaseException) -> str:
@@ -81,14 +89,16 @@ def crashed(exc: Exception, job: int, run_dir: Path) -> str:
 
 
 def record(sweep_dir: Path, job: int, overrides: list[str], run_dir: Path,
-           error: str | None) -> None:
-    """Write job's record (by rename: a summary read meanwhile never sees half a file)."""
+           error: str | None, status: str | None = None) -> None:
+    """Write job's record (by rename: a summary read meanwhile never sees half a file);
+    status: "failed" or "identical" when the job says so, else None (its metrics.json
+    tells)."""
     folder = sweep_dir / RECORDS
     sweep_dir.mkdir(parents=True, exist_ok=True)
     rundir.folder(folder, within=sweep_dir)
     rundir.write(folder / f"{job}.json", json.dumps({"job": job, "overrides": list(overrides),
-                                                     "run_dir": str(run_dir), "error": error})
-                 + "\n", within=sweep_dir)
+                                                     "run_dir": str(run_dir), "error": error,
+                                                     "status": status}) + "\n", within=sweep_dir)
 
 
 def forget(sweep_dir: Path) -> None:
@@ -99,8 +109,8 @@ def forget(sweep_dir: Path) -> None:
 
 def rows(sweep_dir: Path) -> list[dict]:
     """One row per recorded job (COLUMNS; overrides as a list; a value never measured is
-    None), best first: by best_val_loss, then failed jobs and jobs without a finite loss, by
-    job number."""
+    None), best first: by best_val_loss, then failed and identical jobs and jobs without a
+    finite loss, by job number."""
     found = []
     for path in (sweep_dir / RECORDS).glob("*.json"):
         job = json.loads(path.read_text())
@@ -109,7 +119,9 @@ def rows(sweep_dir: Path) -> list[dict]:
         row = {"job": job["job"], "overrides": job["overrides"],
                **{key: metrics.get(key) for key in METRICS},
                "run_dir": job["run_dir"], "error": job["error"]}
-        if job["error"] is not None or not metrics:
+        if job.get("status") == "identical":  # not run: the row of the job it repeats tells
+            row["status"] = "identical"
+        elif job["error"] is not None or not metrics:
             row["status"] = "failed"
             row["error"] = row["error"] or "failed: the job ended without writing metrics.json"
         found.append(row)
@@ -133,6 +145,15 @@ def write_csv(table: list[dict], path: Path) -> None:
         cells = {**row, "overrides": shlex.join(row["overrides"])}
         out.writerow({k: "" if cells[k] is None else cells[k] for k in COLUMNS})
     rundir.write(path, text.getvalue(), within=path.parent)  # by rename, never through a link
+
+
+def failures(table: list[dict], csv_path: Path) -> str | None:
+    """The line that says how many jobs failed (None if none did); jobs not run because
+    they repeat another are not failures."""
+    failed = sum(row["status"] == "failed" for row in table)
+    if not failed:
+        return None
+    return f"{failed} of {len(table)} jobs failed; see {csv_path}"
 
 
 def common_overrides(table: list[dict]) -> list[str]:

@@ -11,6 +11,8 @@ the run writes .hydra/ once it has really started, so a refused or failed start 
     help.py       `trainrun --help`
     resuming.py   what `resume=` names on the command line
     summary.py    the sweep summary's Hydra callbacks
+    outputs.py    where Hydra will make the run's directory: makeable, and what was there
+    folders.py    what a --config-dir folder may add (no Hydra settings)
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from trainrun import distributed, identical, launch, memory, rundir
+from trainrun import distributed, identical, launch, memory, rundir, signals
+from trainrun.cli import folders, outputs
 from trainrun.cli.overrides import CONF, added_config_dir, key, one_of, options
 from trainrun.cli.resuming import finished_loss, resume_argv
 from trainrun.config import Config, register_schemas, to_config, validate
@@ -195,12 +198,19 @@ def preflight(argv: list[str]) -> None:
     hydra_own = [a for a in argv if not a.startswith("-") and a not in overrides]
     if hydra_own or searches:
         composed([[*hydra_own, *searches]], with_hydra=True, config_dir=folder)
+    if not any(f in ("--cfg", "-c") for f in flags):  # a run: Hydra will make its directory
+        outputs.check([*flags, *argv])
     if searches or any(key(a) == "hydra/sweeper" and not a.endswith("=basic") for a in argv):
         # another sweeper: its jobs are known only as it runs them, each validated as it
         # starts; the values that every job shares are composed here
-        composed([[o for o in overrides if not is_sweep(o)]], config_dir=folder)
+        shared = [o for o in overrides if not is_sweep(o)]
+        composed([shared], config_dir=folder)
+        if folder is not None:
+            folders.check(folder, [shared], hydra_own)
         return
     jobs, swept = sweep(overrides) if multirun else ([overrides], set())
+    if folder is not None:
+        folders.check(folder, jobs, hydra_own)
     from trainrun.runner import prepare
 
     run_dir = next((Path(override_value(a)) for a in reversed(argv)
@@ -241,14 +251,14 @@ def _job(cfg: DictConfig) -> float:
     from hydra.types import RunMode
 
     from trainrun import runner
-    from trainrun.sweep import JobFailed, crashed, tb_name
+    from trainrun.sweep import JobFailed, NotRun, crashed, tb_name
 
     hc = HydraConfig.get()
     in_sweep = hc.mode == RunMode.MULTIRUN
     repeats = identical.repeated(hc.job.num) if in_sweep else None
     if repeats is not None:
         rundir.remove_if_empty(Path(hc.runtime.output_dir))
-        return JobFailed(f"not run: identical to job {repeats[0]} ({repeats[1]})")
+        return NotRun(f"not run: identical to job {repeats[0]} ({repeats[1]})")
     # what Hydra would have saved in .hydra/, written by the run once it has started
     record = {"config.yaml": OmegaConf.to_yaml(cfg),
               "hydra.yaml": OmegaConf.to_yaml(HydraConfig.instance().cfg),
@@ -327,7 +337,9 @@ def arguments(argv: list[str]) -> list[str]:
     "one of these keys" pair replacing the other."""
     flags, overrides = split_flags(argv)
     if composing_only(flags):  # other flags (--info, --config-path, ...): no resumable job
-        overrides = resume_argv(overrides, config_dir(flags))
+        searching = any(key(o) == "hparams_search" and not o.endswith("=null") for o in overrides)
+        overrides = resume_argv(overrides, config_dir(flags),
+                                sweep=searching or any(f in ("-m", "--multirun") for f in flags))
     return [*flags, *one_of(overrides)]
 
 
@@ -356,6 +368,8 @@ def main() -> None:
         sys.argv[1:] = arguments(sys.argv[1:])
         claim_given(sys.argv[1:])
         preflight(sys.argv[1:])
+        signals.check()  # a stop that came while torch was imported or a config composed
+        outputs.record(sys.argv[1:])  # what exists where Hydra will make the run's directory
         sys.argv[1:] = one_run_dir(sys.argv[1:])
     except ConfigError as error:
         fail(error)
@@ -363,6 +377,12 @@ def main() -> None:
         print(f"trainrun: {done}", file=sys.stderr)
         return
     _job()
+    from trainrun.cli.summary import failures
+
+    failed = failures()  # a sweep in which a job failed exits 1 (README "Sweeps")
+    if failed is not None:
+        print(f"trainrun: {failed}", file=sys.stderr)
+        sys.exit(1)
 
 
 def runs_one_job(argv: list[str]) -> bool:

@@ -5,7 +5,8 @@ on_job_end runs in the process that ran the job (a joblib worker, a submitit tas
 leaves the job's record in the sweep directory and rewrites summary.csv with the rows so
 far. on_multirun_end runs once, in the process that started the sweep, after every job:
 it writes summary.csv from every record and each job's metrics.json and prints the table
-(trainrun/sweep.py builds both).
+(trainrun/sweep.py builds both), and keeps the line that says how many jobs failed, with
+which `trainrun` then exits 1 (`failures`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,15 @@ def main_process() -> bool:
     return int(env.get("RANK", "0")) == 0
 
 
+_ended: dict[str, str | None] = {"failures": None}
+
+
+def failures() -> str | None:
+    """`N of M jobs failed; see <summary.csv>` for the sweep this process ran, if any job
+    failed; None otherwise (also when no sweep ended here)."""
+    return _ended["failures"]
+
+
 class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep.forget(sweep_dir(config))
@@ -46,11 +56,13 @@ class SweepSummary(Callback):
             return
         if job_return.status == JobStatus.COMPLETED:
             error = getattr(job_return.return_value, "error", None)
+            status = getattr(job_return.return_value, "status", None)
         else:  # raised past the job function: Hydra holds the exception as the return value
             error = f"failed: {sweep.error_line(job_return._return_value)}"
+            status = "failed"
         folder = sweep_dir(config)
         sweep.record(folder, hydra.job.num, list(job_return.overrides or []),
-                     Path(hydra.runtime.output_dir), error)
+                     Path(hydra.runtime.output_dir), error, status)
         # the rows so far: a sweep that ends early (a signal, a killed job) still has them
         sweep.write_csv(sweep.rows(folder), folder / "summary.csv")
 
@@ -63,6 +75,7 @@ class SweepSummary(Callback):
             return
         path = folder / "summary.csv"
         sweep.write_csv(table, path)
+        _ended["failures"] = sweep.failures(table, path)
         console = Console()
         rendered = sweep.render(table, folder)
         if not console.is_terminal:  # a log file keeps whole rows rather than wrapping at 80

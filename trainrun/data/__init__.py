@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from trainrun import signals
 from trainrun.data import storage
 from trainrun.data.sequences import IGNORE, Sequences
 from trainrun.data.sources import DATA, DataConfig
@@ -49,7 +50,9 @@ def load(cfg: DataConfig, tokenizer_cfg: TokenizerConfig | None = None,
     docs = cfg.splits()
     log(f"data: {len(docs['train']):,} train / {len(docs['validation']):,} validation "
         f"documents; {cfg.describe()}")
+    signals.check()  # a start-up stop that came while `datasets` loaded them
     tokenizer = tokenizer or (tokenizer_cfg or TOKENIZERS["byte"]()).build(docs, log)
+    signals.check()
     folder = storage.tokenize(docs, tokenizer, log)
     out = {}
     for split in storage.SPLITS:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from trainrun import signals
 from trainrun.errors import ConfigError
 
 FORMAT = 2  # of the files below; part of every key (2: checksums in info.json)
@@ -105,6 +106,7 @@ def write_split(docs, tokenizer, folder: Path, split: str, log: Callable[[str], 
     began = last = time.monotonic()
     with open(folder / f"{split}.bin", "wb") as out:
         for batch in docs.iter(batch_size=BATCH):
+            signals.check()  # a start-up stop that came while `datasets` read the batch
             texts = [t for t in batch["text"] if t and t.strip()]
             if not texts:
                 continue
