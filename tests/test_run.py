@@ -192,8 +192,9 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path, corpus):
     proc = cli("-m", *tiny(corpus, "trainer.max_steps=3", "scheduler=constant",
                            "trainer.max_skipped=2"), "optimizer.lr=1e30,1e-3",
                f"hydra.sweep.dir={sweep}", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1, proc.stderr  # a sweep with a failed job (README "Sweeps")
     assert "trainrun: failed:" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("trainrun: 1 of 2 jobs failed; see ")
     assert json.loads((sweep / "0/metrics.json").read_text())["status"] == "failed"
     assert json.loads((sweep / "1/metrics.json").read_text())["status"] == "completed"
 

@@ -98,7 +98,7 @@ def _open_folder(folder: Path, within: Path) -> int:
     """A descriptor of `folder`, opened from `within` one component at a time, none of them
     followed if it is a link (OSError ELOOP or ENOTDIR)."""
     fd = os.open(within, _DIR)
-    for part in folder.relative_to(within).parts:
+    for part in _below(folder, within):
         try:
             inner = os.open(part, _DIR | os.O_NOFOLLOW, dir_fd=fd)
         finally:
@@ -107,12 +107,18 @@ def _open_folder(folder: Path, within: Path) -> int:
     return fd
 
 
+def _below(path: Path, within: Path) -> tuple[str, ...]:
+    """The components of `path` below `within` (either may be relative to the working
+    directory)."""
+    return Path(os.path.abspath(path)).relative_to(os.path.abspath(within)).parts
+
+
 def folder(path: Path, within: Path) -> None:
     """Make the folder `path` and the missing ones above it, up to `within`, never through
     a link."""
     fd = os.open(within, _DIR)
     try:
-        for part in path.relative_to(within).parts:
+        for part in _below(path, within):
             try:
                 os.mkdir(part, dir_fd=fd)
             except FileExistsError:
