@@ -191,3 +191,17 @@ def test_an_appended_file_with_a_second_hard_link_is_refused(tmp_path, victims):
     assert found is not None and found[0] == run / "train.log" and "hard link" in found[1]
     with pytest.raises(OSError):
         rundir.append(run / "train.log", within=run)
+
+
+@pytest.mark.slow
+def test_a_sweep_job_whose_folder_is_a_link_is_refused(corpus, tmp_path, victims):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "0").symlink_to(victims / "folder")  # planted in a sweep directory to continue
+    before = snapshot(victims)
+    proc = cli("-m", *tiny(corpus, "trainer.max_steps=2", "trainer.eval_every=2"),
+               "optimizer.lr=1e-3,2e-3", "resume=auto", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr  # one job failed, the other ran
+    assert f"error: hydra.sweep.dir: {sweep / '0'} is a symbolic link" in proc.stderr
+    assert (sweep / "1" / "metrics.json").exists()
+    assert snapshot(victims) == before

@@ -94,6 +94,15 @@ def check(run_dir: Path, key: str) -> None:
                                f"files and folders there (nothing was run or written)")
 
 
+def check_job(job_dir: Path, sweep_dir: Path) -> None:
+    """Refuse a sweep job's folder that is a link (a sweep directory is data too)."""
+    if job_dir.is_symlink():
+        raise ConfigError("hydra.sweep.dir", f"{job_dir} is a symbolic link (to "
+                                             f"{os.readlink(job_dir)}); trainrun follows no "
+                                             f"link in {sweep_dir} ({TRUSTED}); allowed: a "
+                                             f"sweep directory whose jobs are folders")
+
+
 def _open_folder(folder: Path, within: Path) -> int:
     """A descriptor of `folder`, opened from `within` one component at a time, none of them
     followed if it is a link (OSError ELOOP or ENOTDIR)."""

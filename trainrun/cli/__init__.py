@@ -265,6 +265,8 @@ def _job(cfg: DictConfig) -> float:
               "overrides.yaml": OmegaConf.to_yaml(hc.overrides.task)}
     run_dir = Path(hc.runtime.output_dir)
     try:
+        if in_sweep:  # the job's folder is the sweep directory's own, not a link out of it
+            rundir.check_job(run_dir, Path(hc.sweep.dir))
         config = load(cfg)
         choices = {g: o for g, o in hc.runtime.choices.items()
                    if not g.startswith("hydra") and o is not None}
