@@ -77,9 +77,14 @@ FUSED_DEVICES = {
 }
 
 
-def kernel_options(optimizer_cls: type, device: torch.device) -> dict:
+def kernel_options(optimizer_cls: type, device: torch.device, momentum: bool = False) -> dict:
     """fused=True where torch has a fused kernel for this optimizer on this device, else
-    foreach=True."""
+    foreach=True. SGD with momentum always takes foreach: torch's fused SGD makes its
+    momentum buffers without filling them, and when fp16's loss scaler skips the first
+    update (its kernel then writes nothing) the next one reads garbage and the weights
+    blow up."""
+    if optimizer_cls is torch.optim.SGD and momentum:
+        return {"foreach": True}
     if device.type in FUSED_DEVICES.get(optimizer_cls, ()):
         return {"fused": True}
     return {"foreach": True}

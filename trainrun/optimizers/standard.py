@@ -73,7 +73,7 @@ class MomentumConfig(OptimizerConfig):
     def build(self, groups, device):
         return torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum,
                                dampening=self.dampening, weight_decay=self.weight_decay,
-                               **kernel_options(torch.optim.SGD, device))
+                               **kernel_options(torch.optim.SGD, device, momentum=True))
 
 
 @dataclass
@@ -93,7 +93,7 @@ class NesterovConfig(OptimizerConfig):
     def build(self, groups, device):
         return torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum, nesterov=True,
                                weight_decay=self.weight_decay,
-                               **kernel_options(torch.optim.SGD, device))
+                               **kernel_options(torch.optim.SGD, device, momentum=True))
 
 
 @dataclass
