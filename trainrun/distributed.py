@@ -23,6 +23,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from trainrun import devices
 from trainrun.errors import NotTrainrun, reason
 from trainrun.signals import STOP_SIGNALS
 
@@ -86,32 +87,40 @@ ONE_PROCESS = World()
 _world = ONE_PROCESS
 
 
-def init() -> World:
-    """Join the process group if this process is one of several (torchrun or srun); a
-    no-op for a single process. Called once, before anything else is built."""
+def init(device: torch.device) -> World:
+    """Join the process group if this process is one of several (torchrun or srun), with
+    the backend of the run's device (trainrun.devices); a no-op for a single process.
+    Called once, before anything else is built."""
     global _world
     os.environ.update(slurm_environment(dict(os.environ)))
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1 or dist.is_initialized():
         return current()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    backend = "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        backend = "cuda:nccl,cpu:gloo"  # NCCL for the model, gloo for small host objects
-    dist.init_process_group(backend, timeout=timedelta(minutes=30))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(devices.backend(device), timeout=timedelta(minutes=30))
     _world = World(dist.get_rank(), local_rank, dist.get_world_size())
     return _world
 
 
-def init_single() -> World:
+def init_single(device: torch.device) -> World:
     """A process group of one, for FSDP in a process that torchrun did not start."""
     global _world
     if not dist.is_initialized():
-        backend = "cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(devices.backend(device), store=dist.HashStore(), rank=0,
+                                world_size=1)
         _world = World(0, 0, 1)
     return _world
+
+
+def close() -> None:
+    """Leave the process group (at the end of a run): its threads end before the
+    interpreter does."""
+    global _world
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _world = ONE_PROCESS
 
 
 def current() -> World:
@@ -144,11 +153,16 @@ class Replicas:
         self.strategy, self.world = strategy, world
         self.sharded = strategy == "fsdp"
         if self.sharded:
+            from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import FSDPModule, fully_shard
 
+            # the mesh of the run's device: without one, FSDP takes the accelerator's and
+            # moves a CPU run's parameters to the GPU
+            mesh = init_device_mesh(device.type if device is not None else "cpu",
+                                    (world.size,))
             for block in model.blocks:
-                fully_shard(block)
-            fully_shard(model)
+                fully_shard(block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
             for unit in (m for m in model.modules() if isinstance(m, FSDPModule)):
                 unit.set_gradient_divide_factor(1.0)  # summed, not averaged (module docstring)
                 unit.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
@@ -157,7 +171,9 @@ class Replicas:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [device.index] if device is not None and device.type == "cuda" else None
-            self.module = DistributedDataParallel(model, device_ids=ids)
+            # broadcast_buffers=False: the only buffer is a constant (the padding mask)
+            self.module = DistributedDataParallel(model, device_ids=ids,
+                                                  broadcast_buffers=False)
             self.module.register_comm_hook(None, _sum_hook)
         else:
             self.module = model

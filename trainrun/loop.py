@@ -209,11 +209,12 @@ def save(t: Trainer, out: Outputs) -> None:
         if not weights_finite(t):  # a checkpoint is a good state: never one of these
             previous = checkpoint.complete(out.ckpt_root)
             raise NonFinite(t.counters.k, previous[-1] if previous else None)
+        state = t.state_dict()  # on every rank: each one's GPU generator is gathered
         if t.replicas.sharded:
             checkpoint.save_sharded(out.ckpt_root, t.counters.k, t.replicas, t.optimizer,
-                                    t.state_dict(), out.meta, t.cfg.keep_last, t.world.main)
+                                    state, out.meta, t.cfg.keep_last, t.world.main)
         elif t.world.main:
-            checkpoint.save(out.ckpt_root, t.counters.k, t.raw_model, t.state_dict(), out.meta,
+            checkpoint.save(out.ckpt_root, t.counters.k, t.raw_model, state, out.meta,
                             t.cfg.keep_last)
     out.saved_k = t.counters.k
     out.cadence.saved(t, out.ckpt_root / checkpoint.step_name(t.counters.k))

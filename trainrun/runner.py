@@ -16,6 +16,7 @@ from trainrun import (
     checkpoint,
     data,
     determinism,
+    devices,
     distributed,
     gpt2,
     opening,
@@ -36,16 +37,6 @@ from trainrun.schedules import build_schedule
 from trainrun.signals import Signals, hold, release
 from trainrun.state import Counters, Trainer
 from trainrun.threads import set_threads
-
-
-def resolve_device(name: str) -> torch.device:
-    """trainer.device on this machine; with CUDA, the GPU of this process's local rank."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device", "cuda was asked for but no CUDA GPU is available; "
-                                            "allowed here: auto, cpu")
-    if name == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", distributed.current().local_rank)
 
 
 def seed_everything(seed: int) -> None:
@@ -69,10 +60,11 @@ def hparams(cfg: Config, choices: dict[str, str]) -> dict:
     return flat
 
 
-def prepare(cfg: Config) -> tuple[torch.device, Precision]:
+def prepare(cfg: Config, slot: int | None = None) -> tuple[torch.device, Precision]:
     """The checks that need the machine (device, precision support), before any model or
-    data is built."""
-    device = resolve_device(cfg.trainer.device)
+    data is built; `slot`: which GPU of several (trainrun.devices), by default this
+    process's local rank."""
+    device = devices.resolve(cfg.trainer.device, devices.slot() if slot is None else slot)
     return device, Precision(cfg.precision, device)
 
 
@@ -93,6 +85,7 @@ class Launch:
     record: dict[str, str] = field(default_factory=dict)  # name -> text, into .hydra/
     config_dir: Path | None = None  # --config-dir's folder, named in resume commands
     tb_name: str | None = None  # a sweep job's TensorBoard run: tb/<its swept overrides>/
+    job: int | None = None  # a sweep job's number, which spreads jobs over the GPUs
 
 
 def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
@@ -103,10 +96,10 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
     Nothing is written into run_dir until the run is built and its checkpoint loaded: a run
     refused before then (ConfigError) leaves the directory as it found it, and removes it if
     it was empty; the launch's record is written into run_dir/.hydra once it starts."""
-    device, precision = prepare(cfg)
-    world = distributed.init()  # a no-op when the CLI joined already, or for one process
+    device, precision = prepare(cfg, devices.slot(launch.job))
+    world = distributed.init(device)  # a no-op when the CLI joined already, or for one process
     if cfg.trainer.strategy == "fsdp":
-        world = distributed.init_single()  # FSDP needs a process group, even of one
+        world = distributed.init_single(device)  # FSDP needs a process group, even of one
     key = "hydra.run.dir" if cfg.resume in (None, "auto") else "resume"
     claim = rundir.claim(run_dir, key) if world.main else None  # checks it for links too
     console = Console(silent=not world.main)
@@ -165,6 +158,7 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
         console.close()
         if claim is not None:
             claim.release()
+        distributed.close()  # the group's threads end before the interpreter does
 
 
 def summarize(t: Trainer, status: str) -> dict:
@@ -263,6 +257,9 @@ def build(cfg: Config, device: torch.device, precision: Precision, console: Cons
     if deterministic:
         console.info(deterministic)
     console.info(set_threads(t.threads))
+    if t.device == "auto" and devices.hidden_gpus():
+        console.warning("CUDA_VISIBLE_DEVICES is empty: no GPU is visible to this process, "
+                        "so it trains on the CPU")
     seed_everything(t.seed)
     signals.check()  # stops that came during a library's call, between start-up phases
     splits = load_data(cfg, world, console)

@@ -62,7 +62,7 @@ class Trainer:
             "scaler": self.precision.state_dict(),
             "order": self.order.state_dict(),
             "counters": asdict(self.counters),
-            "rng": rng_state(),
+            "rng": rng_state(self.device, self.world),
             "world_size": self.world.size,
             "sequences_per_update": self.sequences_per_update(),
         }
@@ -79,7 +79,7 @@ class Trainer:
         self.precision.load_state_dict(state["scaler"])
         self.order.load_state_dict(state["order"])
         self.counters = Counters(**state["counters"])
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"], self.device, self.world)
         self.saved_world = (state.get("world_size", 1), state.get("sequences_per_update"))
 
     def sequences_per_update(self) -> int:
@@ -142,24 +142,46 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
                                  f"parameter of shape {tuple(param.shape)}")
 
 
-def rng_state() -> dict:
-    """Python's, NumPy's and torch's generators (CPU and every CUDA device), as tensors and
-    plain values so that torch.load(weights_only=True) can read them back."""
+def rng_state(device: torch.device, world: World = ONE_PROCESS) -> dict:
+    """Python's, NumPy's and torch's generators, and each rank's own GPU's ("cuda", in rank
+    order: every rank calls this, the states are gathered), as tensors and plain values so
+    that torch.load(weights_only=True) can read them back."""
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "python": [version, list(internal), gauss],
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": gathered(torch.cuda.get_rng_state(device), world)
+        if device.type == "cuda" else [],
     }
 
 
-def set_rng_state(state: dict) -> None:
+def gathered(value: torch.Tensor, world: World) -> list[torch.Tensor]:
+    """Every rank's `value`, in rank order."""
+    if world.size == 1:
+        return [value]
+    import torch.distributed as dist
+
+    found: list = [None] * world.size
+    dist.all_gather_object(found, value)
+    return found
+
+
+def own(saved: list, rank: int):
+    """Rank `rank`'s entry of a per-rank list saved by any number of ranks: its own, or on
+    a resume with more ranks than wrote it, that of rank mod their number (a resume on
+    another number of processes is not bit-exact anyway: the data are split otherwise);
+    None if nothing was saved."""
+    return saved[rank % len(saved)] if saved else None
+
+
+def set_rng_state(state: dict, device: torch.device, world: World = ONE_PROCESS) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = own(state["cuda"], world.rank)
+    if device.type == "cuda" and cuda is not None:  # this rank's GPU alone
+        torch.cuda.set_rng_state(cuda, device)

@@ -39,6 +39,19 @@ __all__ = ["arguments", "compose", "fail", "load", "main", "options", "preflight
 
 register_schemas()
 
+
+def gpus() -> int:
+    """`${trainrun.gpus:}` in a config: the CUDA GPUs this machine shows. The submitit
+    preset gives each of its local jobs all of them, and each job takes one by its number
+    (trainrun.devices), rather than none (gpus_per_node: 0 hid them, and jobs trained on
+    the CPU)."""
+    import torch
+
+    return torch.cuda.device_count()
+
+
+OmegaConf.register_new_resolver("trainrun.gpus", gpus, replace=True)
+
 PLUGINS = ("Hydra's joblib and submitit launchers and Optuna sweeper come with "
            "pip install 'trainrun[sweep]'")
 
@@ -178,10 +191,14 @@ def config_folder(given: str) -> Path:
     return folder
 
 
-def preflight(argv: list[str]) -> None:
+def preflight(argv: list[str]) -> list[Config]:
     """Compose and validate the overrides of every job `trainrun argv` would run (each job
     of a basic sweep too), and Hydra's own choices (launcher, sweeper); raise ConfigError if
-    any is bad, before anything is written.
+    any is bad, before anything is written. Returns the jobs' configs (none where they are
+    known only as a sweeper runs them).
+
+    With a launcher that runs the jobs on other machines (hydra/launcher=slurm), what
+    depends on this machine (the device, its precisions, its memory) is left to each job.
 
     With --cfg (and --resolve, --package) the config is printed only if a run would take it;
     --config-dir adds its folder's options; Hydra's other flags (--info, --config-path,
@@ -191,7 +208,7 @@ def preflight(argv: list[str]) -> None:
     multirun = any(a in ("-m", "--multirun") for a in argv)
     flags, argv = split_flags(argv)
     if not composing_only(flags):
-        return
+        return []
     folder = config_dir(flags)
     overrides = task_overrides(argv)
     searches = [a for a in overrides if key(a) == "hparams_search" and not a.endswith("=null")]
@@ -207,7 +224,7 @@ def preflight(argv: list[str]) -> None:
         composed([shared], config_dir=folder)
         if folder is not None:
             folders.check(folder, [shared], hydra_own)
-        return
+        return []
     jobs, swept = sweep(overrides) if multirun else ([overrides], set())
     if folder is not None:
         folders.check(folder, jobs, hydra_own)
@@ -216,7 +233,11 @@ def preflight(argv: list[str]) -> None:
     run_dir = next((Path(override_value(a)) for a in reversed(argv)
                     if a.startswith("hydra.run.dir=")), None)
     configs, modes = compose(jobs, config_dir=folder), []
+    remote = any(key(a) == "hydra/launcher" and override_value(a) in REMOTE for a in argv)
     for config in configs:
+        if remote:  # its GPUs and memory are the cluster's, not this host's
+            modes.append(remote_mode(config))
+            continue
         device, precision = prepare(config)  # the device and precision this machine can run
         modes.append(precision.mode)
         close = memory.check(config, device, distributed.launch_size())
@@ -234,6 +255,23 @@ def preflight(argv: list[str]) -> None:
 
             if run_dir is not None or config.resume != "auto":
                 resume.locate(config, run_dir or Path(config.resume))
+    return configs
+
+
+# Launchers whose jobs run on other machines (a login node submits them)
+REMOTE = ("slurm", "submitit_slurm")
+
+
+def remote_mode(config: Config) -> str:
+    """The precision a job on another machine may run in, as far as this host can tell:
+    auto may be fp16 there (a GPU without bfloat16), so its loss scaler's keys count."""
+    import torch
+
+    from trainrun.precision import FP16Config
+
+    if isinstance(config.precision, FP16Config):  # fp16, and auto
+        return "fp16"
+    return config.precision.mode(torch.device("cpu"))
 
 
 def fail(error: ConfigError, prog: str = "trainrun") -> None:
@@ -273,7 +311,8 @@ def _job(cfg: DictConfig) -> float:
         added = added_config_dir(hc.runtime.config_sources)
         searched = list(hc.sweeper.get("params") or {}) if in_sweep else []
         job = runner.Launch(record, None if added is None else Path(added),
-                            tb_name(list(hc.overrides.task), searched) if in_sweep else None)
+                            tb_name(list(hc.overrides.task), searched) if in_sweep else None,
+                            hc.job.num if in_sweep else None)
         summary = runner.run(config, run_dir, OmegaConf.to_yaml(cfg), choices, job)
     except ConfigError as error:
         if not in_sweep:
@@ -369,10 +408,10 @@ def main() -> None:
     try:
         sys.argv[1:] = arguments(sys.argv[1:])
         claim_given(sys.argv[1:])
-        preflight(sys.argv[1:])
+        configs = preflight(sys.argv[1:])
         signals.check()  # a stop that came while torch was imported or a config composed
         outputs.record(sys.argv[1:])  # what exists where Hydra will make the run's directory
-        sys.argv[1:] = one_run_dir(sys.argv[1:])
+        sys.argv[1:] = one_run_dir(sys.argv[1:], configs)
     except ConfigError as error:
         fail(error)
     except AlreadyComplete as done:  # nothing to do, and nothing changed
@@ -410,11 +449,12 @@ def claim_given(argv: list[str]) -> None:
         rundir.claim(run_dir, "resume" if named else "hydra.run.dir")
 
 
-def one_run_dir(argv: list[str]) -> list[str]:
+def one_run_dir(argv: list[str], configs: list[Config]) -> list[str]:
     """A single job's run directory, made and claimed before Hydra starts: a fixed
     hydra.run.dir, else outputs/<date>/<time> (<time>-1, -2, ... when another run took that
-    second). Under torchrun or srun every process joins the process group here and takes
-    rank 0's directory. A sweep's jobs join theirs when they run."""
+    second). Under torchrun or srun every process joins the process group here, with the
+    backend of the run's device (`configs`: the job's, from pre-flight), and takes rank 0's
+    directory. A sweep's jobs join theirs when they run."""
     if any(a in ("-m", "--multirun") for a in argv):
         size = distributed.launch_size()
         if size > 1:
@@ -422,7 +462,12 @@ def one_run_dir(argv: list[str]) -> list[str]:
                                             f"({size} processes); allowed: a sweep whose jobs "
                                             f"are distributed (hydra/launcher=slurm)")
         return argv
-    world = distributed.init()
+    if configs:
+        from trainrun.runner import prepare
+
+        world = distributed.init(prepare(configs[0])[0])
+    else:
+        world = distributed.current()
     if not runs_one_job(argv):
         return argv
     given = given_run_dir(argv)
