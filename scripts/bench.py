@@ -9,7 +9,10 @@ is built exactly as `trainrun` builds it. After a warm-up they alternate, A B A 
 of updates, and the medians of the blocks are compared. Human-readable lines, then one
 JSON object as the last line: runner_tokens_per_s, bare_tokens_per_s, overhead_ratio
 (runner seconds per update / bare), mfu (null on CPU or an unknown GPU), startup_s (the
-`trainrun` command's time to its first update), peak_mem_mb, device, and the settings.
+`trainrun` command's time to its first update), peak_mem_mb and bare_peak_mem_mb (on a GPU
+each side's own peak: what it allocates beyond what the other side keeps there; on the CPU
+peak_mem_mb is the process's, both together, and bare_peak_mem_mb null), device, and the
+settings. With trainer.compile=true both sides are compiled.
 """
 
 from __future__ import annotations
@@ -29,20 +32,31 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-# Dense peak FLOP/s by GPU and precision (NVIDIA's data sheets, SXM parts, no sparsity):
-# fp32 runs its matmuls on TF32 tensor cores (trainrun allows TF32 on CUDA).
+# Dense peak FLOP/s by GPU and precision (NVIDIA's data sheets, no sparsity), the first
+# part whose words all appear in the device's name: the PCIe and NVL parts run slower
+# clocks than the SXM ones. fp32 runs its matmuls on TF32 tensor cores (trainrun allows
+# TF32 on CUDA).
 PEAKS = {
-    "H100": {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 494.7e12},
-    "H200": {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 494.7e12},
-    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12},
+    "H100 PCIe": {"bf16": 756.5e12, "fp16": 756.5e12, "fp32": 378e12},
+    "H100 NVL": {"bf16": 835.5e12, "fp16": 835.5e12, "fp32": 417.5e12},
+    "H100": {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 494.7e12},  # SXM
+    "H200 NVL": {"bf16": 835.5e12, "fp16": 835.5e12, "fp32": 417.5e12},
+    "H200": {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 494.7e12},  # SXM
+    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12},  # SXM and PCIe alike
 }
+
+
+def peak_of(name: str, mode: str) -> float | None:
+    """The peak of the GPU called `name` (as torch.cuda.get_device_name says), or None."""
+    words = name.replace("-", " ").split()
+    return next((p[mode] for gpu, p in PEAKS.items() if all(w in words for w in gpu.split())),
+                None)
 
 
 def peak_flops(device: torch.device, mode: str) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((p[mode] for gpu, p in PEAKS.items() if gpu in name), None)
+    return peak_of(torch.cuda.get_device_name(device), mode)
 
 
 def sync(device: torch.device) -> None:
@@ -77,6 +91,8 @@ class Bare:
 
     def __init__(self, trainer, cfg, windows):
         self.model = copy.deepcopy(trainer.raw_model)
+        # compiled as the runner's is, so that the row compares like with like
+        self.forward = torch.compile(self.model) if cfg.trainer.compile else self.model
         self.device = trainer.device
         self.lrs = [trainer.schedule(k) for k in range(1, len(windows) + 1)]  # lr(k), pure
         groups = [{**g, "params": [self._twin(trainer.raw_model, p) for p in g["params"]]}
@@ -103,7 +119,7 @@ class Bare:
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-                logits = self.model(x)
+                logits = self.forward(x)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100,
                                    reduction="sum") / n_targets
             (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -121,6 +137,15 @@ class Bare:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return n_targets
+
+
+def resident(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes that one side keeps on the GPU between updates: weights, buffers, gradients and
+    optimizer state."""
+    tensors = [*model.parameters(), *model.buffers(),
+               *(p.grad for p in model.parameters() if p.grad is not None),
+               *(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))]
+    return sum(t.numel() * t.element_size() for t in tensors if t.device.type == "cuda")
 
 
 def windows(trainer, count: int) -> list:
@@ -194,12 +219,18 @@ def main() -> None:
         trainer.replicas.module.train()
         for path in (ours, bare):
             timed(path, args.warmup, device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
         runs = {"runner": [], "bare": []}
+        peaks = {"runner": 0, "bare": 0}  # bytes, each side's own (CUDA)
+        others = {"runner": resident(bare.model, bare.optimizer),
+                  "bare": resident(trainer.raw_model, trainer.optimizer)}
         for _ in range(args.pairs):
             for name, path in (("runner", ours), ("bare", bare)):
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
                 runs[name].append(timed(path, args.updates, device))
+                if device.type == "cuda":  # less what the other side keeps on the GPU
+                    peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device)
+                                      - others[name])
         ours.metrics.writer.close()
 
     seconds = {name: statistics.median(s for s, _ in blocks) for name, blocks in runs.items()}
@@ -208,8 +239,10 @@ def main() -> None:
     seq_len = cfg.data.seq_len
     peak = peak_flops(device, precision.mode)
     mfu = tps["runner"] * trainer.raw_model.flops_per_token(seq_len) / peak if peak else None
-    peak_mb = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
+    # on the CPU the process's peak resident memory, both sides together (no split there)
+    peak_mb = (peaks["runner"] / 2**20 if device.type == "cuda"
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    bare_peak_mb = peaks["bare"] / 2**20 if device.type == "cuda" else None
     startup = startup_seconds(args.overrides)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     threads = torch.get_num_threads()
@@ -233,7 +266,9 @@ def main() -> None:
     print(json.dumps({
         "runner_tokens_per_s": round(tps["runner"], 1), "bare_tokens_per_s": round(tps["bare"], 1),
         "overhead_ratio": round(ratio, 4), "mfu": None if mfu is None else round(mfu, 4),
-        "startup_s": round(startup, 2), "peak_mem_mb": round(peak_mb, 1), "device": name,
+        "startup_s": round(startup, 2), "peak_mem_mb": round(peak_mb, 1),
+        "bare_peak_mem_mb": None if bare_peak_mb is None else round(bare_peak_mb, 1),
+        "device": name,
         "precision": precision.mode, "compile": cfg.trainer.compile, "threads": threads,
         "weights_max_rel_diff": diff, "overrides": args.overrides,
     }))

@@ -13,7 +13,7 @@ from conftest import REPO, TINY
 
 pytestmark = pytest.mark.slow
 KEYS = {"runner_tokens_per_s", "bare_tokens_per_s", "overhead_ratio", "mfu", "startup_s",
-        "peak_mem_mb", "device", "precision", "compile", "threads", "weights_max_rel_diff",
+        "peak_mem_mb", "bare_peak_mem_mb", "device", "precision", "compile", "threads", "weights_max_rel_diff",
         "overrides"}
 
 
@@ -43,3 +43,17 @@ def test_bench_refuses_a_bad_override_in_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("bench: error: optimizer.lr") and \
         len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name, bf16", [
+    ("NVIDIA H100 80GB HBM3", 989.4e12), ("NVIDIA H100 PCIe", 756.5e12),
+    ("NVIDIA H100 NVL", 835.5e12), ("NVIDIA H200", 989.4e12), ("NVIDIA H200 NVL", 835.5e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100 80GB PCIe", 312e12),
+    ("NVIDIA GeForce RTX 4090", None)])
+def test_mfu_takes_the_peak_of_the_gpus_own_part(name, bf16):
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from bench import peak_of
+    finally:
+        sys.path.pop(0)
+    assert peak_of(name, "bf16") == bf16

@@ -143,3 +143,14 @@ def test_the_local_submitit_preset_shows_its_jobs_every_gpu(gpus):
     gpus(4)
     (cfg,) = composed([["hydra/launcher=submitit"]], with_hydra=True)
     assert cfg.hydra.launcher.gpus_per_node == 4
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp16")])
+def test_auto_precision_takes_bf16_only_where_the_gpu_has_it(monkeypatch, native, expected):
+    """A pre-Ampere GPU emulates bfloat16 (torch's plain is_bf16_supported() says yes):
+    auto takes fp16 there."""
+    from trainrun.precision import AutoConfig
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: native or including_emulation)
+    assert AutoConfig().mode(torch.device("cuda", 0)) == expected

@@ -77,7 +77,10 @@ class AutoConfig(FP16Config):
     def mode(self, device):
         if device.type != "cuda":
             return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # bfloat16 in hardware (Ampere on): torch also says yes for GPUs that only emulate
+        # it, many times slower than their fp16
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return "bf16" if native else "fp16"
 
 
 PRECISIONS = {"fp32": FP32Config, "bf16": BF16Config, "fp16": FP16Config, "auto": AutoConfig}
