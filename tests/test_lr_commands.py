@@ -217,6 +217,19 @@ def test_lrfind_writes_its_curve_and_no_run(tmp_path: Path, corpus: Path):
     assert (folder / "lrfind.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_lrfind_under_fp16_goes_on_past_a_loss_scale_overflow(tmp_path: Path, corpus: Path):
+    """The first update's loss scale overflows fp16 (the scaler backs off, as in training):
+    an ordinary skip, not the end of the test."""
+    result = command("trainrun-lrfind", *TINY, "data=text", f"data.files={corpus}",
+                     "precision=fp16", "precision.init_scale=3e38",
+                     "precision.backoff_factor=3e-36", "lrfind.num_updates=8", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (folder,) = (tmp_path / "lrfind").iterdir()
+    header, rows = read_csv(folder / "lrfind.csv")
+    assert [int(r[0]) for r in rows] == list(range(2, 9))  # update 1 skipped, none after
+    assert "completed all 8 updates" in result.stdout
+
+
 @pytest.mark.parametrize("args, key", [
     (["lrfind.start_lr=0"], "lrfind.start_lr"),
     (["lrfind.start_lr=1e-3", "lrfind.end_lr=1e-4"], "lrfind.end_lr"),

@@ -59,6 +59,7 @@ class RangeTest:
 
 @dataclass
 class Result:
+    updates: list[int] = field(default_factory=list)  # 1-based; fp16's skipped ones missing
     lrs: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     smoothed: list[float] = field(default_factory=list)
@@ -115,16 +116,25 @@ def range_test(trainer, test: RangeTest) -> Result:
     from trainrun.loop import one_update
     from trainrun.schedules import set_lr
 
-    result = Result()
+    result, skipped = Result(), 0
     trainer.replicas.module.train()
     for i in range(test.num_updates):
         lr = test.lr(i)
         set_lr(trainer.optimizer, lr, trainer.schedule.base_lr)
         update, _ = one_update(trainer)
         loss = float(update.loss)
-        if not (update.stepped and math.isfinite(loss)):
-            result.stopped = f"update {i + 1} (lr {lr:.2e}): the loss or gradients are not finite"
+        if not math.isfinite(loss):
+            result.stopped = f"update {i + 1} (lr {lr:.2e}): the loss is not finite"
             break
+        if not update.stepped:  # gradients not finite: under fp16 often only the loss
+            skipped += 1        # scale, which the scaler lowers; the test goes on
+            if skipped > trainer.cfg.max_skipped:
+                result.stopped = (f"update {i + 1} (lr {lr:.2e}): the gradients were not "
+                                  f"finite {skipped} updates in a row")
+                break
+            continue
+        skipped = 0
+        result.updates.append(i + 1)
         result.lrs.append(lr)
         result.losses.append(loss)
         result.smoothed = smooth(result.losses, test.smoothing)
@@ -140,9 +150,9 @@ def write_csv(result: Result, path: Path) -> None:
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
         out.writerow(["update", "lr", "loss", "smoothed_loss"])
-        rows = zip(result.lrs, result.losses, result.smoothed, strict=True)
-        for i, row in enumerate(rows, start=1):
-            out.writerow([i, *map(repr, row)])
+        rows = zip(result.updates, result.lrs, result.losses, result.smoothed, strict=True)
+        for k, *row in rows:
+            out.writerow([k, *map(repr, row)])
 
 
 def write_png(result: Result, path: Path, suggested: int) -> None:
