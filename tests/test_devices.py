@@ -154,3 +154,22 @@ def test_auto_precision_takes_bf16_only_where_the_gpu_has_it(monkeypatch, native
     monkeypatch.setattr(torch.cuda, "is_bf16_supported",
                         lambda including_emulation=True: native or including_emulation)
     assert AutoConfig().mode(torch.device("cuda", 0)) == expected
+
+
+def test_determinism_says_when_cublas_was_set_up_before_it(monkeypatch):
+    """cuBLAS reads CUBLAS_WORKSPACE_CONFIG once per process: a deterministic run after an
+    earlier CUDA run in the same process says that it keeps the earlier setting."""
+    from trainrun import determinism
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    try:
+        line = determinism.enable(True)
+    finally:
+        determinism.restore()
+    assert "CUDA was used earlier in this process" in line
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    try:
+        assert "earlier" not in determinism.enable(True)
+    finally:
+        determinism.restore()

@@ -30,11 +30,17 @@ def enable(on: bool) -> str | None:
         _before = (torch.are_deterministic_algorithms_enabled(),
                    torch.is_deterministic_algorithms_warn_only_enabled(),
                    torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    late = "CUBLAS_WORKSPACE_CONFIG" not in os.environ and torch.cuda.is_initialized()
     workspace = os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
-    return (f"trainer.deterministic=true: torch.use_deterministic_algorithms(True), "
+    line = (f"trainer.deterministic=true: torch.use_deterministic_algorithms(True), "
             f"cudnn.benchmark=False, CUBLAS_WORKSPACE_CONFIG={workspace}")
+    if late:  # a sweep's later job in the same process, a notebook
+        line += ("; but CUDA was used earlier in this process, and cuBLAS keeps the workspace "
+                 "it started with: for bit-exact runs, set CUBLAS_WORKSPACE_CONFIG="
+                 f"{CUBLAS_WORKSPACE_CONFIG} before starting, or run each in a new process")
+    return line
 
 
 def restore() -> None:

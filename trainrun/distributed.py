@@ -195,18 +195,27 @@ class Replicas:
             dist.all_reduce(value)
         return value
 
-    def agree(self, loss: torch.Tensor, stop: int) -> tuple[torch.Tensor, int]:
-        """The update's loss summed over ranks, and the stop signal some rank was asked to
-        stop by (`stop`: this rank's, 0 for none; a count per signal travels with the loss),
-        in one all-reduce: every rank then decides to skip or stop identically, and all
-        report and exit with the signal that was really sent."""
+    def agree(self, loss: torch.Tensor, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The update's loss summed over ranks, and per stop signal how many ranks were
+        asked to stop by it (`stop`: this rank's, 0 for none), in one all-reduce and on the
+        device: the caller reads the counts with its one read of the update (stop_of), so
+        every rank decides to skip or stop identically, and all report and exit with the
+        signal that was really sent. One process: no counts (an empty tensor)."""
         if self.world.size == 1:
-            return loss, stop
-        asked = torch.tensor([float(stop == s) for s in STOP_SIGNALS], device=loss.device)
+            return loss, loss.new_zeros(0)
+        asked = loss.new_zeros(len(STOP_SIGNALS))  # made on the device: no copy from the host
+        if stop:
+            asked[STOP_SIGNALS.index(stop)] = 1.0
         both = torch.cat([loss.reshape(1), asked])
         dist.all_reduce(both)
-        counts = both[1:].tolist()  # the update's one read of the device
-        return both[0], next((s for s, n in zip(STOP_SIGNALS, counts, strict=True) if n), 0)
+        return both[0], both[1:]
+
+    def stop_of(self, counts: list[float], stop: int) -> int:
+        """The stop signal some rank was asked to stop by, from agree()'s counts as read;
+        one process: its own."""
+        if self.world.size == 1:
+            return stop
+        return next((s for s, n in zip(STOP_SIGNALS, counts, strict=True) if n), 0)
 
 
     # FSDP's checkpoints (trainrun.checkpoint): torch.distributed.checkpoint writes each

@@ -123,22 +123,26 @@ class Precision:
         if self.scaler:
             self.scaler.unscale_(optimizer)
 
-    def step(self, optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> bool:
-        """Step unless the update must be skipped; return whether it stepped.
+    def may_step(self, optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> torch.Tensor:
+        """Whether the update may step, on the device (nothing is read here): fp32/bf16
+        when `finite` (loss and gradient norm); fp16 when the scaler's unscale_() found no
+        inf or NaN in the gradients (the scaler decides, as its own step() would)."""
+        found = list(self.scaler._found_inf_per_device(optimizer).values()) \
+            if self.scaler is not None else []
+        if not found:  # fp32/bf16 (or no gradient at all)
+            return finite
+        return torch.stack([f.to(finite.device) for f in found]).sum() == 0
 
-        fp32/bf16: skipped when `finite` (loss and gradient norm) is False. fp16: the
-        scaler decides, and a skip shows as the loss scale going down (backoff). That holds
-        for fused optimizers too, which skip inside their kernel without setting any flag.
-        """
-        if self.scaler is None:
-            if not finite.item():
-                return False
+    def step(self, optimizer: torch.optim.Optimizer, may: bool) -> bool:
+        """Step if `may` (may_step(), read by the caller); return whether it stepped. fp16:
+        the gradients are unscaled already, so the optimizer steps as it would without a
+        scaler (fused ones too: no inf to skip inside their kernel), and the scaler then
+        updates its scale from what unscale_() found, on the device."""
+        if may:
             optimizer.step()
-            return True
-        before = self.scaler._scale.clone()
-        self.scaler.step(optimizer)
-        self.scaler.update()
-        return not bool(self.scaler._scale < before)
+        if self.scaler is not None:
+            self.scaler.update()
+        return may
 
     def loss_scale(self) -> torch.Tensor | None:
         """The current loss scale as a device tensor (None without a scaler)."""

@@ -11,7 +11,9 @@ across ranks (trainrun.distributed), so the update is the one of a single proces
 
 An update whose loss or gradients are not finite is skipped (SPEC §5): the optimizer does
 not step, and the caller neither advances k nor the schedule. Deciding that costs one
-host read per update, the only one in the hot path: the next update's lr depends on it.
+host read per update, the only one in the hot path (the next update's lr depends on it):
+the flag "may step" (fp16: the loss scaler found no inf) and, with several processes, the
+stop signals every rank was asked to stop by, read together.
 """
 
 from __future__ import annotations
@@ -60,12 +62,14 @@ def train_update(replicas: Replicas, batches: list[tuple[torch.Tensor, torch.Ten
                 loss = loss_sum(replicas.forward, x, y) / n_targets
             precision.scale(loss).backward()
         total += loss.detach()
-    total, stop = replicas.agree(total, stop)
+    total, asked = replicas.agree(total, stop)
     precision.unscale_(optimizer)  # clipping sees the true gradients
     params = [p for group in optimizer.param_groups for p in group["params"]
               if p.grad is not None]
     grad_norm, clip_coef = clipper(params)
     grad_norm, clip_coef = full_tensor(grad_norm), full_tensor(clip_coef)
-    stepped = precision.step(optimizer, torch.isfinite(total) & torch.isfinite(grad_norm))
+    may = precision.may_step(optimizer, torch.isfinite(total) & torch.isfinite(grad_norm))
+    read = torch.cat([may.float().reshape(1), asked]).tolist()  # the update's one host read
+    stepped = precision.step(optimizer, read[0] > 0)
     optimizer.zero_grad(set_to_none=True)
-    return UpdateResult(total, grad_norm, clip_coef, stepped, stop)
+    return UpdateResult(total, grad_norm, clip_coef, stepped, replicas.stop_of(read[1:], stop))
