@@ -42,3 +42,40 @@ def test_accumulation_equals_one_big_batch_on_the_gpu(tmp_path, corpus):
     # round differently; SGD keeps the difference at the level of that rounding
     assert max_relative_difference(final_weights(tmp_path / "acc"),
                                    final_weights(tmp_path / "big")) < 1e-3
+
+
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+
+
+def nccl_run(*args: str, cwd, nproc: int = 2):
+    from test_distributed import torchrun
+
+    proc = torchrun(*args, cwd=cwd, nproc=nproc)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@two_gpus
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_gpus_train_as_one_big_batch_and_resume_exactly(tmp_path, corpus, strategy):
+    """NCCL, one GPU per rank: 2 × batch 4 equals 1 × batch 8, and a run stopped at update
+    5 and resumed on both GPUs ends with the weights of the uninterrupted one (each rank
+    restores its own GPU's generator: dropout on)."""
+    base = tiny(corpus, "trainer.device=cuda", "trainer.deterministic=true", "precision=fp32",
+                "data.packing=false", "optimizer=sgd", "optimizer.lr=0.5", "scheduler=constant",
+                "trainer.max_steps=10", "trainer.ckpt_every=5", "model.dropout=0.1",
+                f"trainer.strategy={strategy}")
+    nccl_run(*base, "data.batch_size=4", "hydra.run.dir=two", cwd=tmp_path)
+    log = (tmp_path / "two/train.log").read_text()
+    assert "2 process(es)" in log and "device cuda:0" in log
+    train(tmp_path / "one", *base, "data.batch_size=8", "trainer.strategy=ddp")
+    assert max_relative_difference(final_weights(tmp_path / "two"),
+                                   final_weights(tmp_path / "one")) < 1e-3
+    import shutil
+
+    shutil.copytree(tmp_path / "two", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed/checkpoints/step-00000010")
+    (tmp_path / "resumed/checkpoints/latest").write_text("step-00000005\n")
+    nccl_run(f"resume={tmp_path / 'resumed'}", cwd=tmp_path)
+    a, b = final_weights(tmp_path / "resumed"), final_weights(tmp_path / "two")
+    assert all(torch.equal(a[k], b[k]) for k in a)
