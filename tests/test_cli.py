@@ -3,7 +3,10 @@ overrides, and what a resume may take from a run directory's saved overrides."""
 
 from __future__ import annotations
 
+import json
 import shlex
+import shutil
+import subprocess
 
 import pytest
 import yaml
@@ -120,6 +123,61 @@ def test_help_names_trainrun_and_lists_the_real_options_only(tmp_path):
     assert job.returncode == 0, job.stderr
     assert OmegaConf.create(job.stdout).scheduler.decay_type == "1-sqrt"
     assert list(tmp_path.iterdir()) == []  # neither wrote a run directory
+
+
+def pasted(line: str) -> list[str]:
+    """The words a shell makes of `line` pasted as it is, its comment and all."""
+    out = subprocess.run(["bash", "-c", f"printf '%s\\0' {line}"], capture_output=True,
+                         text=True, check=True).stdout
+    return out.split("\0")[:-1]
+
+
+def test_every_help_example_pasted_into_a_shell_is_accepted(tmp_path, finished_run, monkeypatch):
+    """Each line under "Examples:" of `trainrun --help`, pasted into bash, gives the arguments
+    that trainrun's pre-flight (or the companion command's parser) accepts, its comment gone."""
+    from trainrun import identical, sweep
+    from trainrun.after import sample
+    from trainrun.cli import compose, preflight
+    from trainrun.data.tokenizers import ByteTokenizer
+    from trainrun.lrpreview import parse_args
+    from trainrun.resume import AlreadyComplete
+
+    proc = cli("--help", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.split("Examples:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert len(lines) >= 10
+    # what the examples name: a run to resume, a Hugging Face GPT-2 folder of the default shape
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(finished_run, tmp_path / "outputs/2026-11-21/14-03-12")
+    hf = tmp_path / "hf-folder"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({
+        "model_type": "gpt2", "n_embd": 128, "n_layer": 4, "n_head": 4, "n_inner": 512,
+        "n_positions": 256, "vocab_size": ByteTokenizer.vocab_size}))
+    (hf / "model.safetensors").write_bytes(b"")
+    monkeypatch.setenv(identical.ENV, "{}")  # what a sweep's pre-flight hands its jobs
+    monkeypatch.setenv(sweep.SWEPT, "[]")
+
+    def accepted(args: list[str]) -> None:
+        try:
+            preflight(arguments(args))
+        except AlreadyComplete:  # the resumed run has all its updates: nothing to do, exit 0
+            pass
+
+    for line in lines:
+        command, *args = pasted(line)
+        assert "#" not in " ".join(args), line
+        if command in ("trainrun", "trainrun-nohup"):  # trainrun-nohup: trainrun's pre-flight
+            accepted(args)
+        elif command == "torchrun":
+            accepted(args[args.index("trainrun") + 1:])
+        elif command == "trainrun-lr":
+            compose([parse_args(args)[2]], data=False)
+        elif command == "trainrun-sample":
+            found, extra = sample.parser().parse_known_args(args)
+            assert (found.run_dir, found.prompt, extra) == ("RUN_DIR", "def ", [])
+        else:
+            raise AssertionError(f"an example of an unknown command: {line}")
 
 
 def test_schemas_are_not_options():

@@ -15,6 +15,7 @@ from conftest import (
     config,
     final_weights,
     same_gradients,
+    scalars,
     tiny,
     train,
     twins,
@@ -121,8 +122,24 @@ def test_any_other_scheduler_is_refused(corpus, scheduler):
     assert "allowed: constant" in str(err.value)
 
 
-def test_the_default_scheduler_fails_in_one_line(tmp_path):
-    proc = cli("optimizer=schedulefree", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+def test_alone_it_chooses_the_constant_schedule_and_its_warmup(tmp_path, corpus):
+    """`trainrun optimizer=schedulefree`, no scheduler named: it runs, and train/lr is the
+    constant schedule with the warmup configured, lr·min(1, k/W)."""
+    run = tmp_path / "run"
+    proc = cli(*tiny(corpus, "optimizer=schedulefree", f"trainer.max_steps={N}",
+                     f"scheduler.warmup_steps={W}", f"hydra.run.dir={run}"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "options: " in proc.stdout and "scheduler=constant" in proc.stdout
+    lr = config(*tiny(corpus, "optimizer=schedulefree")).optimizer.lr
+    logged = scalars(run, "train/lr")
+    assert [k for k, _ in logged] == list(range(1, N + 1))
+    assert [v for _, v in logged] == pytest.approx([lr * min(1, k / W) for k in range(1, N + 1)],
+                                                   rel=1e-6)
+
+
+def test_another_scheduler_named_fails_in_one_line(tmp_path):
+    proc = cli("optimizer=schedulefree", "scheduler=cosine", f"hydra.run.dir={tmp_path / 'run'}",
+               cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
         "trainrun: error: scheduler: cosine with optimizer=schedulefree, which needs no decay "

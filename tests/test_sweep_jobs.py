@@ -33,7 +33,31 @@ def test_jobs_made_identical_by_an_ignored_key_run_once(tmp_path, corpus):
     assert table[1]["error"] == "not run: identical to job 0 (optimizer.lr=0.002: not used by " \
                                 "the options chosen)"
     assert not (sweep_dir / "1").exists()
+    # the repeat's row has the results of the job it repeats, and points to its directory
+    assert table[1]["same_as"] == "0" and table[1]["run_dir"] == str(sweep_dir / "0")
+    for key in ("best_val_loss", "val_loss", "steps", "tokens_per_sec"):
+        assert table[1][key] == table[0][key] != ""
+    assert [r["same_as"] for r in table] == ["", "0", "", ""]
     assert table[2]["best_val_loss"] != table[3]["best_val_loss"]  # cosine does use it
+    # ranked beside the run it repeats: best first, the repeat right after its twin
+    ranked = [int(r["job"]) for r in rows(sweep_dir)]
+    assert ranked.index(1) == ranked.index(0) + 1
+
+
+def test_a_sweep_over_schedules_runs_every_schedule(tmp_path, corpus):
+    """cosine and linear have the same keys and values, not the same curve: three jobs run."""
+    sweep_dir = tmp_path / "sweep"
+    proc = cli("-m", *tiny(corpus, "trainer.max_steps=8", "trainer.eval_every=8"),
+               "scheduler=cosine,linear,constant", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "identical" not in proc.stderr
+    table = sorted(rows(sweep_dir), key=lambda r: int(r["job"]))
+    assert [(r["overrides"].split()[-1], r["status"]) for r in table] == [
+        ("scheduler=cosine", "completed"), ("scheduler=linear", "completed"),
+        ("scheduler=constant", "completed")]
+    curves = [scalars(sweep_dir / str(job), "train/lr") for job in range(3)]
+    assert all([k for k, _ in curve] == list(range(1, 9)) for curve in curves)
+    assert len({tuple(curve) for curve in curves}) == 3
 
 
 def test_a_signal_says_how_to_continue_the_whole_sweep_and_that_command_does(tmp_path, corpus):

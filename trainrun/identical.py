@@ -2,25 +2,35 @@
 ignore (optimizer.lr under scheduler=noam, whose rate does not depend on it; the fp16 loss
 scaler's keys where the run trains in fp32 or bf16) makes jobs identical. Each distinct
 configuration runs once; the sweep says which jobs repeat which, and why, before it
-starts."""
+starts.
+
+Two jobs are compared on what their runs use: every key's value and, for each group, the
+option chosen (its schema: cosine and linear have the same keys but not the same curve).
+The precision group is compared by the mode it trains in on this machine, since that is
+all its option decides: precision=auto on a CPU is the fp32 run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from dataclasses import asdict
 
 from trainrun.config import Config
 
 ENV = "TRAINRUN_IDENTICAL_JOBS"  # {job: [the job it repeats, why]}, for the jobs to read
 SCALER_KEYS = ("init_scale", "growth_factor", "backoff_factor", "growth_interval")
+OPTION = "<option>"  # the key of a section's schema in `effective` (no field can be named so)
 
 
 def effective(cfg: Config, precision_mode: str) -> tuple[dict, list[str]]:
     """The config as the run uses it, and the keys it ignores."""
     from trainrun.schedules import build_schedule
 
-    flat = asdict(cfg)
+    flat = dataclasses.asdict(cfg)
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(section):  # which option of the group, not only its keys
+            flat[f.name][OPTION] = f"{type(section).__module__}.{type(section).__qualname__}"
     ignored = []
     t, lr = cfg.trainer, cfg.optimizer.lr
     a = build_schedule(cfg.scheduler, lr, t.max_steps, cfg.model.d_model)
@@ -29,11 +39,14 @@ def effective(cfg: Config, precision_mode: str) -> tuple[dict, list[str]]:
     if all(a(k) == b(k) for k in probes):  # the schedule sets every update's rate itself
         flat["optimizer"].pop("lr", None)
         ignored.append("optimizer.lr")
-    if precision_mode != "fp16":
-        for key in SCALER_KEYS:
-            if flat["precision"].pop(key, None) is not None:
+    precision = {"mode": precision_mode}  # auto on a CPU is fp32
+    for key in SCALER_KEYS:
+        if key in flat["precision"]:
+            if precision_mode == "fp16":
+                precision[key] = flat["precision"][key]
+            else:
                 ignored.append(f"precision.{key}")
-    flat["precision"]["mode"] = precision_mode  # auto on a CPU is fp32
+    flat["precision"] = precision
     return flat, ignored
 
 
@@ -48,7 +61,12 @@ def find(jobs: list[list[str]], configs: list[Config], modes: list[str]) -> dict
             first = seen[key]
             differ = sorted(set(overrides) - set(jobs[first]))
             unused = [d for d in differ if d.split("=", 1)[0] in ignored]
-            why = f"{', '.join(unused or differ)}: not used by the options chosen"
+            if unused:
+                why = f"{', '.join(unused)}: not used by the options chosen"
+            elif differ and all(d.split("=", 1)[0] == "precision" for d in differ):
+                why = f"{', '.join(differ)}: the same {mode} run on this machine"
+            else:  # values written differently, or a group's default named
+                why = f"{', '.join(differ) or 'the same overrides'}: the same config as job {first}"
             repeats[num] = (first, why)
         else:
             seen[key] = num

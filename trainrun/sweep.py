@@ -2,9 +2,10 @@
 and what a job that fails gives back, so that the sweep goes on.
 
 Each job leaves a small record, `<sweep dir>/.jobs/<job number>.json` (its overrides, run
-directory and, if it failed, the error's one line), written in the process that ran it:
-jobs may run in other processes or on other machines (joblib, submitit), so what they
-report travels through files. The rest of a row comes from the job's own metrics.json.
+directory, if it failed the error's one line, and if it was not run the job it repeats),
+written in the process that ran it: jobs may run in other processes or on other machines
+(joblib, submitit), so what they report travels through files. The rest of a row comes from
+the job's own metrics.json (that of the job it repeats, for one not run).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from trainrun import rundir
 
 COLUMNS = ("job", "overrides", "status", "best_val_loss", "val_loss", "steps",
-           "skipped_updates", "wall_seconds", "tokens_per_sec", "run_dir", "error")
+           "skipped_updates", "wall_seconds", "tokens_per_sec", "run_dir", "same_as", "error")
 METRICS = ("status", "best_val_loss", "val_loss", "steps", "skipped_updates", "wall_seconds",
            "tokens_per_sec")
 RECORDS = ".jobs"
@@ -62,9 +63,15 @@ class JobFailed(float):
 
 
 class NotRun(JobFailed):
-    """A job not run because it is identical to an earlier one: not a failure."""
+    """A job not run because it is identical to an earlier one, `same_as` (its number): not
+    a failure; its row carries that job's results."""
 
     status = "identical"
+
+    def __new__(cls, error: str, same_as: int | None = None):
+        value = super().__new__(cls, error)
+        value.same_as = same_as
+        return value
 
 
 def error_line(exc: BaseException) -> str:
@@ -89,16 +96,17 @@ def crashed(exc: Exception, job: int, run_dir: Path) -> str:
 
 
 def record(sweep_dir: Path, job: int, overrides: list[str], run_dir: Path,
-           error: str | None, status: str | None = None) -> None:
+           error: str | None, status: str | None = None, same_as: int | None = None) -> None:
     """Write job's record (by rename: a summary read meanwhile never sees half a file);
     status: "failed" or "identical" when the job says so, else None (its metrics.json
-    tells)."""
+    tells); same_as: the job an identical one repeats."""
     folder = sweep_dir / RECORDS
     sweep_dir.mkdir(parents=True, exist_ok=True)
     rundir.folder(folder, within=sweep_dir)
     rundir.write(folder / f"{job}.json", json.dumps({"job": job, "overrides": list(overrides),
                                                      "run_dir": str(run_dir), "error": error,
-                                                     "status": status}) + "\n", within=sweep_dir)
+                                                     "status": status, "same_as": same_as})
+                 + "\n", within=sweep_dir)
 
 
 def forget(sweep_dir: Path) -> None:
@@ -109,29 +117,39 @@ def forget(sweep_dir: Path) -> None:
 
 def rows(sweep_dir: Path) -> list[dict]:
     """One row per recorded job (COLUMNS; overrides as a list; a value never measured is
-    None), best first: by best_val_loss, then failed and identical jobs and jobs without a
-    finite loss, by job number."""
-    found = []
+    None), best first: by best_val_loss, then failed jobs and jobs without a finite loss,
+    by job number. A job not run because it repeats another (status `identical`) has that
+    job's results, its number in `same_as` and its run directory, and ranks beside it."""
+    records = {}
     for path in (sweep_dir / RECORDS).glob("*.json"):
         job = json.loads(path.read_text())
-        metrics_path = Path(job["run_dir"]) / "metrics.json"
+        records[job["job"]] = job
+    found, statuses = [], {}
+    for job in records.values():
+        same_as = job.get("same_as") if job.get("status") == "identical" else None
+        ran = records.get(same_as, job)  # the job whose run holds the results
+        metrics_path = Path(ran["run_dir"]) / "metrics.json"
         metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
         row = {"job": job["job"], "overrides": job["overrides"],
                **{key: metrics.get(key) for key in METRICS},
-               "run_dir": job["run_dir"], "error": job["error"]}
-        if job.get("status") == "identical":  # not run: the row of the job it repeats tells
+               "run_dir": ran["run_dir"], "same_as": same_as, "error": job["error"]}
+        if job.get("status") == "identical":  # not run: the job it repeats tells
             row["status"] = "identical"
         elif job["error"] is not None or not metrics:
             row["status"] = "failed"
             row["error"] = row["error"] or "failed: the job ended without writing metrics.json"
+        statuses[job["job"]] = row["status"]
         found.append(row)
-    return sorted(found, key=rank)
+    return sorted(found, key=lambda row: rank(row, statuses.get(row["same_as"])))
 
 
-def rank(row: dict) -> tuple:
+def rank(row: dict, repeated_status: str | None = None) -> tuple:
+    """The sort key of a row; repeated_status: the status of the run an identical job
+    repeats, which ranks it as that run."""
     best = row["best_val_loss"]
     finite = isinstance(best, (int, float)) and math.isfinite(best)
-    ok = row["status"] == "completed" and finite
+    status = repeated_status if row["status"] == "identical" else row["status"]
+    ok = status == "completed" and finite
     return (not ok, best if ok else 0.0, row["job"])
 
 

@@ -296,7 +296,7 @@ def _job(cfg: DictConfig) -> float:
     repeats = identical.repeated(hc.job.num) if in_sweep else None
     if repeats is not None:
         rundir.remove_if_empty(Path(hc.runtime.output_dir))
-        return NotRun(f"not run: identical to job {repeats[0]} ({repeats[1]})")
+        return NotRun(f"not run: identical to job {repeats[0]} ({repeats[1]})", repeats[0])
     # what Hydra would have saved in .hydra/, written by the run once it has started
     record = {"config.yaml": OmegaConf.to_yaml(cfg),
               "hydra.yaml": OmegaConf.to_yaml(HydraConfig.instance().cfg),

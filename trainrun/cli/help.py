@@ -22,7 +22,7 @@ PURPOSE = {
 EXAMPLES = [
     ("trainrun", "tiny GPT on the built-in corpus; a CPU is enough"),
     ("trainrun scheduler=noam clip.max_norm=1.0", "any option and any key"),
-    ("trainrun -m scheduler=cosine,noam optimizer.lr=1e-3,3e-4", "a sweep of 4 runs"),
+    ("trainrun -m scheduler=cosine,wsd optimizer.lr=1e-3,3e-4", "a sweep of 4 runs"),
     ("trainrun -m hydra/launcher=parallel optimizer.lr=1e-3,3e-4", "2 runs at a time"),
     ("trainrun -m hparams_search=optuna hydra.sweeper.n_trials=20", "Optuna's search"),
     ("trainrun resume=outputs/2026-11-21/14-03-12", "continue a run from its checkpoint"),
@@ -62,7 +62,9 @@ def usage() -> str:
               "  data.batch_size, data.seq_len, resume=null|auto|<run directory>",
               "  model.init_from=null|<Hugging Face GPT-2 folder>", "",
               "Examples:"]
-    lines += [f"  {command:<58}# {why}" for command, why in EXAMPLES]
+    # a space before every `#`, so that a line pasted into a shell drops its comment
+    wide = max(len(command) for command, _ in EXAMPLES)
+    lines += [f"  {command:<{wide}}  # {why}" for command, why in EXAMPLES]
     lines += ["", "Flags:"]
     lines += [f"  {flag:<26}{why}" for flag, why in HYDRA_FLAGS]
     lines += ["", "A group's keys: trainrun --cfg job GROUP=OPTION. The README documents all."]

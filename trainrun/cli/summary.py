@@ -57,12 +57,13 @@ class SweepSummary(Callback):
         if job_return.status == JobStatus.COMPLETED:
             error = getattr(job_return.return_value, "error", None)
             status = getattr(job_return.return_value, "status", None)
+            same_as = getattr(job_return.return_value, "same_as", None)
         else:  # raised past the job function: Hydra holds the exception as the return value
             error = f"failed: {sweep.error_line(job_return._return_value)}"
-            status = "failed"
+            status, same_as = "failed", None
         folder = sweep_dir(config)
         sweep.record(folder, hydra.job.num, list(job_return.overrides or []),
-                     Path(hydra.runtime.output_dir), error, status)
+                     Path(hydra.runtime.output_dir), error, status, same_as)
         # the rows so far: a sweep that ends early (a signal, a killed job) still has them
         sweep.write_csv(sweep.rows(folder), folder / "summary.csv")
 
