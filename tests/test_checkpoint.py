@@ -92,13 +92,15 @@ def fill_disk_in_state(monkeypatch, code=errno.ENOSPC):
 
 def fill_disk_after_rename(monkeypatch, code=errno.ENOSPC):
     """The disk fills up after the checkpoint is in place, before `latest` names it."""
-    fsync = checkpoint._fsync
+    from trainrun import rundir
+
+    fsync = rundir.fsync
 
     def failing(path):
         if path.name == "checkpoints":
             raise OSError(code, os.strerror(code), str(path))
         fsync(path)
-    monkeypatch.setattr(checkpoint, "_fsync", failing)
+    monkeypatch.setattr(rundir, "fsync", failing)
 
 
 def fill_disk_by_hook(monkeypatch, code=errno.ENOSPC):

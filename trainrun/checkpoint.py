@@ -50,14 +50,6 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class NoSpace(Exception):
     """The disk (or the quota) filled up (ENOSPC, EDQUOT) while the run wrote something:
     `previous`, the newest checkpoint (None if there is none), is intact and named by
@@ -92,7 +84,7 @@ def save(root: Path, k: int, model: torch.nn.Module | dict[str, torch.Tensor], s
         clean(root, keep=tmp)
         _write(tmp, k, model, state, meta)
         _put_in_place(tmp, final)
-        _fsync(root)
+        rundir.fsync(root)
         # by rename: the save is complete once `latest` names it
         rundir.write(root / LATEST, final.name + "\n", within=root.parent, sync=True)
     except Exception as error:
@@ -102,7 +94,7 @@ def save(root: Path, k: int, model: torch.nn.Module | dict[str, torch.Tensor], s
         shutil.rmtree(tmp, ignore_errors=True)  # frees the space, and so does:
         shutil.rmtree(final, ignore_errors=True)  # renamed, but `latest` does not name it yet
         raise _no_space(full, k, root, model, state) from None
-    _fsync(root)
+    rundir.fsync(root)
     _prune(root, keep_last)
     return final
 
@@ -164,10 +156,10 @@ def _write(tmp: Path, k: int, model: torch.nn.Module | dict, state: dict, meta: 
     # fault injection for crash-safety tests: a pause with the checkpoint half written
     time.sleep(float(os.environ.get("TRAINRUN_SAVE_PAUSE", "0")))
     for name in [*digests, META_FILE]:
-        _fsync(tmp / name)
+        rundir.fsync(tmp / name)
     if (tmp / SHARDS).is_dir():
-        _fsync(tmp / SHARDS)
-    _fsync(tmp)
+        rundir.fsync(tmp / SHARDS)
+    rundir.fsync(tmp)
 
 
 def _put_in_place(tmp: Path, final: Path) -> None:

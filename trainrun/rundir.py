@@ -181,6 +181,15 @@ def append(path: Path, within: Path, binary: bool = False):
     return open(out, "ab") if binary else open(out, "a", encoding="utf-8")
 
 
+def fsync(path: Path) -> None:
+    """Flush a file's or a folder's entries to the disk (a folder: the renames in it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _unlink(name: str, fd: int) -> None:
     try:
         os.unlink(name, dir_fd=fd)

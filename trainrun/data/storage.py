@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainrun import signals
+from trainrun import rundir, signals
 from trainrun.errors import ConfigError
 
 FORMAT = 2  # of the files below; part of every key (2: checksums in info.json)
@@ -76,21 +76,13 @@ def cached(folder: Path, build: Callable[[Path], None]) -> Path:
         try:
             build(tmp)
             for path in [*tmp.iterdir(), tmp]:  # on disk before the name says it is complete
-                _fsync(path)
+                rundir.fsync(path)
             os.rename(tmp, folder)
-            _fsync(folder.parent)
+            rundir.fsync(folder.parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return folder
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def dtype_for(vocab_size: int) -> np.dtype:
