@@ -23,6 +23,7 @@ from trainrun.config import GROUPS, Config
 from trainrun.data import RUN_FILE
 from trainrun.errors import ConfigError, reason, require_positive
 from trainrun.schedules import Schedule, build_schedule
+from trainrun.threads import MAX_THREADS
 
 # What a resumed run may not change: the model's shape, the data and the data order's seed,
 # and the optimizer (its state would not fit).
@@ -131,6 +132,19 @@ def check_data(record: dict, path: Path) -> None:
                                   f"{new['count']:,} now; allowed: that data, as it was "
                                   f"(a resumed run continues on the same tokens), or a new run "
                                   f"from these weights (trainrun-export, then model.init_from)")
+
+
+def reproducibility(path: Path | None) -> dict:
+    """meta.json's `reproducibility` of checkpoint `path` (determinism.record; checked by
+    check_recorded): {} for a fresh run, or a checkpoint from before the record."""
+    return {} if path is None else checkpoint.read_meta(path).get("reproducibility", {})
+
+
+def threads(saved: dict, processes: int) -> int | None:
+    """The CPU threads a resume takes under trainer.threads=auto: those the checkpoint's run
+    used, when it had as many processes (on another number the bits differ anyway, and the
+    cores are shared otherwise)."""
+    return saved.get("threads") if saved.get("processes") == processes else None
 
 
 def option(section: str, schema_name: str) -> str:
@@ -260,9 +274,28 @@ def check_recorded(cfg: Config, meta: dict) -> None:
     if meta["step"] > saved["trainer"].max_steps:
         raise ValueError(f"config.trainer.max_steps: {saved['trainer'].max_steps}, below the "
                          f"checkpoint's update {meta['step']}")
+    check_reproducibility(meta.get("reproducibility", {}))
     record = meta.get("tokenizer", {"fingerprint": "byte"})
     if not isinstance(record, dict) or not isinstance(record.get("fingerprint"), str):
         raise ValueError(f"tokenizer: {record!r}, where trainrun writes its fingerprint")
+
+
+def check_reproducibility(record) -> None:
+    """meta.json's `reproducibility` holds what determinism.record writes (each entry is
+    optional: older versions wrote fewer); raises ValueError naming the first that does not."""
+    if not isinstance(record, dict):
+        raise ValueError(f"reproducibility: {record!r}, where trainrun writes a record")
+    kinds = {"threads": (int, MAX_THREADS), "processes": (int, None), "torch": (str, None),
+             "device": (str, None), "deterministic": (bool, None)}
+    for key, (kind, most) in kinds.items():
+        value = record.get(key, kind())
+        if kind is int:
+            fits = type(value) is int and value >= 1 and (most is None or value <= most)
+            allowed = f"a whole number from 1{f' to {most}' if most else ''}"
+        else:
+            fits, allowed = type(value) is kind, f"a {kind.__name__}"
+        if key in record and not fits:
+            raise ValueError(f"reproducibility.{key}: {value!r}, where trainrun writes {allowed}")
 
 
 def _typed(section, recorded: dict, where: str):
