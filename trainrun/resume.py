@@ -31,6 +31,10 @@ SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len")
 DATA_KEYS_FREE = ("batch_size",)  # the order does not depend on it (SPEC §3)
 OPTIMIZER_GROUP_KEYS = ("no_decay", "exclude")  # they decide the parameter groups
 PLAIN = re.compile(r"[A-Za-z0-9_./-]*/[A-Za-z0-9_./-]*")  # a path Hydra reads as itself
+# Keys that came after runs were recorded without them, by (section, schema): the value such
+# a run had, where it is not today's default. Before data.sample_by, a .txt file was read
+# as a document per line.
+EARLIER = {("data", "TextDataConfig"): {"sample_by": "line"}}
 
 
 class AlreadyComplete(Exception):
@@ -154,9 +158,31 @@ def option(section: str, schema_name: str) -> str:
     return f"{section}={names[0]}" if names else schema_name
 
 
+def recorded(meta: dict) -> dict:
+    """meta.json's config, with the values of EARLIER for keys recorded before they came."""
+    saved = dict(meta["config"])
+    for (section, schema), values in EARLIER.items():
+        if meta["schemas"].get(section) == schema:
+            saved[section] = {**values, **saved[section]}
+    return saved
+
+
+def earlier(run_dir: Path) -> list[str]:
+    """Overrides that give a run recorded before a key of EARLIER existed the value it had
+    then (its newest checkpoint's meta.json says), for the commands that continue or read
+    it; none where that meta.json is unreadable (resume.locate refuses it later)."""
+    try:
+        meta = checkpoint.read_meta(checkpoint.complete(run_dir / "checkpoints")[-1])
+        return [f"{section}.{k}={v}" for (section, schema), values in EARLIER.items()
+                if meta["schemas"][section] == schema
+                for k, v in values.items() if k not in meta["config"][section]]
+    except (IndexError, OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+
+
 def check_compatible(cfg: Config, meta: dict, path: Path) -> None:
     """Refuse a config that changes what the checkpoint at `path` was trained with."""
-    saved, now = meta["config"], asdict(cfg)
+    saved, now = recorded(meta), asdict(cfg)
     saved_schemas = {"tokenizer": "ByteConfig", **meta["schemas"]}  # older runs: bytes
     changed = [(key, option(key, saved_schema)) for key, saved_schema in saved_schemas.items()
                if saved_schema != schemas(cfg)[key]]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from trainrun.config import GROUPS, Config
 from trainrun.errors import ConfigError
-from trainrun.resume import quote
+from trainrun.resume import earlier, quote
 
 CONF = "trainrun.conf"
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))  # model, data, ..., resume
@@ -175,13 +175,15 @@ def _refusal(entry: object, config_dir: Path | None = None) -> str | None:
 
 
 def continue_run(run_dir: Path, argv: list[str], config_dir: Path | None = None) -> list[str]:
-    """The overrides that continue run_dir: its saved ones, then the new ones (the last value
-    of a key wins), then the run directory itself (config_dir: the --config-dir given now).
+    """The overrides that continue run_dir: the values of keys that came after it was
+    recorded (resume.earlier), its saved ones, then the new ones (the last value of a key
+    wins), then the run directory itself (config_dir: the --config-dir given now).
 
     A group switched to another option drops the saved keys of the old option; a key named
     anew drops the saved keys on the other side of its pair (warmup_steps replaces a saved
     warmup_ratio)."""
-    old = [o for o in saved(run_dir, config_dir) if key(o) not in (*OWN, *NOT_TAKEN)]
+    old = [*earlier(run_dir),
+           *(o for o in saved(run_dir, config_dir) if key(o) not in (*OWN, *NOT_TAKEN))]
     new = [a for a in argv if key(a) not in OWN]
     for group in groups():
         if any(key(a) == group for a in new) and chosen(group, new) != chosen(group, old):
