@@ -250,7 +250,9 @@ def build_model(cfg: ModelConfig, vocab_size: int, device: torch.device,
     if console is not None and cfg.init_from is not None:
         for note in gpt2.load(cfg, model):
             console.warning(note)
-        console.info(f"weights from model.init_from={cfg.init_from}")
+        console.info(f"weights from model.init_from={cfg.init_from}, a model of d_model "
+                     f"{cfg.d_model}, n_layers {cfg.n_layers}, n_heads {cfg.n_heads}, d_ff "
+                     f"{cfg.d_ff}, max_seq_len {cfg.max_seq_len}")
     return model.to(device)
 
 
