@@ -106,7 +106,8 @@ def main(argv=None) -> None:
     rows = []
     for tok in args.tokenizers.split(","):
         for name, folder in corpora.items():
-            overrides = ["data=text", f"data.files={folder}/*.txt", *tok_overrides[tok]]
+            overrides = ["data=text", f"data.files={folder}/*.txt", "data.sample_by=line",
+                         *tok_overrides[tok]]  # its documents are the shards' lines
             seconds, peak, out = child_peak_rss(
                 [sys.executable, "-c", TOKENIZE, *overrides], env,
                 work / f"tokenize-{tok}-{name}.log")

@@ -95,8 +95,9 @@ def train(run_dir: Path, *overrides: str) -> dict:
 
 
 def tiny(corpus: Path, *overrides: str) -> list[str]:
-    """TINY on the test corpus, then `overrides`."""
-    return [*TINY, "data=text", f"data.files={corpus}", *overrides]
+    """TINY on the test corpus, a document per line (make_corpus writes them so), then
+    `overrides`."""
+    return [*TINY, "data=text", f"data.files={corpus}", "data.sample_by=line", *overrides]
 
 
 def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:

@@ -200,6 +200,11 @@ EDITS = {
     "lr-x": (("config", "optimizer", "lr"), "x", "config.optimizer.lr: Value 'x'"),
     "step-x": (("step",), "x", "step 'x' in the checkpoint of update 40"),
     "tokenizer-5": (("tokenizer",), 5, "tokenizer: 5"),
+    "threads-0": (("reproducibility", "threads"), 0,
+                  "reproducibility.threads: 0, where trainrun writes a whole number from 1 to "
+                  "1024"),
+    "threads-x": (("reproducibility", "threads"), "2", "reproducibility.threads: '2'"),
+    "reproducibility-list": (("reproducibility",), [2], "reproducibility: [2]"),
 }
 
 

@@ -180,7 +180,7 @@ def write_table(folder: Path, ext: str, texts: list[str]) -> Path:
 def test_local_files_by_extension(tmp_path, ext):
     texts = [f"{t} #{i}" for i in range(4) for t in TEXTS]  # 28 distinct documents
     path = write_table(tmp_path / ext, ext, texts)
-    column = [] if ext == "txt" else ["data.text_column=body"]
+    column = ["data.sample_by=line"] if ext == "txt" else ["data.text_column=body"]
     cfg = config("data=text", f"data.files={tmp_path / ext}/*.{ext}", *column,
                  "data.val_fraction=0.25", "data.seq_len=16").data
     assert cfg.paths() == [str(path)]
@@ -201,7 +201,7 @@ def test_local_files_from_several_patterns_and_files(tmp_path):
     (tmp_path / "a" / "one.txt").write_text("first\nsecond\n")
     (tmp_path / "a" / "two.txt").write_text("third\n")
     (tmp_path / "a" / "skip.md").write_text("not matched\n")
-    cfg = config("data=text", f"data.files={tmp_path}/a/*.txt").data
+    cfg = config("data=text", f"data.files={tmp_path}/a/*.txt", "data.sample_by=line").data
     assert cfg.paths() == [str(tmp_path / "a" / "one.txt"), str(tmp_path / "a" / "two.txt")]
     docs = cfg.documents()
     assert sorted(list(docs["train"]["text"]) + list(docs["validation"]["text"])) == ["first", "second", "third"]

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli, config, tiny, train
+import yaml
+from conftest import cli, config, final_weights, tiny, train
 
 from trainrun import gpt2, runner
 from trainrun.after import export
@@ -20,6 +24,7 @@ from trainrun.after.run import open_run
 from trainrun.console import Console
 from trainrun.data.tokenizers import ByteTokenizer
 from trainrun.errors import ConfigError
+from trainrun.model import GPT
 
 VOCAB = ByteTokenizer.vocab_size
 TEXTS = ["the model learns", " two  spaces\tand a tab\n", "héllo wörld — 日本語 🎉",
@@ -155,13 +160,96 @@ def test_weights_that_do_not_match_their_config_are_refused(tmp_path, corpus):
 
 def test_a_bad_init_from_is_one_line_in_a_process_and_writes_nothing(exported, corpus,
                                                                      tmp_path):
-    for overrides in (["model.d_model=64", f"model.init_from={exported}"],
-                      [f"model.init_from={tmp_path / 'none'}"]):
+    for overrides, key in ((["model.d_model=64", f"model.init_from={exported}"], "model.d_model"),
+                           ([f"model.init_from={tmp_path / 'none'}"], "model.init_from")):
         proc = cli(*tiny(corpus, *overrides), cwd=tmp_path)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert proc.stderr.count("\n") == 1
-        assert proc.stderr.startswith("trainrun: error: model.init_from: ")
+        assert proc.stderr.startswith(f"trainrun: error: {key}: ")
     assert list(tmp_path.iterdir()) == []  # not even Hydra's outputs/<date>/<time>/
+
+
+# -- model.init_from takes the folder's shape; the export's command starts a run ----------
+
+SHORT = ["data=text", "data.sample_by=line", "data.seq_len=32", "data.batch_size=4",
+         "trainer.max_steps=2", "trainer.eval_every=1", "trainer.eval_batches=2",
+         "trainer.device=cpu", "precision=fp32"]  # TINY's run, without its model keys
+
+
+def as_trainrun(export_dir: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors of an export's model.safetensors, by trainrun's names, in its layout:
+    what `model` holds where it started from them (the embedding's padding rows left out)."""
+    from safetensors.torch import load_file
+
+    stored = load_file(export_dir / "model.safetensors")
+    out = {}
+    for name in model.state_dict():
+        hf = gpt2.gpt2_name(name)
+        if hf is not None:
+            value = stored[f"transformer.{hf}"]
+            out[name] = value.t() if hf.endswith(gpt2.CONV1D) else value
+    return out
+
+
+def test_init_from_alone_takes_the_shape_and_the_weights_of_the_folder(exported, corpus,
+                                                                      tmp_path):
+    """No model key given: the shape comes from config.json (TINY's, not gpt_tiny's), and
+    the run starts from the folder's weights (an lr of 1e-30 leaves them as they were, bit
+    for bit, where a fresh initialization would differ everywhere)."""
+    run = tmp_path / "run"
+    proc = cli(f"model.init_from={exported}", *SHORT, f"data.files={corpus}", "optimizer=sgd",
+               "optimizer.lr=1e-30", "trainer.max_steps=1", f"hydra.run.dir={run}",
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (f"weights from model.init_from={exported}, a model of d_model 32, n_layers 2, "
+            f"n_heads 2, d_ff 64, max_seq_len 64") in proc.stdout
+    trained = final_weights(run)
+    started = as_trainrun(exported, GPT(config(*tiny(corpus)).model, VOCAB))
+    for name, value in started.items():
+        if name == "tok_emb.weight":  # saved once, as the head tied to it
+            mine = trained["head.weight"][:VOCAB]
+        else:
+            mine = trained[name]
+        assert torch.equal(mine, value), name
+
+
+def test_an_explicit_shape_key_must_agree_with_init_from(exported, corpus, tmp_path):
+    proc = cli(f"model.init_from={exported}", "model.n_layers=3", *SHORT,
+               f"data.files={corpus}", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr == (
+        f"trainrun: error: model.n_layers: got 3, but model.init_from={exported} holds a model "
+        f"with n_layer 2 (config.json); allowed: 2, or no model.n_layers (the folder's shape "
+        f"is taken)\n")
+    assert list(tmp_path.iterdir()) == []
+    # a key that agrees is no conflict, and the others still come from the folder
+    proc = cli("--cfg", "job", f"model.init_from={exported}", "model.n_layers=2", *SHORT,
+               f"data.files={corpus}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    model = yaml.safe_load(proc.stdout)["model"]
+    assert (model["d_model"], model["n_layers"], model["n_heads"], model["d_ff"],
+            model["max_seq_len"]) == (32, 2, 2, 64, 64)
+
+
+def test_the_printed_command_starts_a_run_from_a_bpe_export(bpe_run, corpus, tmp_path):
+    """The export of a tokenizer=bpe run prints a command with its tokenizer (the export's
+    tokenizer.json); pasted, with a short run's settings after it, it trains."""
+    out = tmp_path / "hf"
+    exe = Path(sys.executable).with_name("trainrun-export")
+    proc = subprocess.run([str(exe), str(bpe_run), str(out)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    printed = proc.stdout.strip().splitlines()[-1].split("start a run from it with ", 1)[1]
+    words = shlex.split(printed)
+    assert words[0] == "trainrun"
+    run = tmp_path / "run"
+    started = cli(*words[1:], *SHORT, f"data.files={corpus}", f"hydra.run.dir={run}",
+                  cwd=tmp_path)
+    assert started.returncode == 0, started.stderr
+    assert words[1:4] == [f"model.init_from={out}", "tokenizer=hf", f"tokenizer.path={out}"]
+    meta = json.loads((run / "checkpoints/step-00000002/meta.json").read_text())
+    trained_with = json.loads((bpe_run / "checkpoints/step-00000010/meta.json").read_text())
+    assert meta["tokenizer"]["fingerprint"] == trained_with["tokenizer"]["fingerprint"]
+    assert meta["init_from"]["path"] == str(out.resolve())
 
 
 def test_export_writes_a_complete_folder_or_nothing(finished_run, tmp_path, capsys):

@@ -70,6 +70,48 @@ def test_resume_is_bit_identical(full, tmp_path):
     assert [v for _, v in resumed] == pytest.approx([v for _, v in uninterrupted])
 
 
+@pytest.fixture(scope="module")
+def two_threads(tmp_path_factory, corpus):
+    """An uninterrupted run of N updates on 2 CPU threads (the tests' processes default to
+    1: OMP_NUM_THREADS=1, which trainer.threads=auto takes)."""
+    cwd = tmp_path_factory.mktemp("two-threads")
+    proc = cli(*overrides(corpus, cwd / "run", "trainer.threads=2"), cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    return cwd / "run"
+
+
+def test_a_resume_under_auto_keeps_the_checkpoints_thread_count(two_threads, tmp_path):
+    """On the CPU the thread count changes the bits; auto would choose 1 here (the tests'
+    OMP_NUM_THREADS=1, as a busier machine would), so the resume takes the 2 the checkpoint
+    records, says so, and ends bit for bit where the uninterrupted run did."""
+    part = rewind(two_threads, tmp_path / "part", 8)
+    proc = cli(f"resume={part}", "trainer.threads=auto", cwd=tmp_path,
+               env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert_identical(final_weights(part), final_weights(two_threads))
+    (line,) = [x for x in proc.stdout.splitlines() if "CPU thread(s)" in x]
+    assert line.startswith("2 CPU thread(s) (the checkpoint's, for a bit-exact resume")
+    assert "auto would choose 1 here" in line
+    meta = checkpoint.read_meta(two_threads / "checkpoints" / checkpoint.step_name(8))
+    assert meta["reproducibility"]["threads"] == 2
+    assert meta["reproducibility"]["torch"] == torch.__version__
+
+
+def test_a_resume_with_another_thread_count_says_it_leaves_the_bits(two_threads, tmp_path):
+    part = rewind(two_threads, tmp_path / "part", 8)
+    proc = cli(f"resume={part}", "trainer.threads=1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (line,) = [x for x in proc.stdout.splitlines() if "CPU thread(s)" in x]
+    assert line == ("1 CPU thread(s) (trainer.threads=1; the checkpoint was trained with 2: "
+                    "the resumed run will not be bit-identical to an uninterrupted one "
+                    "(trainer.threads=auto keeps 2))")
+    assert checkpoint.read_meta(part / "checkpoints" / checkpoint.step_name(N)
+                                )["reproducibility"]["threads"] == 1
+    # what the line says: another thread count, other bits
+    different = final_weights(part)
+    assert any(not torch.equal(v, different[k]) for k, v in final_weights(two_threads).items())
+
+
 def test_resume_extends_the_run_with_a_larger_max_steps(full, tmp_path):
     run = rewind(full, tmp_path / "extend", N)
     proc = cli(f"resume={run}", f"trainer.max_steps={N + 4}", cwd=tmp_path)

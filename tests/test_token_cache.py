@@ -56,7 +56,7 @@ def documents(loaded: data.Loaded) -> list[bytes]:
 
 def test_a_corpus_edited_at_the_same_size_and_time_is_tokenized_anew(tmp_path):
     corpus = make_corpus(tmp_path / "corpus.txt")
-    cfg = config("data=text", f"data.files={corpus}").data
+    cfg = config("data=text", f"data.files={corpus}", "data.sample_by=line").data
     first = data.load(cfg)
     assert documents(first) == sorted(line for line in corpus.read_bytes().splitlines() if line)
     edit_in_place(corpus, b"model", b"MODEL")
@@ -70,14 +70,14 @@ def test_a_corpus_edited_at_the_same_size_and_time_is_tokenized_anew(tmp_path):
 def cached_split(tmp_path) -> tuple[Path, Path, dict]:
     """A tokenized test corpus: its cache folder, the corpus, and its info.json."""
     corpus = make_corpus(tmp_path / "corpus.txt")
-    loaded = data.load(config("data=text", f"data.files={corpus}").data)
+    loaded = data.load(config("data=text", f"data.files={corpus}", "data.sample_by=line").data)
     folder = Path(loaded.train.tokens.filename).parent
     return folder, corpus, json.loads((folder / "info.json").read_text())
 
 
 def refused(corpus: Path, match: str) -> None:
     with pytest.raises(ConfigError) as err:
-        data.load(config("data=text", f"data.files={corpus}").data)
+        data.load(config("data=text", f"data.files={corpus}", "data.sample_by=line").data)
     assert err.value.key == "data" and "\n" not in err.value.message
     assert match in err.value.message and "is damaged" in err.value.message, err.value.message
 

@@ -54,3 +54,31 @@ def restore() -> None:
     if workspace is None:
         os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
     _before = None
+
+
+def record(device: torch.device, processes: int) -> dict:
+    """What a run's bits depend on beyond its config, for each checkpoint's meta.json
+    (`reproducibility`): the CPU threads torch uses, the number of processes, torch's
+    version, the device (a GPU by its model) and whether deterministic algorithms are on."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"threads": torch.get_num_threads(), "processes": processes,
+            "torch": torch.__version__, "device": name,
+            "deterministic": torch.are_deterministic_algorithms_enabled()}
+
+
+def differences(saved: dict, now: dict) -> list[str]:
+    """What a resume changes of `saved` (a checkpoint's record) that makes it leave the
+    uninterrupted run's bits, one line each (threads and processes are said where they are
+    chosen). Deterministic algorithms matter on a GPU only."""
+    notes = []
+    for key, what in (("torch", "torch"), ("device", "device")):
+        if key in saved and saved[key] != now[key]:
+            notes.append(f"the checkpoint was trained with {what} {saved[key]}, this run has "
+                         f"{now[key]}: it will not be bit-identical to an uninterrupted run")
+    if (now["device"] != "cpu" and "deterministic" in saved
+            and saved["deterministic"] != now["deterministic"]):
+        notes.append(f"the checkpoint was trained with trainer.deterministic="
+                     f"{str(saved['deterministic']).lower()}, this run has "
+                     f"{str(now['deterministic']).lower()}: it will not be bit-identical to an "
+                     f"uninterrupted run")
+    return notes

@@ -34,6 +34,9 @@ BLOCK = {"ln_attn": "ln_1", "attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj
 CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # (in, out): nn.Linear's transposed
 BUFFERS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")  # older transformers' causal masks
 GELUS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # "gelu" is the exact one
+# model.<key> <- config.json's key; n_inner null means 4 x n_embd, as in transformers
+SHAPE = {"d_model": "n_embd", "n_layers": "n_layer", "n_heads": "n_head", "d_ff": "n_inner",
+         "max_seq_len": "n_positions"}
 ALLOWED = "a Hugging Face GPT-2 folder (config.json, model.safetensors), such as trainrun-export writes"
 
 
@@ -100,19 +103,35 @@ def read_config(path: str) -> tuple[Path, dict]:
     return folder, hf
 
 
+def shape(folder: Path, hf: dict) -> dict[str, int]:
+    """The model.* shape keys that config.json `hf` (of folder) gives, each a whole number
+    above 0 (ConfigError otherwise)."""
+    found = {}
+    for key, name in SHAPE.items():
+        if name == "n_inner" and hf.get(name) is None:
+            value = 4 * found["d_model"]  # n_embd comes first
+        elif name not in hf:
+            raise ConfigError(KEY, f"{folder / CONFIG_FILE}: no {name!r}; allowed: {ALLOWED}")
+        else:
+            value = hf[name]
+        if type(value) is not int or value < 1:
+            raise ConfigError(KEY, f"{folder / CONFIG_FILE}: {name} {value!r}; allowed: "
+                                   f"{ALLOWED}")
+        found[key] = value
+    return found
+
+
 def check(cfg: ModelConfig, vocab_size: int) -> dict:
     """The config.json of model.init_from, checked against the chosen model: same shape,
     trainrun's vocabulary, and an architecture that trainrun's model computes."""
     folder, hf = read_config(cfg.init_from)
-    try:
-        shape = {"d_model": hf["n_embd"], "n_layers": hf["n_layer"], "n_heads": hf["n_head"],
-                 "d_ff": hf.get("n_inner") or 4 * hf["n_embd"], "max_seq_len": hf["n_positions"]}
-        vocab = hf["vocab_size"]
-    except KeyError as exc:
-        raise ConfigError(KEY, f"{folder / CONFIG_FILE}: no {exc}; allowed: {ALLOWED}") from None
-    if any(getattr(cfg, key) != value for key, value in shape.items()):
-        chosen = " ".join(f"model.{k}={getattr(cfg, k)}" for k in shape)
-        theirs = " ".join(f"model.{k}={v}" for k, v in shape.items())
+    theirs_shape = shape(folder, hf)
+    if "vocab_size" not in hf:
+        raise ConfigError(KEY, f"{folder / CONFIG_FILE}: no 'vocab_size'; allowed: {ALLOWED}")
+    vocab = hf["vocab_size"]
+    if any(getattr(cfg, key) != value for key, value in theirs_shape.items()):
+        chosen = " ".join(f"model.{k}={getattr(cfg, k)}" for k in theirs_shape)
+        theirs = " ".join(f"model.{k}={v}" for k, v in theirs_shape.items())
         raise ConfigError(KEY, f"{folder} holds a model of another shape ({CONFIG_FILE}); the "
                                f"chosen model has {chosen}; allowed: the folder's shape, {theirs}")
     if vocab != vocab_size:

@@ -23,6 +23,7 @@ from trainrun.config import GROUPS, Config
 from trainrun.data import RUN_FILE
 from trainrun.errors import ConfigError, reason, require_positive
 from trainrun.schedules import Schedule, build_schedule
+from trainrun.threads import MAX_THREADS
 
 # What a resumed run may not change: the model's shape, the data and the data order's seed,
 # and the optimizer (its state would not fit).
@@ -30,6 +31,10 @@ SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len")
 DATA_KEYS_FREE = ("batch_size",)  # the order does not depend on it (SPEC §3)
 OPTIMIZER_GROUP_KEYS = ("no_decay", "exclude")  # they decide the parameter groups
 PLAIN = re.compile(r"[A-Za-z0-9_./-]*/[A-Za-z0-9_./-]*")  # a path Hydra reads as itself
+# Keys that came after runs were recorded without them, by (section, schema): the value such
+# a run had, where it is not today's default. Before data.sample_by, a .txt file was read
+# as a document per line.
+EARLIER = {("data", "TextDataConfig"): {"sample_by": "line"}}
 
 
 class AlreadyComplete(Exception):
@@ -133,6 +138,19 @@ def check_data(record: dict, path: Path) -> None:
                                   f"from these weights (trainrun-export, then model.init_from)")
 
 
+def reproducibility(path: Path | None) -> dict:
+    """meta.json's `reproducibility` of checkpoint `path` (determinism.record; checked by
+    check_recorded): {} for a fresh run, or a checkpoint from before the record."""
+    return {} if path is None else checkpoint.read_meta(path).get("reproducibility", {})
+
+
+def threads(saved: dict, processes: int) -> int | None:
+    """The CPU threads a resume takes under trainer.threads=auto: those the checkpoint's run
+    used, when it had as many processes (on another number the bits differ anyway, and the
+    cores are shared otherwise)."""
+    return saved.get("threads") if saved.get("processes") == processes else None
+
+
 def option(section: str, schema_name: str) -> str:
     """`optimizer=adamw` for the schema AdamWConfig: an option as the user names it."""
     names = [name for name, schema in GROUPS.get(section, {}).items()
@@ -140,9 +158,31 @@ def option(section: str, schema_name: str) -> str:
     return f"{section}={names[0]}" if names else schema_name
 
 
+def recorded(meta: dict) -> dict:
+    """meta.json's config, with the values of EARLIER for keys recorded before they came."""
+    saved = dict(meta["config"])
+    for (section, schema), values in EARLIER.items():
+        if meta["schemas"].get(section) == schema:
+            saved[section] = {**values, **saved[section]}
+    return saved
+
+
+def earlier(run_dir: Path) -> list[str]:
+    """Overrides that give a run recorded before a key of EARLIER existed the value it had
+    then (its newest checkpoint's meta.json says), for the commands that continue or read
+    it; none where that meta.json is unreadable (resume.locate refuses it later)."""
+    try:
+        meta = checkpoint.read_meta(checkpoint.complete(run_dir / "checkpoints")[-1])
+        return [f"{section}.{k}={v}" for (section, schema), values in EARLIER.items()
+                if meta["schemas"][section] == schema
+                for k, v in values.items() if k not in meta["config"][section]]
+    except (IndexError, OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+
+
 def check_compatible(cfg: Config, meta: dict, path: Path) -> None:
     """Refuse a config that changes what the checkpoint at `path` was trained with."""
-    saved, now = meta["config"], asdict(cfg)
+    saved, now = recorded(meta), asdict(cfg)
     saved_schemas = {"tokenizer": "ByteConfig", **meta["schemas"]}  # older runs: bytes
     changed = [(key, option(key, saved_schema)) for key, saved_schema in saved_schemas.items()
                if saved_schema != schemas(cfg)[key]]
@@ -260,9 +300,28 @@ def check_recorded(cfg: Config, meta: dict) -> None:
     if meta["step"] > saved["trainer"].max_steps:
         raise ValueError(f"config.trainer.max_steps: {saved['trainer'].max_steps}, below the "
                          f"checkpoint's update {meta['step']}")
+    check_reproducibility(meta.get("reproducibility", {}))
     record = meta.get("tokenizer", {"fingerprint": "byte"})
     if not isinstance(record, dict) or not isinstance(record.get("fingerprint"), str):
         raise ValueError(f"tokenizer: {record!r}, where trainrun writes its fingerprint")
+
+
+def check_reproducibility(record) -> None:
+    """meta.json's `reproducibility` holds what determinism.record writes (each entry is
+    optional: older versions wrote fewer); raises ValueError naming the first that does not."""
+    if not isinstance(record, dict):
+        raise ValueError(f"reproducibility: {record!r}, where trainrun writes a record")
+    kinds = {"threads": (int, MAX_THREADS), "processes": (int, None), "torch": (str, None),
+             "device": (str, None), "deterministic": (bool, None)}
+    for key, (kind, most) in kinds.items():
+        value = record.get(key, kind())
+        if kind is int:
+            fits = type(value) is int and value >= 1 and (most is None or value <= most)
+            allowed = f"a whole number from 1{f' to {most}' if most else ''}"
+        else:
+            fits, allowed = type(value) is kind, f"a {kind.__name__}"
+        if key in record and not fits:
+            raise ValueError(f"reproducibility.{key}: {value!r}, where trainrun writes {allowed}")
 
 
 def _typed(section, recorded: dict, where: str):

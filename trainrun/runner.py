@@ -111,12 +111,16 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
                 opening.refuse_used(run_dir, launch.config_dir)
             console.config(config_yaml)
             console.info("options: " + " ".join(f"{g}={o}" for g, o in choices.items()))
-            trainer = build(cfg, device, precision, console, world, pretrained=resume_from is None)
+            saved = resume.reproducibility(resume_from)  # {}: a fresh run, an older checkpoint
+            trainer = build(cfg, device, precision, console, world, pretrained=resume_from is None,
+                            threads=resume.threads(saved, world.size))
             if resume_from is not None:
                 resume.check_tokenizer(trainer.tokenizer, resume_from)
                 resume.check_data(resume.data_record(trainer.train, trainer.val), resume_from)
                 load_checkpoint(trainer, resume_from)
                 console.info(f"resumed from {resume_from} at update {trainer.counters.k}")
+                for note in determinism.differences(saved, determinism.record(device, world.size)):
+                    console.warning(note)
                 for note in [*trainer.resume_notes(), *resume.schedule_notes(
                         cfg, checkpoint.read_meta(resume_from), trainer.counters.k,
                         trainer.schedule)]:
@@ -141,7 +145,9 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
                           earlier_seconds=trainer.counters.wall_seconds, tb_name=launch.tb_name)
         meta = {"config": json.loads(json.dumps(asdict(cfg))), "schemas": resume.schemas(cfg),
                 "tokenizer": resume.tokenizer_record(trainer.tokenizer),
-                "data": resume.data_record(trainer.train, trainer.val), **origin(cfg, resume_from)}
+                "data": resume.data_record(trainer.train, trainer.val),
+                "reproducibility": determinism.record(device, world.size),
+                **origin(cfg, resume_from)}
         outputs = Outputs(metrics, console, run_dir / "checkpoints", meta,
                           saved_k=trainer.counters.k if resume_from is not None else None)
         status = "failed"
@@ -244,19 +250,24 @@ def build_model(cfg: ModelConfig, vocab_size: int, device: torch.device,
     if console is not None and cfg.init_from is not None:
         for note in gpt2.load(cfg, model):
             console.warning(note)
-        console.info(f"weights from model.init_from={cfg.init_from}")
+        console.info(f"weights from model.init_from={cfg.init_from}, a model of d_model "
+                     f"{cfg.d_model}, n_layers {cfg.n_layers}, n_heads {cfg.n_heads}, d_ff "
+                     f"{cfg.d_ff}, max_seq_len {cfg.max_seq_len}")
     return model.to(device)
 
 
 def build(cfg: Config, device: torch.device, precision: Precision, console: Console,
-          world: distributed.World = distributed.ONE_PROCESS, pretrained: bool = True) -> Trainer:
+          world: distributed.World = distributed.ONE_PROCESS, pretrained: bool = True,
+          threads: int | None = None) -> Trainer:
     """The run's components; `pretrained`: the weights of model.init_from, if set (False
-    when a checkpoint will replace them)."""
+    when a checkpoint will replace them); `threads`: the CPU threads of the checkpoint a
+    resume continues, taken under trainer.threads=auto (threads.py)."""
     t = cfg.trainer
     deterministic = determinism.enable(t.deterministic)  # before the first CUDA kernel
     if deterministic:
         console.info(deterministic)
-    console.info(set_threads(t.threads))
+    line, warn = set_threads(t.threads, threads)
+    (console.warning if warn else console.info)(line)
     if t.device == "auto" and devices.hidden_gpus():
         console.warning("CUDA_VISIBLE_DEVICES is empty: no GPU is visible to this process, "
                         "so it trains on the CPU")

@@ -9,7 +9,13 @@ on this machine, and leaves out the cores that other jobs keep busy (the load av
 A number is bounded by MAX_THREADS, a fixed figure rather than this machine's cores: a
 config is validated where it is written (a sweep's submit host, a laptop) and may run on a
 larger machine. Past it, starting the threads alone can exhaust memory; more threads than
-cores is allowed but said in the log, since it only slows a run down."""
+cores is allowed but said in the log, since it only slows a run down.
+
+On the CPU the thread count changes the bits: operators split their sums between the threads,
+and a sum added in another order rounds differently. A checkpoint therefore records the count
+its run used (meta.json's `reproducibility`), and a resume under `auto` takes that count
+rather than one chosen from today's load, so that it stays on the uninterrupted run's
+trajectory; a number given on the resume wins, with a warning that the bits will differ."""
 
 from __future__ import annotations
 
@@ -66,10 +72,34 @@ def choose(value: str) -> tuple[int, str]:
     return free, why + "; trainer.threads=N to choose"
 
 
-def set_threads(value: str) -> str:
-    """Set torch's thread count; return the line that logs it."""
+def resumed(value: str, recorded: int) -> tuple[int, str, bool]:
+    """The number of threads of a resume whose checkpoint was trained with `recorded`, why,
+    and whether that is a warning: `auto` takes the recorded count; a number other than it
+    is used, and said to end bit-exactness."""
+    if value == "auto":
+        now, _ = choose("auto")
+        why = "the checkpoint's, for a bit-exact resume under trainer.threads=auto"
+        if now != recorded:
+            why += (f"; auto would choose {now} here: trainer.threads={now} to use that, "
+                    f"and the run will then not be bit-identical to an uninterrupted one")
+        return recorded, why, False
+    n, why = choose(value)
+    if n == recorded:
+        return n, why + ", as the checkpoint was trained", False
+    return n, (f"{why}; the checkpoint was trained with {recorded}: the resumed run will not "
+               f"be bit-identical to an uninterrupted one (trainer.threads=auto keeps "
+               f"{recorded})"), True
+
+
+def set_threads(value: str, recorded: int | None = None) -> tuple[str, bool]:
+    """Set torch's thread count from trainer.threads=value, or on a resume from the count the
+    checkpoint recorded (`resumed`); return the line that logs it and whether that line is a
+    warning."""
     import torch
 
-    n, why = choose(value)
+    if recorded is None:
+        (n, why), warn = choose(value), False
+    else:
+        n, why, warn = resumed(value, recorded)
     torch.set_num_threads(n)
-    return f"{n} CPU thread(s) ({why})"
+    return f"{n} CPU thread(s) ({why})", warn

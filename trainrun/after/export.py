@@ -21,8 +21,10 @@ from pathlib import Path
 from trainrun import gpt2
 from trainrun.after.output import Messages, Parser, run_command
 from trainrun.after.run import arguments, open_run
+from trainrun.data import Tokenizer
+from trainrun.data.tokenizers import JSONTokenizer
 from trainrun.errors import ConfigError
-from trainrun.resume import SHAPE_KEYS, quote
+from trainrun.resume import quote
 
 PROG = "trainrun-export"
 
@@ -73,10 +75,27 @@ def export(args: argparse.Namespace, _: list[str]) -> None:
         raise
     messages.info(f"{run.checkpoint} (update {run.step}): {run.model.num_params():,} parameters")
     print(f"wrote {out}: {', '.join(sorted(files))}")
-    shape = " ".join(f"model.{k}={getattr(run.cfg.model, k)}" for k in SHAPE_KEYS)
     print(f"load it with AutoModelForCausalLM.from_pretrained({str(out)!r}) and "
           f"AutoTokenizer.from_pretrained({str(out)!r}), or start a run from it with "
-          f"trainrun {shape} {shlex.quote('model.init_from=' + quote(str(out)))}", flush=True)
+          f"{start_command(out, run.tokenizer, run.cfg.data.seq_len)}", flush=True)
+
+
+def start_command(out: Path, tokenizer: Tokenizer, seq_len: int) -> str:
+    """The `trainrun` command that starts a run from the export: model.init_from takes the
+    shape from its config.json; a tokenizer other than the byte one is the export's own
+    tokenizer.json (tokenizer=hf), its end of document named where the tokenizer would not
+    find it by itself; data.seq_len the run's, which the model's positions hold."""
+    words = [f"model.init_from={quote(str(out))}"]
+    if isinstance(tokenizer, JSONTokenizer):
+        words += ["tokenizer=hf", f"tokenizer.path={quote(str(out))}"]
+        try:
+            found = JSONTokenizer(tokenizer.tok, None, str(out)).eot  # tokenizer.eot=null's
+        except ConfigError:  # none of the usual names
+            found = None
+        if found != tokenizer.eot:
+            words.append(f"tokenizer.eot={quote(tokenizer.eot_text)}")
+    words.append(f"data.seq_len={seq_len}")
+    return " ".join(["trainrun", *map(shlex.quote, words)])
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainrun import distributed, identical, launch, memory, rundir, signals
 from trainrun.cli import folders, outputs
-from trainrun.cli.overrides import CONF, added_config_dir, key, one_of, options
+from trainrun.cli.overrides import CONF, added_config_dir, init_from_shape, key, one_of, options
 from trainrun.cli.resuming import finished_loss, resume_argv
 from trainrun.config import Config, register_schemas, to_config, validate
 from trainrun.errors import ConfigError
@@ -374,14 +374,14 @@ def split_flags(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def arguments(argv: list[str]) -> list[str]:
     """The arguments `trainrun argv` runs with: Hydra's flags, then the overrides (Hydra takes
-    no override after a flag's value), a resumed run's saved ones first, and one key of a
-    "one of these keys" pair replacing the other."""
+    no override after a flag's value), a resumed run's saved ones first, one key of a
+    "one of these keys" pair replacing the other, and model.init_from's shape."""
     flags, overrides = split_flags(argv)
     if composing_only(flags):  # other flags (--info, --config-path, ...): no resumable job
         searching = any(key(o) == "hparams_search" and not o.endswith("=null") for o in overrides)
         overrides = resume_argv(overrides, config_dir(flags),
                                 sweep=searching or any(f in ("-m", "--multirun") for f in flags))
-    return [*flags, *one_of(overrides)]
+    return [*flags, *one_of(init_from_shape(overrides))]
 
 
 # Hydra's flags that run or print the config trainrun composes (with --cfg's value), and

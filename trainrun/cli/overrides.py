@@ -15,7 +15,7 @@ from pathlib import Path
 
 from trainrun.config import GROUPS, Config
 from trainrun.errors import ConfigError
-from trainrun.resume import quote
+from trainrun.resume import earlier, quote
 
 CONF = "trainrun.conf"
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))  # model, data, ..., resume
@@ -175,13 +175,15 @@ def _refusal(entry: object, config_dir: Path | None = None) -> str | None:
 
 
 def continue_run(run_dir: Path, argv: list[str], config_dir: Path | None = None) -> list[str]:
-    """The overrides that continue run_dir: its saved ones, then the new ones (the last value
-    of a key wins), then the run directory itself (config_dir: the --config-dir given now).
+    """The overrides that continue run_dir: the values of keys that came after it was
+    recorded (resume.earlier), its saved ones, then the new ones (the last value of a key
+    wins), then the run directory itself (config_dir: the --config-dir given now).
 
     A group switched to another option drops the saved keys of the old option; a key named
     anew drops the saved keys on the other side of its pair (warmup_steps replaces a saved
     warmup_ratio)."""
-    old = [o for o in saved(run_dir, config_dir) if key(o) not in (*OWN, *NOT_TAKEN)]
+    old = [*earlier(run_dir),
+           *(o for o in saved(run_dir, config_dir) if key(o) not in (*OWN, *NOT_TAKEN))]
     new = [a for a in argv if key(a) not in OWN]
     for group in groups():
         if any(key(a) == group for a in new) and chosen(group, new) != chosen(group, old):
@@ -195,3 +197,34 @@ def continue_run(run_dir: Path, argv: list[str], config_dir: Path | None = None)
         merged[key(override)] = override
     return [*merged.values(), f"resume={quote(str(run_dir))}",
             f"hydra.run.dir={quote(str(run_dir))}"]
+
+
+def init_from_shape(overrides: list[str]) -> list[str]:
+    """`model.init_from=FOLDER` takes the model's shape from FOLDER's config.json: its shape
+    keys are added to the overrides, but for those given here, which must agree with it
+    (ConfigError naming the key, the folder's value and the one given). Nothing is added for
+    a resume of a run directory (its shape is its checkpoint's) nor a sweep over folders."""
+    from trainrun import gpt2
+    from trainrun.cli import is_sweep, override_value
+
+    given = {key(o): o for o in overrides if "=" in o}  # the last of each key
+    init_from = given.get("model.init_from")
+    resumed = "resume" in given and override_value(given["resume"]) not in (None, "auto")
+    if init_from is None or resumed or is_sweep(init_from):
+        return overrides
+    path = override_value(init_from)
+    if path is None:
+        return overrides
+    folder, hf = gpt2.read_config(str(path))
+    added = []
+    for k, value in gpt2.shape(folder, hf).items():
+        override = given.get(f"model.{k}")
+        if override is None:
+            added.append(f"model.{k}={value}")
+        elif not is_sweep(override) and override_value(override) != value:
+            name = gpt2.SHAPE[k] if k != "d_ff" or hf.get("n_inner") else "n_inner (4 x n_embd)"
+            raise ConfigError(f"model.{k}", f"got {override_value(override)!r}, but "
+                                            f"model.init_from={path} holds a model with {name} "
+                                            f"{value} ({gpt2.CONFIG_FILE}); allowed: {value}, or "
+                                            f"no model.{k} (the folder's shape is taken)")
+    return [*overrides, *added]

@@ -5,6 +5,12 @@ A source with a validation split of its own uses it; otherwise a fixed `val_frac
 the documents is held out, with a seed of its own. `max_documents` caps each split, for quick
 runs on a large corpus.
 
+A `.txt` file is one document by default (`data.sample_by=file`: its text as it is, newlines
+included, so that a model learns to write them), or one per paragraph or line. Whole files
+are held out when they are enough for val_fraction of them to be one at least; fewer (a
+single corpus file, as nanoGPT's input.txt) give validation the last val_fraction of each
+file's text instead, from a line start.
+
 Local files are known by their content, not only by what `datasets` looks at (their paths and
 modification times): their sha256, taken while the text check reads them, keys the folder
 where `datasets` keeps its copy of them and is part of the documents' fingerprint, so that a
@@ -23,7 +29,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from trainrun.errors import ConfigError, require_positive
+from trainrun.errors import ConfigError, require_in, require_positive
 from trainrun.textcheck import (
     check_encoding,
     fingerprint,
@@ -33,6 +39,10 @@ from trainrun.textcheck import (
 )
 
 SPLIT_SEED = 0  # the train/validation split never depends on trainer.seed
+# data.sample_by: what a document of a .txt file is, and the name `datasets`' text builder
+# gives it; None: its default, not passed, so that runs from before the key keep their
+# `datasets` fingerprint and token cache
+SAMPLE_BY = {"file": "document", "paragraph": "paragraph", "line": None}
 
 
 @dataclass
@@ -88,12 +98,14 @@ class BuiltinDataConfig(DataConfig):
 
 @dataclass
 class TextDataConfig(DataConfig):
-    """Local files by extension: .txt (a document per line), .jsonl/.json, .csv, .parquet
-    (a document per row, its text in `text_column`); all but Parquet are text in `encoding`."""
+    """Local files by extension: .txt (a document per file, paragraph or line: sample_by),
+    .jsonl/.json, .csv, .parquet (a document per row, its text in `text_column`); all but
+    Parquet are text in `encoding`."""
 
     files: Any = MISSING  # a glob pattern, or a list of them: data.files='[a.txt,b/*.txt]'
     text_column: str = MISSING
     encoding: str = MISSING  # a Python codec name; Parquet files are binary and ignore it
+    sample_by: str = MISSING  # file | paragraph | line: a document of a .txt file (SAMPLE_BY)
 
     def patterns(self) -> list[str]:
         if isinstance(self.files, str):
@@ -110,6 +122,7 @@ class TextDataConfig(DataConfig):
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
         check_encoding(f"{prefix}.encoding", self.encoding)
+        require_in(f"{prefix}.sample_by", self.sample_by, tuple(SAMPLE_BY))
         if not isinstance(self.files, (str, list, tuple)):
             raise ConfigError(f"{prefix}.files", f"got {self.files!r}; allowed: a glob pattern "
                               f"or a list of them, data.files='[a.txt,b/*.txt]'")
@@ -132,21 +145,38 @@ class TextDataConfig(DataConfig):
                 f"{self.files!r}: the files must share one extension of {', '.join(_BUILDERS)}",
             )
 
+    def describe(self) -> str:
+        if not self._tails():
+            return super().describe()
+        return (f"validation: the last {self.val_fraction:g} of each file's text, from a line "
+                f"start (data.sample_by=file: {len(self.paths())} file(s), too few to hold "
+                f"{self.val_fraction:g} of them out whole)")
+
+    def _tails(self) -> bool:
+        """Whether validation is the end of each file rather than whole files held out."""
+        paths = self.paths()
+        return (self.sample_by == "file" and _BUILDERS[Path(paths[0]).suffix.lower()] == "text"
+                and self.val_fraction * len(paths) < 1)
+
     def documents(self):
         import datasets
 
         paths = self.paths()
         builder = _BUILDERS[Path(paths[0]).suffix.lower()]
-        encoding = {}
+        options = {}
         if builder != "parquet":
             content = require_text("data.files", paths, self.encoding, _allowed(self.encoding))
-            encoding = {"encoding": self.encoding}  # the text, json and csv builders' key
+            options = {"encoding": self.encoding}  # the text, json and csv builders' key
         else:
             content = fingerprint(paths)
+        if builder == "text" and SAMPLE_BY[self.sample_by] is not None:
+            options["sample_by"] = SAMPLE_BY[self.sample_by]
         ds = datasets.load_dataset(builder, data_files=paths, split="train",
-                                   cache_dir=_cache_dir(content), **encoding)
-        return _hold_out(_text_column(ds, self.text_column, "data.text_column"), self.val_fraction,
-                         content)
+                                   cache_dir=_cache_dir(content), **options)
+        ds = _text_column(ds, self.text_column, "data.text_column")
+        if self._tails():
+            return _hold_out_tails(ds, self.val_fraction, content)
+        return _hold_out(ds, self.val_fraction, content)
 
 
 @dataclass
@@ -289,6 +319,26 @@ def _text_only(ds, content: str | None):
     from trainrun.data.storage import key
 
     return ds.select_columns(["text"], new_fingerprint=key(ds._fingerprint, content))
+
+
+def _hold_out_tails(ds, val_fraction: float, content: str | None):
+    """Each document (a file's text) cut in two: validation is its last val_fraction of
+    characters, begun at the start of the line that holds that point (or at the point, in
+    a file's first line); training the rest."""
+    import datasets
+
+    from trainrun.data.storage import key
+
+    parts = {"train": [], "validation": []}
+    for text in ds["text"]:
+        at = len(text) - max(1, round(val_fraction * len(text)))
+        cut = text.rfind("\n", 0, at) + 1 or at
+        parts["train"].append(text[:cut])
+        parts["validation"].append(text[cut:])
+    base = key(ds._fingerprint, content, "tails", val_fraction)
+    return datasets.DatasetDict({
+        split: datasets.Dataset.from_dict({"text": texts}).select_columns(
+            ["text"], new_fingerprint=key(base, split)) for split, texts in parts.items()})
 
 
 def _hold_out(ds, val_fraction: float, content: str | None):
