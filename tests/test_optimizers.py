@@ -197,8 +197,8 @@ def test_param_groups_keep_decay_off_biases_norms_and_embeddings(corpus):
 
 @pytest.mark.parametrize("name,cls,kernel", [
     ("adamw", torch.optim.AdamW, "fused"), ("adam", torch.optim.Adam, "fused"),
-    ("sgd", torch.optim.SGD, "fused"), ("momentum", torch.optim.SGD, "fused"),
-    ("nesterov", torch.optim.SGD, "fused"), ("adagrad", torch.optim.Adagrad, "fused"),
+    ("sgd", torch.optim.SGD, "fused"), ("momentum", torch.optim.SGD, "foreach"),
+    ("nesterov", torch.optim.SGD, "foreach"), ("adagrad", torch.optim.Adagrad, "fused"),
     ("rmsprop", torch.optim.RMSprop, "foreach"), ("lars", LARS, None), ("lamb", LAMB, None),
     ("adafactor", torch.optim.Adafactor, "foreach"), ("muon", MuonAdamW, None),
     ("schedulefree", ScheduleFreeAdamW, "foreach"),
