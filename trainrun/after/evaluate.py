@@ -4,9 +4,9 @@ checkpoint on a data set.
 The data are the run's own (its saved data overrides) unless overridden (`data=text
 data.files=...`, any data= source), built by the data code the run uses; the split is the
 validation split unless --split train. The sequences are read in order, in micro-batches of
-data.batch_size, all of them or the first --max-batches, exactly as validation reads them
-during training: the run's own validation with --max-batches = trainer.eval_batches gives
-its val/loss.
+data.batch_size, all of them, the first --max-sequences or the first --max-batches, exactly
+as validation reads them during training (trainrun.validation): the run's own validation
+split with --max-sequences = trainer.eval_sequences gives its val/loss.
 
     loss           = total / targets  (nats per target token; padding is not a target)
     perplexity     = exp(loss)
@@ -32,7 +32,8 @@ from trainrun.after.output import Messages, Parser, run_command
 from trainrun.after.run import arguments, open_run
 from trainrun.cli.overrides import key
 from trainrun.errors import ConfigError
-from trainrun.loop import eval_batches, loss_total
+from trainrun.validation import batches as micro_batches
+from trainrun.validation import sequence_losses
 
 PROG = "trainrun-eval"
 OVERRIDES = ("data", "precision", "trainer.device")  # and the keys under data and precision
@@ -50,6 +51,9 @@ def parser() -> Parser:
                       f"  {PROG} RUN_DIR data=text 'data.files=held-out/*.txt'")
     arguments(p)
     p.add_argument("--split", choices=("validation", "train"), default="validation")
+    p.add_argument("--max-sequences", type=int, metavar="N",
+                   help="the first N sequences (default: all); the run's trainer.eval_sequences "
+                        "gives its val/loss")
     p.add_argument("--max-batches", type=int, metavar="N",
                    help="the first N micro-batches of data.batch_size sequences (default: all)")
     p.add_argument("--json", action="store_true",
@@ -68,23 +72,29 @@ def check_overrides(overrides: list[str]) -> None:
 
 def evaluate(args: argparse.Namespace, overrides: list[str]) -> None:
     check_overrides(overrides)
-    if args.max_batches is not None and args.max_batches < 1:
-        raise ConfigError("--max-batches", f"got {args.max_batches}; allowed: an integer >= 1")
+    for name, value in (("--max-sequences", args.max_sequences),
+                        ("--max-batches", args.max_batches)):
+        if value is not None and value < 1:
+            raise ConfigError(name, f"got {value}; allowed: an integer >= 1")
+    if args.max_sequences is not None and args.max_batches is not None:
+        raise ConfigError("--max-batches", "with --max-sequences; allowed: one of them")
     run = open_run(args.run_dir, overrides, args.checkpoint, config_dir=args.config_dir)
     messages = Messages()
     for warning in run.warnings:
         messages.warning(warning)
     seqs = data.load(run.cfg.data, run.cfg.tokenizer, tokenizer=run.tokenizer)[args.split]
     batch_size = run.cfg.data.batch_size
-    n_batches = math.ceil(len(seqs) / batch_size)
+    n = len(seqs)
+    if args.max_sequences is not None:
+        n = min(n, args.max_sequences)
     if args.max_batches is not None:
-        n_batches = min(n_batches, args.max_batches)
+        n = min(n, args.max_batches * batch_size)
+    batches = micro_batches(n, batch_size)
     messages.info(f"{run.checkpoint} (update {run.step}), {run.device}, {run.precision.mode}; "
-                  f"{args.split} split: {n_batches} batch(es) of {batch_size} of its "
-                  f"{len(seqs):,} sequences of {run.cfg.data.seq_len} tokens")
-    batches = list(eval_batches(len(seqs), batch_size, n_batches))
-    total = loss_total(run.model, seqs, iter(batches), run.device, run.precision)
-    targets = seqs.num_targets(np.concatenate(batches))
+                  f"{args.split} split: {n:,} of its {len(seqs):,} sequences of "
+                  f"{run.cfg.data.seq_len} tokens, in {len(batches)} batch(es) of {batch_size}")
+    total = sequence_losses(run.model, seqs, batches, n, run.device, run.precision).sum()
+    targets = seqs.num_targets(np.arange(n))
     sizes = run.tokenizer.token_bytes()
     n_bytes = 0
     for idx in batches:
@@ -94,7 +104,8 @@ def evaluate(args: argparse.Namespace, overrides: list[str]) -> None:
     nats = total.item()
     result = {"loss": loss, "perplexity": math.exp(loss),
               "bits_per_byte": nats / math.log(2) / n_bytes if n_bytes else math.nan,
-              "tokens": targets, "bytes": n_bytes, "batches": n_batches, "split": args.split,
+              "sequences": n, "tokens": targets, "bytes": n_bytes, "batches": len(batches),
+              "split": args.split,
               "checkpoint": str(run.checkpoint), "step": run.step}
     show(result, args.json)
 
