@@ -348,3 +348,35 @@ def test_data_named_for_evaluation_is_scored_whole(finished_run, tmp_path, capsy
     evaluate.main([*given, "--split", "validation", "--json"])
     held = json.loads(capsys.readouterr().out)
     assert held["split"] == "validation" and held["tokens"] < n_tokens / 10
+
+
+def test_sample_and_eval_set_torchs_threads_as_trainrun_does(finished_run, tmp_path, capsys):
+    """--threads N (and eval's trainer.threads=N) reach torch.set_num_threads; without them
+    the run's trainer.threads (auto here: the tests' OMP_NUM_THREADS=1), said in trainrun's
+    own line on stderr."""
+    assert os.environ["OMP_NUM_THREADS"] == "1"  # conftest: what `auto` then chooses
+    try:
+        torch.set_num_threads(3)
+        sample.main([str(finished_run), "a", "--max-new-tokens", "1", "--threads", "2"])
+        assert torch.get_num_threads() == 2
+        assert "2 CPU thread(s) (trainer.threads=2" in capsys.readouterr().err
+        evaluate.main([str(finished_run), "--max-sequences", "4"])
+        assert torch.get_num_threads() == 1
+        assert "1 CPU thread(s) (auto: OMP_NUM_THREADS=1)" in capsys.readouterr().err
+        evaluate.main([str(finished_run), "trainer.threads=2", "--max-sequences", "4"])
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(3)
+        sample.main([str(finished_run), "a", "--max-new-tokens", "1"])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(1)
+    capsys.readouterr()
+    # a real process prints the line, with the number it gave torch
+    proc = script("trainrun-eval", str(finished_run), "--threads", "2", "--max-sequences", "4",
+                  cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines()[0].startswith("2 CPU thread(s) (trainer.threads=2")
+    for main, prog in ((sample.main, "trainrun-sample"), (evaluate.main, "trainrun-eval")):
+        exits_2(main, str(finished_run), "--threads", "0")
+        assert "allowed: auto, or a whole number of threads" in one_line(capsys, prog,
+                                                                         "--threads:")

@@ -31,14 +31,14 @@ import numpy as np
 
 from trainrun import data
 from trainrun.after.output import Messages, Parser, run_command
-from trainrun.after.run import arguments, open_run
+from trainrun.after.run import arguments, open_run, thread_overrides, threads_argument
 from trainrun.cli.overrides import key
 from trainrun.errors import ConfigError
 from trainrun.validation import batches as micro_batches
 from trainrun.validation import sequence_losses
 
 PROG = "trainrun-eval"
-OVERRIDES = ("data", "precision", "trainer.device")  # and the keys under data and precision
+OVERRIDES = ("data", "precision", "trainer.device", "trainer.threads")  # data.*, precision.*
 NAMING = ("data", "data.files", "data.path", "data.name", "data.train_split")  # other data
 SPLITS = ("all", "validation", "train")
 
@@ -47,7 +47,7 @@ def parser() -> Parser:
     p = Parser(prog=PROG, description="Loss, perplexity and bits per byte of a run's checkpoint "
                                       "on its validation split, or on any data= source given "
                                       "as overrides (data=..., data.KEY=..., precision=..., "
-                                      "trainer.device=...).",
+                                      "trainer.device=..., trainer.threads=...).",
                usage=f"{PROG} RUN_DIR [overrides ...] [options]",
                formatter_class=argparse.RawDescriptionHelpFormatter,
                epilog=f"examples:\n  {PROG} outputs/2026-11-21/14-03-12\n"
@@ -64,6 +64,7 @@ def parser() -> Parser:
                         "gives its val/loss")
     p.add_argument("--max-batches", type=int, metavar="N",
                    help="the first N micro-batches of data.batch_size sequences (default: all)")
+    threads_argument(p)
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: loss, perplexity, bits_per_byte, sequences, "
                         "tokens, bytes, batches, split, documents (split all), checkpoint, "
@@ -76,7 +77,8 @@ def check_overrides(overrides: list[str]) -> None:
         name = key(override)
         if not (name in OVERRIDES or name.startswith(("data.", "precision."))):
             raise ConfigError(name, f"not an override of {PROG}; allowed: data=OPTION, "
-                                    f"data.KEY=VALUE, precision=OPTION, trainer.device=VALUE")
+                                    f"data.KEY=VALUE, precision=OPTION, trainer.device=VALUE, "
+                                    f"trainer.threads=N")
 
 
 def evaluate(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -87,10 +89,12 @@ def evaluate(args: argparse.Namespace, overrides: list[str]) -> None:
             raise ConfigError(name, f"got {value}; allowed: an integer >= 1")
     if args.max_sequences is not None and args.max_batches is not None:
         raise ConfigError("--max-batches", "with --max-sequences; allowed: one of them")
-    run = open_run(args.run_dir, overrides, args.checkpoint, config_dir=args.config_dir)
+    run = open_run(args.run_dir, [*overrides, *thread_overrides(args.threads)],
+                   args.checkpoint, config_dir=args.config_dir)
     messages = Messages()
     for warning in run.warnings:
         messages.warning(warning)
+    messages.info(run.threads)
     split = args.split or ("all" if any(key(o) in NAMING for o in overrides) else "validation")
     if split == "all":
         seqs = data.load_whole(run.cfg.data, run.tokenizer)
