@@ -179,7 +179,7 @@ def startup_seconds(overrides: list[str]) -> float:
         start = time.perf_counter()
         proc = subprocess.Popen(
             [*cmd, *overrides, "trainer.max_steps=2", "trainer.log_every=1",
-             "trainer.eval_every=1000", "trainer.eval_batches=1", f"hydra.run.dir={tmp}/run"],
+             "trainer.eval_every=1000", "trainer.eval_sequences=1", f"hydra.run.dir={tmp}/run"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
         seconds = None

@@ -44,7 +44,7 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--updates", type=int, default=300, help="trainer.max_steps of every run")
     p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--eval-sequences", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8, help="data.batch_size")
     p.add_argument("--warmup", type=int, default=10, help="warmup updates, the same for all")
     p.add_argument("--target", type=float, default=2.6, help="the validation loss to reach")
@@ -58,7 +58,7 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
 
 def overrides(args: argparse.Namespace, option: list[str], seed: int) -> list[str]:
     return [*option, f"trainer.max_steps={args.updates}", f"trainer.eval_every={args.eval_every}",
-            f"trainer.eval_batches={args.eval_batches}", f"data.batch_size={args.batch_size}",
+            f"trainer.eval_sequences={args.eval_sequences}", f"data.batch_size={args.batch_size}",
             f"scheduler.warmup_steps={args.warmup}", "scheduler.warmup_ratio=null",
             f"trainer.ckpt_every={args.updates}", f"trainer.seed={seed}", "trainer.device=cpu"]
 

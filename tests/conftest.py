@@ -40,7 +40,7 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
 TINY = [
     "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64",
     "model.max_seq_len=64", "data.seq_len=32", "data.batch_size=4",
-    "trainer.max_steps=20", "trainer.eval_every=10", "trainer.eval_batches=2",
+    "trainer.max_steps=20", "trainer.eval_every=10", "trainer.eval_sequences=8",
     "trainer.log_every=5", "trainer.device=cpu", "precision=fp32",
 ]
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import WORDS, make_corpus, scalars
 
 from trainrun import data
@@ -303,3 +304,79 @@ def test_a_byte_run_refuses_a_planted_tokenizer_and_an_old_meta_means_bytes(
     exits_2(sample.main, str(bpe), "a")
     assert "no tokenizer record for a run with BPEConfig" in one_line(capsys, "trainrun-sample",
                                                                      "RUN_DIR:")
+
+
+def test_data_named_for_evaluation_is_scored_whole(finished_run, tmp_path, capsys):
+    """A 500-document file given to trainrun-eval is scored whole: every token of its byte
+    tokenization a target once (each document's bytes, then its end-of-document id), none of
+    it held out; the loss that of a bare loop over the same stream."""
+    rng = np.random.default_rng(11)
+    texts = [" ".join(rng.choice([*WORDS, "café", "naïve"], size=rng.choice([1, 2, 5, 20, 60])))
+             for _ in range(500)]
+    held_out = tmp_path / "held-out.jsonl"
+    held_out.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    n_tokens = n_bytes + len(texts)  # the byte tokenizer: one id per byte, then the end id
+    given = [str(finished_run), "data=text", f"data.files={held_out}"]
+
+    evaluate.main([*given, "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert (result["tokens"], result["bytes"]) == (n_tokens, n_bytes)
+    assert (result["split"], result["documents"]) == ("all", 500)
+    # a bare loop: the documents in the file's order after one end-of-document id, read in
+    # windows of seq_len + 1 tokens that overlap by one, so each token is a target once
+    eot, T = ByteTokenizer.eot, 32
+    stream = torch.tensor([eot, *(i for t in texts for i in (*t.encode("utf-8"), eot))])
+    model = open_run(str(finished_run), [], data=False).model
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, len(stream) - 1, T):
+            window = stream[start:start + T + 1][None]
+            logits = model(window[:, :-1])[0].double()
+            total += F.cross_entropy(logits, window[0, 1:], reduction="sum").item()
+    assert result["loss"] == pytest.approx(total / n_tokens, rel=1e-6)
+
+    evaluate.main(given)  # the human line says what it covers too
+    captured = capsys.readouterr()
+    assert f"| sequences {result['sequences']:,} | tokens {n_tokens:,} | bytes {n_bytes:,}" \
+        in captured.out
+    assert "all 500 documents, none held out, each token a target once" in captured.err
+    # unpacked, each document is read alone: all its tokens but its first are targets
+    evaluate.main([*given, "data.packing=false", "--json"])
+    assert json.loads(capsys.readouterr().out)["tokens"] == n_tokens - 500
+    # asked for, the validation split that a run on this file would hold out
+    evaluate.main([*given, "--split", "validation", "--json"])
+    held = json.loads(capsys.readouterr().out)
+    assert held["split"] == "validation" and held["tokens"] < n_tokens / 10
+
+
+def test_sample_and_eval_set_torchs_threads_as_trainrun_does(finished_run, tmp_path, capsys):
+    """--threads N (and eval's trainer.threads=N) reach torch.set_num_threads; without them
+    the run's trainer.threads (auto here: the tests' OMP_NUM_THREADS=1), said in trainrun's
+    own line on stderr."""
+    assert os.environ["OMP_NUM_THREADS"] == "1"  # conftest: what `auto` then chooses
+    try:
+        torch.set_num_threads(3)
+        sample.main([str(finished_run), "a", "--max-new-tokens", "1", "--threads", "2"])
+        assert torch.get_num_threads() == 2
+        assert "2 CPU thread(s) (trainer.threads=2" in capsys.readouterr().err
+        evaluate.main([str(finished_run), "--max-sequences", "4"])
+        assert torch.get_num_threads() == 1
+        assert "1 CPU thread(s) (auto: OMP_NUM_THREADS=1)" in capsys.readouterr().err
+        evaluate.main([str(finished_run), "trainer.threads=2", "--max-sequences", "4"])
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(3)
+        sample.main([str(finished_run), "a", "--max-new-tokens", "1"])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(1)
+    capsys.readouterr()
+    # a real process prints the line, with the number it gave torch
+    proc = script("trainrun-eval", str(finished_run), "--threads", "2", "--max-sequences", "4",
+                  cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines()[0].startswith("2 CPU thread(s) (trainer.threads=2")
+    for main, prog in ((sample.main, "trainrun-sample"), (evaluate.main, "trainrun-eval")):
+        exits_2(main, str(finished_run), "--threads", "0")
+        assert "allowed: auto, or a whole number of threads" in one_line(capsys, prog,
+                                                                         "--threads:")

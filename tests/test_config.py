@@ -125,7 +125,7 @@ def test_defaults_are_the_specs():
 def test_spec_keys_exist_with_values():
     cfg = config()
     trainer = {f.name for f in dataclasses.fields(TrainerConfig)}
-    assert {"max_steps", "grad_accum_steps", "eval_every", "eval_batches", "log_every",
+    assert {"max_steps", "grad_accum_steps", "eval_every", "eval_sequences", "log_every",
             "ckpt_every", "keep_last", "seed", "device", "compile", "max_skipped",
             "deterministic"} <= trainer
     assert cfg.trainer.deterministic is False

@@ -14,8 +14,19 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import assert_identical, cli, final_weights, make_corpus, scalars, tiny, wait_for
+from conftest import (
+    assert_identical,
+    cli,
+    config,
+    final_weights,
+    make_corpus,
+    scalars,
+    tiny,
+    wait_for,
+    weights,
+)
 from test_accumulation import max_relative_difference
+from test_validation import RTOL, args_without_eval, reference_val_loss
 
 from trainrun.distributed import first_host, launch_size, slurm_environment
 
@@ -76,6 +87,43 @@ def test_two_processes_train_as_one_with_twice_the_batch(docs, tmp_path, accum):
     assert two.stdout.count("done:") == 1 and "2 process(es)" in two.stdout
     log = (run / "train.log").read_text()
     assert log.count(f"step {N}/{N}") == 1 and f"x 2 process(es) = {8 * accum} sequences" in log
+
+
+def test_validation_reads_the_same_sequences_for_batch_16_accumulation_4x4_and_2x8(
+        finished_run, tmp_path):
+    """The same weights (a trained model through model.init_from, then SGD at lr 1e-30,
+    which moves no weight) give the same val_loss for one process with batch 16, accumulation
+    4 x 4 and 2 processes x 8, and after a resume on 2 processes: that of a bare PyTorch loop
+    over the first 27 sequences of the validation split (27: a short last micro-batch, and
+    shares of 14 and 13 sequences for the 2 ranks)."""
+    from trainrun.after import export
+
+    export.main([str(finished_run), str(tmp_path / "export")])
+    trained = finished_run / "checkpoints/step-00000040/model.safetensors"
+    corpus = make_corpus(tmp_path / "docs.txt", n_docs=120, seed=7)
+    args = args_without_eval(corpus, "trainer.max_steps=1", "trainer.eval_sequences=27",
+                             "optimizer=sgd", "optimizer.lr=1e-30", "scheduler=constant",
+                             f"model.init_from={tmp_path / 'export'}")
+    for name, shape in (("b16", ["data.batch_size=16"]),
+                        ("a4x4", ["data.batch_size=4", "trainer.grad_accum_steps=4"])):
+        proc = cli(*args, *shape, f"hydra.run.dir={name}", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+    proc = torchrun(*args, "data.batch_size=8", "hydra.run.dir=p2x8", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    proc = torchrun("resume=b16", "trainer.max_steps=2", "data.batch_size=8", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "validation now reads" not in proc.stdout
+
+    expected = reference_val_loss(trained, config(*args), 27)
+    for name in ("b16", "a4x4", "p2x8"):
+        assert_identical(final_weights(tmp_path / name), weights(trained))  # the same weights
+        val = scalars(tmp_path / name, "val/loss")
+        # b16 was resumed on 2 processes x 8 and validated again at update 2
+        assert [k for k, _ in val] == ([1, 2] if name == "b16" else [1]), name
+        for _, loss in val:
+            assert loss == pytest.approx(expected, rel=RTOL), name
+    assert len({json.loads((tmp_path / n / "checkpoints/step-00000001/meta.json").read_text())[
+        "validation"]["fingerprint"] for n in ("b16", "a4x4", "p2x8")}) == 1
 
 
 def test_two_nodes_through_the_c10d_rendezvous(docs, tmp_path):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -31,7 +31,8 @@ class TrainerConfig:
     max_steps: int = MISSING  # optimizer updates, not micro-batches
     grad_accum_steps: int = MISSING  # micro-batches per update
     eval_every: int = MISSING  # updates between validations (and one at the end)
-    eval_batches: int = MISSING  # validation micro-batches of data.batch_size sequences
+    eval_sequences: int | None = MISSING  # the validation set: the split's first N; null: all
+    eval_batches: int | None = None  # deprecated: eval_sequences = eval_batches × batch_size
     log_every: int = MISSING  # updates between train/loss, grad_norm, tokens/s records
     ckpt_every: int = MISSING  # updates between checkpoints (and one at the end)
     keep_last: int = MISSING  # newest checkpoints kept (the final one is always kept)
@@ -45,6 +46,10 @@ class TrainerConfig:
     keep_best: bool = MISSING  # keep the best val/loss checkpoint as checkpoints/best/
     early_stop_patience: int | None = MISSING  # validations without improvement; null: off
     threads: str = MISSING  # auto | N: CPU threads of torch's operators (threads.py)
+
+    # deprecated keys and the key each is a form of: naming one on the command line sets the
+    # other to null, and on resume replaces the saved other (trainrun.cli.overrides)
+    deprecated: ClassVar[dict[str, str]] = {"eval_batches": "eval_sequences"}
 
 
 @dataclass
@@ -156,12 +161,19 @@ def validate(cfg: Config, data: bool = True) -> Config:
     (trainrun-sample, trainrun-export): a finished run's files may have moved since."""
     t = cfg.trainer
     check_numbers(cfg if data else dataclasses.replace(cfg, data=None), "")
-    for key in ("max_steps", "grad_accum_steps", "eval_every", "eval_batches", "log_every",
-                "ckpt_every", "keep_last", "max_skipped"):
+    for key in ("max_steps", "grad_accum_steps", "eval_every", "log_every", "ckpt_every",
+                "keep_last", "max_skipped"):
         require_positive(f"trainer.{key}", getattr(t, key))
-    for key in ("ckpt_every_minutes", "early_stop_patience"):
+    for key in ("eval_sequences", "eval_batches", "ckpt_every_minutes", "early_stop_patience"):
         if getattr(t, key) is not None:
             require_positive(f"trainer.{key}", getattr(t, key))
+    if t.eval_batches is not None and t.eval_sequences is not None:
+        raise ConfigError("trainer.eval_batches", f"{t.eval_batches} with trainer.eval_sequences="
+                                                  f"{t.eval_sequences}; eval_batches is the "
+                                                  f"deprecated form of eval_sequences; allowed: "
+                                                  f"one of them, trainer.eval_sequences=N "
+                                                  f"(validation sequences, whatever the batch "
+                                                  f"size)")
     threads.check("trainer.threads", t.threads)
     require_in("trainer.device", t.device, DEVICES)
     require_in("trainer.strategy", t.strategy, STRATEGIES)

@@ -4,25 +4,21 @@ on their cadences, until the run completes, fails or is asked to stop."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from trainrun import checkpoint
+from trainrun import checkpoint, validation
 from trainrun.cadence import Cadence
 from trainrun.console import Console
-from trainrun.data import Sequences
 from trainrun.data.order import micro_batches
 from trainrun.errors import out_of_space
 from trainrun.metrics import Metrics
 from trainrun.optimizers import eval_weights
-from trainrun.precision import Precision
 from trainrun.signals import Signals, name
 from trainrun.state import Trainer
-from trainrun.update import UpdateResult, loss_sum, train_update
+from trainrun.update import UpdateResult, train_update
 
 
 class NonFinite(Exception):
@@ -149,48 +145,11 @@ def skip(t: Trainer, out: Outputs, result: UpdateResult, k: int) -> bool:
     return False
 
 
-def eval_batches(n_seqs: int, batch_size: int, n_batches: int, rank: int = 0,
-                 world_size: int = 1) -> Iterator[np.ndarray]:
-    """This rank's micro-batches of the first n_batches validation windows, in order; a
-    window is one micro-batch of batch_size sequences per process, shared by the ranks as
-    training windows are."""
-    window = batch_size * world_size
-    n = min(n_seqs, n_batches * window)
-    for start in range(0, n, window):
-        yield from micro_batches(np.arange(start, min(start + window, n)), batch_size, rank,
-                                 world_size)
-
-
-@torch.no_grad()
-def loss_total(forward, seqs: Sequences, batches: Iterator[np.ndarray], device: torch.device,
-               precision: Precision) -> torch.Tensor:
-    """The summed loss (nats, on the device) of the targets of these micro-batches of seqs."""
-    total = torch.zeros((), device=device)
-    for idx in batches:
-        x, y = seqs.batch(idx)
-        with precision.autocast():
-            total += loss_sum(forward, x.to(device), y.to(device))
-    return total
-
-
-def evaluate(t: Trainer, n_batches: int) -> float:
-    """Token-mean loss over the first n_batches windows of the validation split (see
-    eval_batches): N processes measure what one process with N·batch_size does."""
-    t.replicas.module.eval()
-    w = t.world
-    total = loss_total(t.replicas.forward, t.val,
-                       eval_batches(len(t.val), t.batch_size, n_batches, w.rank, w.size),
-                       t.device, t.precision)
-    t.replicas.module.train()
-    n = min(len(t.val), n_batches * t.batch_size * w.size)
-    return (t.replicas.sum(total) / t.val.num_targets(np.arange(n))).item()
-
-
 def validate(t: Trainer, out: Outputs) -> None:
     c = t.counters
     started = time.perf_counter()
     with eval_weights(t.optimizer):
-        c.val_loss = evaluate(t, t.cfg.eval_batches)
+        c.val_loss = validation.loss(t)
     if c.val_loss < c.best_val_loss:  # False for NaN: a NaN is never the best
         c.best_val_loss, c.best_val_step = c.val_loss, c.k
     t.schedule.observe(c.val_loss)

@@ -23,6 +23,7 @@ from trainrun import (
     resume,
     rundir,
     signals,
+    validation,
 )
 from trainrun.config import Config
 from trainrun.console import Console
@@ -125,6 +126,9 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
                         cfg, checkpoint.read_meta(resume_from), trainer.counters.k,
                         trainer.schedule)]:
                     console.info(note)
+            for note in validation_notes(trainer, resume_from):
+                console.warning(note)
+            console.info(validation.describe(trainer))
             signals.check()  # the last point where a start-up stop leaves nothing behind
         except BaseException:  # a refused start or a start-up signal (StartupStop)
             rundir.release(run_dir)
@@ -147,6 +151,7 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
                 "tokenizer": resume.tokenizer_record(trainer.tokenizer),
                 "data": resume.data_record(trainer.train, trainer.val),
                 "reproducibility": determinism.record(device, world.size),
+                "validation": validation.record(trainer.val, trainer.val_size),
                 **origin(cfg, resume_from)}
         outputs = Outputs(metrics, console, run_dir / "checkpoints", meta,
                           saved_k=trainer.counters.k if resume_from is not None else None)
@@ -233,6 +238,22 @@ def load_checkpoint(t: Trainer, path: Path) -> None:
             from None
 
 
+def validation_notes(t: Trainer, resume_from: Path | None) -> list[str]:
+    """What the run's validation set means for a fresh run (the deprecated eval_batches) or a
+    resumed one (validation.resumed); a checkpoint whose record is not trainrun's is refused
+    in one line."""
+    if resume_from is None:
+        return validation.deprecated(t.cfg, t.val_size, resumed=False)
+    try:
+        return validation.resumed(t, checkpoint.read_meta(resume_from))
+    except ConfigError:
+        raise
+    except (KeyError, TypeError, ValueError) as error:
+        raise ConfigError("resume", f"{resume_from / checkpoint.META_FILE}: not a meta.json "
+                                    f"that trainrun wrote ({reason(error)}); allowed: a "
+                                    f"checkpoint written by trainrun") from None
+
+
 def origin(cfg: Config, resume_from: Path | None) -> dict:
     """meta.json's `init_from` (the folder and the sha256 of its weights) when the run's
     weights started from model.init_from; a resumed run keeps its checkpoint's."""
@@ -304,6 +325,7 @@ def build(cfg: Config, device: torch.device, precision: Precision, console: Cons
         val=splits["validation"], order=DataOrder(len(splits["train"]), t.seed),
         batch_size=cfg.data.batch_size, device=device, counters=Counters(), world=world,
         tokenizer=splits.tokenizer,
+        val_size=validation.size(t, cfg.data.batch_size, len(splits["validation"])),
     )
 
 

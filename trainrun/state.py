@@ -51,6 +51,7 @@ class Trainer:
     world: World = ONE_PROCESS
     tokenizer: Tokenizer | None = None  # the run's, kept in its directory
     saved_world: tuple | None = None  # processes, sequences per update of a loaded checkpoint
+    val_size: int = 0  # the validation set: the first val_size sequences of val (validation.py)
 
     def state_dict(self) -> dict:
         """Sharded (FSDP), the optimizer's state is saved with the model's shards instead."""

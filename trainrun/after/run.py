@@ -8,7 +8,9 @@ weights). The checkpoint is the newest intact one (a damaged newer one is skippe
 warning, and left where it is) or the one asked for; its meta.json must describe the model
 that the config builds and name the tokenizer it was trained with: the run's copy
 (tokenizer.json) must be there exactly when meta.json names one, with the fingerprint it
-records, so that no figure, sample or export is made with other ids.
+records, so that no figure, sample or export is made with other ids. torch's CPU threads are
+set as `trainrun` sets them (trainrun.threads): the run's trainer.threads unless the command
+is given another (--threads, an override).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from trainrun import checkpoint, resume, rundir, runner
+from trainrun import checkpoint, resume, rundir, runner, threads
 from trainrun.after.output import Parser
 from trainrun.config import Config
 from trainrun.data import RUN_FILE, Tokenizer
@@ -27,6 +29,7 @@ from trainrun.data.tokenizers import ByteTokenizer, JSONTokenizer
 from trainrun.errors import ConfigError, NotTrainrun
 from trainrun.model import GPT
 from trainrun.precision import Precision
+from trainrun.threads import set_threads
 
 ARG = "RUN_DIR"
 RUN_ALLOWED = "a run directory of trainrun (outputs/<date>/<time>) with a checkpoint"
@@ -43,6 +46,7 @@ class Run:
     device: torch.device
     precision: Precision
     warnings: list[str]
+    threads: str  # the line that says how many CPU threads torch's operators use
 
 
 def arguments(p: Parser) -> None:
@@ -51,6 +55,22 @@ def arguments(p: Parser) -> None:
     p.add_argument("--checkpoint", metavar="step-N", help="this checkpoint instead of the newest")
     p.add_argument("--config-dir", metavar="DIR",
                    help="the folder the run was started with `trainrun --config-dir DIR`")
+
+
+def threads_argument(p: Parser) -> None:
+    """--threads, for the commands that compute with the model (sample, eval)."""
+    p.add_argument("--threads", metavar="N",
+                   help="CPU threads of torch's operators: auto (the free cores, as trainrun "
+                        "chooses them) or a number; as trainer.threads=N (default: the run's "
+                        "trainer.threads, auto unless it set one)")
+
+
+def thread_overrides(value: str | None) -> list[str]:
+    """--threads as the override it stands for."""
+    if value is None:
+        return []
+    threads.check("--threads", value)
+    return [f"trainer.threads={value.strip()}"]
 
 
 def config(run_dir: Path, overrides: list[str], data: bool,
@@ -175,9 +195,11 @@ def open_run(run_dir: str, overrides: list[str], checkpoint_name: str | None = N
     step, meta = check_shape(cfg, ckpt)
     tokenizer = tokenizer_of(path, ckpt, meta, getattr(cfg.tokenizer, "eot", None))
     device, precision = runner.prepare(cfg)
+    threads_line, _ = set_threads(cfg.trainer.threads)  # as a fresh trainrun run does
     model = runner.build_model(cfg.model, tokenizer.vocab_size, device)
     try:
         checkpoint.load_weights(ckpt, model)
     except NotTrainrun as error:
         raise ConfigError(ARG, f"{error}; allowed: {RUN_ALLOWED}") from None
-    return Run(path, cfg, ckpt, step, model.eval(), tokenizer, device, precision, warnings)
+    return Run(path, cfg, ckpt, step, model.eval(), tokenizer, device, precision, warnings,
+               threads_line)

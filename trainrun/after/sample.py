@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from trainrun.after.output import Messages, Parser, run_command
-from trainrun.after.run import arguments, open_run
+from trainrun.after.run import arguments, open_run, thread_overrides, threads_argument
 from trainrun.errors import ConfigError
 from trainrun.model import GPT, KVCache
 
@@ -98,6 +98,7 @@ def parser() -> Parser:
                                                        "(default 0)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"),
                    help="default: the run's trainer.device")
+    threads_argument(p)
     return p
 
 
@@ -135,11 +136,12 @@ def sample(args: argparse.Namespace, overrides: list[str]) -> None:
     check(args)
     prompt = read_prompt(args)
     device = [f"trainer.device={args.device}"] if args.device else []
-    run = open_run(args.run_dir, device, args.checkpoint, data=False,
-                   config_dir=args.config_dir)
+    run = open_run(args.run_dir, [*device, *thread_overrides(args.threads)], args.checkpoint,
+                   data=False, config_dir=args.config_dir)
     messages = Messages()
     for warning in run.warnings:
         messages.warning(warning)
+    messages.info(run.threads)
     tok = run.tokenizer
     ids = [tok.eot, *tok.encode(prompt)]
     window = run.cfg.model.max_seq_len

@@ -13,7 +13,7 @@ import dataclasses
 from importlib import resources
 from pathlib import Path
 
-from trainrun.config import GROUPS, Config
+from trainrun.config import GROUPS, Config, TrainerConfig
 from trainrun.errors import ConfigError
 from trainrun.resume import earlier, quote
 
@@ -81,6 +81,9 @@ def one_of(overrides: list[str]) -> list[str]:
     nulls = [f"{group}.{k}=null" for group, side, other in pairs(overrides)
              if named(overrides, group, side) and not named(overrides, group, other)
              for k in other]
+    # a deprecated key named alone nulls the key it is a form of (null itself unless named)
+    nulls += [f"trainer.{new}=null" for old, new in TrainerConfig.deprecated.items()
+              if named(overrides, "trainer", (old,)) and not named(overrides, "trainer", (new,))]
     return [*overrides, *nulls]
 
 
@@ -181,7 +184,7 @@ def continue_run(run_dir: Path, argv: list[str], config_dir: Path | None = None)
 
     A group switched to another option drops the saved keys of the old option; a key named
     anew drops the saved keys on the other side of its pair (warmup_steps replaces a saved
-    warmup_ratio)."""
+    warmup_ratio), as trainer.eval_sequences does a saved trainer.eval_batches (and back)."""
     old = [*earlier(run_dir),
            *(o for o in saved(run_dir, config_dir) if key(o) not in (*OWN, *NOT_TAKEN))]
     new = [a for a in argv if key(a) not in OWN]
@@ -191,6 +194,10 @@ def continue_run(run_dir: Path, argv: list[str], config_dir: Path | None = None)
     for group, side, other in pairs([*old, *new]):
         if named(new, group, side):
             old = [o for o in old if not named([o], group, other)]
+    for side, other in TrainerConfig.deprecated.items():
+        for now, saved_other in ((side, other), (other, side)):
+            if named(new, "trainer", (now,)):
+                old = [o for o in old if not named([o], "trainer", (saved_other,))]
     merged: dict[str, str] = {}
     for override in [*old, *new]:
         merged.pop(key(override), None)

@@ -1,12 +1,13 @@
 """The data of a run, as the rest of trainrun sees it: the source and tokenizer options
-(DATA, TOKENIZERS), `load` (documents -> tokenizer -> cached token files -> Sequences) and
-the run's tokenizer.
+(DATA, TOKENIZERS), `load` (documents -> tokenizer -> cached token files -> Sequences),
+`load_whole` (every document, as Windows that score each token) and the run's tokenizer.
 
     sources.py           data=builtin|text|hf: the documents, split into train and validation
     tokenizer_options.py tokenizer=byte|bpe|hf: builds the run's tokenizer
     tokenizers.py        the Tokenizer interface, byte-level and tokenizer.json ones
     storage.py           the token cache: flat memory-mapped token files per split
-    sequences.py         fixed-length sequences over a split's tokens (packing or not)
+    sequences.py         fixed-length sequences over a split's tokens (packing or not), and
+                         the windows that make every token a target
     order.py             the seeded order of the training sequences (SPEC §3)
     hub.py               a quick look whether the Hugging Face hub can be reached
 """
@@ -16,16 +17,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from trainrun import signals
 from trainrun.data import storage
-from trainrun.data.sequences import IGNORE, Sequences
+from trainrun.data.sequences import IGNORE, Sequences, Windows
 from trainrun.data.sources import DATA, DataConfig
 from trainrun.data.tokenizer_options import TOKENIZERS, TokenizerConfig
 from trainrun.data.tokenizers import RUN_FILE, Tokenizer, for_run
 from trainrun.errors import ConfigError
 
 __all__ = ["DATA", "IGNORE", "RUN_FILE", "TOKENIZERS", "DataConfig", "Loaded", "Sequences",
-           "Tokenizer", "TokenizerConfig", "check_batch", "for_run", "load"]
+           "Tokenizer", "TokenizerConfig", "Windows", "check_batch", "for_run", "load",
+           "load_whole"]
 
 
 @dataclass
@@ -43,10 +47,7 @@ def load(cfg: DataConfig, tokenizer_cfg: TokenizerConfig | None = None,
          tokenizer: Tokenizer | None = None) -> Loaded:
     """The splits as Sequences over the cached token files, and the tokenizer (`tokenizer`,
     e.g. a finished run's copy, else the one tokenizer_cfg builds)."""
-    import datasets
-
-    datasets.disable_progress_bars()  # they write carriage returns; the run logs its own lines
-    datasets.logging.set_verbosity_error()
+    _quiet_datasets()
     docs = cfg.splits()
     log(f"data: {len(docs['train']):,} train / {len(docs['validation']):,} validation "
         f"documents; {cfg.describe()}")
@@ -56,11 +57,7 @@ def load(cfg: DataConfig, tokenizer_cfg: TokenizerConfig | None = None,
     folder = storage.tokenize(docs, tokenizer, log)
     out = {}
     for split in storage.SPLITS:
-        tokens, offsets = storage.open_split(folder, split, tokenizer.vocab_size)
-        record = {"documents": docs[split]._fingerprint,
-                  "tokens": storage.info(folder)["splits"][split]["sha256"],
-                  "count": len(tokens)}
-        seqs = Sequences(tokens, offsets, cfg.seq_len, cfg.packing, tokenizer.eot, record)
+        seqs = _sequences(cfg, folder, split, docs, tokenizer)
         if len(seqs) == 0:
             raise ConfigError(
                 "data", f"the {split} split has no sequence of data.seq_len={cfg.seq_len} tokens"
@@ -69,6 +66,35 @@ def load(cfg: DataConfig, tokenizer_cfg: TokenizerConfig | None = None,
     log(f"tokens: {len(out['train'].tokens):,} train / {len(out['validation'].tokens):,} "
         f"validation, vocabulary {tokenizer.vocab_size:,} ids; cache {folder}")
     return Loaded(out["train"], out["validation"], tokenizer)
+
+
+def load_whole(cfg: DataConfig, tokenizer: Tokenizer,
+               log: Callable[[str], None] = lambda line: None) -> Windows:
+    """Every document of the source, none held out (DataConfig.documents(whole=True)), as
+    Windows that make each of its tokens a target: data scored whole (trainrun-eval)."""
+    _quiet_datasets()
+    docs = cfg.splits(whole=True)
+    folder = storage.tokenize(docs, tokenizer, log)
+    windows = Windows(_sequences(cfg, folder, "all", docs, tokenizer))
+    if windows.num_targets(np.arange(len(windows))) == 0:
+        raise ConfigError("data", f"{len(docs['all']):,} document(s) with no token to score; "
+                                  f"allowed: data with some text")
+    return windows
+
+
+def _quiet_datasets() -> None:
+    import datasets
+
+    datasets.disable_progress_bars()  # they write carriage returns; the run logs its own lines
+    datasets.logging.set_verbosity_error()
+
+
+def _sequences(cfg: DataConfig, folder, split: str, docs, tokenizer: Tokenizer) -> Sequences:
+    tokens, offsets = storage.open_split(folder, split, tokenizer.vocab_size)
+    record = {"documents": docs[split]._fingerprint,
+              "tokens": storage.info(folder)["splits"][split]["sha256"],
+              "count": len(tokens)}
+    return Sequences(tokens, offsets, cfg.seq_len, cfg.packing, tokenizer.eot, record)
 
 
 def check_batch(cfg: DataConfig, train: Sequences) -> None:

@@ -83,3 +83,50 @@ class Sequences:
         if self.packing:
             return len(indices) * self.seq_len
         return int((self.lengths[indices] - 1).sum())
+
+
+class Windows:
+    """Every target of a split, for data scored whole (trainrun-eval): its tokens in windows
+    of at most seq_len + 1, each starting on the last token of the one before, so that every
+    token is a target exactly once. `batch(indices)` -> inputs, targets (B, T) int64, as
+    Sequences gives them (IGNORE past a short window's end).
+
+    Packed, the documents are one stream, read after one end-of-document id (as training
+    reads a document after the previous one's): every token is a target. Unpacked, each
+    document is read alone from its first token, as training reads it: every token but a
+    document's first is a target."""
+
+    def __init__(self, seqs: Sequences):
+        T, self.seqs, self.seq_len = seqs.seq_len, seqs, seqs.seq_len
+        if seqs.packing:
+            n = len(seqs.tokens)
+            starts = np.arange(0, n, T, dtype=np.int64) - 1  # -1: the id before the stream
+            ends = np.minimum(starts + T + 1, n)
+        else:
+            first, last = np.asarray(seqs.offsets[:-1]), np.asarray(seqs.offsets[1:])
+            keep = last - first >= 2  # a document needs one target at least
+            first, last = first[keep], last[keep]
+            count = -(-(last - first - 1) // T)  # windows per document
+            doc = np.repeat(np.arange(len(first)), count)
+            nth = np.arange(len(doc)) - np.repeat(np.cumsum(count) - count, count)
+            starts = first[doc] + nth * T
+            ends = np.minimum(starts + T + 1, last[doc])
+        self.starts, self.lengths = starts.astype(np.int64), (ends - starts).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = np.asarray(indices, dtype=np.int64)
+        starts, lengths = self.starts[indices], self.lengths[indices]
+        before = starts < 0  # the stream's first window: the end-of-document id, then tokens
+        rows = self.seqs.rows(np.maximum(starts, 0), lengths - before)
+        rows[before, 1:] = rows[before, :-1]
+        rows[before, 0] = self.seqs.pad_id
+        real = np.arange(self.seq_len + 1) < lengths[:, None]
+        rows = np.where(real, rows, self.seqs.pad_id)
+        y = np.where(real[:, 1:], rows[:, 1:], IGNORE)
+        return torch.from_numpy(np.ascontiguousarray(rows[:, :-1])), torch.from_numpy(y)
+
+    def num_targets(self, indices: np.ndarray) -> int:
+        return int((self.lengths[np.asarray(indices, dtype=np.int64)] - 1).sum())

@@ -62,11 +62,11 @@ class DataConfig:
         if self.max_documents is not None:
             require_positive(f"{prefix}.max_documents", self.max_documents)
 
-    def splits(self):
-        """documents(), each split capped at max_documents (its first ones)."""
-        docs = self.documents()
+    def splits(self, whole: bool = False):
+        """documents(whole), each split capped at max_documents (its first ones)."""
+        docs = self.documents(whole)
         if self.max_documents is not None:
-            for split in ("train", "validation"):
+            for split in list(docs):
                 if len(docs[split]) > self.max_documents:
                     docs[split] = docs[split].select(range(self.max_documents))
         return docs
@@ -75,8 +75,10 @@ class DataConfig:
         """Where the validation split comes from, for the run's log."""
         return f"validation: {self.val_fraction:g} of the documents held out"
 
-    def documents(self):
-        """A `datasets.DatasetDict` with splits `train` and `validation` and a `text` column."""
+    def documents(self, whole: bool = False):
+        """A `datasets.DatasetDict` with splits `train` and `validation` and a `text` column;
+        whole: one split, `all`, of every document in the source's order, none held out (a
+        data set with splits of its own: those of data.train_split), for data scored whole."""
         raise NotImplementedError
 
 
@@ -84,7 +86,7 @@ class DataConfig:
 class BuiltinDataConfig(DataConfig):
     """The Python standard library's own top-level modules: real text on every machine."""
 
-    def documents(self):
+    def documents(self, whole: bool = False):
         import datasets
 
         files = sorted(str(p) for p in Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
@@ -93,7 +95,7 @@ class BuiltinDataConfig(DataConfig):
         content = require_text("data", files, "utf-8", "data=text for other data")
         ds = datasets.load_dataset("text", data_files=files, split="train", sample_by="document",
                                    cache_dir=_cache_dir(content))
-        return _hold_out(ds, self.val_fraction, content)
+        return _hold_out(ds, self.val_fraction, content, whole)
 
 
 @dataclass
@@ -158,7 +160,7 @@ class TextDataConfig(DataConfig):
         return (self.sample_by == "file" and _BUILDERS[Path(paths[0]).suffix.lower()] == "text"
                 and self.val_fraction * len(paths) < 1)
 
-    def documents(self):
+    def documents(self, whole: bool = False):
         import datasets
 
         paths = self.paths()
@@ -174,9 +176,9 @@ class TextDataConfig(DataConfig):
         ds = datasets.load_dataset(builder, data_files=paths, split="train",
                                    cache_dir=_cache_dir(content), **options)
         ds = _text_column(ds, self.text_column, "data.text_column")
-        if self._tails():
+        if self._tails() and not whole:
             return _hold_out_tails(ds, self.val_fraction, content)
-        return _hold_out(ds, self.val_fraction, content)
+        return _hold_out(ds, self.val_fraction, content, whole)
 
 
 @dataclass
@@ -189,7 +191,7 @@ class HFDataConfig(DataConfig):
     val_split: str | None = None  # null: the source's `validation` split, else held out
     text_column: str = MISSING
 
-    def documents(self):
+    def documents(self, whole: bool = False):
         import datasets
 
         content = None  # a hub data set: `datasets` knows it by its revision
@@ -204,6 +206,8 @@ class HFDataConfig(DataConfig):
             val_split = "validation"
         train = _text_column(self._pick(available, self.train_split, "data.train_split"),
                              self.text_column, "data.text_column")
+        if whole:
+            return datasets.DatasetDict(all=_text_only(train, content))
         if val_split is None:
             return _hold_out(train, self.val_fraction, content)
         val = _text_column(self._pick(available, val_split, "data.val_split"),
@@ -341,10 +345,12 @@ def _hold_out_tails(ds, val_fraction: float, content: str | None):
             ["text"], new_fingerprint=key(base, split)) for split, texts in parts.items()})
 
 
-def _hold_out(ds, val_fraction: float, content: str | None):
+def _hold_out(ds, val_fraction: float, content: str | None, whole: bool = False):
     import datasets
 
     ds = _text_only(ds, content)
+    if whole:  # nothing held out
+        return datasets.DatasetDict(all=ds)
     if len(ds) < 2:
         raise ConfigError("data", f"{len(ds)} document(s); at least 2 are needed to hold one out")
     n_val = max(1, round(val_fraction * len(ds)))

@@ -133,7 +133,7 @@ def rates(docs: int, tokens: int, text_bytes: int, seconds: float) -> str:
 
 def tokenize(docs, tokenizer, log: Callable[[str], None]) -> Path:
     """The cache folder of these documents' tokens, written first if it is not there."""
-    fingerprints = [docs[split]._fingerprint for split in SPLITS]
+    fingerprints = [docs[split]._fingerprint for split in docs]  # SPLITS, or `all`
     folder = cache_root() / "tokens" / key(*fingerprints, tokenizer.fingerprint())
 
     def build(tmp: Path) -> None:
@@ -141,7 +141,7 @@ def tokenize(docs, tokenizer, log: Callable[[str], None]) -> Path:
                 "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.fingerprint(),
                 "data": fingerprints,
                 "splits": {split: write_split(docs[split], tokenizer, tmp, split, log)
-                           for split in SPLITS}}
+                           for split in docs}}
         (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n")
 
     return cached(folder, build)
