@@ -95,12 +95,11 @@ def state_bytes(argv: list[str]) -> int:
     """Bytes of the optimizer's state tensors after one update, built as trainrun builds it."""
     from trainrun.cli import compose
     from trainrun.data.tokenizers import ByteTokenizer
-    from trainrun.model import GPT
     from trainrun.optimizers import build_optimizer
 
     (cfg,) = compose([argv])
     torch.manual_seed(0)
-    model = GPT(cfg.model, ByteTokenizer.vocab_size)
+    model = cfg.model.build(ByteTokenizer.vocab_size)
     optimizer = build_optimizer(cfg.optimizer, model, torch.device("cpu"))
     x = torch.randint(0, ByteTokenizer.vocab_size, (2, cfg.data.seq_len))
     torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
@@ -202,10 +201,9 @@ def main() -> None:
 def _model(argv: list[str]) -> torch.nn.Module:
     from trainrun.cli import compose
     from trainrun.data.tokenizers import ByteTokenizer
-    from trainrun.model import GPT
 
     (cfg,) = compose([argv])
-    return GPT(cfg.model, ByteTokenizer.vocab_size)
+    return cfg.model.build(ByteTokenizer.vocab_size)
 
 
 if __name__ == "__main__":

@@ -198,7 +198,7 @@ def twins(cfg: Config):
     """A seeded GPT of cfg.model with trainrun's optimizer and schedule, and an identical copy
     for a reference optimizer: (model, optimizer, schedule, copy)."""
     from trainrun.data.tokenizers import ByteTokenizer
-    from trainrun.model import GPT
+    from trainrun.models import GPT
     from trainrun.optimizers import build_optimizer
     from trainrun.schedules import build_schedule
 

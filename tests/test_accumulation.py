@@ -14,7 +14,7 @@ from trainrun import data
 from trainrun.data import IGNORE
 from trainrun.data.order import DataOrder, micro_batches
 from trainrun.data.tokenizers import ByteTokenizer
-from trainrun.model import GPT
+from trainrun.models import GPT
 
 SHAPES = [(8, 1), (4, 2), (2, 4)]  # (batch_size, grad_accum_steps): 8 sequences per update
 

@@ -22,7 +22,7 @@ from trainrun import data
 from trainrun.after import evaluate, export, sample
 from trainrun.after.run import open_run
 from trainrun.data.tokenizers import ByteTokenizer
-from trainrun.model import KVCache
+from trainrun.models import KVCache
 
 
 def script(name: str, *args: str, cwd: Path, stdin: str | None = None):

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from trainrun import cli as trainrun_cli
 from trainrun.config import GROUPS, Config, TrainerConfig, option_name
 from trainrun.errors import ConfigError
-from trainrun.model import ModelConfig
+from trainrun.models import MODELS
 
 CONF = REPO / "conf"
 DEFAULTS = [next(iter(d)) for d in OmegaConf.load(CONF / "config.yaml").defaults
@@ -82,8 +82,9 @@ def test_every_option_composes_validates_and_leaves_nothing_missing(group, optio
     assert isinstance(cfg, Config)
     if group in GROUPS:
         assert option_name(getattr(cfg, group), GROUPS[group]) == option
-    elif group == "model":
-        assert type(cfg.model) is ModelConfig
+    elif group == "model":  # the family its YAML extends
+        family = OmegaConf.load(CONF / group / f"{option}.yaml").defaults[0].split("/")[-1]
+        assert type(cfg.model) is MODELS[family.removesuffix("@_here_")]
     # the option's own YAML values are in force, except the keys that conf/config.yaml
     # (data.batch_size, data.seq_len) or the overrides above set
     own = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml"))

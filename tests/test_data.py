@@ -24,7 +24,7 @@ from trainrun.data import IGNORE, storage
 from trainrun.data.order import DataOrder, micro_batches
 from trainrun.data.tokenizers import ByteTokenizer
 from trainrun.errors import ConfigError
-from trainrun.model import GPT, ModelConfig
+from trainrun.models import GPT, GPTConfig
 from trainrun.update import loss_sum
 
 TEXTS = [
@@ -148,7 +148,7 @@ def test_without_packing_one_document_per_sequence_padding_ignored(hf_folder):
     # padding is excluded from the loss: the padded batch's loss is the sum of each
     # document's loss computed alone, unpadded
     torch.manual_seed(0)
-    model = GPT(ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.0,
+    model = GPT(GPTConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.0,
                             max_seq_len=T), VOCAB_SIZE).eval()
     with torch.no_grad():
         alone = sum(
@@ -408,7 +408,7 @@ def test_an_empty_micro_batch_is_a_valid_batch(hf_folder):
         x, y = seqs.batch(np.array([], dtype=np.int64))
         assert x.shape == y.shape == (0, 8)
         assert seqs.num_targets(np.array([], dtype=np.int64)) == 0
-    model = GPT(ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.0,
+    model = GPT(GPTConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.0,
                             max_seq_len=8), VOCAB_SIZE)
     loss = loss_sum(model, x, y)
     loss.backward()

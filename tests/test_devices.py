@@ -88,7 +88,7 @@ def test_fsdp_shards_on_the_runs_device_whatever_the_accelerator(monkeypatch):
     """Without a mesh of its own, fully_shard builds one on the machine's accelerator, and
     a CPU run's parameters would go to the GPU."""
     from trainrun.data.tokenizers import ByteTokenizer
-    from trainrun.model import GPT
+    from trainrun.models import GPT
 
     cfg = config(*TINY)
     world = distributed.init_single(torch.device("cpu"))

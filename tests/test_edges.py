@@ -17,7 +17,7 @@ from trainrun.cli import options
 from trainrun.config import GROUPS, validate
 from trainrun.data.tokenizers import ByteTokenizer
 from trainrun.errors import ConfigError
-from trainrun.model import GPT, ModelConfig
+from trainrun.models import GPT, GPTConfig
 from trainrun.optimizers import build_optimizer
 from trainrun.runner import prepare
 from trainrun.schedules import build_schedule
@@ -53,7 +53,7 @@ def exercise(cfg) -> None:
     validate(cfg, data=False)
     device, _ = prepare(cfg)
     memory.check(cfg, device)
-    small = ModelConfig(d_model=8, n_layers=1, n_heads=1, d_ff=8, dropout=0.0, max_seq_len=4)
+    small = GPTConfig(d_model=8, n_layers=1, n_heads=1, d_ff=8, dropout=0.0, max_seq_len=4)
     model = GPT(small, 256)
     optimizer = build_optimizer(cfg.optimizer, model, torch.device("cpu"))
     schedule = build_schedule(cfg.scheduler, cfg.optimizer.lr, cfg.trainer.max_steps,
@@ -112,7 +112,7 @@ def test_the_edges_found_on_the_command_line_are_one_line_before_any_directory(
                                    dict(d_model=48, n_layers=3, n_heads=4, d_ff=100, max_seq_len=7),
                                    dict(d_model=8, n_layers=1, n_heads=1, d_ff=8, max_seq_len=1)])
 def test_the_parameter_count_from_the_config_is_the_models(shape):
-    cfg = ModelConfig(dropout=0.0, **shape)
+    cfg = GPTConfig(dropout=0.0, **shape)
     assert cfg.num_params(256) == GPT(cfg, 256).num_params()
 
 

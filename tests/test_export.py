@@ -18,13 +18,14 @@ import torch
 import yaml
 from conftest import cli, config, final_weights, tiny, train
 
-from trainrun import gpt2, runner
+from trainrun import checkpoint, runner
+from trainrun.models import gpt_hf as gpt2
 from trainrun.after import export
 from trainrun.after.run import open_run
 from trainrun.console import Console
 from trainrun.data.tokenizers import ByteTokenizer
 from trainrun.errors import ConfigError
-from trainrun.model import GPT
+from trainrun.models import GPT
 
 VOCAB = ByteTokenizer.vocab_size
 TEXTS = ["the model learns", " two  spaces\tand a tab\n", "héllo wörld — 日本語 🎉",
@@ -103,7 +104,7 @@ def test_a_run_from_init_from_trains_and_records_its_source(exported, corpus, tm
                      "trainer.log_every=1")
     metrics = train(tmp_path / "run", *overrides, "trainer.max_steps=4")
     assert metrics["status"] == "completed" and metrics["steps"] == 4
-    record = {"path": str(source.resolve()), "sha256": gpt2.sha256(source / "model.safetensors")}
+    record = {"path": str(source.resolve()), "sha256": checkpoint.sha256(source / "model.safetensors")}
     meta = json.loads((tmp_path / "run/checkpoints/step-00000004/meta.json").read_text())
     assert meta["init_from"] == record
     # resumed, it needs its checkpoint only, and keeps the record
@@ -119,7 +120,7 @@ def test_a_run_from_init_from_trains_and_records_its_source(exported, corpus, tm
 
 def write_gpt2(folder: Path, corpus: Path, **changes) -> Path:
     """A GPT-2 folder of TINY's shape (its weights from a fresh model), config.json changed."""
-    from trainrun.model import GPT
+    from trainrun.models import GPT
 
     folder.mkdir()
     cfg = config(*tiny(corpus)).model

@@ -14,7 +14,7 @@ from conftest import assert_same_state, config, same_gradients, tiny, twins
 from trainrun import lrfind, runner
 from trainrun.console import Console
 from trainrun.data.tokenizers import ByteTokenizer
-from trainrun.model import GPT
+from trainrun.models import GPT
 from trainrun.optimizers import MuonAdamW, build_optimizer
 
 N, W = 8, 2  # updates and warmup of the schedule below

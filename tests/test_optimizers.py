@@ -11,7 +11,7 @@ import torch
 from conftest import cli, config, scalars, tiny, train, weights
 
 from trainrun.errors import ConfigError
-from trainrun.model import GPT, parameter_kinds
+from trainrun.models import GPT, parameter_kinds
 from trainrun.optimizers import (
     OPTIMIZERS,
     LAMBConfig,

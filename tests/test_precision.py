@@ -25,7 +25,7 @@ from conftest import (
 from trainrun.clip import NormClip
 from trainrun.data.tokenizers import ByteTokenizer
 from trainrun.distributed import Replicas
-from trainrun.model import GPT
+from trainrun.models import GPT
 from trainrun.optimizers import build_optimizer, param_groups
 from trainrun.precision import Precision
 from trainrun.update import train_update

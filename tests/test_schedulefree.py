@@ -24,7 +24,7 @@ from conftest import (
 from trainrun import checkpoint
 from trainrun.data.tokenizers import ByteTokenizer
 from trainrun.errors import ConfigError
-from trainrun.model import GPT
+from trainrun.models import GPT
 from trainrun.optimizers import ScheduleFreeAdamW, build_optimizer, eval_weights, param_groups
 
 VOCAB_SIZE = ByteTokenizer.vocab_size

@@ -22,7 +22,7 @@ from trainrun import data
 from trainrun.data import storage
 from trainrun.data.tokenizers import JSONTokenizer
 from trainrun.errors import ConfigError
-from trainrun.model import GPT
+from trainrun.models import GPT
 
 BPE = ["tokenizer=bpe", "tokenizer.vocab_size=320"]
 TEXTS = ["def main():\n    return 0\n", "héllo wörld — 日本語 🎉", "a literal <|endoftext|> is text",

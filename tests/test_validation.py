@@ -17,7 +17,7 @@ from safetensors.torch import load_model
 
 from trainrun import data
 from trainrun.data.tokenizers import ByteTokenizer
-from trainrun.model import GPT
+from trainrun.models import GPT
 
 # The runs below read padded documents (data.packing=false), the reference reads each
 # sequence alone: the same token losses, added up in another order and by kernels of other

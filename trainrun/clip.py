@@ -24,7 +24,7 @@ import torch
 from omegaconf import MISSING
 
 from trainrun.errors import ConfigError, require_in, require_positive
-from trainrun.model import KINDS, parameter_kinds
+from trainrun.models import KINDS, parameter_kinds
 
 Tensors = list[torch.Tensor]
 Params = list[torch.nn.Parameter]

@@ -14,13 +14,13 @@ from typing import Any, ClassVar
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from trainrun import gpt2, threads
+from trainrun import threads
 from trainrun.clip import CLIPPERS, ClipConfig
 from trainrun.data import DATA, TOKENIZERS, DataConfig, TokenizerConfig
 from trainrun.data.tokenizers import ByteTokenizer
 from trainrun.distributed import STRATEGIES
 from trainrun.errors import ConfigError, require_in, require_positive
-from trainrun.model import ModelConfig
+from trainrun.models import MODELS, ModelConfig
 from trainrun.optimizers import OPTIMIZERS, OptimizerConfig
 from trainrun.precision import PRECISIONS, PrecisionConfig
 from trainrun.schedules import SCHEDULES, SchedulerConfig
@@ -65,7 +65,7 @@ class Config:
     resume: str | None = None  # null | auto | a run directory
 
 
-GROUPS = {
+GROUPS = {  # option -> its schema (a model option's schema is its family's: MODELS)
     "data": DATA,
     "tokenizer": TOKENIZERS,
     "optimizer": OPTIMIZERS,
@@ -79,13 +79,16 @@ DEVICES = ("auto", "cpu", "cuda")
 def register_schemas() -> None:
     """Put every schema in Hydra's ConfigStore, in groups of their own (`schemas/<group>`)
     so that they are never among the options a user picks from: each
-    conf/<group>/<option>.yaml extends `/schemas/<group>/<option>`, and conf/config.yaml
-    extends `schemas/root`."""
+    conf/<group>/<option>.yaml extends `/schemas/<group>/<option>` (a model option its
+    family's, `/schemas/model/<family>`), and conf/config.yaml extends `schemas/root`."""
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
     store.store(group="schemas", name="root", node=Config)
-    store.store(group="schemas/model", name="model", node=ModelConfig)
+    for family, schema in MODELS.items():
+        store.store(group="schemas/model", name=family, node=schema)
+    # the one schema of model options written before there were families (GPT-2's)
+    store.store(group="schemas/model", name="model", node=MODELS["gpt"])
     for group, registry in GROUPS.items():
         for option, schema in registry.items():
             store.store(group=f"schemas/{group}", name=option, node=schema)
@@ -191,7 +194,7 @@ def validate(cfg: Config, data: bool = True) -> Config:
         )
     if cfg.model.init_from is not None and cfg.resume is None:  # a resumed run has its weights
         if type(cfg.tokenizer) is TOKENIZERS["byte"]:  # others: once built (runner.build_model)
-            gpt2.check(cfg.model, ByteTokenizer.vocab_size)
+            cfg.model.check_init_from(ByteTokenizer.vocab_size)
     cfg.optimizer.validate("optimizer")
     cfg.scheduler.validate("scheduler", t.max_steps, cfg.optimizer.lr)
     check_optimizer_fits(cfg)

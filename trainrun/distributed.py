@@ -160,8 +160,8 @@ class Replicas:
             # moves a CPU run's parameters to the GPU
             mesh = init_device_mesh(device.type if device is not None else "cpu",
                                     (world.size,))
-            for block in model.blocks:
-                fully_shard(block, mesh=mesh)
+            for unit in model.shard_units():  # the family's blocks
+                fully_shard(unit, mesh=mesh)
             fully_shard(model, mesh=mesh)
             for unit in (m for m in model.modules() if isinstance(m, FSDPModule)):
                 unit.set_gradient_divide_factor(1.0)  # summed, not averaged (module docstring)
@@ -171,7 +171,7 @@ class Replicas:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [device.index] if device is not None and device.type == "cuda" else None
-            # broadcast_buffers=False: the only buffer is a constant (the padding mask)
+            # broadcast_buffers=False: the buffers are constants (the padding mask, rotary tables)
             self.module = DistributedDataParallel(model, device_ids=ids,
                                                   broadcast_buffers=False)
             self.module.register_comm_hook(None, _sum_hook)

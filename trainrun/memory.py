@@ -15,7 +15,7 @@ import torch
 from trainrun.config import Config
 from trainrun.data.tokenizers import ByteTokenizer
 from trainrun.errors import ConfigError
-from trainrun.model import GPT, ModelConfig
+from trainrun.models import ModelConfig
 
 WARN_AT = 0.8  # of the device's memory
 MOST_STATE = 4  # values per parameter, more than any optimizer option keeps (tests check)
@@ -26,8 +26,7 @@ def state_per_parameter(cfg: Config) -> float:
     of the configured optimizer on a tiny model, its state counted."""
     from trainrun.optimizers import build_optimizer
 
-    tiny = GPT(ModelConfig(d_model=8, n_layers=1, n_heads=1, d_ff=8, dropout=0.0,
-                           max_seq_len=4), ByteTokenizer.vocab_size)
+    tiny = cfg.model.tiny().build(ByteTokenizer.vocab_size)  # the family's modules
     optimizer = build_optimizer(cfg.optimizer, tiny, torch.device("cpu"))
     for p in tiny.parameters():
         p.grad = torch.full_like(p, 1e-3)
@@ -57,6 +56,13 @@ def gib(n: float) -> str:
     return f"{n / 2**30:,.1f} GiB"
 
 
+def sizes(model: ModelConfig) -> str:
+    """The model keys that size its weights (the shape keys but heads and switches)."""
+    keys = [k for k in model.shape_keys
+            if "heads" not in k and type(getattr(model, k)) is not bool]
+    return ", ".join(f"model.{k}" for k in keys)
+
+
 def check(cfg: Config, device: torch.device, processes: int = 1) -> str | None:
     """Refuse a model that cannot fit (ConfigError naming both figures); return a warning
     when it comes close, else None. `processes`: over how many the state is sharded."""
@@ -74,8 +80,7 @@ def check(cfg: Config, device: torch.device, processes: int = 1) -> str | None:
     if need > have:
         raise ConfigError("model", f"too large for this machine: {figures}, more than the "
                                    f"{gib(have)} of {what}; allowed: a smaller model "
-                                   f"(model.d_model, model.n_layers, model.d_ff, "
-                                   f"model.max_seq_len)")
+                                   f"({sizes(cfg.model)})")
     if need > WARN_AT * have:
         return (f"the model is close to the limit: {figures} of the {gib(have)} of {what}, "
                 f"before activations")

@@ -22,12 +22,12 @@ from trainrun import checkpoint
 from trainrun.config import GROUPS, Config
 from trainrun.data import RUN_FILE
 from trainrun.errors import ConfigError, reason, require_positive
+from trainrun.models import family_of
 from trainrun.schedules import Schedule, build_schedule
 from trainrun.threads import MAX_THREADS
 
-# What a resumed run may not change: the model's shape, the data and the data order's seed,
-# and the optimizer (its state would not fit).
-SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len")
+# What a resumed run may not change: the model's family and its shape (the family's
+# shape_keys), the data and the data order's seed, and the optimizer (its state would not fit).
 DATA_KEYS_FREE = ("batch_size",)  # the order does not depend on it (SPEC §3)
 OPTIMIZER_GROUP_KEYS = ("no_decay", "exclude")  # they decide the parameter groups
 PLAIN = re.compile(r"[A-Za-z0-9_./-]*/[A-Za-z0-9_./-]*")  # a path Hydra reads as itself
@@ -87,9 +87,15 @@ def set_aside(damaged: dict[Path, str]) -> list[str]:
 
 
 def schemas(cfg: Config) -> dict[str, str]:
-    """The schema (group option) of each section, for meta.json."""
+    """The schema (group option; the model's family) of each section, for meta.json."""
     return {section: type(getattr(cfg, section)).__name__
-            for section in ("data", "tokenizer", "optimizer")}
+            for section in ("model", "data", "tokenizer", "optimizer")}
+
+
+def saved_schemas(meta: dict) -> dict[str, str]:
+    """meta.json's schemas; older runs recorded none for the tokenizer (bytes then) nor the
+    model (GPT-2's then)."""
+    return {"tokenizer": "ByteConfig", "model": "GPTConfig", **meta["schemas"]}
 
 
 def tokenizer_record(tokenizer) -> dict:
@@ -183,11 +189,11 @@ def earlier(run_dir: Path) -> list[str]:
 def check_compatible(cfg: Config, meta: dict, path: Path) -> None:
     """Refuse a config that changes what the checkpoint at `path` was trained with."""
     saved, now = recorded(meta), asdict(cfg)
-    saved_schemas = {"tokenizer": "ByteConfig", **meta["schemas"]}  # older runs: bytes
-    changed = [(key, option(key, saved_schema)) for key, saved_schema in saved_schemas.items()
-               if saved_schema != schemas(cfg)[key]]
-    changed += [(f"model.{k}", saved["model"][k]) for k in SHAPE_KEYS
-                if saved["model"][k] != now["model"][k]]
+    check_family(cfg, meta, path)
+    changed = [(key, option(key, saved_schema)) for key, saved_schema in
+               saved_schemas(meta).items() if saved_schema != schemas(cfg)[key]]
+    changed += [(f"model.{k}", saved["model"][k]) for k in cfg.model.shape_keys
+                if saved["model"].get(k) != now["model"][k]]
     changed += [(f"data.{k}", v) for k, v in saved["data"].items()
                 if k not in DATA_KEYS_FREE and v != now["data"].get(k)]
     changed += [(f"tokenizer.{k}", v) for k, v in saved.get("tokenizer", {}).items()
@@ -205,6 +211,16 @@ def check_compatible(cfg: Config, meta: dict, path: Path) -> None:
             key, f"the checkpoint {path.name} was trained with {old}; a resumed run keeps "
                  f"the model's shape, the data, the tokenizer, the seed, the optimizer and "
                  f"the strategy (allowed: {old})")
+
+
+def check_family(cfg: Config, meta: dict, path: Path) -> None:
+    """Refuse a model of another family than the checkpoint's, naming both."""
+    old, new = family_of(saved_schemas(meta)["model"]), cfg.model.family
+    if old != new:
+        raise ConfigError("model", f"the checkpoint {path.name} holds a model of family {old}, "
+                                   f"the run chooses one of family {new}; a resumed run keeps "
+                                   f"its model family (allowed: a model option of family {old}, "
+                                   f"as the run was started with)")
 
 
 def check_steps(cfg: Config, step: int, run_dir: Path) -> None:
@@ -285,10 +301,9 @@ def check_recorded(cfg: Config, meta: dict) -> None:
     (the old schedule's max_steps, at least the checkpoint's update, and lr) as validate()
     allows them; the tokenizer's fingerprint a string. Raises ValueError naming the first
     entry that is not, where a value edited by hand would otherwise end in a traceback."""
-    saved_schemas = {"tokenizer": "ByteConfig", **meta["schemas"]}
     saved = {name: _typed(getattr(cfg, name), meta["config"].get(name, {}), f"config.{name}")
              for name in RECORDED
-             if saved_schemas.get(name, schemas(cfg).get(name)) == schemas(cfg).get(name)}
+             if saved_schemas(meta).get(name, schemas(cfg).get(name)) == schemas(cfg).get(name)}
     try:
         require_positive("trainer.max_steps", saved["trainer"].max_steps)
         if "optimizer" in saved:

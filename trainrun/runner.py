@@ -18,7 +18,6 @@ from trainrun import (
     determinism,
     devices,
     distributed,
-    gpt2,
     opening,
     resume,
     rundir,
@@ -31,7 +30,7 @@ from trainrun.data.order import DataOrder
 from trainrun.errors import ConfigError, NotTrainrun, reason
 from trainrun.loop import NonFinite, Outputs, fit
 from trainrun.metrics import Metrics
-from trainrun.model import GPT, ModelConfig
+from trainrun.models import ModelConfig, hf
 from trainrun.optimizers import build_optimizer
 from trainrun.precision import Precision
 from trainrun.schedules import build_schedule
@@ -259,21 +258,20 @@ def origin(cfg: Config, resume_from: Path | None) -> dict:
     weights started from model.init_from; a resumed run keeps its checkpoint's."""
     if resume_from is not None:
         return {k: v for k, v in checkpoint.read_meta(resume_from).items() if k == "init_from"}
-    return {"init_from": gpt2.source(cfg.model)} if cfg.model.init_from is not None else {}
+    return {"init_from": hf.source(cfg.model)} if cfg.model.init_from is not None else {}
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, device: torch.device,
-                console: Console | None = None) -> GPT:
-    """The model on device over vocab_size ids (the tokenizer's), GPT-2's initialization
-    drawn from the seeded generator; given a console (a run that starts from its config,
-    not from a checkpoint), model.init_from's weights then replace it."""
-    model = GPT(cfg, vocab_size)
+                console: Console | None = None) -> torch.nn.Module:
+    """The model of cfg's family on device over vocab_size ids (the tokenizer's), its
+    initialization drawn from the seeded generator; given a console (a run that starts from
+    its config, not from a checkpoint), model.init_from's weights then replace it."""
+    model = cfg.build(vocab_size)
     if console is not None and cfg.init_from is not None:
-        for note in gpt2.load(cfg, model):
+        for note in cfg.hf.load(cfg, model):
             console.warning(note)
-        console.info(f"weights from model.init_from={cfg.init_from}, a model of d_model "
-                     f"{cfg.d_model}, n_layers {cfg.n_layers}, n_heads {cfg.n_heads}, d_ff "
-                     f"{cfg.d_ff}, max_seq_len {cfg.max_seq_len}")
+        console.info(f"weights from model.init_from={cfg.init_from}, a model of "
+                     f"{cfg.describe()}")
     return model.to(device)
 
 

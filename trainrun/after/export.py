@@ -1,7 +1,8 @@
-"""`trainrun-export RUN_DIR OUT`: a run's checkpoint as a Hugging Face GPT-2 folder.
+"""`trainrun-export RUN_DIR OUT`: a run's checkpoint as a Hugging Face folder of its model
+family's format (GPT2LMHeadModel for gpt, LlamaForCausalLM for llama).
 
-OUT gets config.json and model.safetensors (trainrun.gpt2: GPT2LMHeadModel's names and
-config, fp32), generation_config.json, and the tokenizer's files (its own `save`), so that
+OUT gets config.json and model.safetensors (the family's adapter, trainrun/models/*_hf.py:
+its names and config, fp32), generation_config.json, and the tokenizer's files (its own `save`), so that
 `AutoModelForCausalLM.from_pretrained(OUT)` and `AutoTokenizer.from_pretrained(OUT)` give
 the model's logits and the run's token ids. The folder is written beside OUT and renamed
 into place when complete; OUT must not exist, or be an empty folder. No `transformers` is
@@ -18,12 +19,12 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from trainrun import gpt2
 from trainrun.after.output import Messages, Parser, run_command
-from trainrun.after.run import arguments, open_run
+from trainrun.after.run import ARG, arguments, open_run
 from trainrun.data import Tokenizer
 from trainrun.data.tokenizers import JSONTokenizer
 from trainrun.errors import ConfigError
+from trainrun.models import formats
 from trainrun.resume import quote
 
 PROG = "trainrun-export"
@@ -31,7 +32,9 @@ PROG = "trainrun-export"
 
 def parser() -> Parser:
     p = Parser(prog=PROG, description="Write a run's newest intact checkpoint (or --checkpoint) "
-                                      "as a Hugging Face GPT-2 folder with its tokenizer.")
+                                      "as a Hugging Face folder with its tokenizer: "
+                                      "GPT2LMHeadModel for the gpt models, LlamaForCausalLM "
+                                      "for the llama ones.")
     arguments(p)
     p.add_argument("out", metavar="OUT", help="the folder to write (new, or empty)")
     return p
@@ -51,13 +54,18 @@ def export(args: argparse.Namespace, _: list[str]) -> None:
     check_out(out)
     run = open_run(args.run_dir, ["trainer.device=cpu"], args.checkpoint, data=False,
                    config_dir=args.config_dir)
+    adapter = run.cfg.model.hf
+    if adapter is None:
+        raise ConfigError(ARG, f"{args.run_dir} holds a model of family {run.cfg.model.family}, "
+                               f"which has no Hugging Face format; allowed: a run of a family "
+                               f"that has one ({formats()})")
     messages = Messages()
     for warning in run.warnings:
         messages.warning(warning)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tmp.mkdir()
     try:
-        files = gpt2.write(run.model, tmp, run.tokenizer.eot)
+        files = adapter.write(run.model, tmp, run.tokenizer.eot)
         generation = {"bos_token_id": run.tokenizer.eot, "eos_token_id": run.tokenizer.eot}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         files += ["generation_config.json",

@@ -27,7 +27,7 @@ from trainrun.config import Config
 from trainrun.data import RUN_FILE, Tokenizer
 from trainrun.data.tokenizers import ByteTokenizer, JSONTokenizer
 from trainrun.errors import ConfigError, NotTrainrun
-from trainrun.model import GPT
+from trainrun.models import family_of
 from trainrun.precision import Precision
 from trainrun.threads import set_threads
 
@@ -41,7 +41,7 @@ class Run:
     cfg: Config
     checkpoint: Path  # checkpoints/step-XXXXXXXX
     step: int  # the update the checkpoint was written after
-    model: GPT  # the checkpoint's weights, on device, in eval mode
+    model: torch.nn.Module  # the checkpoint's weights (the family's module), on device, in eval mode
     tokenizer: Tokenizer
     device: torch.device
     precision: Precision
@@ -128,9 +128,14 @@ def check_shape(cfg: Config, path: Path) -> tuple[int, dict]:
     try:
         meta = checkpoint.read_meta(path)
         step, saved = int(meta["step"]), meta["config"]["model"]
-        differs = [k for k in resume.SHAPE_KEYS if saved[k] != getattr(cfg.model, k)]
+        family = family_of(resume.saved_schemas(meta)["model"])
+        differs = [k for k in cfg.model.shape_keys if saved.get(k) != getattr(cfg.model, k)]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise not_meta(path, exc) from None
+    if family != cfg.model.family:
+        raise ConfigError(ARG, f"{path.name} holds a model of family {family}, but the run's "
+                               f"saved overrides (.hydra/overrides.yaml) choose family "
+                               f"{cfg.model.family}; allowed: {RUN_ALLOWED} and its .hydra/")
     if differs:
         k = differs[0]
         raise ConfigError(ARG, f"{path.name} holds a model with model.{k}={saved[k]}, but the "

@@ -23,23 +23,22 @@ import torch
 from trainrun.after.output import Messages, Parser, run_command
 from trainrun.after.run import arguments, open_run, thread_overrides, threads_argument
 from trainrun.errors import ConfigError
-from trainrun.model import GPT, KVCache
 
 PROG = "trainrun-sample"
 
 
 @torch.no_grad()
-def generate(model: GPT, ids: list[int], max_new_tokens: int,
+def generate(model: torch.nn.Module, ids: list[int], max_new_tokens: int,
              pick: Callable[[torch.Tensor], int], autocast=None) -> Iterator[int]:
     """Yield max_new_tokens ids that follow `ids`. When the cache holds all max_seq_len
-    positions, the context is cut to its newest half and read again: learned positions
-    cannot slide."""
+    positions, the context is cut to its newest half and read again: positions are
+    absolute (learned, or rotations already applied to the cached keys) and cannot slide."""
     window = model.cfg.max_seq_len
     device = next(model.parameters()).device
     context, cache = list(ids[-window:]), None
     for _ in range(max_new_tokens):
         if cache is None:
-            cache, fresh = KVCache(model.cfg.n_layers), context
+            cache, fresh = model.new_cache(), context
         with (autocast or contextlib.nullcontext)():
             logits = model(torch.tensor([fresh], device=device), cache)[0, -1]  # (V,)
         token = pick(logits)

@@ -27,7 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainrun import distributed, identical, launch, memory, rundir, signals
 from trainrun.cli import folders, outputs
-from trainrun.cli.overrides import CONF, added_config_dir, init_from_shape, key, one_of, options
+from trainrun.cli.init_from import init_from_shape
+from trainrun.cli.overrides import CONF, added_config_dir, key, one_of, options
 from trainrun.cli.resuming import finished_loss, resume_argv
 from trainrun.config import Config, register_schemas, to_config, validate
 from trainrun.errors import ConfigError
@@ -381,7 +382,7 @@ def arguments(argv: list[str]) -> list[str]:
         searching = any(key(o) == "hparams_search" and not o.endswith("=null") for o in overrides)
         overrides = resume_argv(overrides, config_dir(flags),
                                 sweep=searching or any(f in ("-m", "--multirun") for f in flags))
-    return [*flags, *one_of(init_from_shape(overrides))]
+    return [*flags, *one_of(init_from_shape(overrides, config_dir(flags)))]
 
 
 # Hydra's flags that run or print the config trainrun composes (with --cfg's value), and

@@ -10,7 +10,7 @@ from trainrun.cli.overrides import default_options, groups, options
 from trainrun.config import TrainerConfig
 
 PURPOSE = {
-    "model": "the decoder-only Transformer's size",
+    "model": "the decoder: a family (gpt: GPT-2; llama: Llama-style) and its size",
     "data": "what it trains on: the built-in corpus, local files, a datasets source",
     "optimizer": "the optimizer; optimizer.lr is the peak learning rate",
     "scheduler": "the learning-rate schedule over trainer.max_steps updates, with warmup",
@@ -29,7 +29,7 @@ EXAMPLES = [
     ("trainrun --cfg job optimizer=lamb", "print the composed config, run nothing"),
     ("trainrun-lr scheduler=wsd", "preview a schedule without training"),
     ("trainrun-sample RUN_DIR 'def '", "text from a run's checkpoint (also -eval, -export)"),
-    ("trainrun model.init_from=hf-folder", "start from a Hugging Face GPT-2 folder"),
+    ("trainrun model.init_from=hf-folder", "start from a Hugging Face GPT-2 or Llama folder"),
     ("trainrun-nohup trainer.max_steps=20000", "in the background over SSH (or trainrun-tmux)"),
     ("torchrun --nproc_per_node=2 -m trainrun", "one run on 2 processes (DDP; trainer.strategy=fsdp)"),
 ]
@@ -60,7 +60,7 @@ def usage() -> str:
     trainer = ", ".join(f.name for f in dataclasses.fields(TrainerConfig))
     lines += ["", "Plain keys:", f"  trainer.{{{trainer}}}",
               "  data.batch_size, data.seq_len, resume=null|auto|<run directory>",
-              "  model.init_from=null|<Hugging Face GPT-2 folder>", "",
+              "  model.init_from=null|<Hugging Face GPT-2 or Llama folder>", "",
               "Examples:"]
     # a space before every `#`, so that a line pasted into a shell drops its comment
     wide = max(len(command) for command, _ in EXAMPLES)

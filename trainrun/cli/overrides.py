@@ -204,34 +204,3 @@ def continue_run(run_dir: Path, argv: list[str], config_dir: Path | None = None)
         merged[key(override)] = override
     return [*merged.values(), f"resume={quote(str(run_dir))}",
             f"hydra.run.dir={quote(str(run_dir))}"]
-
-
-def init_from_shape(overrides: list[str]) -> list[str]:
-    """`model.init_from=FOLDER` takes the model's shape from FOLDER's config.json: its shape
-    keys are added to the overrides, but for those given here, which must agree with it
-    (ConfigError naming the key, the folder's value and the one given). Nothing is added for
-    a resume of a run directory (its shape is its checkpoint's) nor a sweep over folders."""
-    from trainrun import gpt2
-    from trainrun.cli import is_sweep, override_value
-
-    given = {key(o): o for o in overrides if "=" in o}  # the last of each key
-    init_from = given.get("model.init_from")
-    resumed = "resume" in given and override_value(given["resume"]) not in (None, "auto")
-    if init_from is None or resumed or is_sweep(init_from):
-        return overrides
-    path = override_value(init_from)
-    if path is None:
-        return overrides
-    folder, hf = gpt2.read_config(str(path))
-    added = []
-    for k, value in gpt2.shape(folder, hf).items():
-        override = given.get(f"model.{k}")
-        if override is None:
-            added.append(f"model.{k}={value}")
-        elif not is_sweep(override) and override_value(override) != value:
-            name = gpt2.SHAPE[k] if k != "d_ff" or hf.get("n_inner") else "n_inner (4 x n_embd)"
-            raise ConfigError(f"model.{k}", f"got {override_value(override)!r}, but "
-                                            f"model.init_from={path} holds a model with {name} "
-                                            f"{value} ({gpt2.CONFIG_FILE}); allowed: {value}, or "
-                                            f"no model.{k} (the folder's shape is taken)")
-    return [*overrides, *added]

@@ -3,7 +3,7 @@ This package's interface: the registry OPTIMIZERS, the schemas' base OptimizerCo
 build_optimizer, param_groups, and eval_weights (the weights to evaluate and save).
 
 `optimizer=<name>` picks one of OPTIMIZERS; `lr` is the base (peak) rate that the schedule
-scales. Parameter groups come from trainrun.model.parameter_kinds: weight decay is kept off
+scales. Parameter groups come from trainrun.models.parameter_kinds: weight decay is kept off
 the kinds named in `no_decay` (by default biases, norm gains and embeddings). torch's fused
 kernels are used where torch has one for the optimizer on the device, else the foreach
 (multi-tensor) ones.

@@ -12,7 +12,7 @@ import torch
 from omegaconf import MISSING
 
 from trainrun.errors import ConfigError, require_in, require_positive
-from trainrun.model import KINDS, parameter_kinds
+from trainrun.models import KINDS, parameter_kinds
 
 
 def require_fraction(key: str, value: float, *, allow_one: bool = False) -> None:

@@ -3,7 +3,7 @@ everything else, as one optimizer.
 
 Muon (Jordan et al. 2024) orthogonalizes the momentum of a 2-D weight with Newton-Schulz
 iterations; it is meant for the hidden layers' matrices only. Which parameters it gets is
-decided by trainrun.model.parameter_kinds: kind `weight` (the attention and MLP matrices
+decided by trainrun.models.parameter_kinds: kind `weight` (the attention and MLP matrices
 of the blocks) goes to Muon; `embedding` (token and position embeddings, and the output
 head, tied to the token embedding), `norm` and `bias` go to AdamW.
 

@@ -11,7 +11,7 @@ import torch
 from omegaconf import MISSING
 
 from trainrun.errors import ConfigError, require_in, require_positive
-from trainrun.model import KINDS
+from trainrun.models import KINDS
 from trainrun.optimizers.base import (
     OptimizerConfig,
     kernel_options,
