@@ -25,7 +25,7 @@ from trainrun.update import UpdateResult
 # session_*: this process's alone (they differ after a resume)
 SUMMARY_KEYS = ("status", "steps", "tokens", "train_loss", "val_loss", "best_val_loss",
                 "skipped_updates", "wall_seconds", "tokens_per_sec", "session_wall_seconds",
-                "session_tokens_per_sec")
+                "session_tokens_per_sec", "parameters")
 
 
 class Metrics:

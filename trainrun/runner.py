@@ -175,7 +175,8 @@ def summarize(t: Trainer, status: str) -> dict:
     c = t.counters
     return {"status": status, "steps": c.k, "tokens": c.tokens, "train_loss": c.train_loss,
             "val_loss": c.val_loss, "best_val_loss": c.best_val_loss,
-            "skipped_updates": c.skipped_updates}  # times and tokens/s: Metrics.finish
+            "skipped_updates": c.skipped_updates,  # times and tokens/s: Metrics.finish
+            "parameters": t.raw_model.num_params()}
 
 
 def finish(summary: dict, run_dir: Path, console: Console, signals: Signals,

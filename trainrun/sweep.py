@@ -22,9 +22,10 @@ from pathlib import Path
 from trainrun import rundir
 
 COLUMNS = ("job", "overrides", "status", "best_val_loss", "val_loss", "steps",
-           "skipped_updates", "wall_seconds", "tokens_per_sec", "run_dir", "same_as", "error")
+           "skipped_updates", "wall_seconds", "tokens_per_sec", "parameters", "run_dir",
+           "same_as", "error")
 METRICS = ("status", "best_val_loss", "val_loss", "steps", "skipped_updates", "wall_seconds",
-           "tokens_per_sec")
+           "tokens_per_sec", "parameters")
 RECORDS = ".jobs"
 SWEPT = "TRAINRUN_SWEPT_KEYS"  # the keys a basic sweep varies, for its jobs to read
 
@@ -192,14 +193,15 @@ def render(table: list[dict], sweep_dir: Path):
     for name, justify in (("job", "right"), ("overrides", "left"), ("status", "left"),
                           ("best_val_loss", "right"), ("val_loss", "right"),
                           ("steps", "right"), ("skipped", "right"), ("wall s", "right"),
-                          ("tok/s", "right"), ("run dir", "left")):
+                          ("tok/s", "right"), ("params", "right"), ("run dir", "left")):
         out.add_column(name, justify=justify)
     for row in table:
         shown = shlex.join(o for o in row["overrides"] if o not in common)
         out.add_row(str(row["job"]), shown, row["status"], _number(row["best_val_loss"], ".4f"),
                     _number(row["val_loss"], ".4f"), _number(row["steps"], "d"),
                     _number(row["skipped_updates"], "d"), _number(row["wall_seconds"], ".1f"),
-                    _number(row["tokens_per_sec"], ",.0f"), _relative(row["run_dir"], sweep_dir))
+                    _number(row["tokens_per_sec"], ",.0f"), _number(row["parameters"], ",d"),
+                    _relative(row["run_dir"], sweep_dir))
     return out
 
 
