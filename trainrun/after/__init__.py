@@ -8,5 +8,6 @@ door over the builders the runner uses; none writes into the run directory.
                  otherwise, on stderr (stdout carries the command's output)
     sample.py    trainrun-sample: generation with a KV cache, streamed
     evaluate.py  trainrun-eval: loss, perplexity, bits per byte
-    export.py    trainrun-export: a Hugging Face GPT-2 folder with its tokenizer
+    export.py    trainrun-export: a Hugging Face folder of the model family's format, with
+                 its tokenizer
 """

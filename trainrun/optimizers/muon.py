@@ -5,7 +5,7 @@ Muon (Jordan et al. 2024) orthogonalizes the momentum of a 2-D weight with Newto
 iterations; it is meant for the hidden layers' matrices only. Which parameters it gets is
 decided by trainrun.models.parameter_kinds: kind `weight` (the attention and MLP matrices
 of the blocks) goes to Muon; `embedding` (token and position embeddings, and the output
-head, tied to the token embedding), `norm` and `bias` go to AdamW.
+head, tied to the token embedding or not), `norm` and `bias` go to AdamW.
 
 `optimizer.lr` is Muon's rate and the schedule's base; `optimizer.adamw.lr` is AdamW's,
 carried by AdamW's parameter groups as their own base, `base_lr`, so that the schedule
@@ -30,7 +30,8 @@ from trainrun.optimizers.base import (
 )
 
 # The parameter kinds that Muon steps, the rest going to AdamW. torch.optim.Muon takes 2-D
-# tensors only; in the GPT every parameter of kind `weight` is a Linear layer's matrix.
+# tensors only; in every model family each parameter of kind `weight` is a Linear layer's
+# matrix (the output layer, tied or not, is of kind `embedding`).
 MUON_KINDS = ("weight",)
 ADJUST_LR_FNS = ("original", "match_rms_adamw")
 
