@@ -203,3 +203,21 @@ def test_bad_llama_input_is_one_line_and_writes_nothing(corpus, tmp_path, args, 
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith(f"trainrun: error: {key}: ") and words in proc.stderr
     assert list(cwd.iterdir()) == []
+
+
+def test_smollm_135m_counts_as_transformers_counts_smollm(tmp_path):
+    """The option's shape with SmolLM's 49,152-id vocabulary: the parameters of the
+    LlamaForCausalLM that transformers builds from SmolLM-135M's config (134,515,008)."""
+    from conftest import config
+
+    transformers = pytest.importorskip("transformers")
+    cfg = config("model=smollm_135m").model
+    smollm = transformers.LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+        tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=10000.0)
+    with torch.device("meta"):
+        theirs = transformers.LlamaForCausalLM(smollm)
+        ours = cfg.build(49152)
+    assert cfg.num_params(49152) == ours.num_params() == sum(
+        p.numel() for p in theirs.parameters()) == 134_515_008

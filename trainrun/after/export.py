@@ -1,5 +1,5 @@
 """`trainrun-export RUN_DIR OUT`: a run's checkpoint as a Hugging Face folder of its model
-family's format (GPT2LMHeadModel for gpt, LlamaForCausalLM for llama).
+family's format (trainrun.models: each family's adapter).
 
 OUT gets config.json and model.safetensors (the family's adapter, trainrun/models/*_hf.py:
 its names and config, fp32), generation_config.json, and the tokenizer's files (its own `save`), so that
@@ -32,9 +32,8 @@ PROG = "trainrun-export"
 
 def parser() -> Parser:
     p = Parser(prog=PROG, description="Write a run's newest intact checkpoint (or --checkpoint) "
-                                      "as a Hugging Face folder with its tokenizer: "
-                                      "GPT2LMHeadModel for the gpt models, LlamaForCausalLM "
-                                      "for the llama ones.")
+                                      f"as a Hugging Face folder of its model family's format "
+                                      f"({formats()}) with its tokenizer.")
     arguments(p)
     p.add_argument("out", metavar="OUT", help="the folder to write (new, or empty)")
     return p

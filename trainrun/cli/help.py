@@ -8,10 +8,12 @@ import dataclasses
 
 from trainrun.cli.overrides import default_options, groups, options
 from trainrun.config import TrainerConfig
+from trainrun.models import formats
 
 PURPOSE = {
-    "model": "the decoder: a family (gpt: GPT-2; llama: Llama-style) and its size",
+    "model": "the decoder: its family and size (docs/models.md)",
     "data": "what it trains on: the built-in corpus, local files, a datasets source",
+    "tokenizer": "how text becomes ids: bytes, a BPE trained on the data, a tokenizer.json",
     "optimizer": "the optimizer; optimizer.lr is the peak learning rate",
     "scheduler": "the learning-rate schedule over trainer.max_steps updates, with warmup",
     "clip": "gradient clipping, once per update",
@@ -29,7 +31,7 @@ EXAMPLES = [
     ("trainrun --cfg job optimizer=lamb", "print the composed config, run nothing"),
     ("trainrun-lr scheduler=wsd", "preview a schedule without training"),
     ("trainrun-sample RUN_DIR 'def '", "text from a run's checkpoint (also -eval, -export)"),
-    ("trainrun model.init_from=hf-folder", "start from a Hugging Face GPT-2 or Llama folder"),
+    ("trainrun model.init_from=hf-folder", "start from a Hugging Face folder (below)"),
     ("trainrun-nohup trainer.max_steps=20000", "in the background over SSH (or trainrun-tmux)"),
     ("torchrun --nproc_per_node=2 -m trainrun", "one run on 2 processes (DDP; trainer.strategy=fsdp)"),
 ]
@@ -60,7 +62,7 @@ def usage() -> str:
     trainer = ", ".join(f.name for f in dataclasses.fields(TrainerConfig))
     lines += ["", "Plain keys:", f"  trainer.{{{trainer}}}",
               "  data.batch_size, data.seq_len, resume=null|auto|<run directory>",
-              "  model.init_from=null|<Hugging Face GPT-2 or Llama folder>", "",
+              f"  model.init_from=null|<Hugging Face folder: {formats()}>", "",
               "Examples:"]
     # a space before every `#`, so that a line pasted into a shell drops its comment
     wide = max(len(command) for command, _ in EXAMPLES)
