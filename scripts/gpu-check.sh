@@ -99,11 +99,15 @@ bench() {
                 "model=gpt_small data.seq_len=512 data.batch_size=32 precision=bf16 trainer.compile=false"
                 "model=gpt_small data.seq_len=512 data.batch_size=32 precision=fp16 trainer.compile=false"
                 "model=gpt2_124m data.seq_len=1024 data.batch_size=16 precision=bf16 trainer.compile=false"
-                "model=gpt2_124m data.seq_len=1024 data.batch_size=16 precision=bf16 trainer.compile=true")
+                "model=gpt2_124m data.seq_len=1024 data.batch_size=16 precision=bf16 trainer.compile=true"
+                "model=llama_small data.seq_len=512 data.batch_size=32 precision=bf16 trainer.compile=false"
+                "model=smollm_135m data.seq_len=1024 data.batch_size=16 precision=bf16 trainer.compile=false")
     if [ "$full" = 1 ]; then
         rows=()
         for model in "model=gpt_small data.seq_len=512 data.batch_size=32" \
-                     "model=gpt2_124m data.seq_len=1024 data.batch_size=16"; do
+                     "model=gpt2_124m data.seq_len=1024 data.batch_size=16" \
+                     "model=llama_small data.seq_len=512 data.batch_size=32" \
+                     "model=smollm_135m data.seq_len=1024 data.batch_size=16"; do
             for precision in fp32 bf16 fp16; do
                 for compile in false true; do
                     rows+=("$model precision=$precision trainer.compile=$compile")
