@@ -19,13 +19,13 @@ import yaml
 from conftest import cli, config, final_weights, tiny, train
 
 from trainrun import checkpoint, runner
-from trainrun.models import gpt_hf as gpt2
 from trainrun.after import export
 from trainrun.after.run import open_run
 from trainrun.console import Console
 from trainrun.data.tokenizers import ByteTokenizer
 from trainrun.errors import ConfigError
 from trainrun.models import GPT
+from trainrun.models import gpt_hf as gpt2
 
 VOCAB = ByteTokenizer.vocab_size
 TEXTS = ["the model learns", " two  spaces\tand a tab\n", "héllo wörld — 日本語 🎉",

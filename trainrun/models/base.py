@@ -21,6 +21,8 @@ family in MODELS.
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -79,6 +81,10 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
+# appends a block's new keys and values (B, n_kv, T, hs) to its cache; returns all of them
+Extend = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
 class KVCache:
     """The keys and values of the positions a model has already read, per block, each
     (B, nh, T_past, hs): with it, generating a token is a forward pass of one position."""
@@ -110,6 +116,18 @@ def causal_mask(past: int, T: int, device: torch.device) -> torch.Tensor | None:
 def check_length(past: int, T: int, max_seq_len: int) -> None:
     if past + T > max_seq_len:
         raise ValueError(f"sequence of {past + T} tokens; the model has {max_seq_len} positions")
+
+
+def require_heads(prefix: str, d_model: int, n_heads: int) -> None:
+    """n_heads must divide d_model (ConfigError listing the divisors)."""
+    if d_model % n_heads:
+        small = [h for h in range(1, math.isqrt(d_model) + 1) if d_model % h == 0]
+        divisors = sorted({*small, *(d_model // h for h in small)})
+        raise ConfigError(
+            f"{prefix}.n_heads",
+            f"{n_heads} does not divide {prefix}.d_model={d_model}; "
+            f"allowed: a divisor of {d_model} ({', '.join(map(str, divisors))})",
+        )
 
 
 PAD_MULTIPLE = 64  # embedding rows: the vocabulary padded up to a multiple of it

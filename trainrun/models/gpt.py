@@ -5,7 +5,6 @@ Hugging Face format is GPT2LMHeadModel's (trainrun/models/gpt_hf.py)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import ClassVar
@@ -18,25 +17,15 @@ from omegaconf import MISSING
 from trainrun.errors import ConfigError, require_positive, require_range
 from trainrun.models import gpt_hf
 from trainrun.models.base import (
+    Extend,
     KVCache,
     ModelConfig,
     causal_mask,
     check_length,
     mask_padding,
     padded,
+    require_heads,
 )
-
-
-def require_heads(prefix: str, d_model: int, n_heads: int) -> None:
-    """n_heads must divide d_model (ConfigError listing the divisors)."""
-    if d_model % n_heads:
-        small = [h for h in range(1, math.isqrt(d_model) + 1) if d_model % h == 0]
-        divisors = sorted({*small, *(d_model // h for h in small)})
-        raise ConfigError(
-            f"{prefix}.n_heads",
-            f"{n_heads} does not divide {prefix}.d_model={d_model}; "
-            f"allowed: a divisor of {d_model} ({', '.join(map(str, divisors))})",
-        )
 
 
 @dataclass
@@ -83,10 +72,6 @@ class GPTConfig(ModelConfig):
         attention's 12·L·d·T."""
         n = self.num_params(vocab_size) - self.max_seq_len * self.d_model
         return 6 * n + 12 * self.n_layers * self.d_model * seq_len
-
-
-# appends a block's new keys and values (B, nh, T, hs) to its cache; returns all of them
-Extend = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class CausalSelfAttention(nn.Module):

@@ -7,7 +7,6 @@ half of a head's dimensions pairs with the second half)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import ClassVar
@@ -20,14 +19,15 @@ from omegaconf import MISSING
 from trainrun.errors import ConfigError, require_positive, require_range
 from trainrun.models import llama_hf
 from trainrun.models.base import (
+    Extend,
     KVCache,
     ModelConfig,
     causal_mask,
     check_length,
     mask_padding,
     padded,
+    require_heads,
 )
-from trainrun.models.gpt import require_heads
 
 
 @dataclass
@@ -116,10 +116,6 @@ class LlamaConfig(ModelConfig):
         lookup = 0 if self.tie_embeddings else vocab_size * self.d_model
         n = self.num_params(vocab_size) - lookup
         return 6 * n + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
-
-
-# appends a block's new keys and values (B, n_kv, T, hs) to its cache; returns all of them
-Extend = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
