@@ -247,7 +247,7 @@ def schedule_notes(cfg: Config, meta: dict, k: int, schedule: Schedule) -> list[
     factor = f"x{after / before:.3g}" if before > 0 else "from 0"
     return [f"the schedule now spans {cfg.trainer.max_steps} updates (was {old_steps}): lr at "
             f"update {k} was {before:.4g}, at update {k + 1} it is {after:.4g} ({factor}); "
-            f"README \"Train longer\""]
+            f"docs/long-jobs.md \"Train longer\""]
 
 
 def locate(cfg: Config, run_dir: Path) -> tuple[Path | None, dict[Path, str]]:

@@ -29,7 +29,7 @@ LOCK = ".trainrun.lock"
 FILES = ("train.log", "env.json", "metrics.json", "tokenizer.json", "console.out", LOCK)
 FOLDERS = (".hydra", "checkpoints", "tb")
 APPENDED = ("train.log", "console.out")  # written in place: a hard link would be written too
-TRUSTED = "README \"What a run directory is trusted for\""
+TRUSTED = "docs/long-jobs.md \"What a run directory is trusted for\""
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
