@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""trainrun's update path against a bare, hand-written PyTorch loop (SPEC §10).
+"""trainrun's update path against a bare, hand-written PyTorch loop (docs/performance.md).
 
     python scripts/bench.py [Hydra overrides]     e.g. model=gpt_small precision=bf16
 

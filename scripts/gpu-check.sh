@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every CUDA check of trainrun in one command, for a short slot on a GPU machine (README
-# "Performance"): under 8 minutes on one H100 or H200 by default.
+# Every CUDA check of trainrun in one command, for a short slot on a GPU machine
+# (docs/performance.md): under 8 minutes on one H100 or H200 by default.
 #
 #   scripts/gpu-check.sh [--full] [--wheels DIR] [--out DIR]
 #

@@ -32,7 +32,7 @@ torch.set_num_threads(1)
 
 # The tests send SIGINT to the processes they start. A background job of a shell script
 # (`pytest ... &`) starts with SIGINT ignored, which its children would inherit, and
-# trainrun keeps an ignored SIGINT ignored (README "Long jobs"): give them the default.
+# trainrun keeps an ignored SIGINT ignored (docs/long-jobs.md, Signals): give them the default.
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 

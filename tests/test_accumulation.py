@@ -1,6 +1,7 @@
-"""Accumulation (SPEC §5): k micro-batches of b sequences give the same update as one batch
-of k·b, on padded documents of very different lengths, including the shorter last window
-of an epoch — because the loss is normalized by all target tokens of the update."""
+"""Accumulation (docs/design.md, Updates): k micro-batches of b sequences give the same
+update as one batch of k·b, on padded documents of very different lengths, including the
+shorter last window of an epoch — because the loss is normalized by all target tokens of the
+update."""
 
 from __future__ import annotations
 

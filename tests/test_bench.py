@@ -1,6 +1,6 @@
-"""scripts/bench.py (SPEC §10): it runs, compares the same work, and its last line is one
+"""scripts/bench.py (docs/performance.md): it runs, compares the same work, and its last line is one
 JSON object with the documented keys. Its figures are not checked here: timings on a
-shared machine are noise, and the README reports measured ones."""
+shared machine are noise, and docs/performance.md reports measured ones."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""The checkpoint directory itself (SPEC §6, §7): ordering and pruning of checkpoints by
-update number, also past update 10^8 where the names grow a digit; a disk that fills up
-during a save, with the failure injected where each writer reports it."""
+"""The checkpoint directory itself (docs/long-jobs.md, Checkpoints): ordering and pruning of
+checkpoints by update number, also past update 10^8 where the names grow a digit; a disk
+that fills up during a save, with the failure injected where each writer reports it."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Clipping (SPEC §5): every clip mode against a hand or numpy computation on known
+"""Clipping (docs/optimizers.md): every clip mode against a hand or numpy computation on known
 gradients, AutoClip's history through a checkpoint round trip, the logged grad_norm and
 clip_coef of a real run, and no host-device synchronization inside a clipper."""
 

@@ -1,4 +1,4 @@
-"""Configuration (SPEC §2, §8): every option of every group composes with its schema and
+"""Configuration (docs/configuration.md): every option of every group composes with its schema and
 validates; bad input fails before any work with one line naming the key, exit status 2, no
 traceback and no run directory."""
 
@@ -142,10 +142,10 @@ def test_spec_keys_exist_with_values():
         == (7, 0.5, 64, 1)
 
 
-def test_readme_lists_every_trainer_key():
-    readme = (REPO / "README.md").read_text()
+def test_the_configuration_page_lists_every_trainer_key():
+    page = (REPO / "docs" / "configuration.md").read_text()
     for f in dataclasses.fields(TrainerConfig):
-        assert f"| `trainer.{f.name}` |" in readme, f.name
+        assert f"| `trainer.{f.name}` |" in page, f.name
 
 
 @pytest.mark.parametrize("option,key", [("text", "data.files"), ("hf", "data.path")])
@@ -156,7 +156,7 @@ def test_the_only_key_left_to_the_user_is_the_data_location(option, key):
     assert err.value.key == key
 
 
-# -- bad input (SPEC §8) -------------------------------------------------------------
+# -- bad input (docs/design.md, Bad input) ----------------------------------------
 
 CUDA = torch.cuda.is_available()
 

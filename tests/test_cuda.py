@@ -1,6 +1,7 @@
-"""The CUDA paths of SPEC §5 and §10 on a real GPU: the `trainrun` command, fp16's loss
-scaler skipping overflowed updates without advancing k, and accumulation against one big
-batch. Marked `cuda` (scripts/gpu-check.sh runs them) and skipped without a GPU."""
+"""The CUDA paths (docs/precision.md, docs/performance.md) on a real GPU: the `trainrun`
+command, fp16's loss scaler skipping overflowed updates without advancing k, and
+accumulation against one big batch. Marked `cuda` (scripts/gpu-check.sh runs them) and
+skipped without a GPU."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Data (SPEC §3): byte-level tokens, packing and padding, the sources (built-in, local
+"""Data (docs/data.md): byte-level tokens, packing and padding, the sources (built-in, local
 files, `datasets.load_dataset`), the `datasets` cache, and the order in which sequences are
 seen, which depends on trainer.seed alone."""
 
@@ -299,7 +299,7 @@ def test_tokens_are_read_back_from_the_token_cache(hf_folder, tmp_path, monkeypa
     assert set(cache_listing(cache)) > set(listing)
 
 
-# -- order (SPEC §3) -----------------------------------------------------------------
+# -- order (docs/design.md, Data) ---------------------------------------------------
 
 
 def seen(n: int, seed: int, batch_size: int, accum: int, world_size: int = 1,

@@ -1,7 +1,7 @@
 """Which GPU a process takes, which backend its process group uses, where FSDP puts the
 shards, whose GPU generator a resume restores, and what pre-flight checks for a cluster:
-the logic of the CUDA paths, run on the CPU with the machine's answers given (README "More
-than one process")."""
+the logic of the CUDA paths, run on the CPU with the machine's answers given
+(docs/distributed.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""More than one process (SPEC §9), with real processes: torchrun (gloo on CPU), two
+"""More than one process (docs/distributed.md), with real processes: torchrun (gloo on CPU), two
 "nodes" meeting through torchrun's c10d rendezvous, and tasks started with SLURM's
 variables alone. N processes with micro-batch b must end where one process with micro-batch
 N·b ends, on padded documents of very different lengths whose order crosses an epoch end."""

@@ -1,4 +1,4 @@
-"""The companion commands of SPEC §10: `trainrun-lr` (the schedule of a config, without
+"""The companion commands of docs/schedules.md: `trainrun-lr` (the schedule of a config, without
 model or data) and `trainrun-lrfind` (the learning-rate range test), as real processes on
 the default config (lrfind on a tiny model, for time), plus their pieces in-process."""
 

@@ -1,4 +1,4 @@
-"""The decoder-only Transformer (SPEC §2 model/): shapes, causality, the tied head, the
+"""The decoder-only Transformer (docs/models.md): shapes, causality, the tied head, the
 parameter kinds that weight decay and clipping rely on, the presets, dropout."""
 
 from __future__ import annotations

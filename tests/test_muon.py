@@ -21,7 +21,7 @@ N, W = 8, 2  # updates and warmup of the schedule below
 
 
 def block_matrices(model: GPT) -> set[int]:
-    """The README's Muon side: the weight matrices of the blocks' Linear layers."""
+    """The Muon side of docs/optimizers.md: the weight matrices of the blocks' Linear layers."""
     return {id(m.weight) for block in model.blocks for m in block.modules()
             if isinstance(m, torch.nn.Linear)}
 
@@ -60,7 +60,7 @@ def test_muon_gets_the_block_matrices_and_adamw_the_rest(corpus):
 
 
 def reference_factor(k: int) -> float:
-    """SPEC §4 cosine with warmup W over N updates, min_lr 0, as a factor of the peak."""
+    """The cosine schedule with warmup W over N updates, min_lr 0, as a factor of the peak."""
     if k <= W:
         return k / W
     return (1 + math.cos(math.pi * (k - W - 1) / (N - W))) / 2

@@ -1,4 +1,4 @@
-"""Optimizers (SPEC §5): LARS and LAMB against separately written float64 implementations
+"""Optimizers (docs/optimizers.md): LARS and LAMB against separately written float64 implementations
 of the papers' update equations, their state through a save/load round trip, the parameter
 groups, the fused/foreach choice, validation, and every option training the tiny model."""
 

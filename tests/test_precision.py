@@ -1,4 +1,4 @@
-"""Mixed precision and counting updates the way they really happened (SPEC §5): skipped
+"""Mixed precision and counting updates the way they really happened (docs/precision.md): skipped
 updates advance neither k nor the schedule, clipping sees unscaled gradients, fp16 and
 bf16 train on the CPU, and max_skipped stops a run that keeps producing non-finite losses."""
 
@@ -34,7 +34,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 
 def cosine(k: int, base: float, n: int, w: int) -> float:
-    """SPEC §4 cosine with warmup, written out independently."""
+    """The cosine schedule with warmup (docs/schedules.md), written out independently."""
     if k <= w:
         return base * k / w
     e, d = k - w - 1, n - w

@@ -1,5 +1,6 @@
-"""Long jobs survive (SPEC §7), with real processes and real signals: exact resume, SIGTERM,
-a damaged newest checkpoint, and SIGKILL in the middle of writing a checkpoint."""
+"""Long jobs survive (docs/long-jobs.md), with real processes and real signals: exact
+resume, SIGTERM, a damaged newest checkpoint, and SIGKILL in the middle of writing a
+checkpoint."""
 
 from __future__ import annotations
 

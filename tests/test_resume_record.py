@@ -127,7 +127,7 @@ def test_a_run_named_with_any_characters_resumes_as_the_shell_passes_it(run, tmp
     assert proc.returncode == 0, proc.stderr
     assert f"resumed from {named / 'checkpoints/step-00000040'} at update 40" in proc.stdout
     assert json.loads((named / "metrics.json").read_text())["steps"] == 41
-    proc = cli(f'resume="{named}"', "trainer.max_steps=42", cwd=tmp_path)  # README's form
+    proc = cli(f'resume="{named}"', "trainer.max_steps=42", cwd=tmp_path)  # the documented form
     assert proc.returncode == 0, proc.stderr
     assert json.loads((named / "metrics.json").read_text())["steps"] == 42
 

@@ -1,5 +1,5 @@
 """A short real run through the `trainrun` console script: the run directory, TensorBoard
-tags, metrics.json, env.json and what the console shows (SPEC §6)."""
+tags, metrics.json, env.json and what the console shows (docs/outputs.md)."""
 
 from __future__ import annotations
 
@@ -192,7 +192,7 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path, corpus):
     proc = cli("-m", *tiny(corpus, "trainer.max_steps=3", "scheduler=constant",
                            "trainer.max_skipped=2"), "optimizer.lr=1e30,1e-3",
                f"hydra.sweep.dir={sweep}", cwd=tmp_path)
-    assert proc.returncode == 1, proc.stderr  # a sweep with a failed job (README "Sweeps")
+    assert proc.returncode == 1, proc.stderr  # a sweep with a failed job (docs/sweeps.md)
     assert "trainrun: failed:" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("trainrun: 1 of 2 jobs failed; see ")
     assert json.loads((sweep / "0/metrics.json").read_text())["status"] == "failed"

@@ -1,7 +1,7 @@
-"""Every schedule of SPEC §4 against an independent reference, at every update k = 1..N.
+"""Every schedule (docs/schedules.md) against an independent reference, at every update k = 1..N.
 
 References are torch's own scheduler classes stepping a float64 optimizer (the lr in force
-after e calls of scheduler.step(), e = k − W − 1), or the closed forms of SPEC, TF and
+after e calls of scheduler.step(), e = k − W − 1), or the closed forms of the docs, TF and
 transformers written out here: never the code under test. Schedules are built from the real
 conf/scheduler/<option>.yaml defaults with the changes a case names; short real training
 runs then check that train/lr logs exactly lr(1..N).
@@ -65,7 +65,7 @@ def torch_decay(make_scheduler):
 
 
 def warmup_then(decay):
-    """SPEC's warmup base·k/W for k <= W, then `decay` over D = N − W."""
+    """The warmup base·k/W for k <= W, then `decay` over D = N − W."""
     return lambda base, n, w: [base * k / w for k in range(1, w + 1)] + decay(base, n - w)
 
 

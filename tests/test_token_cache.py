@@ -1,4 +1,4 @@
-"""The data a run trains on is the data on disk (README "Token storage"): a corpus edited at
+"""The data a run trains on is the data on disk (docs/data.md, Token storage): a corpus edited at
 the same size and modification time is read and tokenized anew, token files that are not
 as written (truncated, overwritten, ids beyond the vocabulary) are one line, and a resume
 after the corpus changed is refused in one line, the run directory untouched."""

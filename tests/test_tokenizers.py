@@ -1,4 +1,4 @@
-"""Tokenizers and token storage (README "Tokenizers"): a BPE trained on the data round-trips
+"""Tokenizers and token storage (docs/data.md): a BPE trained on the data round-trips
 text and is what the token files hold; runs train with bpe and with a tokenizer.json of
 one's own; resume is exact with bpe and refuses another tokenizer; the vocabulary is padded
 to a multiple of 64; two processes tokenizing at once leave one intact cache."""

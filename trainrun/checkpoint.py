@@ -1,4 +1,4 @@
-"""Checkpoints (SPEC §6, §7): checkpoints/step-XXXXXXXX/ with model.safetensors,
+"""Checkpoints (docs/long-jobs.md, Checkpoints): checkpoints/step-XXXXXXXX/ with model.safetensors,
 trainer_state.pt and meta.json, and checkpoints/latest naming the newest complete one.
 
 A checkpoint is written into a temporary directory, its files fsynced, then renamed into

@@ -1,4 +1,5 @@
-"""Gradient clipping (SPEC §5), applied once per update to the complete (unscaled) gradients.
+"""Gradient clipping (docs/optimizers.md), applied once per update to the complete
+(unscaled) gradients.
 
 A clipper is built from the model (`ClipConfig.build(model)`, so that it can tell biases and
 norms apart) and called once per update with the parameters that have gradients; it

@@ -1,4 +1,4 @@
-"""More than one process (SPEC §9): the process group, and how the model's gradients are
+"""More than one process (docs/distributed.md): the process group, and how the model's gradients are
 shared between processes. The loop calls what is here; it never branches on the strategy.
 
 The process group is made from the environment torchrun sets (RANK, WORLD_SIZE,

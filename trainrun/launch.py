@@ -79,7 +79,7 @@ USAGE = """usage: {prog} [trainrun's arguments]
 Start `trainrun <arguments>` detached from the terminal, so that it outlives the SSH
 session; its output goes to console.out in the run directory. The arguments are checked
 first: what trainrun would refuse is refused here, and nothing is started. Prints the run
-directory and the commands to follow, stop and resume the run (README "Over SSH").
+directory and the commands to follow, stop and resume the run (docs/long-jobs.md, Over SSH).
 `trainrun --help` lists trainrun's arguments."""
 
 
@@ -92,7 +92,7 @@ def trainrun_command() -> list[str]:
 
 def sweep_command(args: list[str], sweep_dir: Path) -> str:
     """The command that continues a whole sweep: the same one with resume=auto and its
-    sweep directory; finished jobs are skipped, stopped ones resumed (README "Sweeps")."""
+    sweep directory; finished jobs are skipped, stopped ones resumed (docs/sweeps.md)."""
     kept = [a for a in args if a.split("=", 1)[0] not in ("resume", "hydra.sweep.dir")]
     return shlex.join(["trainrun", *kept, "resume=auto", f"hydra.sweep.dir={sweep_dir}"])
 

@@ -1,5 +1,5 @@
 """`trainrun-lrfind [overrides] [lrfind.KEY=VALUE ...] [out=DIR]`: the learning-rate range
-test (SPEC §10, Smith 2017; fastai's lr_find) on the real model and data.
+test (docs/schedules.md; Smith 2017; fastai's lr_find) on the real model and data.
 
 The model, data, optimizer, clipping and precision are built from the config exactly as
 `trainrun` builds them; the schedule is not used. Update i = 0..n−1 applies

@@ -1,5 +1,5 @@
 """`trainrun-lr [-m] [out=DIR] [overrides]`: the learning-rate schedule a config produces
-(SPEC §10), without building the model or loading data.
+(docs/schedules.md), without building the model or loading data.
 
 The config is composed and validated exactly as `trainrun` does it (same overrides, read by
 `trainrun.cli.arguments`, same one-line errors, exit status 2). Prints, per curve, the first lr (update 1), the peak lr

@@ -1,4 +1,4 @@
-"""TensorBoard scalars, per-log_every records and metrics.json (SPEC §6).
+"""TensorBoard scalars, per-log_every records and metrics.json (docs/outputs.md).
 
 x-axis = update number k. `train/lr` is written at every update; the training loss (mean
 over the updates since the last record), grad norm, clip coefficient, loss scale and

@@ -1,4 +1,4 @@
-"""Precision policy (SPEC §5): fp32; bf16 autocast; fp16 autocast with dynamic loss
+"""Precision policy (docs/precision.md): fp32; bf16 autocast; fp16 autocast with dynamic loss
 scaling; auto picks bf16 on a GPU that supports it, fp16 on one that does not, fp32 on CPU.
 fp16 and bf16 also run on the CPU through torch's CPU autocast and GradScaler.
 """

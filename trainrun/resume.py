@@ -1,5 +1,5 @@
-"""Resuming a run (SPEC §7): which checkpoint to continue from, whether the config asked
-for may continue it, and the command that continues a run.
+"""Resuming a run (docs/design.md, Resume and signals): which checkpoint to continue from,
+whether the config asked for may continue it, and the command that continues a run.
 
 `trainrun resume=<run dir>` re-composes the run's saved overrides (.hydra/overrides.yaml,
 checked and merged by trainrun.cli.overrides) with the new ones on top and runs in that
@@ -28,7 +28,7 @@ from trainrun.threads import MAX_THREADS
 
 # What a resumed run may not change: the model's family and its shape (the family's
 # shape_keys), the data and the data order's seed, and the optimizer (its state would not fit).
-DATA_KEYS_FREE = ("batch_size",)  # the order does not depend on it (SPEC §3)
+DATA_KEYS_FREE = ("batch_size",)  # the order does not depend on it (docs/design.md, Data)
 OPTIMIZER_GROUP_KEYS = ("no_decay", "exclude")  # they decide the parameter groups
 PLAIN = re.compile(r"[A-Za-z0-9_./-]*/[A-Za-z0-9_./-]*")  # a path Hydra reads as itself
 # Keys that came after runs were recorded without them, by (section, schema): the value such
@@ -247,7 +247,7 @@ def schedule_notes(cfg: Config, meta: dict, k: int, schedule: Schedule) -> list[
     factor = f"x{after / before:.3g}" if before > 0 else "from 0"
     return [f"the schedule now spans {cfg.trainer.max_steps} updates (was {old_steps}): lr at "
             f"update {k} was {before:.4g}, at update {k + 1} it is {after:.4g} ({factor}); "
-            f"README \"Train longer\""]
+            f"docs/long-jobs.md \"Train longer\""]
 
 
 def locate(cfg: Config, run_dir: Path) -> tuple[Path | None, dict[Path, str]]:

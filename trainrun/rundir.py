@@ -1,6 +1,6 @@
 """A run directory as trainrun writes it: one process at a time, never through a link.
 
-A run directory is data (README "What a run directory is trusted for"). Before a run reads
+A run directory is data (docs/long-jobs.md, What a run directory is trusted for). Before a run reads
 or writes one, `check` refuses a symbolic link or anything but a plain file or folder where
 trainrun reads, writes or deletes (the entries of WRITTEN, and everything inside its
 folders); `claim` takes the directory's lock file for as long as the process writes it; and
@@ -29,7 +29,7 @@ LOCK = ".trainrun.lock"
 FILES = ("train.log", "env.json", "metrics.json", "tokenizer.json", "console.out", LOCK)
 FOLDERS = (".hydra", "checkpoints", "tb")
 APPENDED = ("train.log", "console.out")  # written in place: a hard link would be written too
-TRUSTED = "README \"What a run directory is trusted for\""
+TRUSTED = "docs/long-jobs.md \"What a run directory is trusted for\""
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -1,4 +1,4 @@
-"""env.json: what ran, where, with which versions (SPEC §6)."""
+"""env.json: what ran, where, with which versions (docs/design.md, The run directory)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Signals during training (SPEC §7).
+"""Signals during training (docs/long-jobs.md, Signals).
 
 SIGINT, SIGTERM, SIGUSR1: the current update finishes, a checkpoint is written, the run
 exits with 128 + the signal's number; a second such signal exits at once. SIGHUP (the SSH

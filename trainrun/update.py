@@ -1,19 +1,20 @@
 """One optimizer update: micro-batches, autocast, loss scaling, clipping, step.
 
-The loss of an update is the mean over every target token of all its micro-batches (SPEC
-§5): each micro-batch contributes sum(token losses) / n_targets, where n_targets counts the
-whole window, so accumulating k micro-batches of b sequences equals one batch of k·b
-sequences whatever the sequences' lengths. n_targets is known on the host before the first
-forward pass (it comes from the data, not from the device), so normalizing costs no sync;
-under DDP every rank knows the whole window, so it needs no all-reduce either. With more
-than one process, each rank trains on its share of the window and the gradients are summed
-across ranks (trainrun.distributed), so the update is the one of a single process.
+The loss of an update is the mean over every target token of all its micro-batches
+(docs/design.md, Updates): each micro-batch contributes sum(token losses) / n_targets, where
+n_targets counts the whole window, so accumulating k micro-batches of b sequences equals one
+batch of k·b sequences whatever the sequences' lengths. n_targets is known on the host
+before the first forward pass (it comes from the data, not from the device), so normalizing
+costs no sync; under DDP every rank knows the whole window, so it needs no all-reduce
+either. With more than one process, each rank trains on its share of the window and the
+gradients are summed across ranks (trainrun.distributed), so the update is the one of a
+single process.
 
-An update whose loss or gradients are not finite is skipped (SPEC §5): the optimizer does
-not step, and the caller neither advances k nor the schedule. Deciding that costs one
-host read per update, the only one in the hot path (the next update's lr depends on it):
-the flag "may step" (fp16: the loss scaler found no inf) and, with several processes, the
-stop signals every rank was asked to stop by, read together.
+An update whose loss or gradients are not finite is skipped (docs/design.md, Updates): the
+optimizer does not step, and the caller neither advances k nor the schedule. Deciding that
+costs one host read per update, the only one in the hot path (the next update's lr depends
+on it): the flag "may step" (fp16: the loss scaler found no inf) and, with several
+processes, the stop signals every rank was asked to stop by, read together.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""After training: the commands that read a run directory (SPEC §10). Each is a thin front
-door over the builders the runner uses; none writes into the run directory.
+"""After training: the commands that read a run directory (docs/after-training.md). Each is
+a thin front door over the builders the runner uses; none writes into the run directory.
 
     run.py       a run directory as data: its config (the saved overrides, through the trust
                  boundary of trainrun.cli.overrides), its newest intact checkpoint or the one

@@ -1,7 +1,7 @@
-"""What the commands after training share about their input and output: argument errors
-as SPEC §8's one line (argparse's own print the usage too), and messages on stderr, rich on
-a terminal and plain lines otherwise, so that stdout holds only the command's output
-(text, results, JSON) and can be piped."""
+"""What the commands after training share about their input and output: argument errors as
+the one line of bad input (argparse's own print the usage too; docs/design.md, Bad input),
+and messages on stderr, rich on a terminal and plain lines otherwise, so that stdout holds
+only the command's output (text, results, JSON) and can be piped."""
 
 from __future__ import annotations
 

@@ -285,7 +285,7 @@ def fail(error: ConfigError, prog: str = "trainrun") -> None:
 def _job(cfg: DictConfig) -> float:
     """One run; in a sweep, returns its best validation loss to Hydra, or if it failed
     (a bad value found while building it, too many non-finite updates, a crash) inf carrying
-    the error's line, so that the sweep goes on (README "Sweeps")."""
+    the error's line, so that the sweep goes on (docs/sweeps.md, A failed job)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -421,7 +421,7 @@ def main() -> None:
     _job()
     from trainrun.cli.summary import failures
 
-    failed = failures()  # a sweep in which a job failed exits 1 (README "Sweeps")
+    failed = failures()  # a sweep in which a job failed exits 1 (docs/sweeps.md)
     if failed is not None:
         print(f"trainrun: {failed}", file=sys.stderr)
         sys.exit(1)

@@ -69,5 +69,6 @@ def usage() -> str:
     lines += [f"  {command:<{wide}}  # {why}" for command, why in EXAMPLES]
     lines += ["", "Flags:"]
     lines += [f"  {flag:<26}{why}" for flag, why in HYDRA_FLAGS]
-    lines += ["", "A group's keys: trainrun --cfg job GROUP=OPTION. The README documents all."]
+    lines += ["", "A group's keys: trainrun --cfg job GROUP=OPTION. docs/configuration.md and the",
+              "pages it links describe them all."]
     return "\n".join(lines)

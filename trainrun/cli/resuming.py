@@ -67,7 +67,7 @@ def resume_value(argument: str) -> str | None:
     first `=`, verbatim (any name the file system allows).
 
     A value wholly inside matching quotes that names nothing as written is read as Hydra
-    reads it, so that the form trainrun prints and the README shows,
+    reads it, so that the form trainrun prints and the documentation shows,
     `'resume="runs/wörk, [x]/run=1"'`, keeps working."""
     value = argument.partition("=")[2]
     quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""

@@ -8,7 +8,7 @@
     storage.py           the token cache: flat memory-mapped token files per split
     sequences.py         fixed-length sequences over a split's tokens (packing or not), and
                          the windows that make every token a target
-    order.py             the seeded order of the training sequences (SPEC §3)
+    order.py             the seeded order of the training sequences (docs/design.md, Data)
     hub.py               a quick look whether the Hugging Face hub can be reached
 """
 

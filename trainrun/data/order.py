@@ -1,4 +1,4 @@
-"""The order in which training sequences are seen (SPEC §3).
+"""The order in which training sequences are seen (docs/design.md, Data).
 
 Epoch e visits the sequences in one permutation that depends on (seed, e) alone. The run
 reads that stream front to back, `window` sequences per update, so the order never depends

@@ -1,4 +1,4 @@
-"""Fixed-length training sequences over a split's flat token array (SPEC §3).
+"""Fixed-length training sequences over a split's flat token array (docs/data.md).
 
 With packing the documents are concatenated (each ends with the end-of-document id) and cut
 into windows of seq_len + 1 tokens; without it each document is one sequence, truncated and

@@ -6,7 +6,7 @@ fingerprints of the documents and the tokenizer; every process opens the files r
 A cache folder appears whole or not at all: it is written under another name while an
 exclusive lock is held, its files synced to disk, then renamed into place. Two runs (or
 ranks) starting together wait for each other instead of tokenizing twice, and a crash
-leaves only a temporary folder that the next writer removes. Layout (README "Data"):
+leaves only a temporary folder that the next writer removes. Layout (docs/data.md, Token storage):
 
     <cache root>/tokens/<key>/{train,validation}.bin          tokens, end of document after each
     <cache root>/tokens/<key>/{train,validation}.offsets.npy  int64: where each document starts

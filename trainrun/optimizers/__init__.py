@@ -1,4 +1,5 @@
-"""Optimizers by name, with torch's parameter names, and their parameter groups (SPEC §5).
+"""Optimizers by name, with torch's parameter names, and their parameter groups
+(docs/optimizers.md).
 This package's interface: the registry OPTIMIZERS, the schemas' base OptimizerConfig,
 build_optimizer, param_groups, and eval_weights (the weights to evaluate and save).
 

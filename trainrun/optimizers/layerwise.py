@@ -1,4 +1,5 @@
-"""The layer-wise adaptive optimizers implemented in the project: LARS and LAMB (SPEC §5).
+"""The layer-wise adaptive optimizers implemented in the project: LARS and LAMB
+(docs/optimizers.md).
 
 Both scale the step of each parameter tensor (a "layer") by a trust ratio of norms. They are
 torch.optim.Optimizer subclasses, so state_dict()/load_state_dict() are torch's, and they

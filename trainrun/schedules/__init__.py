@@ -1,6 +1,6 @@
-"""Learning-rate schedules (SPEC §4), counted in optimizer updates. This package's interface:
-the registry SCHEDULES, the schemas' base SchedulerConfig, the schedule bound to a run
-(Schedule), build_schedule and set_lr.
+"""Learning-rate schedules (docs/schedules.md), counted in optimizer updates. This package's
+interface: the registry SCHEDULES, the schemas' base SchedulerConfig, the schedule bound to
+a run (Schedule), build_schedule and set_lr.
 
 `lr(k)` is the rate that update k = 1..N applies, and what `train/lr` logs at step k.
 Warmup, where a schedule has it: lr(k) = base·k/W for k <= W; then the schedule's decay

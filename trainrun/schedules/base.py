@@ -1,4 +1,5 @@
-"""The contract every learning-rate schedule of SPEC §4 follows, and the checks they share.
+"""The contract every learning-rate schedule follows, and the checks they share
+(docs/design.md, Schedules).
 
 Counting: k = 1..N is the optimizer update (N = trainer.max_steps); lr(k) is the rate that
 update k applies. Warmup, where an option has it: lr(k) = base·k/W for k <= W (W =

@@ -1,4 +1,5 @@
-"""Schedules that are SPEC §4's warmup followed by a closed-form decay of e = k − W − 1.
+"""Schedules that are a warmup followed by a closed-form decay of e = k − W − 1
+(docs/design.md, Schedules).
 
 Each `decay(e, D, base)` equals its reference at e = 0..D−1: torch's scheduler after e calls
 of `scheduler.step()`, or TF's / transformers' formula at global step e.
