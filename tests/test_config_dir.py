@@ -57,7 +57,8 @@ def test_the_folders_options_are_checked_before_anything_is_written(tmp_path, fo
     unknown = cli("--config-dir", str(folder), "model=nope", cwd=tmp_path)
     assert unknown.returncode == 2
     assert unknown.stderr == ("trainrun: error: model: unknown option 'nope'; allowed: "
-                              "gpt2_124m, gpt_small, gpt_tiny, wee\n")
+                              "gpt2_124m, gpt_small, gpt_tiny, llama_small, llama_tiny, "
+                              "smollm_135m, wee\n")
     bad = cli(f"-cd={folder}", "--cfg", "job", *wee(corpus, "trainer.max_steps=0"), cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.startswith("trainrun: error: trainer.max_steps: ")
     assert len(bad.stderr.splitlines()) == 1 and bad.stdout == ""
