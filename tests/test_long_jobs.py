@@ -111,11 +111,15 @@ def test_sighup_keeps_training_and_logging(tmp_path, corpus):
     """The terminal goes away (SIGHUP): the run finishes, train.log has every record."""
     run_dir = tmp_path / "run"
     main, child = pty.openpty()
+    # a checkpoint every 5 updates, each held for half a second: the 60 updates outlast the
+    # signal sent after update 5 by 5 s at least, however fast they are and however slowly
+    # this test polls
     proc = subprocess.Popen(
         [sys.executable, "-m", "trainrun",
-         *tiny(corpus, "trainer.max_steps=60", "trainer.log_every=5"), f"hydra.run.dir={run_dir}"],
+         *tiny(corpus, "trainer.max_steps=60", "trainer.log_every=5", "trainer.ckpt_every=5"),
+         f"hydra.run.dir={run_dir}"],
         stdin=child, stdout=child, stderr=child, cwd=tmp_path,
-        env={**os.environ, "COLUMNS": "120"},
+        env={**os.environ, "COLUMNS": "120", "TRAINRUN_SAVE_PAUSE": "0.5"},
     )
     os.close(child)
     log = run_dir / "train.log"
@@ -124,7 +128,8 @@ def test_sighup_keeps_training_and_logging(tmp_path, corpus):
     os.close(main)  # the terminal is gone: writing to it would fail
     assert proc.wait(timeout=180) == 0
     text = log.read_text()
-    assert "SIGHUP" in text and "step 60/60" in text and completed(run_dir)
+    assert "SIGHUP" in text and completed(run_dir)
+    assert text.index("SIGHUP") < text.index("step 60/60")  # training went on after it
 
 
 @pytest.mark.parametrize("name", ["trainrun-nohup", "trainrun-tmux"])
