@@ -201,7 +201,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from trainrun import runner
-    from trainrun.cli import compose, fail
+    from trainrun.composition import compose, fail
     from trainrun.console import Console
     from trainrun.errors import ConfigError
 

@@ -93,7 +93,7 @@ def val_curve(run_dir: Path) -> tuple[list[int], list[float], list[float]]:
 
 def state_bytes(argv: list[str]) -> int:
     """Bytes of the optimizer's state tensors after one update, built as trainrun builds it."""
-    from trainrun.cli import compose
+    from trainrun.composition import compose
     from trainrun.data.tokenizers import ByteTokenizer
     from trainrun.optimizers import build_optimizer
 
@@ -199,7 +199,7 @@ def main() -> None:
 
 
 def _model(argv: list[str]) -> torch.nn.Module:
-    from trainrun.cli import compose
+    from trainrun.composition import compose
     from trainrun.data.tokenizers import ByteTokenizer
 
     (cfg,) = compose([argv])

@@ -16,7 +16,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from trainrun.cli import compose
+from trainrun.composition import compose
 from trainrun.lrpreview import curve
 from trainrun.schedules import SCHEDULES
 

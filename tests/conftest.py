@@ -19,7 +19,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_module
 from omegaconf import OmegaConf, open_dict
 
-from trainrun.cli import compose, load
+from trainrun.composition import compose, load, register
 from trainrun.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,6 +55,13 @@ def make_corpus(path: Path, n_docs: int = 300, seed: int = 0) -> Path:
              for _ in range(n_docs)]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _schemas() -> None:
+    """The schemas in Hydra's ConfigStore, for the tests that compose with Hydra's own API
+    (trainrun's commands register them themselves)."""
+    register()
 
 
 @pytest.fixture(scope="session")

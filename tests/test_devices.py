@@ -121,7 +121,7 @@ def test_pre_flight_leaves_a_clusters_device_and_memory_to_its_jobs():
     """From a login node without a GPU: the SLURM preset's jobs ask for cuda and a model
     larger than this host's memory, and pre-flight checks only what it can check here."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    from trainrun.cli import preflight
+    from trainrun.composition import preflight
 
     big = ["model.d_model=8192", "model.n_layers=96", "model.n_heads=64", "model.d_ff=32768"]
     remote = ["-m", "hydra/launcher=slurm", "trainer.device=cuda", *big]
@@ -138,7 +138,7 @@ def test_the_local_submitit_preset_shows_its_jobs_every_gpu(gpus):
     """It used to ask submitit for 0 GPUs, which sets CUDA_VISIBLE_DEVICES="" for each job:
     they trained on the CPU without a word."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    from trainrun.cli import composed
+    from trainrun.composition import composed
 
     gpus(4)
     (cfg,) = composed([["hydra/launcher=submitit"]], with_hydra=True)

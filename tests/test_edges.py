@@ -13,7 +13,7 @@ import torch
 from conftest import cli, config
 
 from trainrun import memory
-from trainrun.cli import options
+from trainrun.composition import options
 from trainrun.config import GROUPS, validate
 from trainrun.data.tokenizers import ByteTokenizer
 from trainrun.errors import ConfigError

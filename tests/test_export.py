@@ -19,8 +19,8 @@ import yaml
 from conftest import cli, config, final_weights, tiny, train
 
 from trainrun import checkpoint, runner
-from trainrun.after import export
 from trainrun.after.run import open_run
+from trainrun.commands import export
 from trainrun.console import Console
 from trainrun.data.tokenizers import ByteTokenizer
 from trainrun.errors import ConfigError

@@ -115,7 +115,8 @@ def llama_run(tmp_path_factory, corpus) -> Path:
 
 
 def test_sample_and_eval_read_a_llama_run(llama_run, capsys):
-    from trainrun.after import evaluate, sample
+    from trainrun.commands import eval as evaluate
+    from trainrun.commands import sample
 
     sample.main([str(llama_run), "the ", "--max-new-tokens", "8", "--temperature", "0"])
     assert capsys.readouterr().out.startswith("the ")
@@ -126,8 +127,8 @@ def test_sample_and_eval_read_a_llama_run(llama_run, capsys):
 
 def test_export_loads_in_transformers_with_the_runs_logits(llama_run, tmp_path):
     transformers = pytest.importorskip("transformers")
-    from trainrun.after import export
     from trainrun.after.run import open_run
+    from trainrun.commands import export
 
     export.main([str(llama_run), str(tmp_path / "out")])
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()

@@ -28,7 +28,7 @@ from test_distributed import only_run_dir, torchrun
 from test_distributed import overrides as ddp_overrides
 
 from trainrun import checkpoint, distributed
-from trainrun.cli.init_from import init_from_shape, option_family
+from trainrun.composition.init_from import init_from_shape, option_family
 from trainrun.console import Console
 from trainrun.models import MODELS, padded, parameter_kinds
 from trainrun.runner import build_model

@@ -108,7 +108,7 @@ def test_a_non_finite_gradient_changes_nothing(mode, name):
 
 
 def every_optimizer() -> list[str]:
-    from trainrun.cli.overrides import options
+    from trainrun.composition.overrides import options
 
     return options("optimizer")
 

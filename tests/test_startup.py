@@ -85,7 +85,7 @@ def test_a_signal_after_hydra_composed_but_before_it_names_the_directory():
     from hydra.core.hydra_config import HydraConfig
 
     from trainrun import signals
-    from trainrun.cli import composed
+    from trainrun.composition import composed
 
     HydraConfig.instance().set_config(composed([[]], with_hydra=True)[0])
     try:

@@ -191,7 +191,7 @@ def test_launcher_presets(tmp_path):
     per GPU: tasks_per_node follows gpus_per_node)."""
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    from trainrun.cli import composed
+    from trainrun.composition import composed
 
     def launcher(*overrides):
         return composed([list(overrides)], with_hydra=True)[0].hydra.launcher
@@ -221,7 +221,7 @@ def test_a_bad_launcher_or_search_fails_before_any_job(tmp_path, args, message):
 def test_only_rank_0_records_a_job(monkeypatch):
     """The tasks of an srun step (submitit's SLURM jobs with several GPUs) and torchrun's
     workers run the same job: rank 0 alone reports it."""
-    from trainrun.cli.summary import main_process
+    from trainrun.composition.summary import main_process
 
     for name in ("RANK", "WORLD_SIZE", "SLURM_STEP_ID", "SLURM_PROCID", "SLURM_NTASKS"):
         monkeypatch.delenv(name, raising=False)

@@ -106,19 +106,17 @@ def save_sharded(root: Path, k: int, replicas, optimizer: torch.optim.Optimizer,
     rank 0 the whole weights (model.safetensors) and the rest, then puts it in place."""
     import torch.distributed.checkpoint as dcp
 
-    from trainrun import distributed
-
     tmp = root / f".tmp-{step_name(k)}-sharded"  # one name on every rank
     if main:
         rundir.folder(root, within=root.parent)
         clean(root)
         tmp.mkdir()  # new: it holds no link
-    distributed.barrier()
+    replicas.barrier()
     dcp.save(replicas.sharded_state(optimizer), checkpoint_id=str(tmp / SHARDS))
     weights = replicas.full_weights()
     if main:
         save(root, k, weights, state, meta, keep_last, tmp=tmp)
-    distributed.barrier()
+    replicas.barrier()
 
 
 def clean(root: Path, keep: Path | None = None) -> None:

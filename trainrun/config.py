@@ -48,7 +48,7 @@ class TrainerConfig:
     threads: str = MISSING  # auto | N: CPU threads of torch's operators (threads.py)
 
     # deprecated keys and the key each is a form of: naming one on the command line sets the
-    # other to null, and on resume replaces the saved other (trainrun.cli.overrides)
+    # other to null, and on resume replaces the saved other (trainrun.composition.overrides)
     deprecated: ClassVar[dict[str, str]] = {"eval_batches": "eval_sequences"}
 
 

@@ -78,8 +78,8 @@ def config(run_dir: Path, overrides: list[str], data: bool,
     """The run's saved overrides, then `overrides` (a group switched drops the old option's
     keys), composed and validated (data=False: the data source unchecked), with the options
     of config_dir too (--config-dir)."""
-    from trainrun.cli import compose, config_folder
-    from trainrun.cli.overrides import OWN, continue_run, key, one_of
+    from trainrun.composition import compose, config_folder
+    from trainrun.composition.overrides import OWN, continue_run, key, one_of
 
     folder = None if config_dir is None else config_folder(config_dir)
     try:
