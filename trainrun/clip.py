@@ -25,6 +25,7 @@ from omegaconf import MISSING
 
 from trainrun.errors import ConfigError, require_in, require_positive
 from trainrun.models import KINDS, parameter_kinds
+from trainrun.registry import options_of, register
 
 Tensors = list[torch.Tensor]
 Params = list[torch.nn.Parameter]
@@ -64,6 +65,7 @@ class Clipper:
         pass
 
 
+@register("clip", "none")
 @dataclass
 class NoClipConfig(ClipConfig):
     def build(self, model):
@@ -76,6 +78,7 @@ class NoClip(Clipper):
         return norm, torch.ones_like(norm)
 
 
+@register("clip", "norm")
 @dataclass
 class NormClipConfig(ClipConfig):
     """g ← g · max_norm / max(‖g‖, max_norm), globally or (per_param) tensor by tensor."""
@@ -112,6 +115,7 @@ class NormClip(Clipper):
         return pre, coef
 
 
+@register("clip", "value")
 @dataclass
 class ValueClipConfig(ClipConfig):
     """Each gradient element clamped to [−max_value, max_value]."""
@@ -139,6 +143,7 @@ class ValueClip(Clipper):
         return pre, norm_ratio(global_norm(grads), pre)
 
 
+@register("clip", "adaptive")
 @dataclass
 class AdaptiveClipConfig(ClipConfig):
     """AutoClip (Seetharaman et al. 2020): clip the global L2 norm at the `percentile`-th
@@ -225,6 +230,7 @@ class AutoClip(Clipper):
         self.count = torch.tensor(count, dtype=torch.long, device=device)
 
 
+@register("clip", "agc")
 @dataclass
 class AGCConfig(ClipConfig):
     """Adaptive gradient clipping (Brock et al. 2021), unit by unit: ‖G_i‖ ≤ clipping ·
@@ -265,10 +271,4 @@ class AGC(Clipper):
         return pre, norm_ratio(global_norm(grads), pre)
 
 
-CLIPPERS = {
-    "none": NoClipConfig,
-    "norm": NormClipConfig,
-    "value": ValueClipConfig,
-    "adaptive": AdaptiveClipConfig,
-    "agc": AGCConfig,
-}
+CLIPPERS: dict[str, type[ClipConfig]] = options_of("clip")  # each class registers itself
