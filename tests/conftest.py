@@ -19,7 +19,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_module
 from omegaconf import OmegaConf, open_dict
 
-from trainrun.composition import compose, load, register
+from trainrun.composition import load, prepare_hydra, validated_configs
 from trainrun.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def make_corpus(path: Path, n_docs: int = 300, seed: int = 0) -> Path:
 def _schemas() -> None:
     """The schemas in Hydra's ConfigStore, for the tests that compose with Hydra's own API
     (trainrun's commands register them themselves)."""
-    register()
+    prepare_hydra()
 
 
 @pytest.fixture(scope="session")
@@ -83,7 +83,7 @@ def _hf_cache(tmp_path_factory, monkeypatch):
 
 def config(*overrides: str) -> Config:
     """The validated Config of `trainrun <overrides>`."""
-    return compose([list(overrides)])[0]
+    return validated_configs([list(overrides)])[0]
 
 
 def train(run_dir: Path, *overrides: str) -> dict:
@@ -97,7 +97,7 @@ def train(run_dir: Path, *overrides: str) -> dict:
         with open_dict(cfg):
             del cfg["hydra"]
         yaml = OmegaConf.to_yaml(cfg)
-        runner.run(load(cfg), run_dir, yaml, choices)
+        runner.run_training(load(cfg), run_dir, yaml, choices)
     return json.loads((run_dir / "metrics.json").read_text())
 
 

@@ -138,7 +138,7 @@ def test_every_help_example_pasted_into_a_shell_is_accepted(tmp_path, finished_r
     from trainrun import identical, sweep
     from trainrun.commands import sample
     from trainrun.commands.lr import parse_args
-    from trainrun.composition import compose, preflight
+    from trainrun.composition import preflight, validated_configs
     from trainrun.data.tokenizers import ByteTokenizer
     from trainrun.resume import AlreadyComplete
 
@@ -172,7 +172,7 @@ def test_every_help_example_pasted_into_a_shell_is_accepted(tmp_path, finished_r
         elif command == "torchrun":
             accepted(args[args.index("trainrun") + 1:])
         elif command == "trainrun-lr":
-            compose([parse_args(args)[2]], data=False)
+            validated_configs([parse_args(args)[2]], data=False)
         elif command == "trainrun-sample":
             found, extra = sample.parser().parse_known_args(args)
             assert (found.run_dir, found.prompt, extra) == ("RUN_DIR", "def ", [])

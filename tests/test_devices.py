@@ -47,13 +47,13 @@ def test_every_srun_task_of_a_sweep_job_gets_its_own_gpu(gpus, monkeypatch):
     each takes the GPU of its local rank, not the first."""
     gpus(4)
     cfg = config(*TINY, "trainer.device=auto")
-    from trainrun.runner import prepare
+    from trainrun.runner import device_and_precision
 
     taken = set()
     for local in range(4):
         monkeypatch.setattr("os.environ", {**SRUN, "SLURM_LOCALID": str(local),
                                            "SLURM_PROCID": str(local)})
-        taken.add(prepare(cfg)[0])
+        taken.add(device_and_precision(cfg)[0])
     assert taken == {torch.device("cuda", i) for i in range(4)}
 
 
@@ -138,10 +138,10 @@ def test_the_local_submitit_preset_shows_its_jobs_every_gpu(gpus):
     """It used to ask submitit for 0 GPUs, which sets CUDA_VISIBLE_DEVICES="" for each job:
     they trained on the CPU without a word."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    from trainrun.composition import composed
+    from trainrun.composition import hydra_configs
 
     gpus(4)
-    (cfg,) = composed([["hydra/launcher=submitit"]], with_hydra=True)
+    (cfg,) = hydra_configs([["hydra/launcher=submitit"]], with_hydra=True)
     assert cfg.hydra.launcher.gpus_per_node == 4
 
 

@@ -191,10 +191,10 @@ def test_launcher_presets(tmp_path):
     per GPU: tasks_per_node follows gpus_per_node)."""
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    from trainrun.composition import composed
+    from trainrun.composition import hydra_configs
 
     def launcher(*overrides):
-        return composed([list(overrides)], with_hydra=True)[0].hydra.launcher
+        return hydra_configs([list(overrides)], with_hydra=True)[0].hydra.launcher
 
     parallel = launcher("hydra/launcher=parallel", "hydra.launcher.n_jobs=3")
     assert parallel._target_.endswith("JoblibLauncher") and parallel.n_jobs == 3

@@ -79,24 +79,24 @@ def suggest(lrs: Sequence[float], smoothed: Sequence[float]) -> int:
     return lo + int(np.argmin(slope))
 
 
-def range_test(trainer, test: RangeTest) -> Result:
+def range_test(components, test: RangeTest) -> Result:
     """Train with the exponentially increasing lr until num_updates or divergence."""
     from trainrun.loop import one_update
     from trainrun.schedules import set_lr
 
     result, skipped = Result(), 0
-    trainer.replicas.module.train()
+    components.replicas.module.train()
     for i in range(test.num_updates):
         lr = test.lr(i)
-        set_lr(trainer.optimizer, lr, trainer.schedule.base_lr)
-        update, _ = one_update(trainer)
+        set_lr(components.optimizer, lr, components.schedule.base_lr)
+        update, _ = one_update(components)
         loss = float(update.loss)
         if not math.isfinite(loss):
             result.stopped = f"update {i + 1} (lr {lr:.2e}): the loss is not finite"
             break
         if not update.stepped:  # gradients not finite: under fp16 often only the loss
             skipped += 1        # scale, which the scaler lowers; the test goes on
-            if skipped > trainer.cfg.max_skipped:
+            if skipped > components.cfg.max_skipped:
                 result.stopped = (f"update {i + 1} (lr {lr:.2e}): the gradients were not "
                                   f"finite {skipped} updates in a row")
                 break

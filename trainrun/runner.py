@@ -26,7 +26,7 @@ from trainrun import (
 )
 from trainrun.config import Config
 from trainrun.console import Console
-from trainrun.data.order import DataOrder
+from trainrun.data.order import DataOrder, sequences_per_update
 from trainrun.errors import ConfigError, NotTrainrun, reason
 from trainrun.loop import NonFinite, Outputs, fit
 from trainrun.metrics import Metrics
@@ -35,7 +35,7 @@ from trainrun.optimizers import build_optimizer
 from trainrun.precision import Precision
 from trainrun.schedules import build_schedule
 from trainrun.signals import Signals, hold, release
-from trainrun.state import Counters, Trainer
+from trainrun.state import Components, Counters
 from trainrun.threads import set_threads
 
 
@@ -60,7 +60,7 @@ def hparams(cfg: Config, choices: dict[str, str]) -> dict:
     return flat
 
 
-def prepare(cfg: Config, slot: int | None = None) -> tuple[torch.device, Precision]:
+def device_and_precision(cfg: Config, slot: int | None = None) -> tuple[torch.device, Precision]:
     """The checks that need the machine (device, precision support), before any model or
     data is built; `slot`: which GPU of several (trainrun.devices), by default this
     process's local rank."""
@@ -88,7 +88,7 @@ class Launch:
     job: int | None = None  # a sweep job's number, which spreads jobs over the GPUs
 
 
-def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
+def run_training(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
         launch: Launch = Launch()) -> dict:
     """Train (or continue) the run described by cfg in run_dir; return the metrics.json
     summary. Raises RunStopped when a signal stopped the run or it failed.
@@ -96,7 +96,7 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
     Nothing is written into run_dir until the run is built and its checkpoint loaded: a run
     refused before then (ConfigError) leaves the directory as it found it, and removes it if
     it was empty; the launch's record is written into run_dir/.hydra once it starts."""
-    device, precision = prepare(cfg, devices.slot(launch.job))
+    device, precision = device_and_precision(cfg, devices.slot(launch.job))
     world = distributed.init(device)  # a no-op when the CLI joined already, or for one process
     if cfg.trainer.strategy == "fsdp":
         world = distributed.init_single(device)  # FSDP needs a process group, even of one
@@ -112,22 +112,24 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
             console.config(config_yaml)
             console.info("options: " + " ".join(f"{g}={o}" for g, o in choices.items()))
             saved = resume.reproducibility(resume_from)  # {}: a fresh run, an older checkpoint
-            trainer = build(cfg, device, precision, console, world, pretrained=resume_from is None,
-                            threads=resume.threads(saved, world.size))
+            components = build_components(cfg, device, precision, console, world,
+                                          pretrained=resume_from is None,
+                                          threads=resume.threads(saved, world.size))
             if resume_from is not None:
-                resume.check_tokenizer(trainer.tokenizer, resume_from)
-                resume.check_data(resume.data_record(trainer.train, trainer.val), resume_from)
-                load_checkpoint(trainer, resume_from)
-                console.info(f"resumed from {resume_from} at update {trainer.counters.k}")
+                resume.check_tokenizer(components.tokenizer, resume_from)
+                resume.check_data(resume.data_record(components.train, components.val),
+                                  resume_from)
+                load_checkpoint(components, resume_from)
+                console.info(f"resumed from {resume_from} at update {components.counters.k}")
                 for note in determinism.differences(saved, determinism.record(device, world.size)):
                     console.warning(note)
-                for note in [*trainer.resume_notes(), *resume.schedule_notes(
-                        cfg, checkpoint.read_meta(resume_from), trainer.counters.k,
-                        trainer.schedule)]:
+                for note in [*components.resume_notes(), *resume.schedule_notes(
+                        cfg, checkpoint.read_meta(resume_from), components.counters.k,
+                        components.schedule)]:
                     console.info(note)
-            for note in validation_notes(trainer, resume_from):
+            for note in validation_notes(components, resume_from):
                 console.warning(note)
-            console.info(validation.describe(trainer))
+            console.info(validation.describe(components))
             signals.check()  # the last point where a start-up stop leaves nothing behind
         except BaseException:  # a refused start or a start-up signal (StartupStop)
             rundir.release(run_dir)
@@ -136,32 +138,33 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
         hold()  # from here the run writes its directory: a stop is a stopped run
         if world.main:
             try:
-                opening.start(run_dir, console, launch.record, damaged, trainer.tokenizer,
-                              device)
+                opening.write_first_files(run_dir, console, launch.record, damaged,
+                                          components.tokenizer, device)
             except opening.StartFailed as failed:
                 print(f"trainrun: {failed}", file=sys.stderr)
                 rundir.release(run_dir)
                 rundir.remove_if_empty(run_dir)
                 raise RunStopped(1, str(failed)) from None
         metrics = Metrics(run_dir, console, cfg.trainer.log_every, cfg.trainer.max_steps,
-                          first_step=trainer.counters.k + 1, writes=world.main,
-                          earlier_seconds=trainer.counters.wall_seconds, tb_name=launch.tb_name)
+                          first_step=components.counters.k + 1, writes=world.main,
+                          earlier_seconds=components.counters.wall_seconds,
+                          tb_name=launch.tb_name)
         meta = {"config": json.loads(json.dumps(asdict(cfg))), "schemas": resume.schemas(cfg),
-                "tokenizer": resume.tokenizer_record(trainer.tokenizer),
-                "data": resume.data_record(trainer.train, trainer.val),
+                "tokenizer": resume.tokenizer_record(components.tokenizer),
+                "data": resume.data_record(components.train, components.val),
                 "reproducibility": determinism.record(device, world.size),
-                "validation": validation.record(trainer.val, trainer.val_size),
-                **origin(cfg, resume_from)}
+                "validation": validation.record(components.val, components.val_size),
+                **init_from_record(cfg, resume_from)}
         outputs = Outputs(metrics, console, run_dir / "checkpoints", meta,
-                          saved_k=trainer.counters.k if resume_from is not None else None)
+                          saved_k=components.counters.k if resume_from is not None else None)
         status = "failed"
         try:
             with Signals(on_hangup=console.detach_terminal) as stops:
-                status = fit(trainer, outputs, stops)
+                status = fit(components, outputs, stops)
         finally:
-            summary = metrics.finish(summarize(trainer, status), hparams(cfg, choices))
-        return finish(summary, run_dir, console, stops, outputs.failure, world,
-                      launch.config_dir)
+            summary = metrics.finish(summarize(components, status), hparams(cfg, choices))
+        return report_end(summary, run_dir, console, stops, outputs.failure, world,
+                          launch.config_dir)
     finally:
         release()
         determinism.restore()
@@ -171,7 +174,7 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
         distributed.close()  # the group's threads end before the interpreter does
 
 
-def summarize(t: Trainer, status: str) -> dict:
+def summarize(t: Components, status: str) -> dict:
     c = t.counters
     return {"status": status, "steps": c.k, "tokens": c.tokens, "train_loss": c.train_loss,
             "val_loss": c.val_loss, "best_val_loss": c.best_val_loss,
@@ -179,7 +182,7 @@ def summarize(t: Trainer, status: str) -> dict:
             "parameters": t.raw_model.num_params()}
 
 
-def finish(summary: dict, run_dir: Path, console: Console, signals: Signals,
+def report_end(summary: dict, run_dir: Path, console: Console, signals: Signals,
            failure: checkpoint.NoSpace | NonFinite | None = None,
            world: distributed.World = distributed.ONE_PROCESS,
            config_dir: Path | None = None) -> dict:
@@ -215,7 +218,7 @@ def finish(summary: dict, run_dir: Path, console: Console, signals: Signals,
     return summary
 
 
-def load_checkpoint(t: Trainer, path: Path) -> None:
+def load_checkpoint(t: Components, path: Path) -> None:
     """Continue from checkpoint `path`: its files are refused in one line (ConfigError) when
     they are not what trainrun writes, whatever meta.json's checksums say."""
     try:
@@ -238,7 +241,7 @@ def load_checkpoint(t: Trainer, path: Path) -> None:
             from None
 
 
-def validation_notes(t: Trainer, resume_from: Path | None) -> list[str]:
+def validation_notes(t: Components, resume_from: Path | None) -> list[str]:
     """What the run's validation set means for a fresh run (the deprecated eval_batches) or a
     resumed one (validation.resumed); a checkpoint whose record is not trainrun's is refused
     in one line."""
@@ -254,7 +257,7 @@ def validation_notes(t: Trainer, resume_from: Path | None) -> list[str]:
                                     f"checkpoint written by trainrun") from None
 
 
-def origin(cfg: Config, resume_from: Path | None) -> dict:
+def init_from_record(cfg: Config, resume_from: Path | None) -> dict:
     """meta.json's `init_from` (the folder and the sha256 of its weights) when the run's
     weights started from model.init_from; a resumed run keeps its checkpoint's."""
     if resume_from is not None:
@@ -276,9 +279,9 @@ def build_model(cfg: ModelConfig, vocab_size: int, device: torch.device,
     return model.to(device)
 
 
-def build(cfg: Config, device: torch.device, precision: Precision, console: Console,
+def build_components(cfg: Config, device: torch.device, precision: Precision, console: Console,
           world: distributed.World = distributed.ONE_PROCESS, pretrained: bool = True,
-          threads: int | None = None) -> Trainer:
+          threads: int | None = None) -> Components:
     """The run's components; `pretrained`: the weights of model.init_from, if set (False
     when a checkpoint will replace them); `threads`: the CPU threads of the checkpoint a
     resume continues, taken under trainer.threads=auto (threads.py)."""
@@ -302,7 +305,7 @@ def build(cfg: Config, device: torch.device, precision: Precision, console: Cons
     optimizer = build_optimizer(cfg.optimizer, model, device)
     schedule = build_schedule(cfg.scheduler, cfg.optimizer.lr, t.max_steps, cfg.model.d_model)
     schedule.check(optimizer)
-    sequences_per_update = cfg.data.batch_size * t.grad_accum_steps * world.size
+    sequences = sequences_per_update(cfg.data.batch_size, t.grad_accum_steps, world.size)
     if world.size > 1 or t.strategy == "fsdp":
         console.info(f"{world.size} process(es), strategy {t.strategy}, rank 0 writes the run")
     console.info(
@@ -313,12 +316,12 @@ def build(cfg: Config, device: torch.device, precision: Precision, console: Cons
     console.info(
         f"update = {t.grad_accum_steps} micro-batch(es) x {cfg.data.batch_size} sequences x "
         f"{world.size} process(es) = "
-        f"{sequences_per_update} sequences, up to {sequences_per_update * cfg.data.seq_len:,} "
+        f"{sequences} sequences, up to {sequences * cfg.data.seq_len:,} "
         f"tokens; {t.max_steps} updates"
     )
     for note in schedule.notes():  # noam: optimizer.lr unused, warmup longer than the run
         console.warning(note)
-    return Trainer(
+    return Components(
         cfg=t, replicas=replicas, raw_model=model, optimizer=optimizer, schedule=schedule,
         clipper=cfg.clip.build(model), precision=precision, train=splits["train"],
         val=splits["validation"], order=DataOrder(len(splits["train"]), t.seed),

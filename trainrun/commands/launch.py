@@ -61,7 +61,7 @@ def validate(prog: str, args: list[str]) -> None:
     from trainrun.errors import ConfigError
     from trainrun.resume import AlreadyComplete
 
-    composition.register()
+    composition.prepare_hydra()
     try:
         full = composition.arguments(args)
         composition.preflight(full)

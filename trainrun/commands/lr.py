@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from trainrun.composition import arguments, compose, fail, sweep
+from trainrun.composition import arguments, fail, sweep, validated_configs
 from trainrun.errors import ConfigError
 from trainrun.lrpreview import ascii_plot, curve, summary, write_csv, write_png
 
@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         multirun, out, overrides = parse_args(argv)
         jobs = expand(arguments(overrides), multirun)  # as `trainrun` reads them
-        configs = compose([job for _, job in jobs])
+        configs = validated_configs([job for _, job in jobs])
         curves = [curve(label, cfg) for (label, _), cfg in zip(jobs, configs, strict=True)]
     except ConfigError as error:
         fail(error, PROG)

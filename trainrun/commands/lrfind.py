@@ -65,7 +65,7 @@ def default_out() -> Path:
 
 def main(argv: Sequence[str] | None = None) -> None:
     from trainrun import determinism, runner
-    from trainrun.composition import arguments, compose, fail, task_overrides
+    from trainrun.composition import arguments, fail, task_overrides, validated_configs
     from trainrun.console import Console
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -76,8 +76,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         test, out, overrides = parse_args(argv)
         overrides = task_overrides(arguments(overrides))
-        (cfg,) = compose([overrides])
-        device, precision = runner.prepare(cfg)
+        (cfg,) = validated_configs([overrides])
+        device, precision = runner.device_and_precision(cfg)
     except ConfigError as error:
         fail(error, PROG)
     out = out or default_out()
@@ -85,13 +85,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     console = Console(out / "lrfind.log")
     try:
         try:
-            trainer = runner.build(cfg, device, precision, console)
+            components = runner.build_components(cfg, device, precision, console)
         except ConfigError as error:  # found while loading the data
             fail(error, PROG)
         console.info(f"lr range test: up to {test.num_updates} updates, lr {test.start_lr:.1e} "
                      f"to {test.end_lr:.1e} (exponential); smoothing {test.smoothing:g}, stop "
                      f"when the smoothed loss exceeds {test.diverge:g} × its best")
-        result = range_test(trainer, test)
+        result = range_test(components, test)
         if len(result.lrs) < 2:
             console.warning(f"no usable curve: {result.stopped}; lower lrfind.start_lr")
             sys.exit(1)
@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         console.info(f"wrote {out / 'lrfind.csv'} and {out / 'lrfind.png'} in "
                      f"{time.perf_counter() - started:.1f}s")
     finally:
-        determinism.restore()  # runner.build() applied trainer.deterministic
+        determinism.restore()  # runner.build_components() applied trainer.deterministic
         console.close()
 
 

@@ -41,7 +41,7 @@ def main() -> None:
         from trainrun import composition
 
         signals.check()  # a stop that came while Hydra was imported
-        composition.register()
+        composition.prepare_hydra()
         train()
     except signals.StartupStop as stop:
         remove_empty_run_dir()

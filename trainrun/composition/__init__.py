@@ -13,7 +13,7 @@ the run writes .hydra/ once it has really started, so a refused or failed start 
                      the folder --config-dir names
     overrides.py     override lists: group options, "one of these keys" pairs, resume's
                      saved overrides (a run directory is data, never code)
-    composing.py     `register` (the schemas, once), Hydra's compose API, `validate`
+    composing.py     `prepare_hydra` (the schemas, once), Hydra's compose API, `validate`
     resuming.py      what `resume=` names on the command line
     init_from.py     model.init_from's family and shape
     folders.py       what a --config-dir folder may add (no Hydra settings)
@@ -27,19 +27,19 @@ the run writes .hydra/ once it has really started, so a refused or failed start 
 from __future__ import annotations
 
 from trainrun.composition.command_line import (
-    config_dir,
-    config_folder,
+    checked_config_dir,
+    config_dir_from_flags,
     is_sweep,
     override_value,
     split_flags,
     sweep,
     task_overrides,
 )
-from trainrun.composition.composing import compose, composed, load, register
+from trainrun.composition.composing import hydra_configs, load, prepare_hydra, validated_configs
 from trainrun.composition.explain import explain, fail
 from trainrun.composition.overrides import options
 from trainrun.composition.preflight import arguments, preflight
 
-__all__ = ["arguments", "compose", "composed", "config_dir", "config_folder", "explain",
-           "fail", "is_sweep", "load", "options", "override_value", "preflight", "register",
-           "split_flags", "sweep", "task_overrides"]
+__all__ = ["arguments", "checked_config_dir", "config_dir_from_flags", "explain", "fail",
+           "hydra_configs", "is_sweep", "load", "options", "override_value", "preflight",
+           "prepare_hydra", "split_flags", "sweep", "task_overrides", "validated_configs"]

@@ -105,15 +105,15 @@ def config_dir_args(args: list[str]) -> list[str]:
     return found
 
 
-def config_dir(flags: list[str]) -> Path | None:
+def config_dir_from_flags(flags: list[str]) -> Path | None:
     """The folder `--config-dir` (-cd) names, made absolute as Hydra makes it; ConfigError if
     it is not a folder."""
     words = config_dir_args(flags)
     value = words[1] if len(words) == 2 else "".join(words).partition("=")[2]
-    return config_folder(value) if value else None
+    return checked_config_dir(value) if value else None
 
 
-def config_folder(given: str) -> Path:
+def checked_config_dir(given: str) -> Path:
     """A --config-dir value as an absolute path; ConfigError if it is not a folder."""
     folder = Path(os.path.abspath(given))
     if not folder.is_dir():

@@ -1,7 +1,7 @@
 """Composing a config: Hydra's compose API over trainrun's configs (and the folder
 `--config-dir` adds), then the schemas' types and keys, then config.validate.
 
-`register()` puts what composition needs into Hydra and OmegaConf (the schemas, the
+`prepare_hydra()` puts what composition needs into Hydra and OmegaConf (the schemas, the
 `${trainrun.gpus:}` resolver); the commands call it, and so does every composition here,
 rather than an import doing it by the way. It may be called any number of times."""
 
@@ -28,7 +28,7 @@ def gpus() -> int:
     return torch.cuda.device_count()
 
 
-def register() -> None:
+def prepare_hydra() -> None:
     """Register the schemas in Hydra's ConfigStore and the `trainrun.gpus` resolver in
     OmegaConf, once per process."""
     global _registered
@@ -43,14 +43,14 @@ def load(cfg: DictConfig, data: bool = True) -> Config:
     return validate(to_config(cfg), data)
 
 
-def compose(jobs: list[list[str]], data: bool = True,
+def validated_configs(jobs: list[list[str]], data: bool = True,
             config_dir: Path | None = None) -> list[Config]:
     """The validated Config of each job's overrides, composed as `trainrun` composes them
     (data=False: without checking the data source, see config.validate)."""
-    return [load(cfg, data) for cfg in composed(jobs, config_dir=config_dir)]
+    return [load(cfg, data) for cfg in hydra_configs(jobs, config_dir=config_dir)]
 
 
-def composed(jobs: list[list[str]], with_hydra: bool = False,
+def hydra_configs(jobs: list[list[str]], with_hydra: bool = False,
              config_dir: Path | None = None) -> list[DictConfig]:
     """Each job's overrides composed (types, keys and options checked, no cross-field rule);
     with_hydra: Hydra's own config too, so that hydra/launcher=..., hydra.launcher.*=... and
@@ -59,7 +59,7 @@ def composed(jobs: list[list[str]], with_hydra: bool = False,
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
-    register()
+    prepare_hydra()
     configs = []
     with initialize_config_module(config_module=CONF, version_base=None):
         if config_dir is not None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from trainrun.composition.composing import composed
+from trainrun.composition.composing import hydra_configs
 from trainrun.composition.overrides import groups, key, options
 from trainrun.errors import ConfigError
 
@@ -42,8 +42,8 @@ def check(folder: Path, jobs: list[list[str]], hydra_own: list[str]) -> None:
         searches = tuple(o for o in job if key(o) == "hparams_search"
                          and o.partition("=")[2] in options("hparams_search"))
         if searches not in without:
-            without[searches] = settings(composed([[*hydra_own, *searches]], with_hydra=True)[0])
-        config = composed([[*hydra_own, *job]], with_hydra=True, config_dir=folder)[0]
+            without[searches] = settings(hydra_configs([[*hydra_own, *searches]], with_hydra=True)[0])
+        config = hydra_configs([[*hydra_own, *job]], with_hydra=True, config_dir=folder)[0]
         before, after = without[searches], settings(config)
         changed = sorted(k for k in before.keys() | after.keys()
                          if before.get(k, MISSING) != after.get(k, MISSING))

@@ -51,7 +51,7 @@ def hydra_job(cfg: DictConfig) -> float:
         job = runner.Launch(record, None if added is None else Path(added),
                             tb_name(list(hc.overrides.task), searched) if in_sweep else None,
                             hc.job.num if in_sweep else None)
-        summary = runner.run(config, run_dir, OmegaConf.to_yaml(cfg), choices, job)
+        summary = runner.run_training(config, run_dir, OmegaConf.to_yaml(cfg), choices, job)
     except ConfigError as error:
         if not in_sweep:
             fail(error)

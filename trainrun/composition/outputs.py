@@ -102,9 +102,9 @@ def one_run_dir(argv: list[str], configs: list[Config]) -> list[str]:
                                             f"are distributed (hydra/launcher=slurm)")
         return argv
     if configs:
-        from trainrun.runner import prepare
+        from trainrun.runner import device_and_precision
 
-        world = distributed.init(prepare(configs[0])[0])
+        world = distributed.init(device_and_precision(configs[0])[0])
     else:
         world = distributed.current()
     if not runs_one_job(argv):

@@ -12,14 +12,14 @@ from trainrun import identical, memory, ranks
 from trainrun.composition import folders, outputs
 from trainrun.composition.command_line import (
     composing_only,
-    config_dir,
+    config_dir_from_flags,
     is_sweep,
     override_value,
     split_flags,
     sweep,
     task_overrides,
 )
-from trainrun.composition.composing import compose, composed
+from trainrun.composition.composing import hydra_configs, validated_configs
 from trainrun.composition.init_from import init_from_shape
 from trainrun.composition.overrides import key, one_of
 from trainrun.composition.resuming import resume_argv
@@ -36,9 +36,9 @@ def arguments(argv: list[str]) -> list[str]:
     flags, overrides = split_flags(argv)
     if composing_only(flags):  # other flags (--info, --config-path, ...): no resumable job
         searching = any(key(o) == "hparams_search" and not o.endswith("=null") for o in overrides)
-        overrides = resume_argv(overrides, config_dir(flags),
+        overrides = resume_argv(overrides, config_dir_from_flags(flags),
                                 sweep=searching or any(f in ("-m", "--multirun") for f in flags))
-    return [*flags, *one_of(init_from_shape(overrides, config_dir(flags)))]
+    return [*flags, *one_of(init_from_shape(overrides, config_dir_from_flags(flags)))]
 
 
 def preflight(argv: list[str]) -> list[Config]:
@@ -59,36 +59,36 @@ def preflight(argv: list[str]) -> list[Config]:
     flags, argv = split_flags(argv)
     if not composing_only(flags):
         return []
-    folder = config_dir(flags)
+    folder = config_dir_from_flags(flags)
     overrides = task_overrides(argv)
     searches = [a for a in overrides if key(a) == "hparams_search" and not a.endswith("=null")]
     hydra_own = [a for a in argv if not a.startswith("-") and a not in overrides]
     if hydra_own or searches:
-        composed([[*hydra_own, *searches]], with_hydra=True, config_dir=folder)
+        hydra_configs([[*hydra_own, *searches]], with_hydra=True, config_dir=folder)
     if not any(f in ("--cfg", "-c") for f in flags):  # a run: Hydra will make its directory
         outputs.check([*flags, *argv])
     if searches or any(key(a) == "hydra/sweeper" and not a.endswith("=basic") for a in argv):
         # another sweeper: its jobs are known only as it runs them, each validated as it
         # starts; the values that every job shares are composed here
         shared = [o for o in overrides if not is_sweep(o)]
-        composed([shared], config_dir=folder)
+        hydra_configs([shared], config_dir=folder)
         if folder is not None:
             folders.check(folder, [shared], hydra_own)
         return []
     jobs, swept = sweep(overrides) if multirun else ([overrides], set())
     if folder is not None:
         folders.check(folder, jobs, hydra_own)
-    from trainrun.runner import prepare
+    from trainrun.runner import device_and_precision
 
     run_dir = next((Path(override_value(a)) for a in reversed(argv)
                     if a.startswith("hydra.run.dir=")), None)
-    configs, modes = compose(jobs, config_dir=folder), []
+    configs, modes = validated_configs(jobs, config_dir=folder), []
     remote = any(key(a) == "hydra/launcher" and override_value(a) in REMOTE for a in argv)
     for config in configs:
         if remote:  # its GPUs and memory are the cluster's, not this host's
             modes.append(remote_mode(config))
             continue
-        device, precision = prepare(config)  # the device and precision this machine can run
+        device, precision = device_and_precision(config)  # the device and precision this machine can run
         modes.append(precision.mode)
         close = memory.check(config, device, ranks.launch_size())
         if close is not None:
