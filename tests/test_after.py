@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import WORDS, make_corpus, scalars
+from helpers import WORDS, make_corpus, scalars
 
 from trainrun import data
 from trainrun.after.run import open_run

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 import yaml
-from conftest import cli, config, tiny
+from helpers import cli, config, tiny
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 

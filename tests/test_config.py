@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import REPO, cli, config
+from helpers import REPO, cli, config
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import cli, tiny
+from helpers import cli, tiny
 
 from trainrun.commands import eval as evaluate
 from trainrun.commands.launch import resume_hint

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY, config
+from helpers import TINY, config
 
 from trainrun import devices, distributed, state
 from trainrun.errors import ConfigError

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import cli, config
+from helpers import cli, config
 
 from trainrun import memory
 from trainrun.composition import options

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import cli, config, final_weights, tiny, train
+from helpers import cli, config, final_weights, tiny, train
 
 from trainrun import checkpoint, runner
 from trainrun.after.run import open_run

@@ -12,7 +12,7 @@ import itertools
 import json
 
 import pytest
-from conftest import REPO, TINY, assert_identical, config, final_weights, tiny
+from helpers import REPO, TINY, assert_identical, config, final_weights, tiny
 
 from trainrun import identical, runner
 from trainrun.config import Config, validate

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_identical, cli, final_weights, tiny, train, wait_for
+from helpers import assert_identical, cli, final_weights, tiny, train, wait_for
 from test_accumulation import max_relative_difference
 from test_resume import overrides as resume_overrides
 from test_resume import start
@@ -37,7 +37,7 @@ def test_every_optimizer_trains_llama(corpus, tmp_path, optimizer):
 
 
 def test_muon_steps_the_blocks_matrices_and_adamw_the_rest(corpus):
-    from conftest import config
+    from helpers import config
 
     from trainrun.optimizers import build_optimizer
 
@@ -209,7 +209,7 @@ def test_bad_llama_input_is_one_line_and_writes_nothing(corpus, tmp_path, args, 
 def test_smollm_135m_counts_as_transformers_counts_smollm(tmp_path):
     """The option's shape with SmolLM's 49,152-id vocabulary: the parameters of the
     LlamaForCausalLM that transformers builds from SmolLM-135M's config (134,515,008)."""
-    from conftest import config
+    from helpers import config
 
     transformers = pytest.importorskip("transformers")
     cfg = config("model=smollm_135m").model

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny, wait_for
+from helpers import tiny, wait_for
 
 TRAINRUN = f"{sys.executable} -m trainrun"
 

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY, config
+from helpers import TINY, config
 
 from trainrun import lrfind, lrpreview
 from trainrun.commands import lr as lr_command

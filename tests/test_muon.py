@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_same_state, config, same_gradients, tiny, twins
+from helpers import assert_same_state, config, same_gradients, tiny, twins
 
 from trainrun import lrfind, runner
 from trainrun.console import Console

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import cli, config, scalars, tiny, train, weights
+from helpers import cli, config, scalars, tiny, train, weights
 
 from trainrun.errors import ConfigError
 from trainrun.models import GPT, parameter_kinds

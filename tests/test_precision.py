@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     TINY,
     assert_identical,
     assert_same_state,

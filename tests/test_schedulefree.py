@@ -9,7 +9,7 @@ import copy
 import pytest
 import schedulefree
 import torch
-from conftest import (
+from helpers import (
     assert_identical,
     cli,
     config,

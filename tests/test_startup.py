@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli, config, tiny, train
+from helpers import cli, config, tiny, train
 
 from trainrun import threads
 from trainrun.errors import ConfigError

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY, cli, tiny
+from helpers import TINY, cli, tiny
 
 HEADER = ["job", "overrides", "status", "best_val_loss", "val_loss", "steps", "skipped_updates",
           "wall_seconds", "tokens_per_sec", "run_dir", "same_as", "error"]
