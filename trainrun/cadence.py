@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from trainrun import checkpoint
+from trainrun import checkpoint, faults
 from trainrun.state import Components
 
 BEST = "best"
@@ -77,8 +77,7 @@ def keep_best(root: Path, path: Path) -> None:
     shutil.copytree(path, tmp, copy_function=_link)
     if best.exists():
         best.rename(old)
-        # fault injection for crash-safety tests: a pause between the two renames
-        time.sleep(float(os.environ.get("TRAINRUN_BEST_PAUSE", "0")))
+        faults.pause_in_keep_best()  # tests: a pause between the two renames
     tmp.rename(best)
     shutil.rmtree(old, ignore_errors=True)
 
