@@ -57,6 +57,31 @@ def test_every_srun_task_of_a_sweep_job_gets_its_own_gpu(gpus, monkeypatch):
     assert taken == {torch.device("cuda", i) for i in range(4)}
 
 
+@pytest.mark.parametrize("local", range(4))
+def test_a_sweep_job_of_the_slurm_preset_joins_on_the_gpu_of_its_local_rank(gpus, monkeypatch,
+                                                                             tmp_path, local):
+    """runner.run_training resolves the device before it joins the process group: under the
+    SLURM preset a sweep job's tasks (srun's, 4 GPUs a node) are ranks already, so each
+    sets and joins on the GPU of its local rank, whatever the job's number."""
+    from trainrun import runner
+
+    gpus(4)
+    cfg = config(*TINY, "trainer.device=auto")
+    monkeypatch.setattr("os.environ", {**SRUN, "SLURM_NTASKS": "4", "SLURM_LOCALID": str(local),
+                                       "SLURM_PROCID": str(local)})
+    asked = []
+
+    def group(backend, **kwargs):
+        asked.append(backend)
+        raise RuntimeError("stop here")  # the group itself is not made
+    monkeypatch.setattr(distributed.dist, "init_process_group", group)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: asked.append(f"set_device {d}"))
+    with pytest.raises(RuntimeError, match="stop here"):
+        runner.run_training(cfg, tmp_path / "run", "", {}, runner.Launch(job=1))
+    assert asked == [f"set_device cuda:{local}", "cuda:nccl,cpu:gloo"]
+    assert not (tmp_path / "run").exists()
+
+
 def test_cuda_asked_where_a_launcher_hid_every_gpu_is_one_line(gpus, monkeypatch):
     gpus(0)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")

@@ -96,6 +96,8 @@ def run_training(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str
     Nothing is written into run_dir until the run is built and its checkpoint loaded: a run
     refused before then (ConfigError) leaves the directory as it found it, and removes it if
     it was empty; the launch's record is written into run_dir/.hydra once it starts."""
+    # the GPU of this process's local rank, which the launch's environment gives before
+    # the group is joined (devices.slot); only a job alone on its node goes by its number
     device, precision = device_and_precision(cfg, devices.slot(launch.job))
     world = distributed.init(device)  # a no-op when the CLI joined already, or for one process
     if cfg.trainer.strategy == "fsdp":
