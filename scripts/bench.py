@@ -200,7 +200,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed updates of each first")
     args = parser.parse_args()
 
-    from trainrun import runner
+    from trainrun import builders, runner
     from trainrun.composition import fail, validated_configs
     from trainrun.console import Console
     from trainrun.errors import ConfigError
@@ -211,7 +211,7 @@ def main() -> None:
     except ConfigError as error:
         fail(error, "bench")
     build_started = time.perf_counter()
-    trainer = runner.build_components(cfg, device, precision, Console(silent=True))
+    trainer = builders.build_components(cfg, device, precision, Console(silent=True))
     build_seconds = time.perf_counter() - build_started
     bare = Bare(trainer, cfg, windows(trainer, args.updates * args.pairs + args.warmup))
     with tempfile.TemporaryDirectory() as tmp:

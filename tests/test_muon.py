@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import assert_same_state, config, same_gradients, tiny, twins
 
-from trainrun import lrfind, runner
+from trainrun import builders, lrfind, runner
 from trainrun.console import Console
 from trainrun.data.tokenizers import ByteTokenizer
 from trainrun.models import GPT
@@ -110,7 +110,7 @@ def test_lr_range_test_scales_both_sides(corpus, tmp_path):
     device, precision = runner.device_and_precision(cfg)
     console = Console(tmp_path / "lrfind.log")
     try:
-        trainer = runner.build_components(cfg, device, precision, console)
+        trainer = builders.build_components(cfg, device, precision, console)
         test = lrfind.RangeTest(start_lr=1e-3, end_lr=1e-1, num_updates=3)
         result = lrfind.range_test(trainer, test)
     finally:

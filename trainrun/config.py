@@ -193,7 +193,7 @@ def validate(cfg: Config, data: bool = True) -> Config:
             f"lower data.seq_len or raise model.max_seq_len",
         )
     if cfg.model.init_from is not None and cfg.resume is None:  # a resumed run has its weights
-        if type(cfg.tokenizer) is TOKENIZERS["byte"]:  # others: once built (runner.build_model)
+        if type(cfg.tokenizer) is TOKENIZERS["byte"]:  # others: once built (builders.build_model)
             cfg.model.check_init_from(ByteTokenizer.vocab_size)
     cfg.optimizer.validate("optimizer")
     cfg.scheduler.validate("scheduler", t.max_steps, cfg.optimizer.lr)

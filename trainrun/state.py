@@ -1,5 +1,5 @@
 """What a run is made of (`Components`: the parts the loop works with, built by
-trainrun.runner.build_components; the loop in trainrun.loop owns the training) and everything
+trainrun.builders.build_components; the loop in trainrun.loop owns the training) and everything
 a resumed run needs besides the weights (`Components.state_dict()`): optimizer, schedule, clipper, loss scaler, data position,
 counters and every random-number generator."""
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from trainrun import checkpoint, resume, rundir, runner, threads
+from trainrun import builders, checkpoint, resume, rundir, runner, threads
 from trainrun.after.output import Parser
 from trainrun.config import Config
 from trainrun.data import RUN_FILE, Tokenizer
@@ -201,7 +201,7 @@ def open_run(run_dir: str, overrides: list[str], checkpoint_name: str | None = N
     tokenizer = tokenizer_of(path, ckpt, meta, getattr(cfg.tokenizer, "eot", None))
     device, precision = runner.device_and_precision(cfg)
     threads_line, _ = set_threads(cfg.trainer.threads)  # as a fresh trainrun run does
-    model = runner.build_model(cfg.model, tokenizer.vocab_size, device)
+    model = builders.build_model(cfg.model, tokenizer.vocab_size, device)
     try:
         checkpoint.load_weights(ckpt, model)
     except NotTrainrun as error:

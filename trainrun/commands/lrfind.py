@@ -64,7 +64,7 @@ def default_out() -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from trainrun import determinism, runner
+    from trainrun import builders, determinism, runner
     from trainrun.composition import arguments, fail, task_overrides, validated_configs
     from trainrun.console import Console
 
@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     console = Console(out / "lrfind.log")
     try:
         try:
-            components = runner.build_components(cfg, device, precision, console)
+            components = builders.build_components(cfg, device, precision, console)
         except ConfigError as error:  # found while loading the data
             fail(error, PROG)
         console.info(f"lr range test: up to {test.num_updates} updates, lr {test.start_lr:.1e} "
@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         console.info(f"wrote {out / 'lrfind.csv'} and {out / 'lrfind.png'} in "
                      f"{time.perf_counter() - started:.1f}s")
     finally:
-        determinism.restore()  # runner.build_components() applied trainer.deterministic
+        determinism.restore()  # build_components() applied trainer.deterministic
         console.close()
 
 
