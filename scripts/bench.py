@@ -154,7 +154,7 @@ def windows(trainer, count: int) -> list:
     order, b = copy.deepcopy(trainer.order), trainer.batch_size
     out = []
     for _ in range(count):
-        idx = order.next_window(b * trainer.cfg.grad_accum_steps)
+        idx = order.next_window(trainer.sequences_per_update())  # one process
         micro = [trainer.train.batch(idx[i:i + b]) for i in range(0, len(idx), b)]
         if trainer.device.type == "cuda":
             micro = [(x.pin_memory(), y.pin_memory()) for x, y in micro]
@@ -200,18 +200,18 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed updates of each first")
     args = parser.parse_args()
 
-    from trainrun import runner
-    from trainrun.cli import compose, fail
+    from trainrun import builders, runner
+    from trainrun.composition import fail, validated_configs
     from trainrun.console import Console
     from trainrun.errors import ConfigError
 
     try:
-        cfg = compose([args.overrides])[0]
-        device, precision = runner.prepare(cfg)
+        cfg = validated_configs([args.overrides])[0]
+        device, precision = runner.device_and_precision(cfg)
     except ConfigError as error:
         fail(error, "bench")
     build_started = time.perf_counter()
-    trainer = runner.build(cfg, device, precision, Console(silent=True))
+    trainer = builders.build_components(cfg, device, precision, Console(silent=True))
     build_seconds = time.perf_counter() - build_started
     bare = Bare(trainer, cfg, windows(trainer, args.updates * args.pairs + args.warmup))
     with tempfile.TemporaryDirectory() as tmp:

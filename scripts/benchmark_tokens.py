@@ -30,8 +30,8 @@ CHUNK_WORDS = 200_000  # about 1.2 MB of text
 TOKENIZE = """
 import json, sys, time
 from trainrun import data
-from trainrun.cli import compose
-cfg = compose([sys.argv[1:]])[0]
+from trainrun.composition import validated_configs
+cfg = validated_configs([sys.argv[1:]])[0]
 began = time.monotonic()
 loaded = data.load(cfg.data, cfg.tokenizer, lambda line: print(line, flush=True))
 seconds = time.monotonic() - began

@@ -93,11 +93,11 @@ def val_curve(run_dir: Path) -> tuple[list[int], list[float], list[float]]:
 
 def state_bytes(argv: list[str]) -> int:
     """Bytes of the optimizer's state tensors after one update, built as trainrun builds it."""
-    from trainrun.cli import compose
+    from trainrun.composition import validated_configs
     from trainrun.data.tokenizers import ByteTokenizer
     from trainrun.optimizers import build_optimizer
 
-    (cfg,) = compose([argv])
+    (cfg,) = validated_configs([argv])
     torch.manual_seed(0)
     model = cfg.model.build(ByteTokenizer.vocab_size)
     optimizer = build_optimizer(cfg.optimizer, model, torch.device("cpu"))
@@ -199,10 +199,10 @@ def main() -> None:
 
 
 def _model(argv: list[str]) -> torch.nn.Module:
-    from trainrun.cli import compose
+    from trainrun.composition import validated_configs
     from trainrun.data.tokenizers import ByteTokenizer
 
-    (cfg,) = compose([argv])
+    (cfg,) = validated_configs([argv])
     return cfg.model.build(ByteTokenizer.vocab_size)
 
 

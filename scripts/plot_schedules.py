@@ -16,7 +16,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from trainrun.cli import compose
+from trainrun.composition import validated_configs
 from trainrun.lrpreview import curve
 from trainrun.schedules import SCHEDULES
 
@@ -33,7 +33,7 @@ def main() -> None:
     root = Path(__file__).resolve().parents[1]
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else root / "docs" / "schedules.png"
     options = list(SCHEDULES)
-    configs = compose([[f"scheduler={option}"] for option in options])
+    configs = validated_configs([[f"scheduler={option}"] for option in options])
     fig = Figure(figsize=(14, 10), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(4, 4, sharex=True)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import config, make_corpus, tiny, train, weights
+from helpers import config, make_corpus, tiny, train, weights
 
 from trainrun import data
 from trainrun.data import IGNORE

@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import WORDS, make_corpus, scalars
+from helpers import WORDS, make_corpus, scalars
 
 from trainrun import data
-from trainrun.after import evaluate, export, sample
 from trainrun.after.run import open_run
+from trainrun.commands import eval as evaluate
+from trainrun.commands import export, sample
 from trainrun.data.tokenizers import ByteTokenizer
 from trainrun.models import KVCache
 
@@ -28,7 +29,7 @@ from trainrun.models import KVCache
 def script(name: str, *args: str, cwd: Path, stdin: str | None = None):
     """A console script of the installed package, in a subprocess."""
     exe = Path(sys.executable).with_name(name)
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", f"trainrun.after.{name[9:]}"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", f"trainrun.commands.{name[9:]}"]
     return subprocess.run([*cmd, *args], cwd=cwd, capture_output=True, text=True, input=stdin,
                           timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, TINY
+from helpers import REPO, TINY
 
 pytestmark = pytest.mark.slow
 KEYS = {"runner_tokens_per_s", "bare_tokens_per_s", "overhead_ratio", "mfu", "startup_s",

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import assert_identical, cli, config, scalars, tiny, train, wait_for, weights
+from helpers import assert_identical, cli, config, scalars, tiny, train, wait_for, weights
 
 from trainrun import checkpoint
 from trainrun.errors import ConfigError

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli, tiny
+from helpers import cli, tiny
 
 from trainrun import checkpoint
 

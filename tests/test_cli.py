@@ -10,13 +10,13 @@ import subprocess
 
 import pytest
 import yaml
-from conftest import cli, config, tiny
+from helpers import cli, config, tiny
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from trainrun.cli import arguments
-from trainrun.cli.overrides import continue_run, groups, one_of, options, saved
 from trainrun.clip import CLIPPERS
+from trainrun.composition import arguments
+from trainrun.composition.overrides import continue_run, groups, one_of, options, saved
 from trainrun.config import option_name
 from trainrun.errors import ConfigError
 from trainrun.resume import command, quote
@@ -136,10 +136,10 @@ def test_every_help_example_pasted_into_a_shell_is_accepted(tmp_path, finished_r
     """Each line under "Examples:" of `trainrun --help`, pasted into bash, gives the arguments
     that trainrun's pre-flight (or the companion command's parser) accepts, its comment gone."""
     from trainrun import identical, sweep
-    from trainrun.after import sample
-    from trainrun.cli import compose, preflight
+    from trainrun.commands import sample
+    from trainrun.commands.lr import parse_args
+    from trainrun.composition import preflight, validated_configs
     from trainrun.data.tokenizers import ByteTokenizer
-    from trainrun.lrpreview import parse_args
     from trainrun.resume import AlreadyComplete
 
     proc = cli("--help", cwd=tmp_path, timeout=120)
@@ -172,7 +172,7 @@ def test_every_help_example_pasted_into_a_shell_is_accepted(tmp_path, finished_r
         elif command == "torchrun":
             accepted(args[args.index("trainrun") + 1:])
         elif command == "trainrun-lr":
-            compose([parse_args(args)[2]], data=False)
+            validated_configs([parse_args(args)[2]], data=False)
         elif command == "trainrun-sample":
             found, extra = sample.parser().parse_known_args(args)
             assert (found.run_dir, found.prompt, extra) == ("RUN_DIR", "def ", [])

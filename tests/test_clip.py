@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import config, scalars, tiny, train
+from helpers import config, scalars, tiny, train
 
 from trainrun.clip import (
     CLIPPERS,

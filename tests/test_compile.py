@@ -5,7 +5,7 @@ resume that ends where the uninterrupted compiled run ends."""
 from __future__ import annotations
 
 import pytest
-from conftest import assert_identical, final_weights, tiny, train, weights
+from helpers import assert_identical, final_weights, tiny, train, weights
 from test_accumulation import max_relative_difference
 
 pytestmark = pytest.mark.slow

@@ -10,11 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import REPO, cli, config
+from helpers import REPO, cli, config
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from trainrun import cli as trainrun_cli
+from trainrun import composition as trainrun_cli
 from trainrun.config import GROUPS, Config, TrainerConfig, option_name
 from trainrun.errors import ConfigError
 from trainrun.models import MODELS

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import cli, tiny
+from helpers import cli, tiny
 
-from trainrun.after import evaluate
-from trainrun.launch import resume_hint
+from trainrun.commands import eval as evaluate
+from trainrun.commands.launch import resume_hint
 from trainrun.resume import command
 
 
@@ -151,7 +151,7 @@ def test_a_folders_search_preset_may_set_the_sweeper(tmp_path):
     """hparams_search options are search presets: they set Hydra's sweeper, as trainrun's
     own optuna does."""
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    from trainrun.cli import preflight
+    from trainrun.composition import preflight
 
     folder = tmp_path / "myconf"
     (folder / "hparams_search").mkdir(parents=True)

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import cli, final_weights, scalars, tiny, train
+from helpers import cli, final_weights, scalars, tiny, train
 from test_accumulation import max_relative_difference
 
 pytestmark = [pytest.mark.cuda,

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import config
+from helpers import config
 
 from trainrun import data
 from trainrun.data import IGNORE, storage

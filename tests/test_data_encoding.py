@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import TINY, cli, config, make_corpus, tiny, train
+from helpers import TINY, cli, config, make_corpus, tiny, train
 
 from trainrun.errors import ConfigError
 from trainrun.textcheck import BLOCK_SIZE, first_bad_byte

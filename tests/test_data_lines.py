@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import TINY, WORDS, assert_identical, cli, config, final_weights, tiny
+from helpers import TINY, WORDS, assert_identical, cli, config, final_weights, tiny
 
 from trainrun import checkpoint, data
 from trainrun.data.tokenizers import ByteTokenizer

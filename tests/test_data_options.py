@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import cli, config, make_corpus, tiny
+from helpers import cli, config, make_corpus, tiny
 
 from trainrun import data
 from trainrun.errors import ConfigError

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import assert_identical, final_weights, tiny, train
+from helpers import assert_identical, final_weights, tiny, train
 
 from trainrun import runner
 

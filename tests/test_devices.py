@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY, config
+from helpers import TINY, config
 
 from trainrun import devices, distributed, state
 from trainrun.errors import ConfigError
@@ -47,14 +47,39 @@ def test_every_srun_task_of_a_sweep_job_gets_its_own_gpu(gpus, monkeypatch):
     each takes the GPU of its local rank, not the first."""
     gpus(4)
     cfg = config(*TINY, "trainer.device=auto")
-    from trainrun.runner import prepare
+    from trainrun.runner import device_and_precision
 
     taken = set()
     for local in range(4):
         monkeypatch.setattr("os.environ", {**SRUN, "SLURM_LOCALID": str(local),
                                            "SLURM_PROCID": str(local)})
-        taken.add(prepare(cfg)[0])
+        taken.add(device_and_precision(cfg)[0])
     assert taken == {torch.device("cuda", i) for i in range(4)}
+
+
+@pytest.mark.parametrize("local", range(4))
+def test_a_sweep_job_of_the_slurm_preset_joins_on_the_gpu_of_its_local_rank(gpus, monkeypatch,
+                                                                             tmp_path, local):
+    """runner.run_training resolves the device before it joins the process group: under the
+    SLURM preset a sweep job's tasks (srun's, 4 GPUs a node) are ranks already, so each
+    sets and joins on the GPU of its local rank, whatever the job's number."""
+    from trainrun import runner
+
+    gpus(4)
+    cfg = config(*TINY, "trainer.device=auto")
+    monkeypatch.setattr("os.environ", {**SRUN, "SLURM_NTASKS": "4", "SLURM_LOCALID": str(local),
+                                       "SLURM_PROCID": str(local)})
+    asked = []
+
+    def group(backend, **kwargs):
+        asked.append(backend)
+        raise RuntimeError("stop here")  # the group itself is not made
+    monkeypatch.setattr(distributed.dist, "init_process_group", group)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: asked.append(f"set_device {d}"))
+    with pytest.raises(RuntimeError, match="stop here"):
+        runner.run_training(cfg, tmp_path / "run", "", {}, runner.Launch(job=1))
+    assert asked == [f"set_device cuda:{local}", "cuda:nccl,cpu:gloo"]
+    assert not (tmp_path / "run").exists()
 
 
 def test_cuda_asked_where_a_launcher_hid_every_gpu_is_one_line(gpus, monkeypatch):
@@ -121,7 +146,7 @@ def test_pre_flight_leaves_a_clusters_device_and_memory_to_its_jobs():
     """From a login node without a GPU: the SLURM preset's jobs ask for cuda and a model
     larger than this host's memory, and pre-flight checks only what it can check here."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    from trainrun.cli import preflight
+    from trainrun.composition import preflight
 
     big = ["model.d_model=8192", "model.n_layers=96", "model.n_heads=64", "model.d_ff=32768"]
     remote = ["-m", "hydra/launcher=slurm", "trainer.device=cuda", *big]
@@ -138,10 +163,10 @@ def test_the_local_submitit_preset_shows_its_jobs_every_gpu(gpus):
     """It used to ask submitit for 0 GPUs, which sets CUDA_VISIBLE_DEVICES="" for each job:
     they trained on the CPU without a word."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    from trainrun.cli import composed
+    from trainrun.composition import hydra_configs
 
     gpus(4)
-    (cfg,) = composed([["hydra/launcher=submitit"]], with_hydra=True)
+    (cfg,) = hydra_configs([["hydra/launcher=submitit"]], with_hydra=True)
     assert cfg.hydra.launcher.gpus_per_node == 4
 
 

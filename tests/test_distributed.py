@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import (
+from helpers import (
     assert_identical,
     cli,
     config,
@@ -28,7 +28,7 @@ from conftest import (
 from test_accumulation import max_relative_difference
 from test_validation import RTOL, args_without_eval, reference_val_loss
 
-from trainrun.distributed import first_host, launch_size, slurm_environment
+from trainrun.ranks import first_host, launch_size, slurm_environment
 
 pytestmark = pytest.mark.slow
 N = 10  # updates: 10 windows of 8 sequences cross the end of the ~57-sequence epoch
@@ -96,7 +96,7 @@ def test_validation_reads_the_same_sequences_for_batch_16_accumulation_4x4_and_2
     4 x 4 and 2 processes x 8, and after a resume on 2 processes: that of a bare PyTorch loop
     over the first 27 sequences of the validation split (27: a short last micro-batch, and
     shares of 14 and 13 sequences for the 2 ranks)."""
-    from trainrun.after import export
+    from trainrun.commands import export
 
     export.main([str(finished_run), str(tmp_path / "export")])
     trained = finished_run / "checkpoints/step-00000040/model.safetensors"

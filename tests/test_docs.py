@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 DOCS = REPO / "docs"
 README = (REPO / "README.md").read_text()

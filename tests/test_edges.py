@@ -10,16 +10,16 @@ import math
 
 import pytest
 import torch
-from conftest import cli, config
+from helpers import cli, config
 
 from trainrun import memory
-from trainrun.cli import options
+from trainrun.composition import options
 from trainrun.config import GROUPS, validate
 from trainrun.data.tokenizers import ByteTokenizer
 from trainrun.errors import ConfigError
 from trainrun.models import GPT, GPTConfig
 from trainrun.optimizers import build_optimizer
-from trainrun.runner import prepare
+from trainrun.runner import device_and_precision
 from trainrun.schedules import build_schedule
 
 VOCAB_SIZE = ByteTokenizer.vocab_size
@@ -51,7 +51,7 @@ def exercise(cfg) -> None:
     """What a run does with its numbers before training: validate, the machine's checks,
     and the builders of the optimizer, schedule and clipper on a small model."""
     validate(cfg, data=False)
-    device, _ = prepare(cfg)
+    device, _ = device_and_precision(cfg)
     memory.check(cfg, device)
     small = GPTConfig(d_model=8, n_layers=1, n_heads=1, d_ff=8, dropout=0.0, max_seq_len=4)
     model = GPT(small, 256)

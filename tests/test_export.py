@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import cli, config, final_weights, tiny, train
+from helpers import cli, config, final_weights, tiny, train
 
-from trainrun import checkpoint, runner
-from trainrun.after import export
+from trainrun import builders, checkpoint
 from trainrun.after.run import open_run
+from trainrun.commands import export
 from trainrun.console import Console
 from trainrun.data.tokenizers import ByteTokenizer
 from trainrun.errors import ConfigError
@@ -90,7 +90,7 @@ def test_autotokenizer_gives_the_runs_token_ids(run_and_export):
 def test_the_export_read_back_by_init_from_gives_the_same_logits(finished_run, exported,
                                                                  corpus):
     cfg = config(*tiny(corpus, f"model.init_from={exported}"))
-    started = runner.build_model(cfg.model, VOCAB, torch.device("cpu"), Console(interactive=False))
+    started = builders.build_model(cfg.model, VOCAB, torch.device("cpu"), Console(interactive=False))
     model = open_run(str(finished_run), [], data=False).model
     x = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -156,7 +156,7 @@ def test_weights_that_do_not_match_their_config_are_refused(tmp_path, corpus):
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     cfg = config(*tiny(corpus, f"model.init_from={folder}"))
     with pytest.raises(ConfigError, match=r"h\.1\.mlp\.c_fc\.weight has shape \(32, 63\)"):
-        runner.build_model(cfg.model, VOCAB, torch.device("cpu"), Console(interactive=False))
+        builders.build_model(cfg.model, VOCAB, torch.device("cpu"), Console(interactive=False))
 
 
 def test_a_bad_init_from_is_one_line_in_a_process_and_writes_nothing(exported, corpus,

@@ -12,7 +12,7 @@ import itertools
 import json
 
 import pytest
-from conftest import REPO, TINY, assert_identical, config, final_weights, tiny
+from helpers import REPO, TINY, assert_identical, config, final_weights, tiny
 
 from trainrun import identical, runner
 from trainrun.config import Config, validate
@@ -78,7 +78,7 @@ def aligned(a: Config, b: Config, group: str) -> Config:
 
 def mode(cfg: Config) -> str:
     """The precision the run trains in on this machine, as `trainrun` finds it."""
-    return runner.prepare(cfg)[1].mode
+    return runner.device_and_precision(cfg)[1].mode
 
 
 def curve(cfg: Config) -> list[float]:
@@ -91,7 +91,7 @@ def trained(cfg: Config, run_dir) -> dict:
     """The weights a 3-update run of cfg ends with."""
     cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, max_steps=3,
                                                                eval_every=3))
-    runner.run(cfg, run_dir, "", {})
+    runner.run_training(cfg, run_dir, "", {})
     return final_weights(run_dir)
 
 

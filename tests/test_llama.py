@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_identical, cli, final_weights, tiny, train, wait_for
+from helpers import assert_identical, cli, final_weights, tiny, train, wait_for
 from test_accumulation import max_relative_difference
 from test_resume import overrides as resume_overrides
 from test_resume import start
@@ -37,7 +37,7 @@ def test_every_optimizer_trains_llama(corpus, tmp_path, optimizer):
 
 
 def test_muon_steps_the_blocks_matrices_and_adamw_the_rest(corpus):
-    from conftest import config
+    from helpers import config
 
     from trainrun.optimizers import build_optimizer
 
@@ -115,7 +115,8 @@ def llama_run(tmp_path_factory, corpus) -> Path:
 
 
 def test_sample_and_eval_read_a_llama_run(llama_run, capsys):
-    from trainrun.after import evaluate, sample
+    from trainrun.commands import eval as evaluate
+    from trainrun.commands import sample
 
     sample.main([str(llama_run), "the ", "--max-new-tokens", "8", "--temperature", "0"])
     assert capsys.readouterr().out.startswith("the ")
@@ -126,8 +127,8 @@ def test_sample_and_eval_read_a_llama_run(llama_run, capsys):
 
 def test_export_loads_in_transformers_with_the_runs_logits(llama_run, tmp_path):
     transformers = pytest.importorskip("transformers")
-    from trainrun.after import export
     from trainrun.after.run import open_run
+    from trainrun.commands import export
 
     export.main([str(llama_run), str(tmp_path / "out")])
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
@@ -208,7 +209,7 @@ def test_bad_llama_input_is_one_line_and_writes_nothing(corpus, tmp_path, args, 
 def test_smollm_135m_counts_as_transformers_counts_smollm(tmp_path):
     """The option's shape with SmolLM's 49,152-id vocabulary: the parameters of the
     LlamaForCausalLM that transformers builds from SmolLM-135M's config (134,515,008)."""
-    from conftest import config
+    from helpers import config
 
     transformers = pytest.importorskip("transformers")
     cfg = config("model=smollm_135m").model

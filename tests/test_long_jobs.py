@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny, wait_for
+from helpers import tiny, wait_for
 
 TRAINRUN = f"{sys.executable} -m trainrun"
 
@@ -28,7 +28,7 @@ def launcher(name: str) -> list[str]:
     """The console script installed with the package."""
     exe = Path(sys.executable).with_name(name)
     return [str(exe)] if exe.exists() else [sys.executable, "-c",
-                                            f"from trainrun.launch import {name[9:]}; {name[9:]}()"]
+                                            f"from trainrun.commands.launch import {name[9:]}; {name[9:]}()"]
 
 
 def launch(name: str, args: list[str], cwd: Path, **env) -> dict[str, str]:

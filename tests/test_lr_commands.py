@@ -15,14 +15,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY, config
+from helpers import TINY, config
 
 from trainrun import lrfind, lrpreview
+from trainrun.commands import lr as lr_command
+from trainrun.commands import lrfind as lrfind_command
 from trainrun.distributed import Replicas
 from trainrun.errors import ConfigError
 from trainrun.schedules import SCHEDULES, build_schedule
 
-MODULES = {"trainrun-lr": "trainrun.lrpreview", "trainrun-lrfind": "trainrun.lrfind"}
+MODULES = {"trainrun-lr": "trainrun.commands.lr", "trainrun-lrfind": "trainrun.commands.lrfind"}
 
 
 def command(name: str, *args: str, cwd: Path, timeout: float = 300):
@@ -104,7 +106,7 @@ def test_preview_sweep_of_every_schedule(tmp_path: Path):
 ])
 def test_preview_rejects_bad_input_with_one_line(args, key, tmp_path: Path, capsys):
     with pytest.raises(SystemExit) as exit_:
-        lrpreview.main([*args, f"out={tmp_path / 'out'}"])
+        lr_command.main([*args, f"out={tmp_path / 'out'}"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith(f"trainrun-lr: error: {key}: ")
@@ -112,8 +114,8 @@ def test_preview_rejects_bad_input_with_one_line(args, key, tmp_path: Path, caps
 
 
 def test_preview_reads_overrides_as_trainrun_does(capsys):
-    """One warmup key on the command line replaces the option's other one (trainrun.cli)."""
-    lrpreview.main(["scheduler.warmup_steps=10", "trainer.max_steps=100"])
+    """One warmup key on the command line replaces the option's other one (trainrun.composition)."""
+    lr_command.main(["scheduler.warmup_steps=10", "trainer.max_steps=100"])
     first, peak, at, final, updates = summary_row(capsys.readouterr().out, "scheduler=cosine")
     assert (at, updates) == ("10", "100") and float(first) == pytest.approx(float(peak) / 10)
 
@@ -244,7 +246,7 @@ def test_lrfind_rejects_bad_input_before_any_work(args, key, tmp_path: Path, cap
                                                   monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_:
-        lrfind.main(args)
+        lrfind_command.main(args)
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith(f"trainrun-lrfind: error: {key}: ")

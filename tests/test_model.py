@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from conftest import REPO, config
+from helpers import REPO, config
 from omegaconf import OmegaConf
 
 from trainrun.data.tokenizers import ByteTokenizer

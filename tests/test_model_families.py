@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     REPO,
     assert_identical,
     cli,
@@ -28,10 +28,10 @@ from test_distributed import only_run_dir, torchrun
 from test_distributed import overrides as ddp_overrides
 
 from trainrun import checkpoint, distributed
-from trainrun.cli.init_from import init_from_shape, option_family
+from trainrun.builders import build_model
+from trainrun.composition.init_from import init_from_shape, option_family
 from trainrun.console import Console
 from trainrun.models import MODELS, padded, parameter_kinds
-from trainrun.runner import build_model
 
 VOCAB = 257  # the byte tokenizer's: 256 bytes and the end of document, padded to 320
 FAMILIES = sorted(MODELS)

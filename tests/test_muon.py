@@ -9,13 +9,14 @@ import math
 
 import pytest
 import torch
-from conftest import assert_same_state, config, same_gradients, tiny, twins
+from helpers import assert_same_state, config, same_gradients, tiny, twins
 
-from trainrun import lrfind, runner
+from trainrun import builders, lrfind, runner
 from trainrun.console import Console
 from trainrun.data.tokenizers import ByteTokenizer
 from trainrun.models import GPT
-from trainrun.optimizers import MuonAdamW, build_optimizer
+from trainrun.optimizers import build_optimizer
+from trainrun.optimizers.muon import MuonAdamW
 
 N, W = 8, 2  # updates and warmup of the schedule below
 
@@ -106,10 +107,10 @@ def test_updates_and_rates_match_torch_muon_and_adamw(corpus):
 
 def test_lr_range_test_scales_both_sides(corpus, tmp_path):
     cfg = muon_config(corpus)
-    device, precision = runner.prepare(cfg)
+    device, precision = runner.device_and_precision(cfg)
     console = Console(tmp_path / "lrfind.log")
     try:
-        trainer = runner.build(cfg, device, precision, console)
+        trainer = builders.build_components(cfg, device, precision, console)
         test = lrfind.RangeTest(start_lr=1e-3, end_lr=1e-1, num_updates=3)
         result = lrfind.range_test(trainer, test)
     finally:

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import cli, tiny, wait_for
+from helpers import cli, tiny, wait_for
 
 from trainrun import rundir
 

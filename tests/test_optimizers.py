@@ -8,21 +8,15 @@ import math
 
 import pytest
 import torch
-from conftest import cli, config, scalars, tiny, train, weights
+from helpers import cli, config, scalars, tiny, train, weights
 
 from trainrun.errors import ConfigError
 from trainrun.models import GPT, parameter_kinds
-from trainrun.optimizers import (
-    OPTIMIZERS,
-    LAMBConfig,
-    LARSConfig,
-    MuonAdamW,
-    ScheduleFreeAdamW,
-    build_optimizer,
-    kernel_options,
-    param_groups,
-)
+from trainrun.optimizers import OPTIMIZERS, build_optimizer, kernel_options, param_groups
 from trainrun.optimizers.layerwise import LAMB, LARS
+from trainrun.optimizers.muon import MuonAdamW
+from trainrun.optimizers.schedule_free import ScheduleFreeAdamW
+from trainrun.optimizers.standard import LAMBConfig, LARSConfig
 
 STEPS = 6
 LR = 0.1

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import assert_identical, assert_same_state, final_weights, scalars, tiny, train
+from helpers import assert_identical, assert_same_state, final_weights, scalars, tiny, train
 
 from trainrun import checkpoint
 

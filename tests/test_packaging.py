@@ -11,7 +11,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO, tiny
+from helpers import REPO, tiny
 
 SOURCES = ("pyproject.toml", "README.md", "trainrun", "conf")
 

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     TINY,
     assert_identical,
     assert_same_state,
@@ -108,7 +108,7 @@ def test_a_non_finite_gradient_changes_nothing(mode, name):
 
 
 def every_optimizer() -> list[str]:
-    from trainrun.cli.overrides import options
+    from trainrun.composition.overrides import options
 
     return options("optimizer")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     assert_identical,
     cli,
     final_weights,
@@ -312,7 +312,7 @@ def test_a_really_full_disk_fails_in_one_line(full, corpus, tmp_path):
 
 def test_a_full_disk_outside_a_save_fails_in_one_line(corpus, tmp_path, monkeypatch, capsys):
     """TensorBoard's writer meets the full disk at update 6: the run stops there, failed."""
-    from conftest import train
+    from helpers import train
 
     from trainrun import runner
     from trainrun.metrics import Metrics

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import cli, scalars, tiny, wait_for
+from helpers import cli, scalars, tiny, wait_for
 
 
 def snapshot(run: Path) -> dict:

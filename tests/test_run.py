@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import cli, scalars, tiny, train
+from helpers import cli, scalars, tiny, train
 
 N, LOG_EVERY, EVAL_EVERY, CKPT_EVERY = 12, 5, 6, 4
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import cli, tiny, wait_for
+from helpers import cli, tiny, wait_for
 
 from trainrun.resume import quote
 
@@ -228,7 +228,7 @@ def test_a_full_disk_at_start_up_fails_in_one_line_and_leaves_nothing(corpus, tm
     space."""
     import shutil
 
-    from conftest import small_tmpfs_works
+    from helpers import small_tmpfs_works
 
     fs = tmp_path / "fs"
     if shutil.which("unshare") is None or not small_tmpfs_works(fs):

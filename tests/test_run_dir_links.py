@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import cli, tiny
+from helpers import cli, tiny
 
 from trainrun import rundir
 

@@ -9,7 +9,7 @@ import copy
 import pytest
 import schedulefree
 import torch
-from conftest import (
+from helpers import (
     assert_identical,
     cli,
     config,
@@ -25,7 +25,8 @@ from trainrun import checkpoint
 from trainrun.data.tokenizers import ByteTokenizer
 from trainrun.errors import ConfigError
 from trainrun.models import GPT
-from trainrun.optimizers import ScheduleFreeAdamW, build_optimizer, eval_weights, param_groups
+from trainrun.optimizers import build_optimizer, eval_weights, param_groups
+from trainrun.optimizers.schedule_free import ScheduleFreeAdamW
 
 VOCAB_SIZE = ByteTokenizer.vocab_size
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import config, scalars, tiny, train
+from helpers import config, scalars, tiny, train
 from omegaconf import OmegaConf
 from torch.optim import lr_scheduler as sched
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli, config, tiny, train
+from helpers import cli, config, tiny, train
 
 from trainrun import threads
 from trainrun.errors import ConfigError
@@ -85,9 +85,9 @@ def test_a_signal_after_hydra_composed_but_before_it_names_the_directory():
     from hydra.core.hydra_config import HydraConfig
 
     from trainrun import signals
-    from trainrun.cli import composed
+    from trainrun.composition import hydra_configs
 
-    HydraConfig.instance().set_config(composed([[]], with_hydra=True)[0])
+    HydraConfig.instance().set_config(hydra_configs([[]], with_hydra=True)[0])
     try:
         with pytest.raises(signals.StartupStop):
             signals._during_startup(signal.SIGTERM, None)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import cli, scalars, tiny, wait_for
+from helpers import cli, scalars, tiny, wait_for
 
 
 def rows(sweep_dir: Path) -> list[dict]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY, cli, tiny
+from helpers import TINY, cli, tiny
 
 HEADER = ["job", "overrides", "status", "best_val_loss", "val_loss", "steps", "skipped_updates",
           "wall_seconds", "tokens_per_sec", "parameters", "run_dir", "same_as", "error"]
@@ -191,10 +191,10 @@ def test_launcher_presets(tmp_path):
     per GPU: tasks_per_node follows gpus_per_node)."""
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    from trainrun.cli import composed
+    from trainrun.composition import hydra_configs
 
     def launcher(*overrides):
-        return composed([list(overrides)], with_hydra=True)[0].hydra.launcher
+        return hydra_configs([list(overrides)], with_hydra=True)[0].hydra.launcher
 
     parallel = launcher("hydra/launcher=parallel", "hydra.launcher.n_jobs=3")
     assert parallel._target_.endswith("JoblibLauncher") and parallel.n_jobs == 3
@@ -221,7 +221,7 @@ def test_a_bad_launcher_or_search_fails_before_any_job(tmp_path, args, message):
 def test_only_rank_0_records_a_job(monkeypatch):
     """The tasks of an srun step (submitit's SLURM jobs with several GPUs) and torchrun's
     workers run the same job: rank 0 alone reports it."""
-    from trainrun.cli.summary import main_process
+    from trainrun.composition.summary import main_process
 
     for name in ("RANK", "WORLD_SIZE", "SLURM_STEP_ID", "SLURM_PROCID", "SLURM_NTASKS"):
         monkeypatch.delenv(name, raising=False)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import cli, config, make_corpus, tiny
+from helpers import cli, config, make_corpus, tiny
 
 from trainrun import data
 from trainrun.data import storage

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import WORDS, assert_identical, cli, config, final_weights, scalars, tiny, train
+from helpers import WORDS, assert_identical, cli, config, final_weights, scalars, tiny, train
 from test_resume import rewind
 
 from trainrun import data
@@ -213,7 +213,7 @@ LOADER = """
 import sys, time
 from pathlib import Path
 sys.path.insert(0, {tests!r})
-from conftest import config
+from helpers import config
 from trainrun import data
 cfg = config(*sys.argv[2:])
 go = Path(sys.argv[1])

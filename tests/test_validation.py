@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import cli, config, scalars, tiny
+from helpers import cli, config, scalars, tiny
 from safetensors.torch import load_model
 
 from trainrun import data

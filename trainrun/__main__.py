@@ -1,3 +1,3 @@
-from trainrun.start import main
+from trainrun.commands.train import main
 
 main()

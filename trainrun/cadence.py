@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from trainrun import checkpoint
-from trainrun.state import Trainer
+from trainrun import checkpoint, faults
+from trainrun.state import Components
 
 BEST = "best"
 
@@ -32,7 +32,7 @@ class Cadence:
         self.root = root  # run_dir / "checkpoints"
         self.last_save = time.monotonic()
 
-    def save_due(self, t: Trainer, k: int) -> bool:
+    def save_due(self, t: Components, k: int) -> bool:
         """Update k (just applied, validated if due) is to be checkpointed."""
         cfg = t.cfg
         if k % cfg.ckpt_every == 0 or k == cfg.max_steps:
@@ -47,13 +47,13 @@ class Cadence:
             due = bool(t.replicas.sum(flag) > 0)
         return due
 
-    def saved(self, t: Trainer, path: Path) -> None:
+    def saved(self, t: Components, path: Path) -> None:
         """Checkpoint `path` (update t.counters.k) is complete on disk."""
         self.last_save = time.monotonic()
         if t.cfg.keep_best and t.counters.best_val_step == t.counters.k and t.world.main:
             keep_best(self.root, path)
 
-    def patience_out(self, t: Trainer) -> str | None:
+    def patience_out(self, t: Components) -> str | None:
         """Why the run stops early, or None."""
         cfg, c = t.cfg, t.counters
         if cfg.early_stop_patience is None or c.best_val_step == 0:
@@ -77,8 +77,7 @@ def keep_best(root: Path, path: Path) -> None:
     shutil.copytree(path, tmp, copy_function=_link)
     if best.exists():
         best.rename(old)
-        # fault injection for crash-safety tests: a pause between the two renames
-        time.sleep(float(os.environ.get("TRAINRUN_BEST_PAUSE", "0")))
+        faults.pause_in_keep_best()  # tests: a pause between the two renames
     tmp.rename(best)
     shutil.rmtree(old, ignore_errors=True)
 

@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_file, save_model
 
-from trainrun import rundir
+from trainrun import faults, rundir
 from trainrun.errors import NotTrainrun, out_of_space, reason
 
 MODEL_FILE, STATE_FILE, META_FILE, LATEST = "model.safetensors", "trainer_state.pt", "meta.json", "latest"
@@ -106,19 +106,17 @@ def save_sharded(root: Path, k: int, replicas, optimizer: torch.optim.Optimizer,
     rank 0 the whole weights (model.safetensors) and the rest, then puts it in place."""
     import torch.distributed.checkpoint as dcp
 
-    from trainrun import distributed
-
     tmp = root / f".tmp-{step_name(k)}-sharded"  # one name on every rank
     if main:
         rundir.folder(root, within=root.parent)
         clean(root)
         tmp.mkdir()  # new: it holds no link
-    distributed.barrier()
+    replicas.barrier()
     dcp.save(replicas.sharded_state(optimizer), checkpoint_id=str(tmp / SHARDS))
     weights = replicas.full_weights()
     if main:
         save(root, k, weights, state, meta, keep_last, tmp=tmp)
-    distributed.barrier()
+    replicas.barrier()
 
 
 def clean(root: Path, keep: Path | None = None) -> None:
@@ -145,16 +143,13 @@ def _write(tmp: Path, k: int, model: torch.nn.Module | dict, state: dict, meta: 
     if not tmp.is_dir() or tmp.is_symlink():
         tmp.mkdir()
     _save_weights(model, tmp / MODEL_FILE)
-    # fault injection for disk-full tests: the disk fills up while the state is written
-    if os.environ.get("TRAINRUN_SAVE_FAIL_ENOSPC_AT") == str(k):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / STATE_FILE))
+    faults.disk_full_in_save(k, tmp / STATE_FILE)  # tests: the disk fills up here
     with open(tmp / STATE_FILE, "wb") as f:  # a file object: a full disk raises OSError,
         torch.save(state, f)  # not only a RuntimeError as with a path
     digests = {name: sha256(tmp / name) for name in files(tmp)}
     meta = {"step": k, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sha256": digests, **meta}
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    # fault injection for crash-safety tests: a pause with the checkpoint half written
-    time.sleep(float(os.environ.get("TRAINRUN_SAVE_PAUSE", "0")))
+    faults.pause_in_save()  # tests: a pause with the checkpoint half written
     for name in [*digests, META_FILE]:
         rundir.fsync(tmp / name)
     if (tmp / SHARDS).is_dir():

@@ -26,6 +26,7 @@ from omegaconf import MISSING
 
 from trainrun.errors import ConfigError, require_in, require_positive
 from trainrun.models import KINDS, parameter_kinds
+from trainrun.registry import options_of, register
 
 Tensors = list[torch.Tensor]
 Params = list[torch.nn.Parameter]
@@ -65,6 +66,7 @@ class Clipper:
         pass
 
 
+@register("clip", "none")
 @dataclass
 class NoClipConfig(ClipConfig):
     def build(self, model):
@@ -77,6 +79,7 @@ class NoClip(Clipper):
         return norm, torch.ones_like(norm)
 
 
+@register("clip", "norm")
 @dataclass
 class NormClipConfig(ClipConfig):
     """g ← g · max_norm / max(‖g‖, max_norm), globally or (per_param) tensor by tensor."""
@@ -113,6 +116,7 @@ class NormClip(Clipper):
         return pre, coef
 
 
+@register("clip", "value")
 @dataclass
 class ValueClipConfig(ClipConfig):
     """Each gradient element clamped to [−max_value, max_value]."""
@@ -140,6 +144,7 @@ class ValueClip(Clipper):
         return pre, norm_ratio(global_norm(grads), pre)
 
 
+@register("clip", "adaptive")
 @dataclass
 class AdaptiveClipConfig(ClipConfig):
     """AutoClip (Seetharaman et al. 2020): clip the global L2 norm at the `percentile`-th
@@ -226,6 +231,7 @@ class AutoClip(Clipper):
         self.count = torch.tensor(count, dtype=torch.long, device=device)
 
 
+@register("clip", "agc")
 @dataclass
 class AGCConfig(ClipConfig):
     """Adaptive gradient clipping (Brock et al. 2021), unit by unit: ‖G_i‖ ≤ clipping ·
@@ -266,10 +272,4 @@ class AGC(Clipper):
         return pre, norm_ratio(global_norm(grads), pre)
 
 
-CLIPPERS = {
-    "none": NoClipConfig,
-    "norm": NormClipConfig,
-    "value": ValueClipConfig,
-    "adaptive": AdaptiveClipConfig,
-    "agc": AGCConfig,
-}
+CLIPPERS: dict[str, type[ClipConfig]] = options_of("clip")  # each class registers itself

@@ -48,7 +48,7 @@ class TrainerConfig:
     threads: str = MISSING  # auto | N: CPU threads of torch's operators (threads.py)
 
     # deprecated keys and the key each is a form of: naming one on the command line sets the
-    # other to null, and on resume replaces the saved other (trainrun.cli.overrides)
+    # other to null, and on resume replaces the saved other (trainrun.composition.overrides)
     deprecated: ClassVar[dict[str, str]] = {"eval_batches": "eval_sequences"}
 
 
@@ -193,7 +193,7 @@ def validate(cfg: Config, data: bool = True) -> Config:
             f"lower data.seq_len or raise model.max_seq_len",
         )
     if cfg.model.init_from is not None and cfg.resume is None:  # a resumed run has its weights
-        if type(cfg.tokenizer) is TOKENIZERS["byte"]:  # others: once built (runner.build_model)
+        if type(cfg.tokenizer) is TOKENIZERS["byte"]:  # others: once built (builders.build_model)
             cfg.model.check_init_from(ByteTokenizer.vocab_size)
     cfg.optimizer.validate("optimizer")
     cfg.scheduler.validate("scheduler", t.max_steps, cfg.optimizer.lr)

@@ -15,13 +15,12 @@ import os
 import torch
 
 from trainrun.errors import ConfigError
+from trainrun.ranks import launch_size, slurm_environment
 
 
 def local_rank(env: dict[str, str] | None = None) -> int | None:
     """This process's local rank under torchrun or srun (known before the process group is
     made); None for a process that is not one of several."""
-    from trainrun.distributed import launch_size, slurm_environment
-
     env = dict(os.environ if env is None else env)
     if launch_size(env) <= 1:
         return None

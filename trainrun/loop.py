@@ -17,7 +17,7 @@ from trainrun.errors import out_of_space
 from trainrun.metrics import Metrics
 from trainrun.optimizers import eval_weights
 from trainrun.signals import Signals, name
-from trainrun.state import Trainer
+from trainrun.state import Components
 from trainrun.update import UpdateResult, train_update
 
 
@@ -52,7 +52,7 @@ class Outputs:
         self.cadence = Cadence(self.ckpt_root)
 
 
-def fit(t: Trainer, out: Outputs, signals: Signals) -> str:
+def fit(t: Components, out: Outputs, signals: Signals) -> str:
     """Train until k = max_steps; return the status: completed, stopped or failed.
 
     A full disk fails the run (out.failure says why): the newest checkpoint is intact, and
@@ -71,7 +71,7 @@ def fit(t: Trainer, out: Outputs, signals: Signals) -> str:
     return "failed"
 
 
-def train(t: Trainer, out: Outputs, signals: Signals) -> str:
+def train(t: Components, out: Outputs, signals: Signals) -> str:
     """fit() without the handling of a full disk."""
     cfg, c = t.cfg, t.counters
     out.console.start_progress(cfg.max_steps, c.k)
@@ -104,12 +104,12 @@ def train(t: Trainer, out: Outputs, signals: Signals) -> str:
     return "completed"
 
 
-def one_update(t: Trainer, stop: int = 0) -> tuple[UpdateResult, int]:
+def one_update(t: Components, stop: int = 0) -> tuple[UpdateResult, int]:
     """Train on the next window of the data order (this rank's share of it); return the
     result and the window's target count. `stop`: the signal this rank was asked to stop
     by (0: none)."""
     w = t.world
-    indices = t.order.next_window(t.batch_size * t.cfg.grad_accum_steps * w.size)
+    indices = t.order.next_window(t.sequences_per_update())
     batches = [t.train.batch(ix) for ix in micro_batches(indices, t.batch_size, w.rank, w.size)]
     n_targets = t.train.num_targets(indices)
     result = train_update(t.replicas, batches, n_targets, t.optimizer, t.clipper, t.precision,
@@ -117,7 +117,7 @@ def one_update(t: Trainer, stop: int = 0) -> tuple[UpdateResult, int]:
     return result, n_targets
 
 
-def skip(t: Trainer, out: Outputs, result: UpdateResult, k: int) -> bool:
+def skip(t: Components, out: Outputs, result: UpdateResult, k: int) -> bool:
     """Count a skipped update; True when trainer.max_skipped in a row mean the run must stop.
 
     Under fp16 an overflow of the scaled gradients is the loss scaler's normal search for
@@ -145,7 +145,7 @@ def skip(t: Trainer, out: Outputs, result: UpdateResult, k: int) -> bool:
     return False
 
 
-def validate(t: Trainer, out: Outputs) -> None:
+def validate(t: Components, out: Outputs) -> None:
     c = t.counters
     started = time.perf_counter()
     with eval_weights(t.optimizer):
@@ -157,7 +157,7 @@ def validate(t: Trainer, out: Outputs) -> None:
                            time.perf_counter() - started)
 
 
-def save(t: Trainer, out: Outputs) -> None:
+def save(t: Components, out: Outputs) -> None:
     """Checkpoint update k, once (a periodic save and a stop can fall on the same k); rank 0
     writes it, the replicas of the other ranks being the same, and sharded every rank its
     shards."""
@@ -179,7 +179,7 @@ def save(t: Trainer, out: Outputs) -> None:
     out.cadence.saved(t, out.ckpt_root / checkpoint.step_name(t.counters.k))
 
 
-def weights_finite(t: Trainer) -> bool:
+def weights_finite(t: Components) -> bool:
     """The weights are finite, and small enough that the sum of their squares is finite in
     float32 (|w| up to about 1e19: far past any that trained). One foreach norm over all
     parameters (this rank's shards, summed over ranks under FSDP) and one read of the

@@ -37,9 +37,10 @@ def refuse_used(run_dir: Path, config_dir: Path | None = None) -> None:
                                        f"allowed: {allowed}")
 
 
-def start(run_dir: Path, console: Console, record: dict[str, str], damaged: dict[Path, str],
-          tokenizer: data.Tokenizer, device: torch.device) -> None:
-    """The run has started: from here on it writes into run_dir. A full disk here removes
+def write_first_files(run_dir: Path, console: Console, record: dict[str, str],
+                      damaged: dict[Path, str], tokenizer: data.Tokenizer,
+                      device: torch.device) -> None:
+    """Write the files a run writes as it starts: from here on it writes into run_dir. A full disk here removes
     the entries this start made (a fresh run leaves no file; a resumed one its files as
     they were, but for lines appended to train.log) and raises StartFailed."""
     before = set(_entries(run_dir))

@@ -12,6 +12,7 @@ import torch
 from omegaconf import MISSING
 
 from trainrun.errors import ConfigError, require_positive
+from trainrun.registry import options_of, register
 
 
 @dataclass
@@ -24,12 +25,14 @@ class PrecisionConfig:
         raise NotImplementedError
 
 
+@register("precision", "fp32")
 @dataclass
 class FP32Config(PrecisionConfig):
     def mode(self, device):
         return "fp32"
 
 
+@register("precision", "bf16")
 @dataclass
 class BF16Config(PrecisionConfig):
     def mode(self, device):
@@ -39,6 +42,7 @@ class BF16Config(PrecisionConfig):
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
+@register("precision", "fp16")
 @dataclass
 class FP16Config(PrecisionConfig):
     """Dynamic loss scaling, with torch.amp.GradScaler's parameter names."""
@@ -70,6 +74,7 @@ class FP16Config(PrecisionConfig):
         return "fp16"
 
 
+@register("precision", "auto")
 @dataclass
 class AutoConfig(FP16Config):
     """bf16 on a GPU with bfloat16, fp16 (with these scaler keys) on one without, fp32 on CPU."""
@@ -83,7 +88,7 @@ class AutoConfig(FP16Config):
         return "bf16" if native else "fp16"
 
 
-PRECISIONS = {"fp32": FP32Config, "bf16": BF16Config, "fp16": FP16Config, "auto": AutoConfig}
+PRECISIONS: dict[str, type[PrecisionConfig]] = options_of("precision")  # each class registers itself
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -2,7 +2,7 @@
 whether the config asked for may continue it, and the command that continues a run.
 
 `trainrun resume=<run dir>` re-composes the run's saved overrides (.hydra/overrides.yaml,
-checked and merged by trainrun.cli.overrides) with the new ones on top and runs in that
+checked and merged by trainrun.composition.overrides) with the new ones on top and runs in that
 directory; `resume=auto` continues the run directory of this very command when it holds a
 checkpoint, and starts fresh otherwise.
 """

@@ -332,7 +332,7 @@ def fresh(base: Path, claimed: bool = True) -> Path:
 
 
 # The nearest folder above the run directory that existed before `trainrun` started, which
-# the command records (trainrun.cli.outputs): everything made below it is this run's.
+# the command records (trainrun.composition.outputs): everything made below it is this run's.
 MADE_UNDER = "TRAINRUN_MADE_UNDER"
 
 

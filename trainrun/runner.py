@@ -1,20 +1,18 @@
-"""Build a run from its validated config and train it: the one place where the sections
-of the config meet the components they configure."""
+"""Train a run from its validated config: start it in its directory (or continue it from its
+checkpoint), with the components trainrun.builders makes, hand it to the loop, and report
+how it ended."""
 
 from __future__ import annotations
 
 import json
-import random
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from trainrun import (
     checkpoint,
-    data,
     determinism,
     devices,
     distributed,
@@ -24,25 +22,16 @@ from trainrun import (
     signals,
     validation,
 )
+from trainrun.builders import build_components
 from trainrun.config import Config
 from trainrun.console import Console
-from trainrun.data.order import DataOrder
 from trainrun.errors import ConfigError, NotTrainrun, reason
 from trainrun.loop import NonFinite, Outputs, fit
 from trainrun.metrics import Metrics
-from trainrun.models import ModelConfig, hf
-from trainrun.optimizers import build_optimizer
+from trainrun.models import hf
 from trainrun.precision import Precision
-from trainrun.schedules import build_schedule
 from trainrun.signals import Signals, hold, release
-from trainrun.state import Counters, Trainer
-from trainrun.threads import set_threads
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
+from trainrun.state import Components
 
 
 def hparams(cfg: Config, choices: dict[str, str]) -> dict:
@@ -60,7 +49,7 @@ def hparams(cfg: Config, choices: dict[str, str]) -> dict:
     return flat
 
 
-def prepare(cfg: Config, slot: int | None = None) -> tuple[torch.device, Precision]:
+def device_and_precision(cfg: Config, slot: int | None = None) -> tuple[torch.device, Precision]:
     """The checks that need the machine (device, precision support), before any model or
     data is built; `slot`: which GPU of several (trainrun.devices), by default this
     process's local rank."""
@@ -88,7 +77,7 @@ class Launch:
     job: int | None = None  # a sweep job's number, which spreads jobs over the GPUs
 
 
-def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
+def run_training(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
         launch: Launch = Launch()) -> dict:
     """Train (or continue) the run described by cfg in run_dir; return the metrics.json
     summary. Raises RunStopped when a signal stopped the run or it failed.
@@ -96,7 +85,9 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
     Nothing is written into run_dir until the run is built and its checkpoint loaded: a run
     refused before then (ConfigError) leaves the directory as it found it, and removes it if
     it was empty; the launch's record is written into run_dir/.hydra once it starts."""
-    device, precision = prepare(cfg, devices.slot(launch.job))
+    # the GPU of this process's local rank, which the launch's environment gives before
+    # the group is joined (devices.slot); only a job alone on its node goes by its number
+    device, precision = device_and_precision(cfg, devices.slot(launch.job))
     world = distributed.init(device)  # a no-op when the CLI joined already, or for one process
     if cfg.trainer.strategy == "fsdp":
         world = distributed.init_single(device)  # FSDP needs a process group, even of one
@@ -112,22 +103,24 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
             console.config(config_yaml)
             console.info("options: " + " ".join(f"{g}={o}" for g, o in choices.items()))
             saved = resume.reproducibility(resume_from)  # {}: a fresh run, an older checkpoint
-            trainer = build(cfg, device, precision, console, world, pretrained=resume_from is None,
-                            threads=resume.threads(saved, world.size))
+            components = build_components(cfg, device, precision, console, world,
+                                          pretrained=resume_from is None,
+                                          threads=resume.threads(saved, world.size))
             if resume_from is not None:
-                resume.check_tokenizer(trainer.tokenizer, resume_from)
-                resume.check_data(resume.data_record(trainer.train, trainer.val), resume_from)
-                load_checkpoint(trainer, resume_from)
-                console.info(f"resumed from {resume_from} at update {trainer.counters.k}")
+                resume.check_tokenizer(components.tokenizer, resume_from)
+                resume.check_data(resume.data_record(components.train, components.val),
+                                  resume_from)
+                load_checkpoint(components, resume_from)
+                console.info(f"resumed from {resume_from} at update {components.counters.k}")
                 for note in determinism.differences(saved, determinism.record(device, world.size)):
                     console.warning(note)
-                for note in [*trainer.resume_notes(), *resume.schedule_notes(
-                        cfg, checkpoint.read_meta(resume_from), trainer.counters.k,
-                        trainer.schedule)]:
+                for note in [*components.resume_notes(), *resume.schedule_notes(
+                        cfg, checkpoint.read_meta(resume_from), components.counters.k,
+                        components.schedule)]:
                     console.info(note)
-            for note in validation_notes(trainer, resume_from):
+            for note in validation_notes(components, resume_from):
                 console.warning(note)
-            console.info(validation.describe(trainer))
+            console.info(validation.describe(components))
             signals.check()  # the last point where a start-up stop leaves nothing behind
         except BaseException:  # a refused start or a start-up signal (StartupStop)
             rundir.release(run_dir)
@@ -136,32 +129,33 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
         hold()  # from here the run writes its directory: a stop is a stopped run
         if world.main:
             try:
-                opening.start(run_dir, console, launch.record, damaged, trainer.tokenizer,
-                              device)
+                opening.write_first_files(run_dir, console, launch.record, damaged,
+                                          components.tokenizer, device)
             except opening.StartFailed as failed:
                 print(f"trainrun: {failed}", file=sys.stderr)
                 rundir.release(run_dir)
                 rundir.remove_if_empty(run_dir)
                 raise RunStopped(1, str(failed)) from None
         metrics = Metrics(run_dir, console, cfg.trainer.log_every, cfg.trainer.max_steps,
-                          first_step=trainer.counters.k + 1, writes=world.main,
-                          earlier_seconds=trainer.counters.wall_seconds, tb_name=launch.tb_name)
+                          first_step=components.counters.k + 1, writes=world.main,
+                          earlier_seconds=components.counters.wall_seconds,
+                          tb_name=launch.tb_name)
         meta = {"config": json.loads(json.dumps(asdict(cfg))), "schemas": resume.schemas(cfg),
-                "tokenizer": resume.tokenizer_record(trainer.tokenizer),
-                "data": resume.data_record(trainer.train, trainer.val),
+                "tokenizer": resume.tokenizer_record(components.tokenizer),
+                "data": resume.data_record(components.train, components.val),
                 "reproducibility": determinism.record(device, world.size),
-                "validation": validation.record(trainer.val, trainer.val_size),
-                **origin(cfg, resume_from)}
+                "validation": validation.record(components.val, components.val_size),
+                **init_from_record(cfg, resume_from)}
         outputs = Outputs(metrics, console, run_dir / "checkpoints", meta,
-                          saved_k=trainer.counters.k if resume_from is not None else None)
+                          saved_k=components.counters.k if resume_from is not None else None)
         status = "failed"
         try:
             with Signals(on_hangup=console.detach_terminal) as stops:
-                status = fit(trainer, outputs, stops)
+                status = fit(components, outputs, stops)
         finally:
-            summary = metrics.finish(summarize(trainer, status), hparams(cfg, choices))
-        return finish(summary, run_dir, console, stops, outputs.failure, world,
-                      launch.config_dir)
+            summary = metrics.finish(summarize(components, status), hparams(cfg, choices))
+        return report_end(summary, run_dir, console, stops, outputs.failure, world,
+                          launch.config_dir)
     finally:
         release()
         determinism.restore()
@@ -171,7 +165,7 @@ def run(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
         distributed.close()  # the group's threads end before the interpreter does
 
 
-def summarize(t: Trainer, status: str) -> dict:
+def summarize(t: Components, status: str) -> dict:
     c = t.counters
     return {"status": status, "steps": c.k, "tokens": c.tokens, "train_loss": c.train_loss,
             "val_loss": c.val_loss, "best_val_loss": c.best_val_loss,
@@ -179,7 +173,7 @@ def summarize(t: Trainer, status: str) -> dict:
             "parameters": t.raw_model.num_params()}
 
 
-def finish(summary: dict, run_dir: Path, console: Console, signals: Signals,
+def report_end(summary: dict, run_dir: Path, console: Console, signals: Signals,
            failure: checkpoint.NoSpace | NonFinite | None = None,
            world: distributed.World = distributed.ONE_PROCESS,
            config_dir: Path | None = None) -> dict:
@@ -215,7 +209,7 @@ def finish(summary: dict, run_dir: Path, console: Console, signals: Signals,
     return summary
 
 
-def load_checkpoint(t: Trainer, path: Path) -> None:
+def load_checkpoint(t: Components, path: Path) -> None:
     """Continue from checkpoint `path`: its files are refused in one line (ConfigError) when
     they are not what trainrun writes, whatever meta.json's checksums say."""
     try:
@@ -238,7 +232,7 @@ def load_checkpoint(t: Trainer, path: Path) -> None:
             from None
 
 
-def validation_notes(t: Trainer, resume_from: Path | None) -> list[str]:
+def validation_notes(t: Components, resume_from: Path | None) -> list[str]:
     """What the run's validation set means for a fresh run (the deprecated eval_batches) or a
     resumed one (validation.resumed); a checkpoint whose record is not trainrun's is refused
     in one line."""
@@ -254,89 +248,9 @@ def validation_notes(t: Trainer, resume_from: Path | None) -> list[str]:
                                     f"checkpoint written by trainrun") from None
 
 
-def origin(cfg: Config, resume_from: Path | None) -> dict:
+def init_from_record(cfg: Config, resume_from: Path | None) -> dict:
     """meta.json's `init_from` (the folder and the sha256 of its weights) when the run's
     weights started from model.init_from; a resumed run keeps its checkpoint's."""
     if resume_from is not None:
         return {k: v for k, v in checkpoint.read_meta(resume_from).items() if k == "init_from"}
     return {"init_from": hf.source(cfg.model)} if cfg.model.init_from is not None else {}
-
-
-def build_model(cfg: ModelConfig, vocab_size: int, device: torch.device,
-                console: Console | None = None) -> torch.nn.Module:
-    """The model of cfg's family on device over vocab_size ids (the tokenizer's), its
-    initialization drawn from the seeded generator; given a console (a run that starts from
-    its config, not from a checkpoint), model.init_from's weights then replace it."""
-    model = cfg.build(vocab_size)
-    if console is not None and cfg.init_from is not None:
-        for note in cfg.hf.load(cfg, model):
-            console.warning(note)
-        console.info(f"weights from model.init_from={cfg.init_from}, a model of "
-                     f"{cfg.describe()}")
-    return model.to(device)
-
-
-def build(cfg: Config, device: torch.device, precision: Precision, console: Console,
-          world: distributed.World = distributed.ONE_PROCESS, pretrained: bool = True,
-          threads: int | None = None) -> Trainer:
-    """The run's components; `pretrained`: the weights of model.init_from, if set (False
-    when a checkpoint will replace them); `threads`: the CPU threads of the checkpoint a
-    resume continues, taken under trainer.threads=auto (threads.py)."""
-    t = cfg.trainer
-    deterministic = determinism.enable(t.deterministic)  # before the first CUDA kernel
-    if deterministic:
-        console.info(deterministic)
-    line, warn = set_threads(t.threads, threads)
-    (console.warning if warn else console.info)(line)
-    if t.device == "auto" and devices.hidden_gpus():
-        console.warning("CUDA_VISIBLE_DEVICES is empty: no GPU is visible to this process, "
-                        "so it trains on the CPU")
-    seed_everything(t.seed)
-    signals.check()  # stops that came during a library's call, between start-up phases
-    splits = load_data(cfg, world, console)
-    signals.check()
-    model = build_model(cfg.model, splits.tokenizer.vocab_size, device,
-                        console if pretrained else None)
-    replicas = distributed.Replicas(model, t.strategy, world, device, t.compile)
-    signals.check()
-    optimizer = build_optimizer(cfg.optimizer, model, device)
-    schedule = build_schedule(cfg.scheduler, cfg.optimizer.lr, t.max_steps, cfg.model.d_model)
-    schedule.check(optimizer)
-    sequences_per_update = cfg.data.batch_size * t.grad_accum_steps * world.size
-    if world.size > 1 or t.strategy == "fsdp":
-        console.info(f"{world.size} process(es), strategy {t.strategy}, rank 0 writes the run")
-    console.info(
-        f"device {device}, precision {precision.mode}; model {model.num_params():,} parameters; "
-        f"data {len(splits['train']):,} train / {len(splits['validation']):,} validation "
-        f"sequences of {cfg.data.seq_len} tokens"
-    )
-    console.info(
-        f"update = {t.grad_accum_steps} micro-batch(es) x {cfg.data.batch_size} sequences x "
-        f"{world.size} process(es) = "
-        f"{sequences_per_update} sequences, up to {sequences_per_update * cfg.data.seq_len:,} "
-        f"tokens; {t.max_steps} updates"
-    )
-    for note in schedule.notes():  # noam: optimizer.lr unused, warmup longer than the run
-        console.warning(note)
-    return Trainer(
-        cfg=t, replicas=replicas, raw_model=model, optimizer=optimizer, schedule=schedule,
-        clipper=cfg.clip.build(model), precision=precision, train=splits["train"],
-        val=splits["validation"], order=DataOrder(len(splits["train"]), t.seed),
-        batch_size=cfg.data.batch_size, device=device, counters=Counters(), world=world,
-        tokenizer=splits.tokenizer,
-        val_size=validation.size(t, cfg.data.batch_size, len(splits["validation"])),
-    )
-
-
-def load_data(cfg: Config, world: distributed.World, console: Console) -> data.Loaded:
-    """The data, tokenized by rank 0 first: the other ranks then map the token files it
-    wrote (the cache's lock would make them wait anyway; the barrier keeps their `datasets`
-    reads off the disk while rank 0 tokenizes)."""
-    if not world.main:
-        distributed.barrier()
-    splits = data.load(cfg.data, cfg.tokenizer, console.info)
-    data.check_batch(cfg.data, splits.train)
-    if world.main:
-        distributed.barrier()
-    return splits
-

@@ -23,6 +23,8 @@ import signal
 import sys
 from collections.abc import Callable
 
+from trainrun import faults
+
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 IGNORABLE = (signal.SIGINT, signal.SIGHUP)
 
@@ -111,11 +113,9 @@ def catch_startup() -> None:
         if sig in IGNORABLE and signal.getsignal(sig) == signal.SIG_IGN:
             continue
         signal.signal(sig, _during_startup)
-    if os.environ.get(SIGNAL_INSIDE):
-        _signal_inside(*os.environ[SIGNAL_INSIDE].split(":", 1))
-
-
-SIGNAL_INSIDE = "TRAINRUN_SIGNAL_INSIDE"  # tests: SIGTERM:datasets.load.load_dataset
+    inside = faults.signal_inside()  # tests: SIGTERM:datasets.load.load_dataset
+    if inside is not None:
+        _signal_inside(*inside)
 
 
 def _signal_inside(sig: str, where: str) -> None:

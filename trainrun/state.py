@@ -1,5 +1,6 @@
-"""What a run is made of (`Trainer`) and everything a resumed run needs besides the weights
-(`Trainer.state_dict()`): optimizer, schedule, clipper, loss scaler, data position,
+"""What a run is made of (`Components`: the parts the loop works with, built by
+trainrun.builders.build_components; the loop in trainrun.loop owns the training) and everything
+a resumed run needs besides the weights (`Components.state_dict()`): optimizer, schedule, clipper, loss scaler, data position,
 counters and every random-number generator."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from trainrun.clip import Clipper
 from trainrun.config import TrainerConfig
 from trainrun.data import Sequences, Tokenizer
-from trainrun.data.order import DataOrder
+from trainrun.data.order import DataOrder, sequences_per_update
 from trainrun.distributed import ONE_PROCESS, Replicas, World
 from trainrun.precision import Precision
 from trainrun.schedules import Schedule
@@ -34,7 +35,7 @@ class Counters:
 
 
 @dataclass
-class Trainer:
+class Components:
     cfg: TrainerConfig
     replicas: Replicas  # the model as the processes share it; .forward runs it
     raw_model: torch.nn.Module  # what is saved
@@ -84,7 +85,7 @@ class Trainer:
         self.saved_world = (state.get("world_size", 1), state.get("sequences_per_update"))
 
     def sequences_per_update(self) -> int:
-        return self.batch_size * self.cfg.grad_accum_steps * self.world.size
+        return sequences_per_update(self.batch_size, self.cfg.grad_accum_steps, self.world.size)
 
     def resume_notes(self) -> list[str]:
         """What a resume on another number of processes changes, and what it does not."""

@@ -175,6 +175,13 @@ def failures(table: list[dict], csv_path: Path) -> str | None:
     return f"{failed} of {len(table)} jobs failed; see {csv_path}"
 
 
+def sweep_command(args: list[str], sweep_dir: Path) -> str:
+    """The command that continues a whole sweep: the same one with resume=auto and its
+    sweep directory; finished jobs are skipped, stopped ones resumed (docs/sweeps.md)."""
+    kept = [a for a in args if a.split("=", 1)[0] not in ("resume", "hydra.sweep.dir")]
+    return shlex.join(["trainrun", *kept, "resume=auto", f"hydra.sweep.dir={sweep_dir}"])
+
+
 def common_overrides(table: list[dict]) -> list[str]:
     """The overrides every job of the sweep has (when there are two jobs or more)."""
     if len(table) < 2:

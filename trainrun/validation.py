@@ -35,7 +35,7 @@ from trainrun.data import IGNORE, Sequences
 from trainrun.data.order import micro_batches
 from trainrun.errors import ConfigError
 from trainrun.precision import Precision
-from trainrun.state import Trainer
+from trainrun.state import Components
 
 
 def size(cfg: TrainerConfig, batch_size: int, available: int) -> int:
@@ -68,7 +68,7 @@ def sequence_losses(forward, seqs, batches: list[np.ndarray], n: int, device: to
     return losses
 
 
-def loss(t: Trainer) -> float:
+def loss(t: Components) -> float:
     """The token-mean loss over the run's validation set (t.val_size sequences)."""
     t.replicas.module.eval()
     w, n = t.world, t.val_size
@@ -91,7 +91,7 @@ def record(seqs: Sequences, n: int) -> dict:
             "fingerprint": fingerprint(seqs, n)}
 
 
-def describe(t: Trainer) -> str:
+def describe(t: Components) -> str:
     """The run's log line about its validation set."""
     n, available = t.val_size, len(t.val)
     which = f"all {n:,}" if n == available else f"the first {n:,} of {available:,}"
@@ -111,7 +111,7 @@ def deprecated(cfg: TrainerConfig, n: int, resumed: bool) -> list[str]:
             f"trainer.eval_sequences={n}"]
 
 
-def saved_set(meta: dict, t: Trainer) -> dict:
+def saved_set(meta: dict, t: Components) -> dict:
     """The validation set of the checkpoint whose meta.json is `meta`: its record, or for a
     checkpoint written before there was one, the set that trainrun then read (the first
     eval_batches windows of data.batch_size sequences per process)."""
@@ -132,7 +132,7 @@ def saved_set(meta: dict, t: Trainer) -> dict:
     return saved
 
 
-def resumed(t: Trainer, meta: dict) -> list[str]:
+def resumed(t: Components, meta: dict) -> list[str]:
     """Continue from the checkpoint whose meta.json is `meta`: the deprecated eval_batches
     takes the checkpoint's set; a set other than the checkpoint's restarts best_val_loss and
     early stopping (the lines that say so), or is refused under a schedule driven by val/loss.

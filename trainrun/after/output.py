@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
+from trainrun.composition.explain import fail
 from trainrun.errors import ConfigError
 
 
@@ -28,8 +29,6 @@ def run_command(prog: str, argv: Sequence[str] | None, parser: Parser,
                 overrides: bool = False) -> None:
     """Parse argv (key=value words are the overrides, where the command takes them) and run
     the command; a ConfigError from either is one line and exit status 2."""
-    from trainrun.cli import fail
-
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if overrides:

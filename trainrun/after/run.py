@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from trainrun import checkpoint, resume, rundir, runner, threads
+from trainrun import builders, checkpoint, resume, rundir, runner, threads
 from trainrun.after.output import Parser
 from trainrun.config import Config
 from trainrun.data import RUN_FILE, Tokenizer
@@ -78,15 +78,15 @@ def config(run_dir: Path, overrides: list[str], data: bool,
     """The run's saved overrides, then `overrides` (a group switched drops the old option's
     keys), composed and validated (data=False: the data source unchecked), with the options
     of config_dir too (--config-dir)."""
-    from trainrun.cli import compose, config_folder
-    from trainrun.cli.overrides import OWN, continue_run, key, one_of
+    from trainrun.composition import checked_config_dir, validated_configs
+    from trainrun.composition.overrides import OWN, continue_run, key, one_of
 
-    folder = None if config_dir is None else config_folder(config_dir)
+    folder = None if config_dir is None else checked_config_dir(config_dir)
     try:
         merged = continue_run(run_dir, overrides, folder)
     except ConfigError as error:  # refused by the trust boundary, named as resume's are
         raise ConfigError(ARG, error.message) from None
-    (cfg,) = compose([one_of([o for o in merged if key(o) not in (*OWN, "model.init_from")])],
+    (cfg,) = validated_configs([one_of([o for o in merged if key(o) not in (*OWN, "model.init_from")])],
                      data, folder)
     return cfg
 
@@ -199,9 +199,9 @@ def open_run(run_dir: str, overrides: list[str], checkpoint_name: str | None = N
     ckpt, warnings = find_checkpoint(path, checkpoint_name)
     step, meta = check_shape(cfg, ckpt)
     tokenizer = tokenizer_of(path, ckpt, meta, getattr(cfg.tokenizer, "eot", None))
-    device, precision = runner.prepare(cfg)
+    device, precision = runner.device_and_precision(cfg)
     threads_line, _ = set_threads(cfg.trainer.threads)  # as a fresh trainrun run does
-    model = runner.build_model(cfg.model, tokenizer.vocab_size, device)
+    model = builders.build_model(cfg.model, tokenizer.vocab_size, device)
     try:
         checkpoint.load_weights(ckpt, model)
     except NotTrainrun as error:

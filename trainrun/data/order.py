@@ -13,6 +13,12 @@ import numpy as np
 from trainrun.errors import ConfigError
 
 
+def sequences_per_update(batch_size: int, grad_accum_steps: int, processes: int) -> int:
+    """The sequences one update trains on, the window it reads of the order: each of the
+    processes runs grad_accum_steps micro-batches of batch_size sequences."""
+    return batch_size * grad_accum_steps * processes
+
+
 def permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     """The order of epoch `epoch` (0-based) over n sequences: 4 bytes per sequence while
     n < 2**32 (the same shuffle as NumPy's `permutation(n)`, which would hold 8), so that a corpus of

@@ -30,6 +30,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from trainrun.errors import ConfigError, require_in, require_positive
+from trainrun.registry import options_of, register
 from trainrun.textcheck import (
     check_encoding,
     fingerprint,
@@ -82,6 +83,7 @@ class DataConfig:
         raise NotImplementedError
 
 
+@register("data", "builtin")
 @dataclass
 class BuiltinDataConfig(DataConfig):
     """The Python standard library's own top-level modules: real text on every machine."""
@@ -98,6 +100,7 @@ class BuiltinDataConfig(DataConfig):
         return _hold_out(ds, self.val_fraction, content, whole)
 
 
+@register("data", "text")
 @dataclass
 class TextDataConfig(DataConfig):
     """Local files by extension: .txt (a document per file, paragraph or line: sample_by),
@@ -181,6 +184,7 @@ class TextDataConfig(DataConfig):
         return _hold_out(ds, self.val_fraction, content, whole)
 
 
+@register("data", "hf")
 @dataclass
 class HFDataConfig(DataConfig):
     """`datasets.load_dataset(path, name)`: the hub (network or local cache) or a local dir."""
@@ -257,7 +261,7 @@ class HFDataConfig(DataConfig):
                               ) from None
 
 
-DATA = {"builtin": BuiltinDataConfig, "text": TextDataConfig, "hf": HFDataConfig}
+DATA: dict[str, type[DataConfig]] = options_of("data")  # each class registers itself
 _BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 

@@ -18,6 +18,7 @@ from omegaconf import MISSING
 from trainrun.data import storage
 from trainrun.data.tokenizers import EOT_TEXT, ByteTokenizer, JSONTokenizer, Tokenizer
 from trainrun.errors import ConfigError, require_positive
+from trainrun.registry import options_of, register
 
 MAX_VOCAB = 1 << 32  # token files hold uint32 ids at most
 
@@ -32,12 +33,14 @@ class TokenizerConfig:
         raise NotImplementedError
 
 
+@register("tokenizer", "byte")
 @dataclass
 class ByteConfig(TokenizerConfig):
     def build(self, docs, log: Callable[[str], None]) -> Tokenizer:
         return ByteTokenizer()
 
 
+@register("tokenizer", "bpe")
 @dataclass
 class BPEConfig(TokenizerConfig):
     vocab_size: int = MISSING  # ids in all: the 256 bytes, merges, special tokens
@@ -86,6 +89,7 @@ class BPEConfig(TokenizerConfig):
             f"{time.monotonic() - began:.1f}s")
 
 
+@register("tokenizer", "hf")
 @dataclass
 class HFConfig(TokenizerConfig):
     path: str = MISSING  # a tokenizer.json, a folder holding one, or a hub name
@@ -140,4 +144,4 @@ class HFConfig(TokenizerConfig):
         return JSONTokenizer.from_file(Path(file), self.eot)
 
 
-TOKENIZERS = {"byte": ByteConfig, "bpe": BPEConfig, "hf": HFConfig}
+TOKENIZERS: dict[str, type[TokenizerConfig]] = options_of("tokenizer")  # each class registers itself

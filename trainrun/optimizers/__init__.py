@@ -3,7 +3,8 @@
 This package's interface: the registry OPTIMIZERS, the schemas' base OptimizerConfig,
 build_optimizer, param_groups, and eval_weights (the weights to evaluate and save).
 
-`optimizer=<name>` picks one of OPTIMIZERS; `lr` is the base (peak) rate that the schedule
+`optimizer=<name>` picks one of OPTIMIZERS, where each option's schema registers itself
+(`@register("optimizer", "adamw")`, trainrun.registry); `lr` is the base (peak) rate that the schedule
 scales. Parameter groups come from trainrun.models.parameter_kinds: weight decay is kept off
 the kinds named in `no_decay` (by default biases, norm gains and embeddings). torch's fused
 kernels are used where torch has one for the optimizer on the device, else the foreach
@@ -21,43 +22,16 @@ from __future__ import annotations
 
 import torch
 
+from trainrun.optimizers import muon, standard  # noqa: F401 (their options register)
 from trainrun.optimizers.base import SHARDED, OptimizerConfig, kernel_options, param_groups
-from trainrun.optimizers.muon import MuonAdamW, MuonConfig
-from trainrun.optimizers.schedule_free import ScheduleFreeAdamW, ScheduleFreeConfig, eval_weights
-from trainrun.optimizers.standard import (
-    AdafactorConfig,
-    AdagradConfig,
-    AdamConfig,
-    AdamWConfig,
-    LAMBConfig,
-    LARSConfig,
-    MomentumConfig,
-    NesterovConfig,
-    RMSpropConfig,
-    SGDConfig,
-)
+from trainrun.optimizers.schedule_free import eval_weights
+from trainrun.registry import options_of
 
-__all__ = [
-    "OPTIMIZERS", "AdafactorConfig", "AdagradConfig", "AdamConfig", "AdamWConfig", "LAMBConfig",
-    "LARSConfig", "MomentumConfig", "MuonAdamW", "MuonConfig", "NesterovConfig",
-    "OptimizerConfig", "RMSpropConfig", "SGDConfig", "ScheduleFreeAdamW", "ScheduleFreeConfig",
-    "build_optimizer", "eval_weights", "kernel_options", "param_groups",
-]
+__all__ = ["OPTIMIZERS", "OptimizerConfig", "build_optimizer", "eval_weights", "kernel_options",
+           "param_groups"]
 
-OPTIMIZERS: dict[str, type[OptimizerConfig]] = {
-    "adamw": AdamWConfig,
-    "adam": AdamConfig,
-    "sgd": SGDConfig,
-    "momentum": MomentumConfig,
-    "nesterov": NesterovConfig,
-    "adagrad": AdagradConfig,
-    "rmsprop": RMSpropConfig,
-    "lars": LARSConfig,
-    "lamb": LAMBConfig,
-    "muon": MuonConfig,
-    "adafactor": AdafactorConfig,
-    "schedulefree": ScheduleFreeConfig,
-}
+# option -> schema: each schema class registers itself (@register("optimizer", <option>))
+OPTIMIZERS: dict[str, type[OptimizerConfig]] = options_of("optimizer")
 
 
 def build_optimizer(cfg: OptimizerConfig, model: torch.nn.Module,

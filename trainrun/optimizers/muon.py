@@ -28,6 +28,7 @@ from trainrun.optimizers.base import (
     require_betas,
     require_fraction,
 )
+from trainrun.registry import register
 
 # The parameter kinds that Muon steps, the rest going to AdamW. torch.optim.Muon takes 2-D
 # tensors only; in every model family each parameter of kind `weight` is a Linear layer's
@@ -106,6 +107,7 @@ class AdamWSide:
         require_positive(f"{prefix}.weight_decay", self.weight_decay, allow_zero=True)
 
 
+@register("optimizer", "muon")
 @dataclass
 class MuonConfig(OptimizerConfig):
     """torch.optim.Muon's keys (lr, weight_decay, momentum, nesterov, ns_steps,

@@ -22,6 +22,7 @@ from omegaconf import MISSING
 
 from trainrun.errors import ConfigError, require_positive
 from trainrun.optimizers.base import OptimizerConfig, require_betas
+from trainrun.registry import register
 
 
 class ScheduleFreeAdamW(schedulefree.AdamWScheduleFree):
@@ -80,6 +81,7 @@ def eval_weights(optimizer: torch.optim.Optimizer) -> Iterator[None]:
         optimizer.train()
 
 
+@register("optimizer", "schedulefree")
 @dataclass
 class ScheduleFreeConfig(OptimizerConfig):
     """schedulefree.AdamWScheduleFree's keys; its warmup is scheduler.warmup_steps."""

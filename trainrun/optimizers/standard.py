@@ -19,8 +19,10 @@ from trainrun.optimizers.base import (
     require_fraction,
 )
 from trainrun.optimizers.layerwise import LAMB, LARS
+from trainrun.registry import register
 
 
+@register("optimizer", "adamw")
 @dataclass
 class AdamWConfig(OptimizerConfig):
     """torch.optim.AdamW: decoupled weight decay."""
@@ -39,6 +41,7 @@ class AdamWConfig(OptimizerConfig):
                                  **kernel_options(torch.optim.AdamW, device))
 
 
+@register("optimizer", "adam")
 @dataclass
 class AdamConfig(AdamWConfig):
     """torch.optim.Adam: weight decay is L2, added to the gradient (not decoupled)."""
@@ -49,6 +52,7 @@ class AdamConfig(AdamWConfig):
                                 **kernel_options(torch.optim.Adam, device))
 
 
+@register("optimizer", "sgd")
 @dataclass
 class SGDConfig(OptimizerConfig):
     """Plain SGD (momentum 0)."""
@@ -58,6 +62,7 @@ class SGDConfig(OptimizerConfig):
                                **kernel_options(torch.optim.SGD, device))
 
 
+@register("optimizer", "momentum")
 @dataclass
 class MomentumConfig(OptimizerConfig):
     """SGD with (heavy-ball) momentum: buf ← momentum · buf + (1 − dampening) · g."""
@@ -76,6 +81,7 @@ class MomentumConfig(OptimizerConfig):
                                **kernel_options(torch.optim.SGD, device, momentum=True))
 
 
+@register("optimizer", "nesterov")
 @dataclass
 class NesterovConfig(OptimizerConfig):
     """SGD with Nesterov momentum (torch: nesterov=True, dampening 0)."""
@@ -96,6 +102,7 @@ class NesterovConfig(OptimizerConfig):
                                **kernel_options(torch.optim.SGD, device, momentum=True))
 
 
+@register("optimizer", "adagrad")
 @dataclass
 class AdagradConfig(OptimizerConfig):
     lr_decay: float = MISSING
@@ -116,6 +123,7 @@ class AdagradConfig(OptimizerConfig):
                                    **kernel_options(torch.optim.Adagrad, device))
 
 
+@register("optimizer", "rmsprop")
 @dataclass
 class RMSpropConfig(OptimizerConfig):
     alpha: float = MISSING  # smoothing of the squared-gradient average
@@ -136,6 +144,7 @@ class RMSpropConfig(OptimizerConfig):
                                    **kernel_options(torch.optim.RMSprop, device))
 
 
+@register("optimizer", "lars")
 @dataclass
 class LARSConfig(OptimizerConfig):
     """trainrun.optimizers.layerwise.LARS: SGD with momentum and a per-tensor trust ratio."""
@@ -159,6 +168,7 @@ class LARSConfig(OptimizerConfig):
                     weight_decay=self.weight_decay, trust_coef=self.trust_coef)
 
 
+@register("optimizer", "lamb")
 @dataclass
 class LAMBConfig(AdamWConfig):
     """trainrun.optimizers.layerwise.LAMB: Adam moments with a per-tensor trust ratio."""
@@ -171,6 +181,7 @@ class LAMBConfig(AdamWConfig):
 EPS1_MIN = math.sqrt(torch.finfo(torch.float32).tiny)  # 1.08e-19: eps1² a normal float32
 
 
+@register("optimizer", "adafactor")
 @dataclass
 class AdafactorConfig(OptimizerConfig):
     """torch.optim.Adafactor (Shazeer & Stern 2018): the second moment of a matrix kept as a

@@ -6,7 +6,8 @@ a run (Schedule), build_schedule and set_lr.
 Warmup, where a schedule has it: lr(k) = base·k/W for k <= W; then the schedule's decay
 runs with e = k − W − 1 = 0, 1, ..., D − 1 over D = N − W updates. Each option's schema
 (conf/scheduler/<option>.yaml extends `/schemas/scheduler/<option>`) implements `decay(e, D, base)`, or
-`lr(k, ...)` when it has its own warmup:
+`lr(k, ...)` when it has its own warmup, and registers itself under its option's name
+(`@register("scheduler", "cosine")`, trainrun.registry):
 
     base.py        SchedulerConfig: warmup, the contract, shared checks
     decays.py      constant, step, multistep, exponential, cosine, cosine_restarts,
@@ -20,38 +21,14 @@ from __future__ import annotations
 import torch
 
 from trainrun.errors import ConfigError
+from trainrun.registry import options_of
+from trainrun.schedules import decays, own_warmup, plateau  # noqa: F401 (their options register)
 from trainrun.schedules.base import SchedulerConfig
-from trainrun.schedules.decays import (
-    ConstantConfig,
-    CosineConfig,
-    CosineRestartsConfig,
-    ExponentialConfig,
-    LinearConfig,
-    MultiStepConfig,
-    PolynomialConfig,
-    StepConfig,
-    WSDConfig,
-)
-from trainrun.schedules.own_warmup import InverseSqrtConfig, NoamConfig, OneCycleConfig
-from trainrun.schedules.plateau import PlateauConfig
 
 __all__ = ["SCHEDULES", "Schedule", "SchedulerConfig", "build_schedule", "set_lr"]
 
-SCHEDULES: dict[str, type[SchedulerConfig]] = {
-    "constant": ConstantConfig,
-    "step": StepConfig,
-    "multistep": MultiStepConfig,
-    "exponential": ExponentialConfig,
-    "cosine": CosineConfig,
-    "cosine_restarts": CosineRestartsConfig,
-    "onecycle": OneCycleConfig,
-    "linear": LinearConfig,
-    "polynomial": PolynomialConfig,
-    "noam": NoamConfig,
-    "inverse_sqrt": InverseSqrtConfig,
-    "wsd": WSDConfig,
-    "plateau": PlateauConfig,
-}
+# option -> schema: each schema class registers itself (@register("scheduler", <option>))
+SCHEDULES: dict[str, type[SchedulerConfig]] = options_of("scheduler")
 
 
 class Schedule:

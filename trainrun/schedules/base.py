@@ -27,7 +27,7 @@ class SchedulerConfig:
 
     uses_val_loss: ClassVar[bool] = False  # True: lr also depends on the evaluations (plateau)
     # "One of these keys" pairs (side, other side). Naming keys of one side only, on the
-    # command line or on resume, sets the other side's keys to null (trainrun.cli.overrides);
+    # command line or on resume, sets the other side's keys to null (trainrun.composition.overrides);
     # naming both sides with values is an error (validate).
     one_of: ClassVar[tuple[tuple[tuple[str, ...], tuple[str, ...]], ...]] = (
         (("warmup_steps",), ("warmup_ratio",)),

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from omegaconf import MISSING
 
 from trainrun.errors import ConfigError, require_in, require_positive
+from trainrun.registry import register
 from trainrun.schedules.base import (
     Evals,
     SchedulerConfig,
@@ -23,12 +24,14 @@ from trainrun.schedules.base import (
 )
 
 
+@register("scheduler", "constant")
 @dataclass
 class ConstantConfig(SchedulerConfig):
     def decay(self, e: int, d: int, base: float) -> float:
         return base
 
 
+@register("scheduler", "step")
 @dataclass
 class StepConfig(SchedulerConfig):
     """StepLR: base·gamma^floor(e / step_size)."""
@@ -45,6 +48,7 @@ class StepConfig(SchedulerConfig):
         return base * self.gamma ** (e // self.step_size)
 
 
+@register("scheduler", "multistep")
 @dataclass
 class MultiStepConfig(SchedulerConfig):
     """MultiStepLR: base·gamma^(number of milestones <= e). Milestones count e, the updates
@@ -73,6 +77,7 @@ class MultiStepConfig(SchedulerConfig):
         return base * self.gamma ** bisect.bisect_right(self.milestones, e)
 
 
+@register("scheduler", "exponential")
 @dataclass
 class ExponentialConfig(SchedulerConfig):
     """Two forms, chosen by gamma: a number selects ExponentialLR, base·gamma^e; null selects
@@ -112,6 +117,7 @@ class ExponentialConfig(SchedulerConfig):
         return base * self.decay_rate ** (math.floor(p) if self.staircase else p)
 
 
+@register("scheduler", "cosine")
 @dataclass
 class CosineConfig(SchedulerConfig):
     """CosineAnnealingLR(T_max=D, eta_min=min_lr)."""
@@ -126,6 +132,7 @@ class CosineConfig(SchedulerConfig):
         return self.min_lr + (base - self.min_lr) * (1 + math.cos(math.pi * e / d)) / 2
 
 
+@register("scheduler", "cosine_restarts")
 @dataclass
 class CosineRestartsConfig(SchedulerConfig):
     """SGDR, CosineAnnealingWarmRestarts(T_0, T_mult, eta_min=min_lr): cosine within cycles of
@@ -175,6 +182,7 @@ class CosineRestartsConfig(SchedulerConfig):
         return cycle, e - start(cycle), self.T_0 * self.T_mult**cycle
 
 
+@register("scheduler", "linear")
 @dataclass
 class LinearConfig(SchedulerConfig):
     """Linear decay from base towards min_lr over D updates (transformers' linear schedule
@@ -190,6 +198,7 @@ class LinearConfig(SchedulerConfig):
         return self.min_lr + (base - self.min_lr) * (1 - e / d)
 
 
+@register("scheduler", "polynomial")
 @dataclass
 class PolynomialConfig(SchedulerConfig):
     """TF polynomial_decay at global step e: end_lr + (base − end_lr)·(1 − min(e, S)/S)^power,
@@ -222,6 +231,7 @@ WSD_SHAPES = {
 }
 
 
+@register("scheduler", "wsd")
 @dataclass
 class WSDConfig(SchedulerConfig):
     """Warmup-stable-decay (transformers' get_wsd_schedule after its warmup): hold base, then

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from omegaconf import MISSING
 
 from trainrun.errors import ConfigError, require_in, require_positive
+from trainrun.registry import register
 from trainrun.schedules.base import Evals, SchedulerConfig, require_int
 
 
@@ -19,6 +20,7 @@ def _anneal(strategy: str, start: float, end: float, pct: float) -> float:
     return (end - start) * pct + start
 
 
+@register("scheduler", "onecycle")
 @dataclass
 class OneCycleConfig(SchedulerConfig):
     """OneCycleLR(max_lr=base, total_steps=N) at last_epoch = k − 1, momentum included."""
@@ -104,6 +106,7 @@ class OneCycleConfig(SchedulerConfig):
         return _anneal(self.anneal_strategy, points[i], points[i + 1], pct)
 
 
+@register("scheduler", "noam")
 @dataclass
 class NoamConfig(SchedulerConfig):
     """Vaswani et al. 2017: lr(k) = scale·d_model^−0.5·min(k^−0.5, k·W^−1.5), for every k;
@@ -147,6 +150,7 @@ class NoamConfig(SchedulerConfig):
         return lines
 
 
+@register("scheduler", "inverse_sqrt")
 @dataclass
 class InverseSqrtConfig(SchedulerConfig):
     """fairseq inverse_sqrt: base·k/W for k <= W, then base·sqrt(W/k) (noam named by its peak)."""

@@ -15,11 +15,13 @@ from typing import ClassVar
 from omegaconf import MISSING
 
 from trainrun.errors import ConfigError, require_in, require_positive
+from trainrun.registry import register
 from trainrun.schedules.base import Evals, SchedulerConfig, require_floor, require_int
 
 EPS = 1e-8  # ReduceLROnPlateau's default: reductions smaller than this are ignored
 
 
+@register("scheduler", "plateau")
 @dataclass
 class PlateauConfig(SchedulerConfig):
     mode: str = MISSING  # min: val/loss should fall | max

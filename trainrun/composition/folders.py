@@ -15,6 +15,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from trainrun.composition.composing import hydra_configs
+from trainrun.composition.overrides import groups, key, options
 from trainrun.errors import ConfigError
 
 # what composing a job's own overrides changes in Hydra's config: records, not settings
@@ -26,9 +28,6 @@ def check(folder: Path, jobs: list[list[str]], hydra_own: list[str]) -> None:
     """ConfigError if the folder holds options of Hydra's own groups, or if one of its options
     that a job chooses sets a key of Hydra's (jobs: each job's task overrides; hydra_own:
     the command line's hydra.* overrides and hydra/ choices, which are the user's)."""
-    from trainrun.cli import composed
-    from trainrun.cli.overrides import groups, key, options
-
     allowed = (f"allowed: options of trainrun's groups ({', '.join(groups())}) that set "
                f"trainrun's keys; Hydra's settings go on the command line (hydra.run.dir=..., "
                f"hydra/launcher=...)")
@@ -43,8 +42,8 @@ def check(folder: Path, jobs: list[list[str]], hydra_own: list[str]) -> None:
         searches = tuple(o for o in job if key(o) == "hparams_search"
                          and o.partition("=")[2] in options("hparams_search"))
         if searches not in without:
-            without[searches] = settings(composed([[*hydra_own, *searches]], with_hydra=True)[0])
-        config = composed([[*hydra_own, *job]], with_hydra=True, config_dir=folder)[0]
+            without[searches] = settings(hydra_configs([[*hydra_own, *searches]], with_hydra=True)[0])
+        config = hydra_configs([[*hydra_own, *job]], with_hydra=True, config_dir=folder)[0]
         before, after = without[searches], settings(config)
         changed = sorted(k for k in before.keys() | after.keys()
                          if before.get(k, MISSING) != after.get(k, MISSING))

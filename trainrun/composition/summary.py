@@ -31,7 +31,7 @@ def sweep_dir(config: DictConfig) -> Path:
 def main_process() -> bool:
     """False on the other ranks of a distributed job (srun's tasks, torchrun's workers),
     read from the environment as the process group reads it: rank 0 reports the job."""
-    from trainrun.distributed import slurm_environment
+    from trainrun.ranks import slurm_environment
 
     env = {**os.environ, **slurm_environment(dict(os.environ))}
     return int(env.get("RANK", "0")) == 0

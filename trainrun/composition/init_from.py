@@ -10,7 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from trainrun.cli.overrides import CONF, chosen, key
+from trainrun.composition.command_line import is_sweep, override_value
+from trainrun.composition.overrides import CONF, chosen, key, options
 from trainrun.errors import ConfigError
 from trainrun.models import MODELS, adapter_for, family_of, formats
 from trainrun.models.hf import CONFIG_FILE, KEY, read_config
@@ -37,8 +38,6 @@ def option_family(option: str, config_dir: Path | None) -> str | None:
 
 
 def family_options(family: str, config_dir: Path | None) -> list[str]:
-    from trainrun.cli.overrides import options
-
     return [o for o in options("model", config_dir) if option_family(o, config_dir) == family]
 
 
@@ -49,8 +48,6 @@ def init_from_shape(overrides: list[str], config_dir: Path | None = None) -> lis
     (ConfigError naming the key, the folder's value and the one given). Nothing is added for
     a resume of a run directory (its shape is its checkpoint's) nor a sweep over folders or
     models."""
-    from trainrun.cli import is_sweep, override_value
-
     given = {key(o): o for o in overrides if "=" in o}  # the last of each key
     init_from = given.get(KEY)
     resumed = "resume" in given and override_value(given["resume"]) not in (None, "auto")

@@ -56,19 +56,21 @@ def validate(prog: str, args: list[str]) -> None:
     if any(a in ("-h", "--help") for a in args):
         print(USAGE.format(prog=prog))
         sys.exit(0)
-    from trainrun import cli, rundir
+    from trainrun import composition, rundir
+    from trainrun.composition.outputs import given_run_dir
     from trainrun.errors import ConfigError
     from trainrun.resume import AlreadyComplete
 
+    composition.prepare_hydra()
     try:
-        full = cli.arguments(args)
-        cli.preflight(full)
-        run_dir = cli.given_run_dir(full)
+        full = composition.arguments(args)
+        composition.preflight(full)
+        run_dir = given_run_dir(full)
         if run_dir is not None and run_dir.is_dir():
             rundir.claim(run_dir, "resume" if value(args, "resume") else "hydra.run.dir")
             rundir.release(run_dir)  # free for the job this command starts
     except ConfigError as error:
-        cli.fail(error, prog)
+        composition.fail(error, prog)
     except AlreadyComplete as done:
         print(f"{prog}: {done}", file=sys.stderr)
         sys.exit(0)
@@ -90,26 +92,13 @@ def trainrun_command() -> list[str]:
     return [sys.executable, "-m", "trainrun"]
 
 
-def sweep_command(args: list[str], sweep_dir: Path) -> str:
-    """The command that continues a whole sweep: the same one with resume=auto and its
-    sweep directory; finished jobs are skipped, stopped ones resumed (docs/sweeps.md)."""
-    kept = [a for a in args if a.split("=", 1)[0] not in ("resume", "hydra.sweep.dir")]
-    return shlex.join(["trainrun", *kept, "resume=auto", f"hydra.sweep.dir={sweep_dir}"])
-
-
-def config_dir(args: list[str]) -> list[str]:
-    """The `--config-dir DIR` (-cd) among args, which a resume must be given again."""
-    found = []
-    for i, arg in enumerate(args):
-        if arg.partition("=")[0] in ("--config-dir", "-cd"):
-            found = [arg] if "=" in arg else args[i:i + 2]
-    return found
-
-
 def resume_hint(run_dir: Path, args: list[str], sweep: bool) -> str:
+    from trainrun.composition.command_line import config_dir_args
+    from trainrun.sweep import sweep_command
+
     if sweep:
         return sweep_command(args, run_dir)
-    return shlex.join(["trainrun", *config_dir(args), f"resume={run_dir}"])
+    return shlex.join(["trainrun", *config_dir_args(args), f"resume={run_dir}"])
 
 
 def _ignore_hangup() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from trainrun.cli.overrides import default_options, groups, options
+from trainrun.composition.overrides import default_options, groups, options
 from trainrun.config import TrainerConfig
 from trainrun.models import formats
 

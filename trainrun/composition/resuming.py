@@ -14,7 +14,8 @@ import os
 from pathlib import Path
 
 from trainrun import rundir
-from trainrun.cli.overrides import continue_run
+from trainrun.composition.command_line import override_value
+from trainrun.composition.overrides import continue_run
 from trainrun.errors import ConfigError
 from trainrun.resume import quote
 
@@ -72,8 +73,6 @@ def resume_value(argument: str) -> str | None:
     value = argument.partition("=")[2]
     quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
     if quoted and not os.path.lexists(os.path.expanduser(value)):
-        from trainrun.cli import override_value
-
         try:
             read = override_value(argument)
         except ConfigError:  # not Hydra's quoting after all: the literal path

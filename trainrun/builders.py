@@ -1,0 +1,107 @@
+"""Build a run's components from its validated config, each builder given its own section
+(the model its ModelConfig, the optimizer its OptimizerConfig, ...): the data, the model,
+the replicas, optimizer, schedule and clipper, gathered as state.Components for the loop."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from trainrun import data, determinism, devices, distributed, signals, validation
+from trainrun.config import Config
+from trainrun.console import Console
+from trainrun.data.order import DataOrder, sequences_per_update
+from trainrun.models import ModelConfig
+from trainrun.optimizers import build_optimizer
+from trainrun.precision import Precision
+from trainrun.schedules import build_schedule
+from trainrun.state import Components, Counters
+from trainrun.threads import set_threads
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, device: torch.device,
+                console: Console | None = None) -> torch.nn.Module:
+    """The model of cfg's family on device over vocab_size ids (the tokenizer's), its
+    initialization drawn from the seeded generator; given a console (a run that starts from
+    its config, not from a checkpoint), model.init_from's weights then replace it."""
+    model = cfg.build(vocab_size)
+    if console is not None and cfg.init_from is not None:
+        for note in cfg.hf.load(cfg, model):
+            console.warning(note)
+        console.info(f"weights from model.init_from={cfg.init_from}, a model of "
+                     f"{cfg.describe()}")
+    return model.to(device)
+
+
+def build_components(cfg: Config, device: torch.device, precision: Precision, console: Console,
+          world: distributed.World = distributed.ONE_PROCESS, pretrained: bool = True,
+          threads: int | None = None) -> Components:
+    """The run's components; `pretrained`: the weights of model.init_from, if set (False
+    when a checkpoint will replace them); `threads`: the CPU threads of the checkpoint a
+    resume continues, taken under trainer.threads=auto (threads.py)."""
+    t = cfg.trainer
+    deterministic = determinism.enable(t.deterministic)  # before the first CUDA kernel
+    if deterministic:
+        console.info(deterministic)
+    line, warn = set_threads(t.threads, threads)
+    (console.warning if warn else console.info)(line)
+    if t.device == "auto" and devices.hidden_gpus():
+        console.warning("CUDA_VISIBLE_DEVICES is empty: no GPU is visible to this process, "
+                        "so it trains on the CPU")
+    seed_everything(t.seed)
+    signals.check()  # stops that came during a library's call, between start-up phases
+    splits = load_data(cfg, world, console)
+    signals.check()
+    model = build_model(cfg.model, splits.tokenizer.vocab_size, device,
+                        console if pretrained else None)
+    replicas = distributed.Replicas(model, t.strategy, world, device, t.compile)
+    signals.check()
+    optimizer = build_optimizer(cfg.optimizer, model, device)
+    schedule = build_schedule(cfg.scheduler, cfg.optimizer.lr, t.max_steps, cfg.model.d_model)
+    schedule.check(optimizer)
+    sequences = sequences_per_update(cfg.data.batch_size, t.grad_accum_steps, world.size)
+    if world.size > 1 or t.strategy == "fsdp":
+        console.info(f"{world.size} process(es), strategy {t.strategy}, rank 0 writes the run")
+    console.info(
+        f"device {device}, precision {precision.mode}; model {model.num_params():,} parameters; "
+        f"data {len(splits['train']):,} train / {len(splits['validation']):,} validation "
+        f"sequences of {cfg.data.seq_len} tokens"
+    )
+    console.info(
+        f"update = {t.grad_accum_steps} micro-batch(es) x {cfg.data.batch_size} sequences x "
+        f"{world.size} process(es) = "
+        f"{sequences} sequences, up to {sequences * cfg.data.seq_len:,} "
+        f"tokens; {t.max_steps} updates"
+    )
+    for note in schedule.notes():  # noam: optimizer.lr unused, warmup longer than the run
+        console.warning(note)
+    return Components(
+        cfg=t, replicas=replicas, raw_model=model, optimizer=optimizer, schedule=schedule,
+        clipper=cfg.clip.build(model), precision=precision, train=splits["train"],
+        val=splits["validation"], order=DataOrder(len(splits["train"]), t.seed),
+        batch_size=cfg.data.batch_size, device=device, counters=Counters(), world=world,
+        tokenizer=splits.tokenizer,
+        val_size=validation.size(t, cfg.data.batch_size, len(splits["validation"])),
+    )
+
+
+def load_data(cfg: Config, world: distributed.World, console: Console) -> data.Loaded:
+    """The data, tokenized by rank 0 first: the other ranks then map the token files it
+    wrote (the cache's lock would make them wait anyway; the barrier keeps their `datasets`
+    reads off the disk while rank 0 tokenizes)."""
+    if not world.main:
+        distributed.barrier()
+    splits = data.load(cfg.data, cfg.tokenizer, console.info)
+    data.check_batch(cfg.data, splits.train)
+    if world.main:
+        distributed.barrier()
+    return splits
+

@@ -1,0 +1,113 @@
+"""`trainrun-eval RUN_DIR [data overrides]`: loss, perplexity and bits per byte of a run's
+checkpoint on a data set (trainrun.after.evaluate computes them).
+
+Data named on the command line (NAMING) is scored whole by default (--split all: every
+document, none held out, each token a target once); the run's own data, its validation split
+(--split validation, or train): all its sequences, the first --max-sequences or the first
+--max-batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from trainrun.after.evaluate import score
+from trainrun.after.output import Messages, Parser, run_command
+from trainrun.after.run import arguments, open_run, thread_overrides, threads_argument
+from trainrun.composition.overrides import key
+from trainrun.errors import ConfigError
+
+PROG = "trainrun-eval"
+OVERRIDES = ("data", "precision", "trainer.device", "trainer.threads")  # data.*, precision.*
+NAMING = ("data", "data.files", "data.path", "data.name", "data.train_split")  # other data
+SPLITS = ("all", "validation", "train")
+
+
+def parser() -> Parser:
+    p = Parser(prog=PROG, description="Loss, perplexity and bits per byte of a run's checkpoint "
+                                      "on its validation split, or on any data= source given "
+                                      "as overrides (data=..., data.KEY=..., precision=..., "
+                                      "trainer.device=..., trainer.threads=...).",
+               usage=f"{PROG} RUN_DIR [overrides ...] [options]",
+               formatter_class=argparse.RawDescriptionHelpFormatter,
+               epilog=f"examples:\n  {PROG} outputs/2026-11-21/14-03-12\n"
+                      f"  {PROG} RUN_DIR --max-sequences 320 --json\n"
+                      f"  {PROG} RUN_DIR data=text 'data.files=held-out/*.txt'")
+    arguments(p)
+    p.add_argument("--split", choices=SPLITS,
+                   help="all: every document, none held out, each token a target once "
+                        "(the default for data named on the command line: data=..., "
+                        "data.files=..., data.path=...); validation (the default for the run's "
+                        "own data) or train: that split's sequences, as the run reads them")
+    p.add_argument("--max-sequences", type=int, metavar="N",
+                   help="the first N sequences (default: all); the run's trainer.eval_sequences "
+                        "gives its val/loss")
+    p.add_argument("--max-batches", type=int, metavar="N",
+                   help="the first N micro-batches of data.batch_size sequences (default: all)")
+    threads_argument(p)
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: loss, perplexity, bits_per_byte, sequences, "
+                        "tokens, bytes, batches, split, documents (split all), checkpoint, "
+                        "step")
+    return p
+
+
+def check_overrides(overrides: list[str]) -> None:
+    for override in overrides:
+        name = key(override)
+        if not (name in OVERRIDES or name.startswith(("data.", "precision."))):
+            raise ConfigError(name, f"not an override of {PROG}; allowed: data=OPTION, "
+                                    f"data.KEY=VALUE, precision=OPTION, trainer.device=VALUE, "
+                                    f"trainer.threads=N")
+
+
+def evaluate(args: argparse.Namespace, overrides: list[str]) -> None:
+    check_overrides(overrides)
+    for name, value in (("--max-sequences", args.max_sequences),
+                        ("--max-batches", args.max_batches)):
+        if value is not None and value < 1:
+            raise ConfigError(name, f"got {value}; allowed: an integer >= 1")
+    if args.max_sequences is not None and args.max_batches is not None:
+        raise ConfigError("--max-batches", "with --max-sequences; allowed: one of them")
+    run = open_run(args.run_dir, [*overrides, *thread_overrides(args.threads)],
+                   args.checkpoint, config_dir=args.config_dir)
+    messages = Messages()
+    for warning in run.warnings:
+        messages.warning(warning)
+    messages.info(run.threads)
+    split = args.split or ("all" if any(key(o) in NAMING for o in overrides) else "validation")
+    result = score(run, split, args.max_sequences, args.max_batches, messages.info)
+    show(result, args.json)
+
+
+def show(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result), flush=True)
+        return
+    figures = (("loss", f"{result['loss']:.6f}"), ("perplexity", f"{result['perplexity']:.4f}"),
+               ("bits_per_byte", f"{result['bits_per_byte']:.6f}"),
+               ("sequences", f"{result['sequences']:,}"), ("tokens", f"{result['tokens']:,}"),
+               ("bytes", f"{result['bytes']:,}"))
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        data = "all the data" if result["split"] == "all" else f"{result['split']} split"
+        table = Table(title=f"{data}, update {result['step']}")
+        for name, _ in figures:
+            table.add_column(name, justify="right")
+        table.add_row(*(value for _, value in figures))
+        Console().print(table)
+    else:
+        print(" | ".join(f"{name} {value}" for name, value in figures), flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run_command(PROG, argv, parser(), evaluate, overrides=True)
+
+
+if __name__ == "__main__":
+    main()
