@@ -120,6 +120,8 @@ def test_sighup_keeps_training_and_logging(tmp_path, corpus):
          f"hydra.run.dir={run_dir}"],
         stdin=child, stdout=child, stderr=child, cwd=tmp_path,
         env={**os.environ, "COLUMNS": "120", "TRAINRUN_SAVE_PAUSE": "0.5"},
+        # a terminal's session: SIGHUP acted on, even where this test runs under nohup
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
     )
     os.close(child)
     log = run_dir / "train.log"
