@@ -45,6 +45,43 @@ def make_corpus(path: Path, n_docs: int = 300, seed: int = 0) -> Path:
     return path
 
 
+# a made-up language pair: each source word has one target word, and the target says the
+# sentence's words in reverse order (a word mapping plus a reordering)
+SOURCE_WORDS = [f"{c}{v}{e}" for c in "bdgkmp" for v in "aiu" for e in ("", "n")]
+TARGET_WORDS = {w: f"{w[::-1].upper()}x" for w in SOURCE_WORDS}
+
+
+def translate_rule(sentence: str) -> str:
+    return " ".join(TARGET_WORDS[w] for w in reversed(sentence.split()))
+
+
+def make_pairs(folder: Path, n: int = 600, seed: int = 0, splits: tuple[str, ...] = ("train",),
+               lengths: tuple[int, int] = (2, 6)) -> Path:
+    """folder/<split>.src and .tgt, n line-aligned pairs per split (n // 5 for valid and
+    test), source sentences of random words and their translations by translate_rule."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in splits:
+        count = n if split == "train" else max(1, n // 5)
+        src = [" ".join(rng.choice(SOURCE_WORDS) for _ in range(rng.randint(*lengths)))
+               for _ in range(count)]
+        (folder / f"{split}.src").write_text("".join(f"{s}\n" for s in src))
+        (folder / f"{split}.tgt").write_text("".join(f"{translate_rule(s)}\n" for s in src))
+    return folder
+
+
+def pair_overrides(folder: Path, *overrides: str) -> list[str]:
+    """A tiny translation run on make_pairs' files (train, and valid when written)."""
+    valid = ([f"data.valid_source_files={folder / 'valid.src'}",
+              f"data.valid_target_files={folder / 'valid.tgt'}"]
+             if (folder / "valid.src").exists() else [])
+    return ["model=transformer_tiny", "data=parallel", f"data.source_files={folder / 'train.src'}",
+            f"data.target_files={folder / 'train.tgt'}", *valid, "data.seq_len=48",
+            "data.batch_size=16", "trainer.max_steps=4", "trainer.eval_every=2",
+            "trainer.log_every=1", "trainer.eval_sequences=32", "trainer.threads=1",
+            "scheduler=constant", "optimizer.lr=1e-3", *overrides]
+
+
 def config(*overrides: str) -> Config:
     """The validated Config of `trainrun <overrides>`."""
     return validated_configs([list(overrides)])[0]

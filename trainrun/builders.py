@@ -67,30 +67,56 @@ def build_components(cfg: Config, device: torch.device, precision: Precision, co
     optimizer = build_optimizer(cfg.optimizer, model, device)
     schedule = build_schedule(cfg.scheduler, cfg.optimizer.lr, t.max_steps, cfg.model.d_model)
     schedule.check(optimizer)
-    sequences = sequences_per_update(cfg.data.batch_size, t.grad_accum_steps, world.size)
+    batch_size = 1 if translation(cfg) else cfg.data.batch_size  # a bucket per micro-batch
+    sequences = sequences_per_update(batch_size, t.grad_accum_steps, world.size)
     if world.size > 1 or t.strategy == "fsdp":
         console.info(f"{world.size} process(es), strategy {t.strategy}, rank 0 writes the run")
-    console.info(
-        f"device {device}, precision {precision.mode}; model {model.num_params():,} parameters; "
-        f"data {len(splits['train']):,} train / {len(splits['validation']):,} validation "
-        f"sequences of {cfg.data.seq_len} tokens"
-    )
-    console.info(
-        f"update = {t.grad_accum_steps} micro-batch(es) x {cfg.data.batch_size} sequences x "
-        f"{world.size} process(es) = "
-        f"{sequences} sequences, up to {sequences * cfg.data.seq_len:,} "
-        f"tokens; {t.max_steps} updates"
-    )
+    what, update = describe_data(cfg, splits, world.size)
+    console.info(f"device {device}, precision {precision.mode}; model {model.num_params():,} "
+                 f"parameters; {what}")
+    console.info(update)
     for note in schedule.notes():  # noam: optimizer.lr unused, warmup longer than the run
         console.warning(note)
     return Components(
         cfg=t, replicas=replicas, raw_model=model, optimizer=optimizer, schedule=schedule,
         clipper=cfg.clip.build(model), precision=precision, train=splits["train"],
         val=splits["validation"], order=DataOrder(len(splits["train"]), t.seed),
-        batch_size=cfg.data.batch_size, device=device, counters=Counters(), world=world,
+        batch_size=batch_size, device=device, counters=Counters(), world=world,
         tokenizer=splits.tokenizer,
         val_size=validation.size(t, cfg.data.batch_size, len(splits["validation"])),
+        val_batch_size=eval_batch_size(cfg), unit="pairs" if translation(cfg) else "sequences",
     )
+
+
+def translation(cfg: Config) -> bool:
+    return cfg.data.task == "translation"
+
+
+def eval_batch_size(cfg: Config) -> int:
+    """Sequences (pairs) per validation forward pass: data.batch_size, or with
+    data.max_tokens as many of the longest pairs as it holds."""
+    if translation(cfg) and cfg.data.max_tokens is not None:
+        return max(1, cfg.data.max_tokens // max(cfg.data.limits()))
+    return cfg.data.batch_size
+
+
+def describe_data(cfg: Config, splits: data.Loaded, processes: int) -> tuple[str, str]:
+    """The data, and what one update trains on, for the run's log."""
+    t = cfg.trainer
+    if translation(cfg):
+        budget = (f"up to {cfg.data.max_tokens:,} tokens" if cfg.data.max_tokens
+                  else f"{cfg.data.batch_size} pairs")
+        return (f"data {len(splits['train'].pairs):,} train pairs in {len(splits['train']):,} "
+                f"batches, {len(splits['validation']):,} validation pairs",
+                f"update = {t.grad_accum_steps} micro-batch(es) of {budget} x {processes} "
+                f"process(es), the loss normalized by all their target tokens; "
+                f"{t.max_steps} updates")
+    sequences = sequences_per_update(cfg.data.batch_size, t.grad_accum_steps, processes)
+    return (f"data {len(splits['train']):,} train / {len(splits['validation']):,} validation "
+            f"sequences of {cfg.data.seq_len} tokens",
+            f"update = {t.grad_accum_steps} micro-batch(es) x {cfg.data.batch_size} sequences x "
+            f"{processes} process(es) = {sequences} sequences, up to "
+            f"{sequences * cfg.data.seq_len:,} tokens; {t.max_steps} updates")
 
 
 def load_data(cfg: Config, world: distributed.World, console: Console) -> data.Loaded:
@@ -99,8 +125,11 @@ def load_data(cfg: Config, world: distributed.World, console: Console) -> data.L
     reads off the disk while rank 0 tokenizes)."""
     if not world.main:
         distributed.barrier()
-    splits = data.load(cfg.data, cfg.tokenizer, console.info)
-    data.check_batch(cfg.data, splits.train)
+    if translation(cfg):
+        splits = data.load_pairs(cfg.data, cfg.tokenizer, console.info, seed=cfg.trainer.seed)
+    else:
+        splits = data.load(cfg.data, cfg.tokenizer, console.info)
+        data.check_batch(cfg.data, splits.train)
     if world.main:
         distributed.barrier()
     return splits

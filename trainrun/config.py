@@ -46,6 +46,9 @@ class TrainerConfig:
     keep_best: bool = MISSING  # keep the best val/loss checkpoint as checkpoints/best/
     early_stop_patience: int | None = MISSING  # validations without improvement; null: off
     threads: str = MISSING  # auto | N: CPU threads of torch's operators (threads.py)
+    label_smoothing: float = 0.0  # of the training loss; validation reports the plain NLL
+    bleu_every: int | None = None  # translation: BLEU of the first bleu_sentences validation
+    bleu_sentences: int = 200  # pairs every bleu_every updates (greedy decoding); null: off
 
     # deprecated keys and the key each is a form of: naming one on the command line sets the
     # other to null, and on resume replaces the saved other (trainrun.composition.overrides)
@@ -177,6 +180,17 @@ def validate(cfg: Config, data: bool = True) -> Config:
                                                   f"one of them, trainer.eval_sequences=N "
                                                   f"(validation sequences, whatever the batch "
                                                   f"size)")
+    if not 0 <= t.label_smoothing < 1:
+        raise ConfigError("trainer.label_smoothing", f"got {t.label_smoothing}; allowed: "
+                                                     f"0 <= label_smoothing < 1 (0.1 in "
+                                                     f"Vaswani et al.)")
+    if t.bleu_every is not None:
+        require_positive("trainer.bleu_every", t.bleu_every)
+        if cfg.model.task != "translation":
+            raise ConfigError("trainer.bleu_every", f"{t.bleu_every} with model family "
+                                                    f"{cfg.model.family}, which does not "
+                                                    f"translate; allowed: null")
+    require_positive("trainer.bleu_sentences", t.bleu_sentences)
     threads.check("trainer.threads", t.threads)
     require_in("trainer.device", t.device, DEVICES)
     require_in("trainer.strategy", t.strategy, STRATEGIES)
@@ -186,7 +200,22 @@ def validate(cfg: Config, data: bool = True) -> Config:
     if data:
         cfg.data.validate("data")
         cfg.tokenizer.validate("tokenizer")  # the commands after training read the run's copy
-    if cfg.data.seq_len > cfg.model.max_seq_len:
+    if data and cfg.data.task != cfg.model.task:
+        raise ConfigError("model", f"a {cfg.model.family} model ({cfg.model.task}) with data of "
+                                   f"{cfg.data.task}; allowed: "
+                                   + ("model=transformer_tiny|transformer_small|transformer_base "
+                                      "(an encoder-decoder)" if cfg.data.task == "translation"
+                                      else "a decoder (gpt_*, llama_*), or data=parallel for an "
+                                           "encoder-decoder"))
+    if cfg.data.task == "translation":
+        for key, value in zip(("max_source_len", "max_target_len"), cfg.data.limits(),
+                              strict=True):
+            if value > cfg.model.max_seq_len:
+                raise ConfigError(f"data.{key}", f"{value} exceeds model.max_seq_len="
+                                                 f"{cfg.model.max_seq_len}; allowed: at most "
+                                                 f"{cfg.model.max_seq_len}, or raise "
+                                                 f"model.max_seq_len")
+    elif cfg.data.seq_len > cfg.model.max_seq_len:
         raise ConfigError(
             "data.seq_len",
             f"{cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; "

@@ -113,7 +113,7 @@ def one_update(t: Components, stop: int = 0) -> tuple[UpdateResult, int]:
     batches = [t.train.batch(ix) for ix in micro_batches(indices, t.batch_size, w.rank, w.size)]
     n_targets = t.train.num_targets(indices)
     result = train_update(t.replicas, batches, n_targets, t.optimizer, t.clipper, t.precision,
-                          t.device, stop)
+                          t.device, stop, t.cfg.label_smoothing, t.raw_model.vocab_size)
     return result, n_targets
 
 

@@ -14,7 +14,7 @@ import torch
 
 from trainrun.clip import Clipper
 from trainrun.config import TrainerConfig
-from trainrun.data import Sequences, Tokenizer
+from trainrun.data import Buckets, Pairs, Sequences, Tokenizer
 from trainrun.data.order import DataOrder, sequences_per_update
 from trainrun.distributed import ONE_PROCESS, Replicas, World
 from trainrun.precision import Precision
@@ -43,8 +43,8 @@ class Components:
     schedule: Schedule
     clipper: Clipper
     precision: Precision
-    train: Sequences
-    val: Sequences
+    train: Sequences | Buckets  # Buckets: translation's micro-batches (batch_size 1)
+    val: Sequences | Pairs
     order: DataOrder
     batch_size: int
     device: torch.device
@@ -53,6 +53,8 @@ class Components:
     tokenizer: Tokenizer | None = None  # the run's, kept in its directory
     saved_world: tuple | None = None  # processes, sequences per update of a loaded checkpoint
     val_size: int = 0  # the validation set: the first val_size sequences of val (validation.py)
+    val_batch_size: int = 0  # sequences (or pairs) per validation forward pass
+    unit: str = "sequences"  # what an index of val is: sequences, or translation's pairs
 
     def state_dict(self) -> dict:
         """Sharded (FSDP), the optimizer's state is saved with the model's shards instead."""

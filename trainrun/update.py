@@ -39,28 +39,36 @@ class UpdateResult:
     stop: int = 0  # the signal some rank was asked to stop by (0: none): all stop after it
 
 
-def loss_sum(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Sum of the cross-entropy over the targets that are not IGNORE, computed in fp32."""
-    logits = model(x)  # (B, T, V)
+def loss_sum(model: torch.nn.Module, batch: tuple[torch.Tensor, ...],
+             label_smoothing: float = 0.0, vocab_size: int | None = None) -> torch.Tensor:
+    """Sum of the cross-entropy over the targets that are not IGNORE, computed in fp32.
+    `batch` is the model's inputs and then the targets: (x, y) for a decoder, (src,
+    src_lengths, tgt_in, tgt_out) for translation. With label smoothing the smoothed mass is
+    spread over the vocabulary's vocab_size real ids, never the padding rows."""
+    *inputs, y = batch
+    logits = model(*inputs)  # (B, T, V)
+    if label_smoothing:
+        logits = logits[..., :vocab_size]
     return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE,
-                           reduction="sum")
+                           reduction="sum", label_smoothing=label_smoothing)
 
 
-def train_update(replicas: Replicas, batches: list[tuple[torch.Tensor, torch.Tensor]],
+def train_update(replicas: Replicas, batches: list[tuple[torch.Tensor, ...]],
                  n_targets: int, optimizer: torch.optim.Optimizer, clipper: Clipper,
-                 precision: Precision, device: torch.device, stop: int = 0) -> UpdateResult:
-    """Apply one update from this rank's `batches` (CPU tensors), normalized by the
-    `n_targets` tokens of the whole window (all ranks); `stop`: the signal this rank was
-    asked to stop by (0: none)."""
+                 precision: Precision, device: torch.device, stop: int = 0,
+                 label_smoothing: float = 0.0, vocab_size: int | None = None) -> UpdateResult:
+    """Apply one update from this rank's `batches` (CPU tensors: the model's inputs, then
+    the targets), normalized by the `n_targets` tokens of the whole window (all ranks);
+    `stop`: the signal this rank was asked to stop by (0: none); `label_smoothing`: the
+    training loss's (trainer.label_smoothing), over the model's vocab_size real ids."""
     total = torch.zeros((), device=device)
-    for i, (x, y) in enumerate(batches):
+    for i, batch in enumerate(batches):
         if device.type == "cuda":  # from pinned memory the copy runs beside the compute
-            x, y = x.pin_memory(), y.pin_memory()
-        x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
+            batch = [part.pin_memory() for part in batch]
+        batch = [part.to(device, non_blocking=True) for part in batch]
         with replicas.micro_batch(last=i == len(batches) - 1):
             with precision.autocast():
-                loss = loss_sum(replicas.forward, x, y) / n_targets
+                loss = loss_sum(replicas.forward, batch, label_smoothing, vocab_size) / n_targets
             precision.scale(loss).backward()
         total += loss.detach()
     total, asked = replicas.agree(total, stop)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from trainrun.config import TrainerConfig
-from trainrun.data import IGNORE, Sequences
+from trainrun.data import IGNORE, Pairs, Sequences
 from trainrun.data.order import micro_batches
 from trainrun.errors import ConfigError
 from trainrun.precision import Precision
@@ -57,10 +57,10 @@ def sequence_losses(forward, seqs, batches: list[np.ndarray], n: int, device: to
     hold, at its index; 0 at the others. `seqs`: a Sequences or anything with its batch()."""
     losses = torch.zeros(n, dtype=torch.float64, device=device)
     for idx in batches:
-        x, y = seqs.batch(idx)
+        *inputs, y = seqs.batch(idx)  # (x, y), or translation's (src, src_lengths, tgt_in, y)
         y = y.to(device)
         with precision.autocast():
-            logits = forward(x.to(device))  # (B, T, V)
+            logits = forward(*(part.to(device) for part in inputs))  # (B, T, V)
         token = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE,
                                 reduction="none")  # (B·T,), 0 at IGNORE
         losses[torch.as_tensor(idx, dtype=torch.int64, device=device)] = \
@@ -72,16 +72,16 @@ def loss(t: Components) -> float:
     """The token-mean loss over the run's validation set (t.val_size sequences)."""
     t.replicas.module.eval()
     w, n = t.world, t.val_size
-    losses = sequence_losses(t.replicas.forward, t.val, batches(n, t.batch_size, w.rank, w.size),
-                             n, t.device, t.precision)
+    losses = sequence_losses(t.replicas.forward, t.val,
+                             batches(n, t.val_batch_size, w.rank, w.size), n, t.device,
+                             t.precision)
     t.replicas.module.train()
     return (t.replicas.sum(losses).sum() / t.val.num_targets(np.arange(n))).item()
 
 
-def fingerprint(seqs: Sequences, n: int) -> str:
+def fingerprint(seqs: Sequences | Pairs, n: int) -> str:
     """Names the first n sequences of seqs: their token file, how it is cut, and n."""
-    tokens = (seqs.record or {}).get("tokens")
-    text = json.dumps([tokens, seqs.seq_len, seqs.packing, n])
+    text = json.dumps([*seqs.identity(), n])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -95,7 +95,7 @@ def describe(t: Components) -> str:
     """The run's log line about its validation set."""
     n, available = t.val_size, len(t.val)
     which = f"all {n:,}" if n == available else f"the first {n:,} of {available:,}"
-    return (f"validation: {which} validation sequences, "
+    return (f"validation: {which} validation {t.unit}, "
             f"{t.val.num_targets(np.arange(n)):,} target tokens, every {t.cfg.eval_every} "
             f"updates")
 

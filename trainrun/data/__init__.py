@@ -9,11 +9,15 @@
     sequences.py         fixed-length sequences over a split's tokens (packing or not), and
                          the windows that make every token a target
     order.py             the seeded order of the training sequences (docs/design.md, Data)
+    parallel.py          data=parallel: sentence pairs for translation, a split per side
+    pairs.py             pairs as tensors, and the training pairs in length buckets
     hub.py               a quick look whether the Hugging Face hub can be reached
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,22 +25,25 @@ import numpy as np
 
 from trainrun import signals
 from trainrun.data import storage
+from trainrun.data.pairs import Buckets, Pairs, Side
+from trainrun.data.parallel import SIDES, ParallelDataConfig
 from trainrun.data.sequences import IGNORE, Sequences, Windows
 from trainrun.data.sources import DATA, DataConfig
 from trainrun.data.tokenizer_options import TOKENIZERS, TokenizerConfig
 from trainrun.data.tokenizers import RUN_FILE, Tokenizer, for_run
 from trainrun.errors import ConfigError
 
-__all__ = ["DATA", "IGNORE", "RUN_FILE", "TOKENIZERS", "DataConfig", "Loaded", "Sequences",
-           "Tokenizer", "TokenizerConfig", "Windows", "check_batch", "for_run", "load",
-           "load_whole"]
+__all__ = ["DATA", "IGNORE", "RUN_FILE", "TOKENIZERS", "Buckets", "DataConfig", "Loaded", "Pairs",
+           "ParallelDataConfig", "Sequences", "Tokenizer", "TokenizerConfig", "Windows",
+           "check_batch", "for_run", "load", "load_pairs", "load_whole"]
 
 
 @dataclass
 class Loaded:
-    train: Sequences
-    validation: Sequences
+    train: Sequences | Buckets
+    validation: Sequences | Pairs
     tokenizer: Tokenizer
+    test: Pairs | None = None  # data=parallel's test split, when asked for
 
     def __getitem__(self, split: str) -> Sequences:
         return getattr(self, split)
@@ -66,6 +73,61 @@ def load(cfg: DataConfig, tokenizer_cfg: TokenizerConfig | None = None,
     log(f"tokens: {len(out['train'].tokens):,} train / {len(out['validation'].tokens):,} "
         f"validation, vocabulary {tokenizer.vocab_size:,} ids; cache {folder}")
     return Loaded(out["train"], out["validation"], tokenizer)
+
+
+def load_pairs(cfg: ParallelDataConfig, tokenizer_cfg: TokenizerConfig | None = None,
+               log: Callable[[str], None] = lambda line: None,
+               tokenizer: Tokenizer | None = None, seed: int = 0,
+               with_test: bool = False) -> Loaded:
+    """Sentence pairs: train as Buckets, validation (and test, with_test) as Pairs.
+    One tokenizer for both sides (tokenizer=bpe is trained on the source and target sentences
+    of the training split together), so that the model can share one embedding."""
+    import datasets
+
+    _quiet_datasets()
+    pairs, dropped = cfg.pairs(with_test)
+    log(f"data: {len(pairs['train']):,} train / {len(pairs['validation']):,} validation pairs; "
+        f"{cfg.describe()}" + _dropped(dropped, "with an empty side"))
+    signals.check()
+    if tokenizer is None:
+        both = datasets.concatenate_datasets([_side(pairs["train"], s) for s in SIDES])
+        tokenizer = (tokenizer_cfg or TOKENIZERS["byte"]()).build({"train": both}, log)
+    signals.check()
+    folders = {s: storage.tokenize(datasets.DatasetDict(
+        {split: _side(ds, s) for split, ds in pairs.items()}), tokenizer, log) for s in SIDES}
+    out, long = {}, {}
+    for split in pairs:
+        sides = [Side(*storage.open_split(folders[s], split, tokenizer.vocab_size))
+                 for s in SIDES]
+        record = {"documents": pairs[split]._fingerprint, "tokens": hashlib.sha256(json.dumps(
+            [storage.info(folders[s])["splits"][split]["sha256"] for s in SIDES]).encode()
+        ).hexdigest(), "count": len(sides[0].lengths)}
+        out[split] = Pairs(*sides, cfg.limits(), tokenizer.eot, pairs[split], record)
+        long[split] = out[split].dropped
+        if len(out[split]) == 0:
+            raise ConfigError("data", f"the {split} split has no pair within data.max_source_len"
+                                      f"={cfg.limits()[0]} and max_target_len={cfg.limits()[1]} "
+                                      f"tokens")
+    train = Buckets(out["train"], cfg.max_tokens, cfg.batch_size, seed)
+    log(f"pairs: {len(out['train']):,} train in {len(train):,} batches of "
+        f"{f'up to {cfg.max_tokens:,} tokens' if cfg.max_tokens else f'{cfg.batch_size} pairs'}"
+        f", {len(out['validation']):,} validation; vocabulary {tokenizer.vocab_size:,} ids, "
+        f"shared by both sides" + _dropped(long, f"over data.max_source_len={cfg.limits()[0]} "
+                                                 f"or max_target_len={cfg.limits()[1]} tokens"))
+    return Loaded(train, out["validation"], tokenizer, out.get("test"))
+
+
+def _side(ds, side: str):
+    """One side of the pairs as documents (a `text` column), for the tokenizer and the token
+    files."""
+    return ds.select_columns([side]).rename_column(side, "text")
+
+
+def _dropped(counts: dict[str, int], why: str) -> str:
+    if not any(counts.values()):
+        return ""
+    return "; dropped " + ", ".join(f"{n:,} {split}" for split, n in counts.items() if n) + \
+        f" pair(s) {why}"
 
 
 def load_whole(cfg: DataConfig, tokenizer: Tokenizer,

@@ -78,6 +78,10 @@ class Sequences:
         if getattr(self, "_fd", None) is not None and self._fd_pid == os.getpid():
             os.close(self._fd)
 
+    def identity(self) -> list:
+        """What names the sequences of a validation set (validation.fingerprint)."""
+        return [(self.record or {}).get("tokens"), self.seq_len, self.packing]
+
     def num_targets(self, indices: np.ndarray) -> int:
         """Target tokens (those the loss counts) in the sequences `indices`."""
         if self.packing:

@@ -25,7 +25,7 @@ import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from omegaconf import MISSING
 
@@ -48,6 +48,10 @@ SAMPLE_BY = {"file": "document", "paragraph": "paragraph", "line": None}
 
 @dataclass
 class DataConfig:
+    # what the data is for: lm (documents, a decoder's) or translation (pairs: parallel.py);
+    # a model family reads the data of its own task (ModelConfig.task)
+    task: ClassVar[str] = "lm"
+
     batch_size: int = MISSING  # sequences per micro-batch, per process
     seq_len: int = MISSING  # tokens per sequence
     packing: bool = MISSING  # concatenate documents into windows (false: one per sequence)
