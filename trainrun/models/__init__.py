@@ -9,6 +9,8 @@ base.py), family_of, adapter_for, and the helpers every family shares.
     gpt_hf.py     its format, GPT2LMHeadModel
     llama.py      llama: RMSNorm, rotary positions, SwiGLU, grouped-query attention
                   (llama_tiny, llama_small, smollm_135m)
+    seq2seq.py    seq2seq: the encoder-decoder Transformer of "Attention Is All You Need",
+                  task "translation" (transformer_tiny, transformer_small, transformer_base)
     llama_hf.py   its format, LlamaForCausalLM
 
 Adding a family: its module and adapter here, one line in MODELS, its YAML options in
@@ -22,13 +24,16 @@ from trainrun.models.base import KINDS, KVCache, ModelConfig, padded, parameter_
 from trainrun.models.gpt import GPT, GPTConfig
 from trainrun.models.hf import Adapter
 from trainrun.models.llama import Llama, LlamaConfig
+from trainrun.models.seq2seq import Memory, Seq2Seq, Seq2SeqCache, Seq2SeqConfig
 
 __all__ = ["GPT", "KINDS", "MODELS", "Adapter", "GPTConfig", "KVCache", "Llama", "LlamaConfig",
-           "ModelConfig", "adapter_for", "family_of", "padded", "parameter_kinds"]
+           "Memory", "ModelConfig", "Seq2Seq", "Seq2SeqCache", "Seq2SeqConfig", "adapter_for",
+           "family_of", "padded", "parameter_kinds"]
 
 MODELS: dict[str, type[ModelConfig]] = {
     "gpt": GPTConfig,
     "llama": LlamaConfig,
+    "seq2seq": Seq2SeqConfig,
 }
 
 

@@ -13,6 +13,10 @@ whose `build(vocab_size)` returns an nn.Module with this interface:
     flops_per_token(seq_len) training FLOPs per token, for MFU
     head                     the output layer (an embedding kind: no weight decay, no Muon)
 
+A family of task "translation" (seq2seq.py) reads a source too: its forward is
+forward(src (B, S), src_lengths (B,), tgt (B, T)) -> logits (B, T, padded(vocab_size)), and
+it decodes with encode/decode (trainrun/decoding.py) rather than forward's cache.
+
 The runner, resume, the memory check, the commands after training and the benchmark use
 only this interface and ModelConfig's; tests/test_model_families.py checks it for every
 family in MODELS.
@@ -44,6 +48,8 @@ class ModelConfig:
     hf: ClassVar[Adapter | None] = None  # its Hugging Face format, or None (no export)
     # the option model.init_from chooses for a folder of this family when none is given
     default_option: ClassVar[str]
+    # lm: forward(idx) over one stream; translation: forward(src, src_lengths, tgt)
+    task: ClassVar[str] = "lm"
 
     d_model: int = MISSING  # width of the residual stream (noam's default d_model)
     max_seq_len: int = MISSING  # the longest sequence the model reads
@@ -102,6 +108,13 @@ class KVCache:
             v = torch.cat((self.layers[i][1], v), dim=2)
         self.layers[i] = (k, v)
         return k, v
+
+    def select(self, order: torch.Tensor) -> None:
+        """Keep the rows `order` (N,) of every cached tensor, in that order: beam search
+        follows each hypothesis back to the row it grew from."""
+        self.layers = [None if kv is None else (kv[0].index_select(0, order),
+                                                kv[1].index_select(0, order))
+                       for kv in self.layers]
 
 
 def causal_mask(past: int, T: int, device: torch.device) -> torch.Tensor | None:
