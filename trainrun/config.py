@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from trainrun import threads
+from trainrun import bleu, threads
 from trainrun.clip import CLIPPERS, ClipConfig
 from trainrun.data import DATA, TOKENIZERS, DataConfig, TokenizerConfig
 from trainrun.data.tokenizers import ByteTokenizer
@@ -190,6 +190,7 @@ def validate(cfg: Config, data: bool = True) -> Config:
             raise ConfigError("trainer.bleu_every", f"{t.bleu_every} with model family "
                                                     f"{cfg.model.family}, which does not "
                                                     f"translate; allowed: null")
+        bleu.require("trainer.bleu_every")
     require_positive("trainer.bleu_sentences", t.bleu_sentences)
     threads.check("trainer.threads", t.threads)
     require_in("trainer.device", t.device, DEVICES)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from trainrun import checkpoint, validation
+from trainrun import checkpoint, translate, validation
 from trainrun.cadence import Cadence
 from trainrun.console import Console
 from trainrun.data.order import micro_batches
@@ -87,6 +87,8 @@ def train(t: Components, out: Outputs, signals: Signals) -> str:
             c.train_loss = c.train_loss if recorded is None else recorded
             if k % cfg.eval_every == 0 or k == cfg.max_steps:
                 validate(t, out)
+            if cfg.bleu_every and (k % cfg.bleu_every == 0 or k == cfg.max_steps):
+                translate_validation(t, out)
             if out.cadence.save_due(t, k):
                 save(t, out)
             if (early := out.cadence.patience_out(t)) and k < cfg.max_steps:
@@ -155,6 +157,20 @@ def validate(t: Components, out: Outputs) -> None:
     t.schedule.observe(c.val_loss)
     out.metrics.validation(c.k, c.val_loss, c.best_val_loss, c.best_val_step,
                            time.perf_counter() - started)
+
+
+def translate_validation(t: Components, out: Outputs) -> None:
+    """BLEU and chrF of greedy translations of the first trainer.bleu_sentences validation
+    pairs (every rank decodes them all: under FSDP each forward pass gathers the shards on
+    every rank; rank 0 records)."""
+    started = time.perf_counter()
+    t.replicas.module.eval()
+    with eval_weights(t.optimizer):
+        scores, _ = translate.scores_of(t.raw_model, t.tokenizer, t.val, t.cfg.bleu_sentences,
+                                        translate.Search(beam=1), t.precision.autocast)
+    t.replicas.module.train()
+    t.counters.val_bleu, t.counters.val_chrf = scores.bleu, scores.chrf
+    out.metrics.translation(t.counters.k, scores, time.perf_counter() - started)
 
 
 def save(t: Components, out: Outputs) -> None:

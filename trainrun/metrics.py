@@ -25,7 +25,7 @@ from trainrun.update import UpdateResult
 # session_*: this process's alone (they differ after a resume)
 SUMMARY_KEYS = ("status", "steps", "tokens", "train_loss", "val_loss", "best_val_loss",
                 "skipped_updates", "wall_seconds", "tokens_per_sec", "session_wall_seconds",
-                "session_tokens_per_sec", "parameters")
+                "session_tokens_per_sec", "parameters", "val_bleu", "val_chrf")
 
 
 class Metrics:
@@ -106,6 +106,16 @@ class Metrics:
         # a message, not a record: validation is rare enough to show above the bar too
         self.console.info(validation_line(k, self.max_steps, loss, best, best_step))
         self.console.advance(k, val=f"{loss:.4f}")
+
+    def translation(self, k: int, scores, seconds: float) -> None:
+        """val/bleu and val/chrf at update k (trainer.bleu_every): sacreBLEU's scores of the
+        greedy translations of the first trainer.bleu_sentences validation pairs."""
+        self.window_start += seconds
+        self.writer.add_scalar("val/bleu", scores.bleu, k)
+        self.writer.add_scalar("val/chrf", scores.chrf, k)
+        self.console.info(f"update {k}/{self.max_steps}: val BLEU {scores.bleu:.2f} | chrF "
+                          f"{scores.chrf:.2f} (greedy, the first {scores.sentences:,} "
+                          f"validation pairs, {seconds:.1f}s)")
 
     def tokens_per_second(self) -> float:
         """Target tokens trained on per second of this process's run."""

@@ -170,7 +170,8 @@ def summarize(t: Components, status: str) -> dict:
     return {"status": status, "steps": c.k, "tokens": c.tokens, "train_loss": c.train_loss,
             "val_loss": c.val_loss, "best_val_loss": c.best_val_loss,
             "skipped_updates": c.skipped_updates,  # times and tokens/s: Metrics.finish
-            "parameters": t.raw_model.num_params()}
+            "parameters": t.raw_model.num_params(), "val_bleu": c.val_bleu,
+            "val_chrf": c.val_chrf}
 
 
 def report_end(summary: dict, run_dir: Path, console: Console, signals: Signals,

@@ -32,6 +32,8 @@ class Counters:
     best_val_loss: float = math.inf
     best_val_step: int = 0  # the update that measured best_val_loss; 0: none yet
     wall_seconds: float = 0.0  # the run's training time up to its last checkpoint
+    val_bleu: float = math.nan  # translation, trainer.bleu_every: the last BLEU and chrF
+    val_chrf: float = math.nan
 
 
 @dataclass
