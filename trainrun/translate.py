@@ -12,6 +12,7 @@ tokens (fairseq's rule), never past the model's positions.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ import torch
 
 from trainrun import bleu, decoding
 from trainrun.data import Pairs, Tokenizer
+from trainrun.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -27,10 +29,45 @@ class Search:
     """How to decode: beam 1 is greedy; length_penalty is GNMT's alpha (0: raw log-prob)."""
 
     beam: int = 1
-    length_penalty: float = 0.6
-    max_len_a: float = 1.2
-    max_len_b: int = 10
+    length_penalty: float = 0.6  # Vaswani et al.'s (with beam 4)
+    max_len_a: float = 1.0  # at most a x source length + b tokens: the paper's input + 50
+    max_len_b: int = 50
     sentences: int = 32  # per batch (times the beam: the decoder's rows)
+
+
+def search_arguments(p, beam: int) -> None:
+    """--beam, --length-penalty, --max-len-a, --max-len-b, --batch-sentences (argparse)."""
+    p.add_argument("--beam", type=int, default=beam, metavar="K",
+                   help=f"beam size; 1: greedy (default {beam})")
+    p.add_argument("--length-penalty", type=float, default=Search.length_penalty, metavar="A",
+                   help="GNMT's alpha: a hypothesis ranks by log p / ((5 + length) / 6)^A; 0: "
+                        f"by log p (default {Search.length_penalty})")
+    p.add_argument("--max-len-a", type=float, default=Search.max_len_a, metavar="A",
+                   help=f"a translation has at most A x source length + B tokens (default "
+                        f"{Search.max_len_a:g})")
+    p.add_argument("--max-len-b", type=int, default=Search.max_len_b, metavar="B",
+                   help=f"(default {Search.max_len_b})")
+    p.add_argument("--batch-sentences", type=int, default=Search.sentences, metavar="N",
+                   help=f"sentences decoded together (default {Search.sentences})")
+
+
+def search_of(args) -> Search:
+    """The Search of the arguments search_arguments adds (ConfigError naming a bad one)."""
+    for name, ok, allowed in (
+            ("--beam", args.beam >= 1, "an integer >= 1 (1: greedy)"),
+            ("--length-penalty", math.isfinite(args.length_penalty), "a number (0: none)"),
+            ("--max-len-a", math.isfinite(args.max_len_a) and args.max_len_a >= 0,
+             "a number >= 0"),
+            ("--max-len-b", args.max_len_b >= 0, "an integer >= 0"),
+            ("--batch-sentences", args.batch_sentences >= 1, "an integer >= 1")):
+        if not ok:
+            value = getattr(args, name[2:].replace("-", "_"))
+            raise ConfigError(name, f"got {value}; allowed: {allowed}")
+    if args.max_len_a == 0 and args.max_len_b == 0:
+        raise ConfigError("--max-len-b", "0 with --max-len-a 0: no token to translate with; "
+                                         "allowed: a length of 1 or more")
+    return Search(args.beam, args.length_penalty, args.max_len_a, args.max_len_b,
+                  args.batch_sentences)
 
 
 @dataclass

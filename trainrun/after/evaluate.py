@@ -13,7 +13,9 @@ trainer.eval_sequences gives its val/loss.
     perplexity     = exp(loss)
     bits_per_byte  = total / ln 2 / bytes
 
-where total is the sum of -ln p(target) over the targets and bytes the number of UTF-8
+(for a translation run: loss and perplexity of the target tokens given their sources, and
+sacreBLEU's BLEU and chrF of the translations against the targets, score_translation) where
+total is the sum of -ln p(target) over the targets and bytes the number of UTF-8
 bytes of the target tokens' text (an end-of-document target counts in the loss, with no
 bytes), so that bits per byte compares models with different tokenizers.
 """
@@ -25,7 +27,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from trainrun import data
+from trainrun import data, translate
 from trainrun.after.run import Run
 from trainrun.validation import batches as micro_batches
 from trainrun.validation import sequence_losses
@@ -69,3 +71,33 @@ def score(run: Run, split: str, max_sequences: int | None, max_batches: int | No
             "bits_per_byte": nats / math.log(2) / n_bytes if n_bytes else math.nan,
             "sequences": n, "tokens": targets, "bytes": n_bytes, "batches": len(batches),
             "split": split, **documents, "checkpoint": str(run.checkpoint), "step": run.step}
+
+
+def score_translation(run: Run, split: str, max_sequences: int | None,
+                      search: translate.Search, info: Callable[[str], None]) -> dict:
+    """Loss, perplexity, BLEU and chrF of a translation run's checkpoint on `split`
+    (validation, test or train) of its data, over its first max_sequences pairs (None: all):
+    the loss as validation measures it during training (the plain negative log-likelihood
+    of the target tokens), BLEU and chrF by sacreBLEU on the translations `search` makes."""
+    loaded = data.load_pairs(run.cfg.data, run.cfg.tokenizer, tokenizer=run.tokenizer,
+                             seed=run.cfg.trainer.seed, with_test=split == "test")
+    pairs = {"validation": loaded.validation, "test": loaded.test,
+             "train": loaded.train.pairs}[split]
+    n = len(pairs) if max_sequences is None else min(len(pairs), max_sequences)
+    batch_size = max(1, (run.cfg.data.max_tokens or 0) // max(run.cfg.data.limits())) \
+        if run.cfg.data.max_tokens else run.cfg.data.batch_size
+    batches = micro_batches(n, batch_size)
+    how = "greedy" if search.beam == 1 else (f"beam {search.beam}, length penalty "
+                                             f"{search.length_penalty:g}")
+    info(f"{run.checkpoint} (update {run.step}), {run.device}, {run.precision.mode}; {split} "
+         f"split: {n:,} of its {len(pairs):,} pairs; translations: {how}")
+    total = sequence_losses(run.model, pairs, batches, n, run.device, run.precision).sum()
+    targets = pairs.num_targets(np.arange(n))
+    loss = (total / targets).item()
+    scores, _ = translate.scores_of(run.model, run.tokenizer, pairs, n, search,
+                                    run.precision.autocast)
+    return {"loss": loss, "perplexity": math.exp(loss), "bleu": scores.bleu,
+            "chrf": scores.chrf, "bleu_signature": scores.bleu_signature,
+            "chrf_signature": scores.chrf_signature, "sentences": n, "tokens": targets,
+            "split": split, "beam": search.beam, "length_penalty": search.length_penalty,
+            "checkpoint": str(run.checkpoint), "step": run.step}

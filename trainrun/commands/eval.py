@@ -1,5 +1,6 @@
 """`trainrun-eval RUN_DIR [data overrides]`: loss, perplexity and bits per byte of a run's
-checkpoint on a data set (trainrun.after.evaluate computes them).
+checkpoint on a data set (trainrun.after.evaluate computes them); for a translation run,
+loss, perplexity, BLEU and chrF on its validation or test split.
 
 Data named on the command line (NAMING) is scored whole by default (--split all: every
 document, none held out, each token a target once); the run's own data, its validation split
@@ -14,7 +15,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-from trainrun.after.evaluate import score
+from trainrun import bleu, translate
+from trainrun.after.evaluate import score, score_translation
 from trainrun.after.output import Messages, Parser, run_command
 from trainrun.after.run import arguments, open_run, thread_overrides, threads_argument
 from trainrun.composition.overrides import key
@@ -23,7 +25,7 @@ from trainrun.errors import ConfigError
 PROG = "trainrun-eval"
 OVERRIDES = ("data", "precision", "trainer.device", "trainer.threads")  # data.*, precision.*
 NAMING = ("data", "data.files", "data.path", "data.name", "data.train_split")  # other data
-SPLITS = ("all", "validation", "train")
+SPLITS = ("all", "validation", "train", "test")  # test: translation's data.test_* split
 
 
 def parser() -> Parser:
@@ -41,17 +43,24 @@ def parser() -> Parser:
                    help="all: every document, none held out, each token a target once "
                         "(the default for data named on the command line: data=..., "
                         "data.files=..., data.path=...); validation (the default for the run's "
-                        "own data) or train: that split's sequences, as the run reads them")
+                        "own data) or train: that split's sequences, as the run reads them; "
+                        "test: a translation run's test pairs (data.test_source_files, "
+                        "data.test_target_files, or the source's test split)")
     p.add_argument("--max-sequences", type=int, metavar="N",
                    help="the first N sequences (default: all); the run's trainer.eval_sequences "
                         "gives its val/loss")
     p.add_argument("--max-batches", type=int, metavar="N",
                    help="the first N micro-batches of data.batch_size sequences (default: all)")
     threads_argument(p)
+    group = p.add_argument_group("translation runs", "how the translations BLEU and chrF "
+                                                     "score are made")
+    translate.search_arguments(group, beam=4)
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: loss, perplexity, bits_per_byte, sequences, "
                         "tokens, bytes, batches, split, documents (split all), checkpoint, "
-                        "step")
+                        "step; for a translation run loss, perplexity, bleu, chrf, their "
+                        "signatures, sentences, tokens, split, beam, length_penalty, "
+                        "checkpoint, step")
     return p
 
 
@@ -78,9 +87,41 @@ def evaluate(args: argparse.Namespace, overrides: list[str]) -> None:
     for warning in run.warnings:
         messages.warning(warning)
     messages.info(run.threads)
+    if run.cfg.data.task == "translation":
+        evaluate_translation(args, run, overrides, messages)
+        return
     split = args.split or ("all" if any(key(o) in NAMING for o in overrides) else "validation")
+    if split == "test":
+        raise ConfigError("--split", "test: the run's data has no test split (data=parallel's "
+                                     "alone); allowed: all, validation, train")
     result = score(run, split, args.max_sequences, args.max_batches, messages.info)
     show(result, args.json)
+
+
+def evaluate_translation(args: argparse.Namespace, run, overrides: list[str],
+                         messages: Messages) -> None:
+    """Loss, perplexity, BLEU and chrF of a translation run: the test split when data.test_*
+    is given on the command line, else the validation split (or --split)."""
+    search = translate.search_of(args)
+    bleu.require("trainrun-eval")
+    if args.max_batches is not None:
+        raise ConfigError("--max-batches", "with a translation run, whose batches are of "
+                                           "tokens; allowed: --max-sequences N (pairs)")
+    split = args.split or ("test" if any(key(o).startswith("data.test_") for o in overrides)
+                           else "validation")
+    if split == "all":
+        raise ConfigError("--split", "all with a translation run; allowed: validation, test, "
+                                     "train")
+    result = score_translation(run, split, args.max_sequences, search, messages.info)
+    messages.info(f"sacreBLEU {result['bleu_signature']}; {result['chrf_signature']}")
+    if args.json:
+        print(json.dumps(result), flush=True)
+        return
+    print(" | ".join(f"{name} {value}" for name, value in (
+        ("loss", f"{result['loss']:.6f}"), ("perplexity", f"{result['perplexity']:.4f}"),
+        ("BLEU", f"{result['bleu']:.2f}"), ("chrF", f"{result['chrf']:.2f}"),
+        ("sentences", f"{result['sentences']:,}"), ("tokens", f"{result['tokens']:,}"))),
+        flush=True)
 
 
 def show(result: dict, as_json: bool) -> None:
