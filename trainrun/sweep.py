@@ -21,11 +21,14 @@ from pathlib import Path
 
 from trainrun import rundir
 
-COLUMNS = ("job", "overrides", "status", "best_val_loss", "val_loss", "steps",
+COLUMNS = ("job", "overrides", "status", "best_val_loss", "val_loss", "val_bleu", "steps",
            "skipped_updates", "wall_seconds", "tokens_per_sec", "parameters", "run_dir",
            "same_as", "error")
-METRICS = ("status", "best_val_loss", "val_loss", "steps", "skipped_updates", "wall_seconds",
-           "tokens_per_sec", "parameters")
+METRICS = ("status", "best_val_loss", "val_loss", "val_bleu", "steps", "skipped_updates",
+           "wall_seconds", "tokens_per_sec", "parameters")
+# what the table can be sorted by (hydra.callbacks.sweep_summary.sort_by), and which way:
+# val_bleu is a translation run's last BLEU (trainer.bleu_every), higher first
+SORTS = {"best_val_loss": 1, "val_loss": 1, "val_bleu": -1}
 RECORDS = ".jobs"
 SWEPT = "TRAINRUN_SWEPT_KEYS"  # the keys a basic sweep varies, for its jobs to read
 
@@ -116,10 +119,10 @@ def forget(sweep_dir: Path) -> None:
         path.unlink()
 
 
-def rows(sweep_dir: Path) -> list[dict]:
+def rows(sweep_dir: Path, sort_by: str = "best_val_loss") -> list[dict]:
     """One row per recorded job (COLUMNS; overrides as a list; a value never measured is
-    None), best first: by best_val_loss, then failed jobs and jobs without a finite loss,
-    by job number. A job not run because it repeats another (status `identical`) has that
+    None), best first: by `sort_by` (SORTS), then failed jobs and jobs without a finite
+    figure, by job number. A job not run because it repeats another (status `identical`) has that
     job's results, its number in `same_as` and its run directory, and ranks beside it."""
     records = {}
     for path in (sweep_dir / RECORDS).glob("*.json"):
@@ -141,17 +144,17 @@ def rows(sweep_dir: Path) -> list[dict]:
             row["error"] = row["error"] or "failed: the job ended without writing metrics.json"
         statuses[job["job"]] = row["status"]
         found.append(row)
-    return sorted(found, key=lambda row: rank(row, statuses.get(row["same_as"])))
+    return sorted(found, key=lambda row: rank(row, statuses.get(row["same_as"]), sort_by))
 
 
-def rank(row: dict, repeated_status: str | None = None) -> tuple:
+def rank(row: dict, repeated_status: str | None = None, sort_by: str = "best_val_loss") -> tuple:
     """The sort key of a row; repeated_status: the status of the run an identical job
     repeats, which ranks it as that run."""
-    best = row["best_val_loss"]
+    best = row[sort_by]
     finite = isinstance(best, (int, float)) and math.isfinite(best)
     status = repeated_status if row["status"] == "identical" else row["status"]
     ok = status == "completed" and finite
-    return (not ok, best if ok else 0.0, row["job"])
+    return (not ok, SORTS[sort_by] * best if ok else 0.0, row["job"])
 
 
 def write_csv(table: list[dict], path: Path) -> None:
@@ -190,22 +193,28 @@ def common_overrides(table: list[dict]) -> list[str]:
     return [o for o in first if all(o in other for other in others)]
 
 
-def render(table: list[dict], sweep_dir: Path):
+def render(table: list[dict], sweep_dir: Path, sort_by: str = "best_val_loss"):
     """The rich Table of the summary: the overrides that tell jobs apart, run directories
-    relative to the sweep directory; failed jobs' errors are printed below it."""
+    relative to the sweep directory; failed jobs' errors are printed below it. The val_bleu
+    column is shown where a job measured BLEU (translation, trainer.bleu_every)."""
     from rich.table import Table
 
     common = set(common_overrides(table))
-    out = Table(title=f"sweep {sweep_dir}: {len(table)} jobs, best val loss first")
+    bleu = any(row["val_bleu"] is not None for row in table)
+    order = {"best_val_loss": "best val loss", "val_loss": "val loss", "val_bleu": "highest val BLEU"}
+    out = Table(title=f"sweep {sweep_dir}: {len(table)} jobs, {order[sort_by]} first")
     for name, justify in (("job", "right"), ("overrides", "left"), ("status", "left"),
                           ("best_val_loss", "right"), ("val_loss", "right"),
+                          *([("val_bleu", "right")] if bleu else []),
                           ("steps", "right"), ("skipped", "right"), ("wall s", "right"),
                           ("tok/s", "right"), ("params", "right"), ("run dir", "left")):
         out.add_column(name, justify=justify)
     for row in table:
         shown = shlex.join(o for o in row["overrides"] if o not in common)
         out.add_row(str(row["job"]), shown, row["status"], _number(row["best_val_loss"], ".4f"),
-                    _number(row["val_loss"], ".4f"), _number(row["steps"], "d"),
+                    _number(row["val_loss"], ".4f"),
+                    *([_number(row["val_bleu"], ".2f")] if bleu else []),
+                    _number(row["steps"], "d"),
                     _number(row["skipped_updates"], "d"), _number(row["wall_seconds"], ".1f"),
                     _number(row["tokens_per_sec"], ",.0f"), _number(row["parameters"], ",d"),
                     _relative(row["run_dir"], sweep_dir))

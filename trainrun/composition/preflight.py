@@ -27,6 +27,7 @@ from trainrun.config import Config
 
 # Launchers whose jobs run on other machines (a login node submits them)
 REMOTE = ("slurm", "submitit_slurm")
+SORT_BY = "hydra.callbacks.sweep_summary.sort_by"
 
 
 def arguments(argv: list[str]) -> list[str]:
@@ -65,6 +66,12 @@ def preflight(argv: list[str]) -> list[Config]:
     hydra_own = [a for a in argv if not a.startswith("-") and a not in overrides]
     if hydra_own or searches:
         hydra_configs([[*hydra_own, *searches]], with_hydra=True, config_dir=folder)
+    for a in hydra_own:  # Hydra would report it from inside its callback, in a traceback
+        if key(a) == SORT_BY:
+            from trainrun.errors import require_in
+            from trainrun.sweep import SORTS
+
+            require_in(SORT_BY, override_value(a), tuple(SORTS))
     if not any(f in ("--cfg", "-c") for f in flags):  # a run: Hydra will make its directory
         outputs.check([*flags, *argv])
     if searches or any(key(a) == "hydra/sweeper" and not a.endswith("=basic") for a in argv):

@@ -47,6 +47,15 @@ def failures() -> str | None:
 
 
 class SweepSummary(Callback):
+    """`sort_by`: the figure the table is sorted by, best first (sweep.SORTS:
+    hydra.callbacks.sweep_summary.sort_by=val_bleu for translation runs)."""
+
+    def __init__(self, sort_by: str = "best_val_loss"):
+        from trainrun.errors import require_in
+
+        require_in("hydra.callbacks.sweep_summary.sort_by", sort_by, tuple(sweep.SORTS))
+        self.sort_by = sort_by
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep.forget(sweep_dir(config))
 
@@ -65,20 +74,20 @@ class SweepSummary(Callback):
         sweep.record(folder, hydra.job.num, list(job_return.overrides or []),
                      Path(hydra.runtime.output_dir), error, status, same_as)
         # the rows so far: a sweep that ends early (a signal, a killed job) still has them
-        sweep.write_csv(sweep.rows(folder), folder / "summary.csv")
+        sweep.write_csv(sweep.rows(folder, self.sort_by), folder / "summary.csv")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from rich.console import Console
 
         folder = sweep_dir(config)
-        table = sweep.rows(folder)
+        table = sweep.rows(folder, self.sort_by)
         if not table:
             return
         path = folder / "summary.csv"
         sweep.write_csv(table, path)
         _ended["failures"] = sweep.failures(table, path)
         console = Console()
-        rendered = sweep.render(table, folder)
+        rendered = sweep.render(table, folder, self.sort_by)
         if not console.is_terminal:  # a log file keeps whole rows rather than wrapping at 80
             natural = Console(width=100_000).measure(rendered).maximum
             console = Console(width=max(console.width, natural))
