@@ -330,3 +330,20 @@ def test_translate_refuses_a_decoder_run(tmp_path):
     assert run.returncode == 0, run.stderr
     out = command("trainrun-translate", "lm", "-", cwd=tmp_path, stdin="x\n")
     assert out.returncode == 2 and "does not translate" in out.stderr
+
+
+def test_a_tokenizer_of_one_side_alone_is_one_line(pairs, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train([str(pairs / "train.tgt")],
+              trainers.WordLevelTrainer(special_tokens=["[UNK]", "<|endoftext|>"]))
+    tok.save(str(tmp_path / "target.json"))
+    run = cli(*pair_overrides(pairs, "tokenizer=hf", f"tokenizer.path={tmp_path / 'target.json'}"),
+              "hydra.run.dir=run", cwd=tmp_path)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines() == [run.stderr.strip()]
+    assert run.stderr.startswith("trainrun: error: tokenizer: ")
+    assert "100% of the source tokens to its unknown token (the target's: 0%)" in run.stderr
+    assert not (tmp_path / "run").exists()

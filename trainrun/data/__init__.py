@@ -92,6 +92,7 @@ def load_pairs(cfg: ParallelDataConfig, tokenizer_cfg: TokenizerConfig | None = 
     if tokenizer is None:
         both = datasets.concatenate_datasets([_side(pairs["train"], s) for s in SIDES])
         tokenizer = (tokenizer_cfg or TOKENIZERS["byte"]()).build({"train": both}, log)
+    check_coverage(tokenizer, pairs["train"])
     signals.check()
     folders = {s: storage.tokenize(datasets.DatasetDict(
         {split: _side(ds, s) for split, ds in pairs.items()}), tokenizer, log) for s in SIDES}
@@ -115,6 +116,32 @@ def load_pairs(cfg: ParallelDataConfig, tokenizer_cfg: TokenizerConfig | None = 
         f"shared by both sides" + _dropped(long, f"over data.max_source_len={cfg.limits()[0]} "
                                                  f"or max_target_len={cfg.limits()[1]} tokens"))
     return Loaded(train, out["validation"], tokenizer, out.get("test"))
+
+
+COVERAGE_PAIRS, MAX_UNKNOWN = 1000, 0.05
+
+
+def check_coverage(tokenizer: Tokenizer, train) -> None:
+    """A tokenizer with an unknown token must know both languages: one made for one side
+    alone (a target-language WordPiece, say) maps the other's words to it, and the model
+    could not read or write them. Checked on the first COVERAGE_PAIRS training pairs."""
+    unknown = tokenizer.unknown_id() if hasattr(tokenizer, "unknown_id") else None
+    if unknown is None:
+        return  # bytes, or a byte-level BPE: every text has its ids
+    head = train.select(range(min(COVERAGE_PAIRS, len(train))))
+    rates = {}
+    for side in SIDES:
+        ids = tokenizer.encode_batch(head[side])
+        total = sum(len(a) for a in ids)
+        rates[side] = sum(int((a == unknown).sum()) for a in ids) / max(total, 1)
+    side = max(rates, key=rates.get)
+    if rates[side] > MAX_UNKNOWN:
+        other = "target" if side == "source" else "source"
+        raise ConfigError("tokenizer", f"{tokenizer.source} maps {rates[side]:.0%} of the "
+                                       f"{side} tokens to its unknown token (the {other}'s: "
+                                       f"{rates[other]:.0%}), a tokenizer of one side alone; "
+                                       f"allowed: one vocabulary for both languages, as "
+                                       f"tokenizer=bpe trains on the two sides together")
 
 
 def _side(ds, side: str):

@@ -174,6 +174,13 @@ class JSONTokenizer:
         return [np.asarray(e.ids, dtype=np.int64)
                 for e in self.tok.encode_batch(texts, add_special_tokens=False)]
 
+    def unknown_id(self) -> int | None:
+        """The id of the unknown token its model maps unseen text to, if it has one."""
+        token = getattr(self.tok.model, "unk_token", None)
+        if token is None and getattr(self.tok.model, "unk_id", None) is not None:
+            return self.tok.model.unk_id  # Unigram
+        return None if token is None else self.tok.token_to_id(token)
+
     def streamer(self) -> Callable[[int], str]:
         ids: list[int] = []
         shown = ""
