@@ -141,7 +141,7 @@ def sequence_scores(model, src, lengths, hypotheses: list[list[int]], bos: int, 
     pass over [bos, tokens] (eos scored where `ends`)."""
     scores = []
     with torch.no_grad():
-        for i, (tokens, end) in enumerate(zip(hypotheses, ends)):
+        for i, (tokens, end) in enumerate(zip(hypotheses, ends, strict=True)):
             target = [*tokens, eos] if end else tokens
             logits = model(src[i:i + 1], lengths[i:i + 1], torch.tensor([[bos, *target[:-1]]]))
             logp = F.log_softmax(logits[0, :, :model.vocab_size].float(), dim=-1)
@@ -187,9 +187,9 @@ def test_beam_1_is_greedy_and_scores_are_the_models():
     beam = beam_search(model, src, lengths, bos, eos, beam=1, length_penalty=0.0, max_len=limit)
     assert [h.tokens for h in beam] == [h.tokens for h in first]
     assert [h.score for h in beam] == pytest.approx([h.score for h in first], abs=1e-4)
-    for h, n in zip(first, limit.tolist()):
+    for h, n in zip(first, limit.tolist(), strict=True):
         assert len(h.tokens) <= n
-    ends = [len(h.tokens) < n for h, n in zip(first, limit.tolist())]
+    ends = [len(h.tokens) < n for h, n in zip(first, limit.tolist(), strict=True)]
     model_scores = sequence_scores(model, src, lengths, [h.tokens for h in first], bos, eos, ends)
     assert model_scores.tolist() == pytest.approx([h.score for h in first], abs=1e-4)
 
@@ -248,11 +248,11 @@ def test_beam_4_scores_at_least_greedy_on_a_trained_model(reverser):
         first = greedy(reverser, src, lengths, BOS, EOS, 10)
         beam = beam_search(reverser, src, lengths, BOS, EOS, beam=4, length_penalty=0.0,
                            max_len=10)
-    right = sum(h.tokens == tgt[i, :n].tolist() for i, (h, n) in enumerate(zip(first, lengths)))
+    right = sum(h.tokens == tgt[i, :n].tolist() for i, (h, n) in enumerate(zip(first, lengths, strict=True)))
     assert right >= 16  # it learned the task: the distributions are peaked
-    for g, b in zip(first, beam):
+    for g, b in zip(first, beam, strict=True):
         assert b.score >= g.score - 1e-5
-    assert sum(b.score > g.score + 1e-3 for g, b in zip(first, beam)) >= 1  # it searched
+    assert sum(b.score > g.score + 1e-3 for g, b in zip(first, beam, strict=True)) >= 1  # it searched
     ends = [True] * len(beam)  # every hypothesis ends with eos before 10 ids
     assert all(len(b.tokens) < 10 for b in beam)
     model_scores = sequence_scores(reverser, src, lengths, [b.tokens for b in beam], BOS, EOS,
