@@ -2,7 +2,8 @@
 one of these fails the suite. Each builds from every one of its YAML options and counts its
 parameters as its module holds them; its forward gives (B, T, padded(V)) logits; cached
 generation equals recomputation; its FLOPs per token equal torch's own count; a checkpoint
-resumes bit for bit; 2 processes equal one with the double batch; FSDP2 shards its units;
+resumes bit for bit; 2 processes equal one with the double batch (families of task "lm":
+translation's training is tests/test_translation.py's); FSDP2 shards its units;
 and, where it has a Hugging Face format, transformers computes the same logits from an
 export and trainrun from a folder that transformers saved."""
 
@@ -35,11 +36,36 @@ from trainrun.models import MODELS, padded, parameter_kinds
 
 VOCAB = 257  # the byte tokenizer's: 256 bytes and the end of document, padded to 320
 FAMILIES = sorted(MODELS)
+# the families trained through the CLI here; translation: tests/test_translation.py
+LM_FAMILIES = sorted(f for f, cls in MODELS.items() if cls.task == "lm")
 OPTIONS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml"))
 BY_FAMILY = {f: [o for o in OPTIONS if option_family(o, None) == f] for f in FAMILIES}
 # model keys that shrink any family's option to a test's size
 SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64",
          "model.max_seq_len=64", "data.seq_len=32"]
+LAYER_KEYS = ("n_layers", "n_encoder_layers", "n_decoder_layers")  # a family's stacks
+
+
+def small(family: str) -> list[str]:
+    """SMALL for the family: its own keys of layers, 2 each."""
+    fields = MODELS[family].__dataclass_fields__
+    layers = [f"model.{k}=2" for k in LAYER_KEYS if k in fields]
+    return [o for o in SMALL if not o.startswith("model.n_layers=")] + layers
+
+
+def layers(cfg) -> int:
+    return sum(getattr(cfg, k) for k in LAYER_KEYS if hasattr(cfg, k))
+
+
+def inputs(family: str, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The forward inputs of a family's task over target ids (B, T): (ids,) for "lm";
+    for "translation" a source of T ids too, its lengths T, T - 1, ... (at least 1)."""
+    if MODELS[family].task == "lm":
+        return (ids,)
+    B, T = ids.shape
+    g = torch.Generator().manual_seed(B * T)
+    src = torch.randint(0, VOCAB, (B, T), generator=g)
+    return src, (T - torch.arange(B)).clamp(min=1), ids
 
 
 def default(family: str, *more: str):
@@ -71,7 +97,7 @@ def test_each_option_builds_and_counts_its_parameters(option):
         model = cfg.build(VOCAB)
     assert model.num_params() == cfg.num_params(VOCAB) == independent_count(model, VOCAB)
     units = model.shard_units()
-    assert len(units) == cfg.n_layers and all(u in set(model.modules()) for u in units)
+    assert len(units) == layers(cfg) and all(u in set(model.modules()) for u in units)
     # the output layer, tied or not, is a row per id as the embedding: no decay, no Muon
     kinds = parameter_kinds(model)
     assert kinds[next(n for n, p in model.named_parameters() if p is model.head.weight)] == \
@@ -82,7 +108,7 @@ def test_each_option_builds_and_counts_its_parameters(option):
 def test_forward_gives_logits_over_the_padded_vocabulary(family):
     torch.manual_seed(0)
     model = default(family).build(VOCAB)
-    logits = model(torch.randint(0, VOCAB, (3, 17)))
+    logits = model(*inputs(family, torch.randint(0, VOCAB, (3, 17))))
     assert logits.shape == (3, 17, padded(VOCAB))
     assert (logits[..., VOCAB:] == torch.finfo(logits.dtype).min).all()
     assert logits[..., :VOCAB].isfinite().all()
@@ -93,7 +119,9 @@ def test_cached_generation_equals_recomputing_every_position(family):
     from trainrun.after.sample import generate, picker
 
     torch.manual_seed(1)
-    model = default(family, *SMALL).build(VOCAB).eval()
+    model = default(family, *small(family)).build(VOCAB).eval()
+    if MODELS[family].task == "translation":
+        return check_cached_translation(model)
     prompt = torch.randint(0, VOCAB, (10,)).tolist()
     greedy = picker(0.0, 0, 1.0, VOCAB, torch.Generator())
     cached = list(generate(model, prompt, 40, greedy))
@@ -102,6 +130,24 @@ def test_cached_generation_equals_recomputing_every_position(family):
         for _ in range(40):
             context.append(int(model(torch.tensor([context]))[0, -1, :VOCAB].argmax()))
     assert cached == context[len(prompt):]
+
+
+def check_cached_translation(model: torch.nn.Module) -> None:
+    """trainrun.decoding.greedy (encoder once, decoder over its cache) equals the argmax of
+    a whole forward pass recomputed at each step."""
+    from trainrun.decoding import greedy
+
+    src, lengths, _ = inputs(model.cfg.family, torch.zeros(3, 12, dtype=torch.long))
+    found = greedy(model, src, lengths, bos=0, eos=1, max_len=30)
+    with torch.no_grad():
+        for i, hypothesis in enumerate(found):
+            ids = [0]
+            for _ in range(30):
+                logits = model(src[i:i + 1], lengths[i:i + 1], torch.tensor([ids]))
+                ids.append(int(logits[0, -1, :VOCAB].argmax()))
+                if ids[-1] == 1:
+                    break
+            assert hypothesis.tokens == [t for t in ids[1:] if t != 1]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -115,7 +161,7 @@ def test_flops_per_token_match_torchs_flop_counter(family):
     cfg, vocab, T = default(family), 256, 64  # 256 ids: no padding rows
     model = cfg.build(vocab)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model(torch.randint(0, vocab, (1, T))).sum().backward()
+        model(*inputs(family, torch.randint(0, vocab, (1, T)))).sum().backward()
     assert counter.get_total_flops() / T == pytest.approx(cfg.flops_per_token(vocab, T), rel=0.01)
     assert model.flops_per_token(T) == cfg.flops_per_token(vocab, T)
 
@@ -125,7 +171,7 @@ def docs(tmp_path_factory) -> Path:
     return make_corpus(tmp_path_factory.mktemp("families") / "docs.txt", n_docs=60, seed=3)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", LM_FAMILIES)  # translation: tests/test_translation.py
 def test_a_checkpoint_resumes_bit_identically(family, docs, tmp_path):
     # dropout on: the RNG restore matters; accumulation: the data position matters
     args = tiny(docs, f"model={MODELS[family].default_option}", *SMALL, "model.dropout=0.2",
@@ -141,7 +187,7 @@ def test_a_checkpoint_resumes_bit_identically(family, docs, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", LM_FAMILIES)  # translation: tests/test_translation.py
 def test_two_processes_train_as_one_with_twice_the_batch(family, docs, tmp_path):
     model = [f"model={MODELS[family].default_option}", *SMALL]
     one = cli(*ddp_overrides(docs, 8, 1, *model), "hydra.run.dir=one", cwd=tmp_path)
@@ -156,13 +202,14 @@ def test_two_processes_train_as_one_with_twice_the_batch(family, docs, tmp_path)
 def test_fsdp_shards_the_familys_units(family):
     from torch.distributed.fsdp import FSDPModule
 
-    model = default(family, *SMALL).build(VOCAB)
+    model = default(family, *small(family)).build(VOCAB)
     world = distributed.init_single(torch.device("cpu"))
     try:
         replicas = distributed.Replicas(model, "fsdp", world, torch.device("cpu"))
         assert isinstance(replicas.module, FSDPModule)
         assert all(isinstance(unit, FSDPModule) for unit in model.shard_units())
-        assert replicas.module(torch.randint(0, VOCAB, (2, 8))).shape == (2, 8, padded(VOCAB))
+        logits = replicas.module(*inputs(family, torch.randint(0, VOCAB, (2, 8))))
+        assert logits.shape == (2, 8, padded(VOCAB))
     finally:
         distributed.close()
 

@@ -60,7 +60,7 @@ def greedy(model: torch.nn.Module, src: torch.Tensor, src_lengths: torch.Tensor,
         best, ids = next_log_probs(model, last, memory, cache).max(dim=-1)  # (N,)
         step += 1
         keep = []
-        for r, (s, token, logp) in enumerate(zip(rows, ids.tolist(), best.tolist())):
+        for r, (s, token, logp) in enumerate(zip(rows, ids.tolist(), best.tolist(), strict=True)):
             scores[s] += logp
             if token != eos:
                 tokens[s].append(token)
@@ -175,8 +175,8 @@ def collect(finished: list[Finished], sentences: list[int], step: int, limit: li
     history (N·beam, step - 1): each row's ids before this step."""
     beam = top.shape[1]
     for n, (s, scores, origins, tokens) in enumerate(zip(sentences, top.tolist(),
-                                                          origin.tolist(), token.tolist())):
-        for score, o, t in zip(scores, origins, tokens):
+                                                          origin.tolist(), token.tolist(), strict=True)):
+        for score, o, t in zip(scores, origins, tokens, strict=True):
             if score == float("-inf") or (t != eos and step < limit[s]):
                 continue
             past = history[n * beam + o].tolist()

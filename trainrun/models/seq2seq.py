@@ -8,6 +8,7 @@ It has no Hugging Face format. Decoding (greedy, beam search) is trainrun/decodi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import ClassVar
@@ -30,6 +31,9 @@ from trainrun.models.base import (
 )
 
 POSITIONS = ("sinusoidal", "learned")
+KeysValues = tuple[torch.Tensor, torch.Tensor]  # each (B, nh, S, hs)
+# a decoder layer's cross-attention keys and values of the memory, from a cache or computed
+Remember = Callable[[Callable[[torch.Tensor], KeysValues], torch.Tensor], KeysValues]
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 
 
@@ -139,7 +143,15 @@ class Seq2SeqCache(KVCache):
 
     def __init__(self, n_layers: int):
         super().__init__(n_layers)
-        self.cross: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
+        self.cross: list[KeysValues | None] = [None] * n_layers
+
+    def remember(self, i: int, compute: Callable[[torch.Tensor], KeysValues],
+                 states: torch.Tensor) -> KeysValues:
+        """Decoder layer i's cross-attention keys and values: compute(states) at the first
+        call, kept for the next ones."""
+        if self.cross[i] is None:
+            self.cross[i] = compute(states)
+        return self.cross[i]
 
     def select(self, order: torch.Tensor) -> None:
         super().select(order)
@@ -205,15 +217,19 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
 
-    def keys_values(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def keys_values(self, states: torch.Tensor) -> KeysValues:
         """The memory's keys and values, each (B, nh, S, hs)."""
         k, v = self.kv(states).chunk(2, dim=2)
         return heads(k, self.n_heads), heads(v, self.n_heads)
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, memory: Memory,
+                remember: Remember | None = None) -> torch.Tensor:
+        """x's queries over the memory; its keys and values from `remember` (a cache) if
+        given. (Computed here, in the layer's forward: FSDP gathers its weights only then.)"""
+        states = memory.states
+        kv = self.keys_values(states) if remember is None else remember(self.keys_values, states)
         p = self.dropout if self.training else 0.0
-        return self.proj(attend(heads(self.q(x), self.n_heads), *kv, mask, False, p))
+        return self.proj(attend(heads(self.q(x), self.n_heads), *kv, memory.attn_mask, False, p))
 
 
 class MLP(nn.Module):
@@ -261,10 +277,10 @@ class DecoderLayer(nn.Module):
         self.cross = Residual(cfg, CrossAttention(cfg))
         self.mlp = Residual(cfg, MLP(cfg))
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
-                memory_mask: torch.Tensor, extend: Extend | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, memory: Memory, extend: Extend | None = None,
+                remember: Remember | None = None) -> torch.Tensor:
         x = self.attn(x, causal=True, extend=extend)
-        return self.mlp(self.cross(x, kv, memory_mask))
+        return self.mlp(self.cross(x, memory, remember))
 
 
 class Seq2Seq(nn.Module):
@@ -344,21 +360,13 @@ class Seq2Seq(nn.Module):
         keys and values are computed at its first call and kept."""
         past = 0 if cache is None else len(cache)
         x = self.embed(tgt, past, "tgt")
-        mask = memory.attn_mask
         for i, layer in enumerate(self.decoder):
-            x = layer(x, self.cross_kv(i, memory, cache), mask,
-                      None if cache is None else partial(cache.extend, i))
+            if cache is None:
+                x = layer(x, memory)
+            else:
+                x = layer(x, memory, partial(cache.extend, i), partial(cache.remember, i))
         logits = self.head(self.decoder_norm(x))
         return mask_padding(logits, self.padding) if self.padded else logits
-
-    def cross_kv(self, i: int, memory: Memory,
-                 cache: Seq2SeqCache | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if cache is not None and cache.cross[i] is not None:
-            return cache.cross[i]
-        kv = self.decoder[i].cross.sublayer.keys_values(memory.states)
-        if cache is not None:
-            cache.cross[i] = kv
-        return kv
 
     def forward(self, src: torch.Tensor, src_lengths: torch.Tensor,
                 tgt: torch.Tensor) -> torch.Tensor:
