@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from trainrun import composition as trainrun_cli
+from trainrun.composition.init_from import option_family
 from trainrun.config import GROUPS, Config, TrainerConfig, option_name
 from trainrun.errors import ConfigError
 from trainrun.models import MODELS
@@ -54,8 +55,12 @@ def inputs(tmp_path_factory) -> dict:
     from trainrun.data.tokenizers import ByteTokenizer
 
     ByteTokenizer().hf().save(str(root / "tokenizer.json"))
+    (root / "pairs.src").write_text("ka di\nmi bu\n")
+    (root / "pairs.tgt").write_text("IDx AKx\nUBx IMx\n")
     return {"corpus": root / "corpus.txt", "ds": root / "ds", "empty": root / "empty",
-            "blank": root / "blank", "tokenizer": root / "tokenizer.json"}
+            "blank": root / "blank", "tokenizer": root / "tokenizer.json",
+            "pairs": [f"data.source_files={root / 'pairs.src'}",
+                      f"data.target_files={root / 'pairs.tgt'}"]}
 
 
 def needs(group: str, option: str, inputs: dict) -> list[str]:
@@ -65,7 +70,10 @@ def needs(group: str, option: str, inputs: dict) -> list[str]:
     extra = {("data", "text"): [f"data.files={inputs['corpus']}"],
              ("data", "hf"): [f"data.path={inputs['ds']}", "data.val_split=validation"],
              ("tokenizer", "hf"): [f"tokenizer.path={inputs['tokenizer']}"],
-             ("optimizer", "schedulefree"): ["scheduler=constant"]}  # the one it takes
+             ("optimizer", "schedulefree"): ["scheduler=constant"],  # the one it takes
+             ("data", "parallel"): ["model=transformer_tiny", *inputs["pairs"]]}
+    if group == "model" and option_family(option, None) == "seq2seq":  # its data: pairs
+        return [select, "data=parallel", *inputs["pairs"]]
     return [select, *extra.get((group, option), [])]
 
 

@@ -30,6 +30,7 @@ from test_distributed import overrides as ddp_overrides
 
 from trainrun import checkpoint, distributed
 from trainrun.builders import build_model
+from trainrun.composition import validated_configs
 from trainrun.composition.init_from import init_from_shape, option_family
 from trainrun.console import Console
 from trainrun.models import MODELS, padded, parameter_kinds
@@ -68,8 +69,14 @@ def inputs(family: str, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return src, (T - torch.arange(B)).clamp(min=1), ids
 
 
+def model_config(*overrides: str):
+    """The validated model section of `trainrun <overrides>`, whatever data it would train
+    on (a translation family's are pairs)."""
+    return validated_configs([list(overrides)], data=False)[0].model
+
+
 def default(family: str, *more: str):
-    return config(f"model={MODELS[family].default_option}", *more).model
+    return model_config(f"model={MODELS[family].default_option}", *more)
 
 
 def test_every_option_is_of_a_registered_family_and_every_family_has_options():
@@ -91,7 +98,7 @@ def independent_count(model: torch.nn.Module, vocab: int) -> int:
 
 @pytest.mark.parametrize("option", OPTIONS)
 def test_each_option_builds_and_counts_its_parameters(option):
-    cfg = config(f"model={option}").model
+    cfg = model_config(f"model={option}")
     assert type(cfg) is MODELS[option_family(option, None)]
     with torch.device("meta"):  # the shapes without allocating the weights
         model = cfg.build(VOCAB)

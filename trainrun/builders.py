@@ -13,7 +13,6 @@ from trainrun import data, determinism, devices, distributed, signals, validatio
 from trainrun.config import Config
 from trainrun.console import Console
 from trainrun.data.order import DataOrder, sequences_per_update
-from trainrun.errors import ConfigError
 from trainrun.models import ModelConfig
 from trainrun.optimizers import build_optimizer
 from trainrun.precision import Precision
@@ -49,10 +48,6 @@ def build_components(cfg: Config, device: torch.device, precision: Precision, co
     when a checkpoint will replace them); `threads`: the CPU threads of the checkpoint a
     resume continues, taken under trainer.threads=auto (threads.py)."""
     t = cfg.trainer
-    if cfg.model.task != "lm":  # the loop feeds one stream of ids: model(x)
-        raise ConfigError("model", f"family {cfg.model.family} is a {cfg.model.task} model "
-                                   f"(forward(src, src_lengths, tgt)), which the runner cannot "
-                                   f"train yet; allowed: a model of task lm (gpt_*, llama_*)")
     deterministic = determinism.enable(t.deterministic)  # before the first CUDA kernel
     if deterministic:
         console.info(deterministic)
@@ -73,7 +68,6 @@ def build_components(cfg: Config, device: torch.device, precision: Precision, co
     schedule = build_schedule(cfg.scheduler, cfg.optimizer.lr, t.max_steps, cfg.model.d_model)
     schedule.check(optimizer)
     batch_size = 1 if translation(cfg) else cfg.data.batch_size  # a bucket per micro-batch
-    sequences = sequences_per_update(batch_size, t.grad_accum_steps, world.size)
     if world.size > 1 or t.strategy == "fsdp":
         console.info(f"{world.size} process(es), strategy {t.strategy}, rank 0 writes the run")
     what, update = describe_data(cfg, splits, world.size)
