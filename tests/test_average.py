@@ -260,3 +260,12 @@ def test_checkpoints_that_differ_beyond_their_floats_are_refused(tmp_path):
         with pytest.raises(ConfigError) as error:
             average([one, write_weights(tmp_path / name, tensors)])
         assert error.value.key == "RUN_DIR" and expected[name] in error.value.message, name
+
+
+def test_checkpoint_takes_best_and_lists_the_other_folders(run, capsys):
+    shutil.copytree(run / "checkpoints/step-00000020", run / "checkpoints/best")
+    opened = open_run(str(run), [], "best", data=False)
+    assert opened.checkpoint == run / "checkpoints/best" and opened.step == 20
+    exits_2(sample.main, str(run), "--checkpoint", "average-1-2")
+    assert "allowed: step-00000010, step-00000020, step-00000030, best" in \
+        one_line(capsys, "trainrun-sample", "--checkpoint:")

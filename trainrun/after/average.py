@@ -4,9 +4,9 @@
 The weights of the N newest intact step-* checkpoints are summed in float64 and divided by
 N, each tensor cast back to its own dtype, so that N copies of one checkpoint give it back
 bit for bit. A tensor that is not floating point (a count, a mask) must be the same in all
-of them, and is kept as it is. Tied weights stay as the checkpoints store them: model.safetensors
-holds each tied parameter under one name (trainrun.checkpoint), which is averaged once. An
-FSDP checkpoint holds the whole weights in model.safetensors too (rank 0 writes them beside
+of them, and is kept as it is. Tied weights stay as the checkpoints store them:
+model.safetensors holds each tied parameter under one name (trainrun.checkpoint), which is
+averaged once. An FSDP checkpoint holds the whole weights in model.safetensors too (rank 0 writes them beside
 its shards), so it is averaged the same way and its shards are never read.
 
 The average is checkpoints/average-<first step>-<last step>/ (or a name of the user's), a
@@ -33,11 +33,12 @@ from safetensors.torch import save_file
 
 from trainrun import checkpoint, rundir
 from trainrun.after.run import ARG, RUN_ALLOWED
+from trainrun.cadence import BEST
 from trainrun.errors import ConfigError, reason
 
 NAME_KEY = "--checkpoint-name"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-RESERVED = (checkpoint.LATEST, "best")  # `latest` names the newest step; best/ is keep_best's
+RESERVED = (checkpoint.LATEST, BEST)  # `latest` names the newest step; best/ is keep_best's
 COPIED = ("config", "schemas", "tokenizer")  # what the commands after training read in meta.json
 
 
@@ -186,7 +187,7 @@ def write_average(run_dir: Path, n: int, name: str | None) -> tuple[list[Path], 
     if not run_dir.is_dir():
         raise ConfigError(ARG, f"{run_dir}: no such directory; allowed: {RUN_ALLOWED}")
     root = run_dir / "checkpoints"
-    if not root.is_dir() or root.is_symlink():
+    if not root.is_dir():  # a link is refused by claim(), named
         raise ConfigError(ARG, f"{run_dir}: no checkpoints/ in it; allowed: {RUN_ALLOWED}")
     claim = rundir.claim(run_dir, ARG)  # refuses links, and a run still writing it
     try:
