@@ -118,13 +118,15 @@ def test_a_fresh_run_into_a_directory_with_a_link_is_refused(corpus, tmp_path, v
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["trainrun-eval", "trainrun-sample", "trainrun-export"])
+@pytest.mark.parametrize("command", ["trainrun-eval", "trainrun-sample", "trainrun-export",
+                                     "trainrun-average"])
 def test_the_commands_after_training_follow_no_link(finished_run, tmp_path, victims, command):
     run = tmp_path / "run"
     shutil.copytree(finished_run, run, symlinks=True)
     plant(run, "checkpoints/latest", victims, run)
     args = {"trainrun-sample": ["--max-new-tokens", "2"],
-            "trainrun-export": [str(tmp_path / "export")]}.get(command, [])
+            "trainrun-export": [str(tmp_path / "export")],
+            "trainrun-average": ["--last", "1"]}.get(command, [])
     proc = subprocess.run([str(Path(sys.executable).with_name(command)), str(run), *args],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert "checkpoints/latest is a symbolic link" in one_line(proc, command, "RUN_DIR")

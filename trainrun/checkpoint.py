@@ -1,5 +1,7 @@
 """Checkpoints (docs/long-jobs.md, Checkpoints): checkpoints/step-XXXXXXXX/ with model.safetensors,
 trainer_state.pt and meta.json, and checkpoints/latest naming the newest complete one.
+Other folders beside them (best/, average-*/) are for the commands after training: resume,
+pruning and `latest` only ever take step-* folders.
 
 A checkpoint is written into a temporary directory, its files fsynced, then renamed into
 place, and only then is `latest` replaced (also by rename), so a crash during a save leaves
@@ -29,6 +31,9 @@ from trainrun.errors import NotTrainrun, out_of_space, reason
 
 MODEL_FILE, STATE_FILE, META_FILE, LATEST = "model.safetensors", "trainer_state.pt", "meta.json", "latest"
 SHARDS = "sharded"  # trainer.strategy=fsdp: torch.distributed.checkpoint's files of every rank
+# meta.json's mark of a checkpoint with weights and no trainer state (trainrun-average's),
+# honoured only outside the step-* folders that resume reads
+WEIGHTS_ONLY = "weights_only"
 
 
 def step_name(k: int) -> str:
@@ -249,10 +254,15 @@ def complete(root: Path) -> list[Path]:
 
 
 def verify(path: Path) -> str | None:
-    """None if checkpoint `path` is intact, else what is wrong with it."""
+    """None if checkpoint `path` is intact, else what is wrong with it: every file that
+    meta.json lists is there with its sha256, and it lists exactly the checkpoint's files
+    (trainer_state.pt too, unless it is a weights-only checkpoint beside the step-* ones)."""
     try:
         meta = json.loads((path / META_FILE).read_text())
-        if sorted(meta["sha256"]) != sorted(files(path)):
+        listed = files(path)
+        if meta.get(WEIGHTS_ONLY) is True and step_number(path) is None:
+            listed.remove(STATE_FILE)
+        if sorted(meta["sha256"]) != sorted(listed):
             return f"{META_FILE} does not list exactly the files of the checkpoint"
         for name, digest in meta["sha256"].items():
             if not (path / name).is_file():

@@ -4,13 +4,13 @@ The config is the run's own: the overrides it saved in .hydra/overrides.yaml, ta
 `trainrun resume=<dir>` takes them (trainrun's own keys with plain values, nothing that
 reaches Hydra or OmegaConf's resolvers), then the command's own overrides, composed and
 validated as `trainrun` does it; model.init_from is left out (the checkpoint holds the
-weights). The checkpoint is the newest intact one (a damaged newer one is skipped with a
-warning, and left where it is) or the one asked for; its meta.json must describe the model
-that the config builds and name the tokenizer it was trained with: the run's copy
-(tokenizer.json) must be there exactly when meta.json names one, with the fingerprint it
-records, so that no figure, sample or export is made with other ids. torch's CPU threads are
-set as `trainrun` sets them (trainrun.threads): the run's trainer.threads unless the command
-is given another (--threads, an override).
+weights). The checkpoint is the newest intact step-* one (a damaged newer one is skipped
+with a warning, and left where it is) or the one asked for (a step, best/, an average); its
+meta.json must describe the model that the config builds and name the tokenizer it was
+trained with: the run's copy (tokenizer.json) must be there exactly when meta.json names
+one, with the fingerprint it records, so that no figure, sample or export is made with
+other ids. torch's CPU threads are set as `trainrun` sets them (trainrun.threads): the run's
+trainer.threads unless the command is given another (--threads, an override).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ RUN_ALLOWED = "a run directory of trainrun (outputs/<date>/<time>) with a checkp
 class Run:
     run_dir: Path
     cfg: Config
-    checkpoint: Path  # checkpoints/step-XXXXXXXX
+    checkpoint: Path  # checkpoints/step-XXXXXXXX, or best/, average-.../ (--checkpoint)
     step: int  # the update the checkpoint was written after
     model: torch.nn.Module  # the checkpoint's weights (the family's module), on device, in eval mode
     tokenizer: Tokenizer
@@ -52,7 +52,9 @@ class Run:
 def arguments(p: Parser) -> None:
     """RUN_DIR (the first positional argument), --checkpoint and --config-dir."""
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (outputs/<date>/<time>)")
-    p.add_argument("--checkpoint", metavar="step-N", help="this checkpoint instead of the newest")
+    p.add_argument("--checkpoint", metavar="step-N",
+                   help="this checkpoint instead of the newest: step-N, N, or the name of "
+                        "another folder of checkpoints/ (best, average-...)")
     p.add_argument("--config-dir", metavar="DIR",
                    help="the folder the run was started with `trainrun --config-dir DIR`")
 
@@ -91,13 +93,24 @@ def config(run_dir: Path, overrides: list[str], data: bool,
     return cfg
 
 
+def others(root: Path) -> list[Path]:
+    """The checkpoint folders of root beside the step-* ones, by name: best/ and the averages
+    of trainrun-average (none hidden: those are a save's leftovers)."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink()
+                  and checkpoint.step_number(p) is None and not p.name.startswith("."))
+
+
 def find_checkpoint(run_dir: Path, name: str | None) -> tuple[Path, list[str]]:
-    """The checkpoint `name` (step-N or N) or else the newest intact one, and warnings."""
+    """The checkpoint `name` (step-N, N, or the name of another checkpoint folder: best,
+    average-...) or else the newest intact step-* one, and warnings."""
     root = run_dir / "checkpoints"
     if name is not None:
         wanted = checkpoint.step_number(Path(name if name.startswith("step-") else f"step-{name}"))
         found = [p for p in checkpoint.complete(root) if checkpoint.step_number(p) == wanted]
-        names = ", ".join(p.name for p in checkpoint.complete(root)) or "none"
+        found += [p for p in others(root) if p.name == name]
+        names = ", ".join(p.name for p in [*checkpoint.complete(root), *others(root)]) or "none"
         if not found:
             raise ConfigError("--checkpoint", f"{name!r} is not a checkpoint in {root}; allowed: "
                                               f"{names}")

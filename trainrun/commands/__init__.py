@@ -9,5 +9,6 @@ else in trainrun imports this package.
     sample.py   trainrun-sample: text from a run's checkpoint (trainrun.after.sample)
     eval.py     trainrun-eval: loss, perplexity, bits per byte (trainrun.after.evaluate)
     export.py   trainrun-export: a Hugging Face folder (trainrun.after.export)
+    average.py  trainrun-average: the average of the last checkpoints (trainrun.after.average)
     launch.py   trainrun-nohup and trainrun-tmux: a run that outlives the SSH session
 """
