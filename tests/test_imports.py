@@ -147,7 +147,7 @@ def test_every_console_script_is_a_door_in_the_commands_package():
     import tomllib
 
     scripts = tomllib.loads((ROOT.parent / "pyproject.toml").read_text())["project"]["scripts"]
-    assert len(scripts) == 9
+    assert len(scripts) == 10
     for name, target in scripts.items():
         module, _, function = target.partition(":")
         assert module.startswith("trainrun.commands."), name

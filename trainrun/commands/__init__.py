@@ -9,6 +9,7 @@ else in trainrun imports this package.
     sample.py   trainrun-sample: text from a run's checkpoint (trainrun.after.sample)
     eval.py     trainrun-eval: loss, perplexity, bits per byte (trainrun.after.evaluate)
     export.py   trainrun-export: a Hugging Face folder (trainrun.after.export)
+    translate.py trainrun-translate: a translation run's beam search over a file (trainrun.translate)
     average.py  trainrun-average: the average of the last checkpoints (trainrun.after.average)
     launch.py   trainrun-nohup and trainrun-tmux: a run that outlives the SSH session
 """
