@@ -198,12 +198,19 @@ def test_a_resume_in_the_middle_of_an_epoch_is_bit_identical(pairs, tmp_path):
     assert_identical(final_weights(part), final_weights(tmp_path / "full"))
 
 
-def test_validation_reports_the_plain_nll_when_training_smooths_labels(pairs, tmp_path):
-    run = cli(*pair_overrides(pairs, "trainer.label_smoothing=0.2", "trainer.max_steps=3",
-                              "trainer.eval_every=3", "trainer.eval_sequences=20",
-                              "model.dropout=0.0"), "hydra.run.dir=run", cwd=tmp_path)
+def test_validation_reports_the_plain_nll_and_noam_takes_d_model_from_the_model(pairs,
+                                                                              tmp_path):
+    """One run: label smoothing in training, the plain NLL in val/loss (computed here from
+    the final weights); scheduler=noam's rate from the encoder-decoder's d_model."""
+    run = cli(*pair_overrides(pairs, "trainer.label_smoothing=0.2", "trainer.max_steps=6",
+                              "trainer.eval_every=6", "trainer.eval_sequences=20",
+                              "model.dropout=0.0", "scheduler=noam", "scheduler.warmup_steps=4",
+                              "scheduler.scale=1.0"), "hydra.run.dir=run", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     cfg = config(*pair_overrides(pairs))
+    d = cfg.model.d_model
+    assert [lr for _, lr in scalars(tmp_path / "run", "train/lr")] == pytest.approx(
+        [d ** -0.5 * min(k ** -0.5, k * 4 ** -1.5) for k in range(1, 7)], rel=1e-6)
     loaded = data.load_pairs(cfg.data, cfg.tokenizer, seed=cfg.trainer.seed)
     model = cfg.model.build(loaded.tokenizer.vocab_size)
     model.load_state_dict(final_weights(tmp_path / "run"), strict=False)
@@ -252,15 +259,18 @@ def test_pairs_from_json_lines_with_a_translation_column(tmp_path):
     assert "dropped 1 train pair(s) with an empty side" in log
     assert "35 train / 4 validation pairs" in log  # 36 and 4 held out, less the empty one
 
-
-def test_noam_takes_d_model_from_the_encoder_decoder(pairs, tmp_path):
-    run = cli(*pair_overrides(pairs, "scheduler=noam", "scheduler.warmup_steps=4",
-                              "scheduler.scale=1.0", "trainer.max_steps=6",
-                              "trainer.log_every=1"), "hydra.run.dir=run", cwd=tmp_path)
-    assert run.returncode == 0, run.stderr
-    d = config(*pair_overrides(pairs)).model.d_model
-    assert [lr for _, lr in scalars(tmp_path / "run", "train/lr")] == pytest.approx(
-        [d ** -0.5 * min(k ** -0.5, k * 4 ** -1.5) for k in range(1, 7)], rel=1e-6)
+    # the same rows as a `datasets` folder with splits of its own: data.path
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    for split, part in (("train", rows[:30]), ("validation", rows[30:36]), ("test", rows[36:])):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    cfg = config("model=transformer_tiny", "data=parallel", f"data.path={folder}",
+                 "data.src_lang=de", "data.tgt_lang=en")
+    splits, dropped = cfg.data.pairs(with_test=True)
+    assert {k: len(v) for k, v in splits.items()} == {"train": 29, "validation": 6, "test": 4}
+    assert dropped == {"train": 1, "validation": 0, "test": 0}
+    assert splits["validation"][0] == {"source": rows[30]["translation"]["de"],
+                                       "target": rows[30]["translation"]["en"]}
 
 
 # -- bad input: one line naming the key, exit 2, nothing written ----------------------------
