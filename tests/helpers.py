@@ -71,10 +71,11 @@ def make_pairs(folder: Path, n: int = 600, seed: int = 0, splits: tuple[str, ...
 
 
 def pair_overrides(folder: Path, *overrides: str) -> list[str]:
-    """A tiny translation run on make_pairs' files (train, and valid when written)."""
-    valid = ([f"data.valid_source_files={folder / 'valid.src'}",
-              f"data.valid_target_files={folder / 'valid.tgt'}"]
-             if (folder / "valid.src").exists() else [])
+    """A tiny translation run on make_pairs' files (train, and valid and test when written)."""
+    valid = [f"data.{kind}_{side}_files={folder / f'{split}.{ext}'}"
+             for split, kind in (("valid", "valid"), ("test", "test"))
+             if (folder / f"{split}.src").exists()
+             for side, ext in (("source", "src"), ("target", "tgt"))]
     return ["model=transformer_tiny", "data=parallel", f"data.source_files={folder / 'train.src'}",
             f"data.target_files={folder / 'train.tgt'}", *valid, "data.seq_len=48",
             "data.batch_size=16", "trainer.max_steps=4", "trainer.eval_every=2",
@@ -85,6 +86,12 @@ def pair_overrides(folder: Path, *overrides: str) -> list[str]:
 def config(*overrides: str) -> Config:
     """The validated Config of `trainrun <overrides>`."""
     return validated_configs([list(overrides)])[0]
+
+
+def model_config(*overrides: str):
+    """The validated model section of `trainrun <overrides>`, whatever data it would train
+    on (a translation family's are pairs, which the default data are not)."""
+    return validated_configs([list(overrides)], data=False)[0].model
 
 
 def train(run_dir: Path, *overrides: str) -> dict:

@@ -21,6 +21,7 @@ from helpers import (
     config,
     final_weights,
     make_corpus,
+    model_config,
     tiny,
     train,
 )
@@ -30,7 +31,6 @@ from test_distributed import overrides as ddp_overrides
 
 from trainrun import checkpoint, distributed
 from trainrun.builders import build_model
-from trainrun.composition import validated_configs
 from trainrun.composition.init_from import init_from_shape, option_family
 from trainrun.console import Console
 from trainrun.models import MODELS, padded, parameter_kinds
@@ -67,12 +67,6 @@ def inputs(family: str, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(B * T)
     src = torch.randint(0, VOCAB, (B, T), generator=g)
     return src, (T - torch.arange(B)).clamp(min=1), ids
-
-
-def model_config(*overrides: str):
-    """The validated model section of `trainrun <overrides>`, whatever data it would train
-    on (a translation family's are pairs)."""
-    return validated_configs([list(overrides)], data=False)[0].model
 
 
 def default(family: str, *more: str):

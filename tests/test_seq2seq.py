@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import config
+from helpers import model_config
 
 from trainrun.decoding import beam_search, greedy, max_length
 from trainrun.errors import ConfigError
@@ -27,7 +27,7 @@ VARIANTS = [{}, {"norm_first": False}, {"positions": "learned"}, {"tie_embedding
 
 
 def small(**changes) -> Seq2SeqConfig:
-    return config("model=transformer_tiny").model.replace(**{**SMALL, **changes})
+    return model_config("model=transformer_tiny").replace(**{**SMALL, **changes})
 
 
 def batch(vocab: int = VOCAB, seed: int = 0):
@@ -281,5 +281,5 @@ def test_the_memory_selects_rows():
 ])
 def test_a_bad_key_is_one_line_naming_it(override, key):
     with pytest.raises(ConfigError) as error:
-        config("model=transformer_tiny", override)
+        model_config("model=transformer_tiny", override)
     assert error.value.key == key and "\n" not in str(error.value)

@@ -294,7 +294,7 @@ BAD = {
                       "0 <= label_smoothing < 1"),
     "smoothing_negative": (lambda f: ["trainer.label_smoothing=-0.1"],
                            "trainer.label_smoothing", "0 <= label_smoothing < 1"),
-    "decoder_with_pairs": (lambda f: ["model=gpt_tiny"], "model", "data=parallel for an"),
+    "decoder_with_pairs": (lambda f: ["model=gpt_tiny"], "model", "allowed: model=transformer_tiny|"),
     "packing": (lambda f: ["data.packing=true"], "data.packing", "never packed"),
     "too_long": (lambda f: ["data.max_source_len=500"], "data.max_source_len",
                  "exceeds model.max_seq_len"),
