@@ -29,6 +29,7 @@ class WandB(Tracker):
         self.run = wandb.init(
             project=os.environ.get("WANDB_PROJECT", "trainrun"), name=self.identity.run_dir,
             group=self.identity.sweep, job_type="train", mode=mode,
+            dir=os.environ.get("WANDB_DIR"),  # read per run: W&B reads it once a process
             id=self.saved_id, resume="must" if self.saved_id else None,
             config={**self.params, "trainrun": self.identity.tags()},
             settings=wandb.Settings(silent=True, console="off"))
