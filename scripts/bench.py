@@ -32,31 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-# Dense peak FLOP/s by GPU and precision (NVIDIA's data sheets, no sparsity), the first
-# part whose words all appear in the device's name: the PCIe and NVL parts run slower
-# clocks than the SXM ones. fp32 runs its matmuls on TF32 tensor cores (trainrun allows
-# TF32 on CUDA).
-PEAKS = {
-    "H100 PCIe": {"bf16": 756.5e12, "fp16": 756.5e12, "fp32": 378e12},
-    "H100 NVL": {"bf16": 835.5e12, "fp16": 835.5e12, "fp32": 417.5e12},
-    "H100": {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 494.7e12},  # SXM
-    "H200 NVL": {"bf16": 835.5e12, "fp16": 835.5e12, "fp32": 417.5e12},
-    "H200": {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 494.7e12},  # SXM
-    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12},  # SXM and PCIe alike
-}
-
-
-def peak_of(name: str, mode: str) -> float | None:
-    """The peak of the GPU called `name` (as torch.cuda.get_device_name says), or None."""
-    words = name.replace("-", " ").split()
-    return next((p[mode] for gpu, p in PEAKS.items() if all(w in words for w in gpu.split())),
-                None)
-
-
-def peak_flops(device: torch.device, mode: str) -> float | None:
-    if device.type != "cuda":
-        return None
-    return peak_of(torch.cuda.get_device_name(device), mode)
+from trainrun.flops import mfu as mfu_of
+from trainrun.flops import peak_flops, peak_of  # noqa: F401 (peak_of: the tests')
 
 
 def sync(device: torch.device) -> None:
@@ -238,7 +215,7 @@ def main() -> None:
     tps = {name: tokens_per_update / s for name, s in seconds.items()}
     seq_len = cfg.data.seq_len
     peak = peak_flops(device, precision.mode)
-    mfu = tps["runner"] * trainer.raw_model.flops_per_token(seq_len) / peak if peak else None
+    mfu = mfu_of(tps["runner"], trainer.raw_model.flops_per_token(seq_len), peak)
     # on the CPU the process's peak resident memory, both sides together (no split there)
     peak_mb = (peaks["runner"] / 2**20 if device.type == "cuda"
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

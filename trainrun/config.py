@@ -24,6 +24,7 @@ from trainrun.models import MODELS, ModelConfig
 from trainrun.optimizers import OPTIMIZERS, OptimizerConfig
 from trainrun.precision import PRECISIONS, PrecisionConfig
 from trainrun.schedules import SCHEDULES, SchedulerConfig
+from trainrun.trackers import check as check_trackers
 
 
 @dataclass
@@ -66,6 +67,8 @@ class Config:
     precision: PrecisionConfig = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     resume: str | None = None  # null | auto | a run directory
+    # where the scalars go: tensorboard (always: the run's record), mlflow, wandb, trackio
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
 
 
 GROUPS = {  # option -> its schema (a model option's schema is its family's: MODELS)
@@ -230,6 +233,7 @@ def validate(cfg: Config, data: bool = True) -> Config:
     check_optimizer_fits(cfg)
     cfg.clip.validate("clip")
     cfg.precision.validate("precision")
+    check_trackers("trackers", cfg.trackers)
     if cfg.resume is not None and cfg.resume != "auto" and not cfg.resume.strip():
         raise ConfigError("resume", "allowed: null, auto, or a run directory")
     return cfg

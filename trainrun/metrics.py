@@ -1,9 +1,10 @@
 """TensorBoard scalars, per-log_every records and metrics.json (docs/outputs.md).
 
 x-axis = update number k. `train/lr` is written at every update; the training loss (mean
-over the updates since the last record), grad norm, clip coefficient, loss scale and
-throughput at k = 1 and every log_every updates. Values stay on the device between
-records: one host read per record, none per update.
+over the updates since the last record), grad norm, clip coefficient, loss scale,
+throughput and, on a GPU whose peak trainrun.flops knows, MFU at k = 1 and every log_every
+updates. Values stay on the device between records: one host read per record, none per
+update. The other trackers (trainrun.trackers) receive the same scalars at the same k.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from trainrun import rundir
+from trainrun import flops, rundir
 from trainrun.console import Console
 from trainrun.errors import out_of_space
+from trainrun.trackers import Trackers
 from trainrun.update import UpdateResult
 
 # wall_seconds and tokens_per_sec: the whole run's, over every process that trained it;
@@ -31,16 +33,21 @@ SUMMARY_KEYS = ("status", "steps", "tokens", "train_loss", "val_loss", "best_val
 class Metrics:
     def __init__(self, run_dir: Path, console: Console, log_every: int, max_steps: int,
                  first_step: int = 1, writes: bool = True, earlier_seconds: float = 0.0,
-                 tb_name: str | None = None):
+                 tb_name: str | None = None, trackers: Trackers | None = None,
+                 flops_per_token: float = 0.0, peak_flops: float | None = None):
         """first_step > 1 continues a resumed run: TensorBoard drops whatever an earlier
         process logged at steps >= first_step, so curves have no duplicated steps;
         earlier_seconds: the time earlier processes trained it. With `writes` false (ranks
         other than 0), nothing is written: no events, no metrics.json. The events go into
-        tb/, or tb/<tb_name>/ (a sweep's job, so that TensorBoard names it by its overrides)."""
+        tb/, or tb/<tb_name>/ (a sweep's job, so that TensorBoard names it by its overrides).
+        `trackers`: where the same scalars go besides (rank 0's); `peak_flops`: the peak of
+        all the run's devices together (None: no train/mfu), `flops_per_token` the model's."""
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir, self.console, self.writes = run_dir, console, writes
         self.log_every, self.max_steps = log_every, max_steps
+        self.trackers = trackers if trackers is not None and writes else _NO_TRACKERS
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.writer = SummaryWriter(str(run_dir / "tb" / (tb_name or "")),
                                     purge_step=first_step if first_step > 1 else None) \
             if writes else _NoWriter()
@@ -60,6 +67,7 @@ class Metrics:
         """Update k is done: it applied `lr` and trained on `tokens` target tokens. Returns
         the training loss when this update writes a record."""
         self.writer.add_scalar("train/lr", lr, k)
+        self.trackers.log({"train/lr": lr}, k)
         loss = result.loss.detach()
         self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
         self.updates += 1
@@ -79,19 +87,20 @@ class Metrics:
         loss, grad_norm, clip_coef = values[:3]
         seconds = time.perf_counter() - self.window_start
         tps = self.tokens / seconds if seconds > 0 else math.nan
-        w = self.writer
-        w.add_scalar("train/loss", loss, k)
-        w.add_scalar("train/grad_norm", grad_norm, k)
-        w.add_scalar("train/clip_coef", clip_coef, k)
-        w.add_scalar("train/tokens_per_sec", tps, k)
-        w.add_scalar("train/skipped_updates", skipped_updates, k)
+        mfu = flops.mfu(tps, self.flops_per_token, self.peak_flops)
+        scalars = {"train/loss": loss, "train/grad_norm": grad_norm, "train/clip_coef": clip_coef,
+                   "train/tokens_per_sec": tps, "train/skipped_updates": skipped_updates}
         text = (f"step {k}/{self.max_steps} | loss {loss:.4f} | lr {lr:.3e} | "
                 f"grad_norm {grad_norm:.3f} | clip_coef {clip_coef:.3f} | tok/s {tps:,.0f}")
+        if mfu is not None:
+            scalars["train/mfu"] = mfu
+            text += f" | mfu {mfu:.1%}"
         if loss_scale is not None:
-            w.add_scalar("train/loss_scale", values[3], k)
+            scalars["train/loss_scale"] = values[3]
             text += f" | loss_scale {values[3]:g}"
         if skipped_updates:
             text += f" | skipped {skipped_updates}"
+        self._scalars(scalars, k)
         self.console.record(text)
         self.console.advance(k, loss=f"{loss:.4f}", lr=f"{lr:.2e}", tps=f"{tps:,.0f}")
         self._reset_window()
@@ -102,7 +111,7 @@ class Metrics:
         """val/loss at update k, the best so far and the update that measured it; the
         `seconds` validation took do not count against tokens/s."""
         self.window_start += seconds
-        self.writer.add_scalar("val/loss", loss, k)
+        self._scalars({"val/loss": loss}, k)
         # a message, not a record: validation is rare enough to show above the bar too
         self.console.info(validation_line(k, self.max_steps, loss, best, best_step))
         self.console.advance(k, val=f"{loss:.4f}")
@@ -111,11 +120,18 @@ class Metrics:
         """val/bleu and val/chrf at update k (trainer.bleu_every): sacreBLEU's scores of the
         greedy translations of the first trainer.bleu_sentences validation pairs."""
         self.window_start += seconds
-        self.writer.add_scalar("val/bleu", scores.bleu, k)
-        self.writer.add_scalar("val/chrf", scores.chrf, k)
+        self._scalars({"val/bleu": scores.bleu, "val/chrf": scores.chrf}, k)
         self.console.info(f"update {k}/{self.max_steps}: val BLEU {scores.bleu:.2f} | chrF "
                           f"{scores.chrf:.2f} (greedy, the first {scores.sentences:,} "
                           f"validation pairs, {seconds:.1f}s)")
+
+    def _scalars(self, scalars: dict[str, float], k: int) -> None:
+        """Scalars of update k, by tag, into TensorBoard and the trackers, which hand on what
+        they buffered since the last record."""
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, k)
+        self.trackers.log(scalars, k)
+        self.trackers.flush()
 
     def tokens_per_second(self) -> float:
         """Target tokens trained on per second of this process's run."""
@@ -140,6 +156,7 @@ class Metrics:
                   if summary[key] is not None}
         if not self.writes:
             return summary
+        self.trackers.finish(summary)
         try:  # by rename: a full disk leaves an earlier process's metrics.json whole
             rundir.write(self.run_dir / "metrics.json",
                          json.dumps(summary, indent=2, allow_nan=False) + "\n", self.run_dir)
@@ -171,6 +188,18 @@ class _NoWriter:
 
     def close(self) -> None:
         pass
+
+
+class _NoTrackers:
+    """Trackers' calls, to no tracker."""
+
+    def log(self, *args) -> None:
+        pass
+
+    flush = finish = log
+
+
+_NO_TRACKERS = _NoTrackers()
 
 
 def validation_line(k: int, max_steps: int, loss: float, best: float, best_step: int) -> str:

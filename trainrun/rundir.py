@@ -26,7 +26,8 @@ from trainrun.errors import ConfigError
 
 LOCK = ".trainrun.lock"
 # The entries trainrun writes in a run directory: files, and folders it writes inside.
-FILES = ("train.log", "env.json", "metrics.json", "tokenizer.json", "console.out", LOCK)
+FILES = ("train.log", "env.json", "metrics.json", "tokenizer.json", "console.out",
+         "trackers.json", LOCK)
 FOLDERS = (".hydra", "checkpoints", "tb")
 APPENDED = ("train.log", "console.out")  # written in place: a hard link would be written too
 TRUSTED = "docs/long-jobs.md \"What a run directory is trusted for\""

@@ -16,6 +16,7 @@ from trainrun import (
     determinism,
     devices,
     distributed,
+    flops,
     opening,
     resume,
     rundir,
@@ -32,6 +33,7 @@ from trainrun.models import hf
 from trainrun.precision import Precision
 from trainrun.signals import Signals, hold, release
 from trainrun.state import Components
+from trainrun.trackers import Identity, Trackers
 
 
 def hparams(cfg: Config, choices: dict[str, str]) -> dict:
@@ -75,6 +77,12 @@ class Launch:
     config_dir: Path | None = None  # --config-dir's folder, named in resume commands
     tb_name: str | None = None  # a sweep job's TensorBoard run: tb/<its swept overrides>/
     job: int | None = None  # a sweep job's number, which spreads jobs over the GPUs
+    overrides: tuple[str, ...] = ()  # the command line's, as the trackers record them
+    sweep: str | None = None  # a sweep job's sweep directory: the trackers' group
+
+    def identity(self, run_dir: Path) -> Identity:
+        """What the trackers record of the run besides its config (trainrun.trackers)."""
+        return Identity(str(run_dir), self.overrides, self.sweep, self.job, self.tb_name)
 
 
 def run_training(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str, str],
@@ -136,10 +144,15 @@ def run_training(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str
                 rundir.release(run_dir)
                 rundir.remove_if_empty(run_dir)
                 raise RunStopped(1, str(failed)) from None
+        trackers = Trackers(cfg.trackers, run_dir, launch.identity(run_dir),
+                            hparams(cfg, choices), console) if world.main else None
+        peak = flops.peak_flops(device, precision.mode)
         metrics = Metrics(run_dir, console, cfg.trainer.log_every, cfg.trainer.max_steps,
                           first_step=components.counters.k + 1, writes=world.main,
                           earlier_seconds=components.counters.wall_seconds,
-                          tb_name=launch.tb_name)
+                          tb_name=launch.tb_name, trackers=trackers,
+                          flops_per_token=components.raw_model.flops_per_token(cfg.data.seq_len),
+                          peak_flops=peak * world.size if peak else None)
         meta = {"config": json.loads(json.dumps(asdict(cfg))), "schemas": resume.schemas(cfg),
                 "tokenizer": resume.tokenizer_record(components.tokenizer),
                 "data": resume.data_record(components.train, components.val),

@@ -50,7 +50,8 @@ def hydra_job(cfg: DictConfig) -> float:
         searched = list(hc.sweeper.get("params") or {}) if in_sweep else []
         job = runner.Launch(record, None if added is None else Path(added),
                             tb_name(list(hc.overrides.task), searched) if in_sweep else None,
-                            hc.job.num if in_sweep else None)
+                            hc.job.num if in_sweep else None, tuple(hc.overrides.task),
+                            str(hc.sweep.dir) if in_sweep else None)
         summary = runner.run_training(config, run_dir, OmegaConf.to_yaml(cfg), choices, job)
     except ConfigError as error:
         if not in_sweep:
