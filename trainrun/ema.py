@@ -47,12 +47,24 @@ class Ema:
 
     def __init__(self, model: torch.nn.Module, decay: float, warmup: bool):
         self.model, self.decay, self.warmup = model, decay, warmup
-        self.shadows = [_local(p).float().clone() for p in model.parameters()]
+        # taken now, sharded: FSDP registers whole copies on the modules while they are
+        # gathered (the root's stay so after a forward pass without backward), but the
+        # sharded parameters, which the optimizer steps, stay the same objects
+        self.named = list(model.named_parameters())
+        self.shadows = [_local(p).float().clone() for p in self.params()]
 
     def params(self) -> list[torch.Tensor]:
-        """The parameters' local values now: FSDP puts its sharded parameters back on the
-        modules after each forward and backward pass, so they are looked up each time."""
-        return [_local(p) for p in self.model.parameters()]
+        """The parameters' local values: their shards under FSDP."""
+        return [_local(p) for _, p in self.named]
+
+    def reshard(self) -> None:
+        """FSDP: free the gathered copies of the parameters, so that the next forward pass
+        gathers their shards afresh (no-op otherwise)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
     @torch.no_grad()
     def update(self, k: int) -> None:
@@ -74,10 +86,12 @@ class Ema:
         copy of the weights while within."""
         params = self.params()
         kept = [p.clone() for p in params]
+        self.reshard()
         torch._foreach_copy_(params, self.shadows)
         try:
             yield
         finally:
+            self.reshard()
             torch._foreach_copy_(params, kept)
 
     def sharded_state(self) -> dict[str, torch.Tensor]:
@@ -87,5 +101,4 @@ class Ema:
 
         return {name: DTensor.from_local(shadow, p.device_mesh, p.placements, run_check=False,
                                          shape=p.shape, stride=p.stride())
-                for (name, p), shadow in zip(self.model.named_parameters(), self.shadows,
-                                             strict=True)}
+                for (name, p), shadow in zip(self.named, self.shadows, strict=True)}
