@@ -292,3 +292,34 @@ def test_a_sweep_is_refused_inside_a_distributed_launch(docs, tmp_path):
     assert "trainrun: error: --multirun: a sweep cannot run inside a distributed launch" \
         in proc.stderr
     assert not (tmp_path / "multirun").exists()
+
+
+def test_fsdp_shards_the_average_saves_it_and_resumes_it_bit_for_bit(docs, tmp_path):
+    """trainer.ema_decay under FSDP: each rank keeps the average of its shards, saved with
+    them (and whole in model_ema.safetensors), continued exactly by a resume on 2 ranks."""
+    from trainrun import checkpoint
+
+    args = overrides(docs, 4, 1, "optimizer=momentum", "trainer.ckpt_every=5",
+                     "trainer.ema_decay=0.6")
+    fsdp = torchrun(*args, "trainer.strategy=fsdp", "hydra.run.dir=fsdp", cwd=tmp_path)
+    assert fsdp.returncode == 0, fsdp.stderr
+    run = tmp_path / "fsdp"
+    meta = json.loads((run / "checkpoints/step-00000010/meta.json").read_text())
+    assert checkpoint.EMA_FILE in meta["sha256"]
+    ddp = torchrun(*args, "hydra.run.dir=ddp", cwd=tmp_path)
+    assert ddp.returncode == 0, ddp.stderr
+    average = weights(run / "checkpoints/step-00000010" / checkpoint.EMA_FILE)
+    assert max_relative_difference(
+        average, weights(tmp_path / "ddp/checkpoints/step-00000010" / checkpoint.EMA_FILE)) < 1e-5
+    assert [v for _, v in scalars(run, "val/loss_ema")] == pytest.approx(
+        [v for _, v in scalars(tmp_path / "ddp", "val/loss_ema")], rel=1e-5)
+
+    rewound = tmp_path / "rewound"
+    subprocess.run(["cp", "-r", str(run), str(rewound)], check=True)
+    subprocess.run(["rm", "-r", str(rewound / "checkpoints/step-00000010")], check=True)
+    (rewound / "checkpoints/latest").write_text("step-00000005\n")
+    again = torchrun(f"resume={rewound}", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert_identical(weights(rewound / "checkpoints/step-00000010" / checkpoint.EMA_FILE),
+                     average)
+    assert_identical(final_weights(rewound), final_weights(run))

@@ -13,6 +13,7 @@ from trainrun import data, determinism, devices, distributed, signals, validatio
 from trainrun.config import Config
 from trainrun.console import Console
 from trainrun.data.order import DataOrder, sequences_per_update
+from trainrun.ema import Ema
 from trainrun.models import ModelConfig
 from trainrun.optimizers import build_optimizer
 from trainrun.precision import Precision
@@ -84,6 +85,8 @@ def build_components(cfg: Config, device: torch.device, precision: Precision, co
         tokenizer=splits.tokenizer,
         val_size=validation.size(t, cfg.data.batch_size, len(splits["validation"])),
         val_batch_size=eval_batch_size(cfg), unit="pairs" if translation(cfg) else "sequences",
+        # of the weights training starts from, sharded as they are; a resume loads its own
+        ema=None if t.ema_decay is None else Ema(model, t.ema_decay, t.ema_warmup),
     )
 
 

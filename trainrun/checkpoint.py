@@ -1,5 +1,6 @@
 """Checkpoints (docs/long-jobs.md, Checkpoints): checkpoints/step-XXXXXXXX/ with model.safetensors,
-trainer_state.pt and meta.json, and checkpoints/latest naming the newest complete one.
+trainer_state.pt and meta.json (and model_ema.safetensors, the weights' moving average, with
+trainer.ema_decay), and checkpoints/latest naming the newest complete one.
 Other folders beside them (best/, average-*/) are for the commands after training: resume,
 pruning and `latest` only ever take step-* folders.
 
@@ -30,6 +31,7 @@ from trainrun import faults, rundir
 from trainrun.errors import NotTrainrun, out_of_space, reason
 
 MODEL_FILE, STATE_FILE, META_FILE, LATEST = "model.safetensors", "trainer_state.pt", "meta.json", "latest"
+EMA_FILE = "model_ema.safetensors"  # trainer.ema_decay: the average, as model.safetensors is stored
 SHARDS = "sharded"  # trainer.strategy=fsdp: torch.distributed.checkpoint's files of every rank
 # meta.json's mark of a checkpoint with weights and no trainer state (trainrun-average's),
 # honoured only outside the step-* folders that resume reads
@@ -76,9 +78,11 @@ class NoSpace(Exception):
 
 
 def save(root: Path, k: int, model: torch.nn.Module | dict[str, torch.Tensor], state: dict,
-         meta: dict, keep_last: int, tmp: Path | None = None) -> Path:
+         meta: dict, keep_last: int, tmp: Path | None = None,
+         ema: dict[str, torch.Tensor] | None = None) -> Path:
     """Write checkpoint k atomically under root (checkpoints/), point `latest` at it, and
-    keep the keep_last newest. `model`: the module, or its whole weights by name. `tmp`:
+    keep the keep_last newest. `model`: the module, or its whole weights by name; `ema`: the
+    whole weights of the average by name (None: the run keeps none). `tmp`:
     the temporary directory, when it already holds the shards of save_sharded(). Raises
     NoSpace, with the partial save removed, when the disk fills up before `latest` names
     the new checkpoint."""
@@ -87,7 +91,7 @@ def save(root: Path, k: int, model: torch.nn.Module | dict[str, torch.Tensor], s
     try:
         rundir.folder(root, within=root.parent)
         clean(root, keep=tmp)
-        _write(tmp, k, model, state, meta)
+        _write(tmp, k, model, state, meta, ema)
         _put_in_place(tmp, final)
         rundir.fsync(root)
         # by rename: the save is complete once `latest` names it
@@ -105,10 +109,12 @@ def save(root: Path, k: int, model: torch.nn.Module | dict[str, torch.Tensor], s
 
 
 def save_sharded(root: Path, k: int, replicas, optimizer: torch.optim.Optimizer, state: dict,
-                 meta: dict, keep_last: int, main: bool) -> None:
+                 meta: dict, keep_last: int, main: bool, ema=None) -> None:
     """save() for trainer.strategy=fsdp, called on every rank: each rank writes its shards
     of the model and optimizer (torch.distributed.checkpoint) into the temporary directory,
-    rank 0 the whole weights (model.safetensors) and the rest, then puts it in place."""
+    rank 0 the whole weights (model.safetensors) and the rest, then puts it in place. `ema`
+    (trainrun.ema.Ema, or None): its shards are written with the model's, and rank 0 its
+    whole weights (model_ema.safetensors)."""
     import torch.distributed.checkpoint as dcp
 
     tmp = root / f".tmp-{step_name(k)}-sharded"  # one name on every rank
@@ -117,10 +123,14 @@ def save_sharded(root: Path, k: int, replicas, optimizer: torch.optim.Optimizer,
         clean(root)
         tmp.mkdir()  # new: it holds no link
     replicas.barrier()
-    dcp.save(replicas.sharded_state(optimizer), checkpoint_id=str(tmp / SHARDS))
+    dcp.save(replicas.sharded_state(optimizer, ema), checkpoint_id=str(tmp / SHARDS))
     weights = replicas.full_weights()
+    average = None
+    if ema is not None:
+        with ema.swapped_in():
+            average = replicas.full_weights()
     if main:
-        save(root, k, weights, state, meta, keep_last, tmp=tmp)
+        save(root, k, weights, state, meta, keep_last, tmp=tmp, ema=average)
     replicas.barrier()
 
 
@@ -140,14 +150,18 @@ def files(path: Path) -> list[str]:
     shards = path / SHARDS
     extra = sorted(str(f.relative_to(path)) for f in shards.rglob("*") if f.is_file()) \
         if shards.is_dir() else []
-    return [MODEL_FILE, STATE_FILE, *extra]
+    average = [EMA_FILE] if (path / EMA_FILE).is_file() else []
+    return [MODEL_FILE, *average, STATE_FILE, *extra]
 
 
-def _write(tmp: Path, k: int, model: torch.nn.Module | dict, state: dict, meta: dict) -> None:
+def _write(tmp: Path, k: int, model: torch.nn.Module | dict, state: dict, meta: dict,
+           ema: dict | None = None) -> None:
     """The checkpoint's files in the directory tmp (new, or made by save_sharded), fsynced."""
     if not tmp.is_dir() or tmp.is_symlink():
         tmp.mkdir()
     _save_weights(model, tmp / MODEL_FILE)
+    if ema is not None:
+        _save_weights(ema, tmp / EMA_FILE)
     faults.disk_full_in_save(k, tmp / STATE_FILE)  # tests: the disk fills up here
     with open(tmp / STATE_FILE, "wb") as f:  # a file object: a full disk raises OSError,
         torch.save(state, f)  # not only a RuntimeError as with a path
@@ -279,16 +293,24 @@ def read_meta(path: Path) -> dict:
 
 
 def load(path: Path, model: torch.nn.Module, replicas=None,
-         optimizer: torch.optim.Optimizer | None = None) -> dict:
+         optimizer: torch.optim.Optimizer | None = None, ema=None) -> dict:
     """Load the weights into `model` and return the trainer state. Under
     trainer.strategy=fsdp (`replicas` sharded) the sharded checkpoint is read by every rank
     into its shards of the model and of the optimizer, whatever the number of ranks that
     wrote it; a run of any other strategy never reads sharded/ (resume.locate refuses a
-    checkpoint that holds one)."""
+    checkpoint that holds one). `ema` (trainrun.ema.Ema, or None): the checkpoint's average
+    is loaded into it when it has one (has_ema), else it keeps the loaded weights."""
+    average = ema is not None and has_ema(path)
     if replicas is not None and replicas.sharded:
-        replicas.load_sharded(path / SHARDS, optimizer)
+        replicas.load_sharded(path / SHARDS, optimizer, ema if average else None)
     else:
+        if average:
+            with ema.swapped_in():  # the model's own weights are loaded after it
+                load_weights(path, model, EMA_FILE)
+                ema.capture()
         load_weights(path, model)
+    if ema is not None and not average:
+        ema.capture()
     try:
         return plain(path / STATE_FILE)
     except Exception as error:  # whatever a file that torch.save did not write raises
@@ -303,10 +325,16 @@ def plain(source) -> object:
         return torch.load(source, map_location="cpu", weights_only=True)
 
 
-def load_weights(path: Path, model: torch.nn.Module) -> None:
-    """The weights of checkpoint `path` into `model`; NotTrainrun when model.safetensors is
-    not a safetensors file or holds other tensors than the model's (names or shapes)."""
-    file = path / MODEL_FILE
+def has_ema(path: Path) -> bool:
+    """Checkpoint `path` holds the weights' moving average (trainer.ema_decay was set)."""
+    return (path / EMA_FILE).is_file()
+
+
+def load_weights(path: Path, model: torch.nn.Module, name: str = MODEL_FILE) -> None:
+    """The weights of checkpoint `path` into `model` (`name`: EMA_FILE for their average);
+    NotTrainrun when the file is not a safetensors file or holds other tensors than the
+    model's (names or shapes)."""
+    file = path / name
     try:
         missing, unexpected = load_model(model, str(file), strict=False,
                                          device=str(next(model.parameters()).device))

@@ -50,6 +50,8 @@ class TrainerConfig:
     label_smoothing: float = 0.0  # of the training loss; validation reports the plain NLL
     bleu_every: int | None = None  # translation: BLEU of the first bleu_sentences validation
     bleu_sentences: int = 200  # pairs every bleu_every updates (greedy decoding); null: off
+    ema_decay: float | None = None  # the weights' moving average (ema.py), 0 < d < 1; null: off
+    ema_warmup: bool = False  # decay min(ema_decay, (1 + k) / (10 + k)) at update k
 
     # deprecated keys and the key each is a form of: naming one on the command line sets the
     # other to null, and on resume replaces the saved other (trainrun.composition.overrides)
@@ -195,6 +197,7 @@ def validate(cfg: Config, data: bool = True) -> Config:
                                                     f"translate; allowed: null")
         bleu.require("trainer.bleu_every")
     require_positive("trainer.bleu_sentences", t.bleu_sentences)
+    check_ema(cfg)
     threads.check("trainer.threads", t.threads)
     require_in("trainer.device", t.device, DEVICES)
     require_in("trainer.strategy", t.strategy, STRATEGIES)
@@ -237,6 +240,25 @@ def validate(cfg: Config, data: bool = True) -> Config:
     if cfg.resume is not None and cfg.resume != "auto" and not cfg.resume.strip():
         raise ConfigError("resume", "allowed: null, auto, or a run directory")
     return cfg
+
+
+def check_ema(cfg: Config) -> None:
+    """trainer.ema_decay is a decay, and not of schedule-free AdamW, whose evaluated
+    weights are already an average of its iterates."""
+    t = cfg.trainer
+    if t.ema_decay is None:
+        if t.ema_warmup:
+            raise ConfigError("trainer.ema_warmup", "true with trainer.ema_decay=null (no "
+                                                    "average); allowed: false, or set "
+                                                    "trainer.ema_decay (e.g. 0.999)")
+        return
+    if not 0 < t.ema_decay < 1:
+        raise ConfigError("trainer.ema_decay", f"got {t.ema_decay}; allowed: 0 < ema_decay < 1 "
+                                               f"(e.g. 0.999), or null for no average")
+    if option_name(cfg.optimizer, OPTIMIZERS) == "schedulefree":
+        raise ConfigError("trainer.ema_decay", f"{t.ema_decay} with optimizer=schedulefree, "
+                                               f"whose weights are already an average; "
+                                               f"allowed: null")
 
 
 def check_optimizer_fits(cfg: Config) -> None:

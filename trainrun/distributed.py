@@ -184,24 +184,27 @@ class Replicas:
     # FSDP's checkpoints (trainrun.checkpoint): torch.distributed.checkpoint writes each
     # rank's shards, and reads them back on any number of ranks
 
-    def sharded_state(self, optimizer: torch.optim.Optimizer) -> dict:
-        """The model's and optimizer's state as sharded tensors, keyed by parameter name."""
+    def sharded_state(self, optimizer: torch.optim.Optimizer, ema=None) -> dict:
+        """The model's and optimizer's state as sharded tensors, keyed by parameter name;
+        with `ema` (trainrun.ema.Ema) its average too, as views of its shards."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model, optim = get_state_dict(self.module, optimizer)
-        return {"model": model, "optimizer": optim}
+        average = {} if ema is None else {"ema": ema.sharded_state()}
+        return {"model": model, "optimizer": optim, **average}
 
-    def load_sharded(self, path, optimizer: torch.optim.Optimizer) -> None:
-        """Read a sharded checkpoint written by any number of ranks into this one's shards,
-        unpickling nothing but DCP's own index (trainrun.sharded); NotTrainrun if its files
-        are not the shards of this model and optimizer."""
+    def load_sharded(self, path, optimizer: torch.optim.Optimizer, ema=None) -> None:
+        """Read a sharded checkpoint written by any number of ranks into this one's shards
+        (`ema`: the average's too, in place), unpickling nothing but DCP's own index
+        (trainrun.sharded); NotTrainrun if its files are not the shards of this model and
+        optimizer."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         from trainrun import sharded
 
-        state = self.sharded_state(optimizer)
+        state = self.sharded_state(optimizer, ema)
         try:
             dcp.load(state, storage_reader=sharded.Reader(path), planner=sharded.Planner())
         except CheckpointException as error:  # DCP's wrapper of every rank's failure
@@ -220,13 +223,19 @@ class Replicas:
 
         full = get_model_state_dict(self.module, options=StateDictOptions(
             full_state_dict=True, cpu_offload=True))
-        names: dict[int, list[str]] = {}
-        for name, param in self.module.named_parameters(remove_duplicate=False):
-            names.setdefault(id(param), []).append(name)
-        for aliases in names.values():
-            for alias in sorted(aliases)[1:]:
-                full.pop(alias, None)
-        return full
+        return one_name_per_tensor(self.module, full)
+
+
+def one_name_per_tensor(module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> dict:
+    """`weights` (the module's, by name) with each tied parameter under one name: the one
+    safetensors' save_model keeps, the first in sorted order."""
+    names: dict[int, list[str]] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    for aliases in names.values():
+        for alias in sorted(aliases)[1:]:
+            weights.pop(alias, None)
+    return weights
 
 
 def _sum_hook(state, bucket):  # unannotated: DDP checks annotations, and these are strings

@@ -13,6 +13,7 @@ from trainrun import checkpoint, translate, validation
 from trainrun.cadence import Cadence
 from trainrun.console import Console
 from trainrun.data.order import micro_batches
+from trainrun.distributed import one_name_per_tensor
 from trainrun.errors import out_of_space
 from trainrun.metrics import Metrics
 from trainrun.optimizers import eval_weights
@@ -82,6 +83,8 @@ def train(t: Components, out: Outputs, signals: Signals) -> str:
         result, n_targets = one_update(t, stop=signals.requested or 0)
         if result.stepped:
             c.k, c.tokens, c.skipped_in_a_row = k, c.tokens + n_targets, 0
+            if t.ema is not None:  # a skipped update leaves it too
+                t.ema.update(k)
             recorded = out.metrics.update(k, lr, result, n_targets, t.precision.loss_scale(),
                                           c.skipped_updates)
             c.train_loss = c.train_loss if recorded is None else recorded
@@ -152,11 +155,15 @@ def validate(t: Components, out: Outputs) -> None:
     started = time.perf_counter()
     with eval_weights(t.optimizer):
         c.val_loss = validation.loss(t)
+    if t.ema is not None:
+        with t.ema.swapped_in():
+            c.val_loss_ema = validation.loss(t)
     if c.val_loss < c.best_val_loss:  # False for NaN: a NaN is never the best
         c.best_val_loss, c.best_val_step = c.val_loss, c.k
     t.schedule.observe(c.val_loss)
     out.metrics.validation(c.k, c.val_loss, c.best_val_loss, c.best_val_step,
-                           time.perf_counter() - started)
+                           time.perf_counter() - started,
+                           c.val_loss_ema if t.ema is not None else None)
 
 
 def translate_validation(t: Components, out: Outputs) -> None:
@@ -187,12 +194,24 @@ def save(t: Components, out: Outputs) -> None:
         state = t.state_dict()  # on every rank: each one's GPU generator is gathered
         if t.replicas.sharded:
             checkpoint.save_sharded(out.ckpt_root, t.counters.k, t.replicas, t.optimizer,
-                                    state, out.meta, t.cfg.keep_last, t.world.main)
+                                    state, out.meta, t.cfg.keep_last, t.world.main, t.ema)
         elif t.world.main:
             checkpoint.save(out.ckpt_root, t.counters.k, t.raw_model, state, out.meta,
-                            t.cfg.keep_last)
+                            t.cfg.keep_last, ema=ema_weights(t))
     out.saved_k = t.counters.k
     out.cadence.saved(t, out.ckpt_root / checkpoint.step_name(t.counters.k))
+
+
+def ema_weights(t: Components) -> dict[str, torch.Tensor] | None:
+    """The whole weights with the average in place of the parameters, on the host and by
+    name as model.safetensors stores them (each tied tensor once); None without an average.
+    Unsharded: save_sharded gathers its own."""
+    if t.ema is None:
+        return None
+    with t.ema.swapped_in():
+        weights = {name: value.detach().to("cpu", copy=True)
+                   for name, value in t.raw_model.state_dict().items()}
+    return one_name_per_tensor(t.raw_model, weights)
 
 
 def weights_finite(t: Components) -> bool:

@@ -27,7 +27,7 @@ from trainrun.update import UpdateResult
 # session_*: this process's alone (they differ after a resume)
 SUMMARY_KEYS = ("status", "steps", "tokens", "train_loss", "val_loss", "best_val_loss",
                 "skipped_updates", "wall_seconds", "tokens_per_sec", "session_wall_seconds",
-                "session_tokens_per_sec", "parameters", "val_bleu", "val_chrf")
+                "session_tokens_per_sec", "parameters", "val_bleu", "val_chrf", "val_loss_ema")
 
 
 class Metrics:
@@ -107,13 +107,18 @@ class Metrics:
         return loss
 
     def validation(self, k: int, loss: float, best: float, best_step: int,
-                   seconds: float) -> None:
-        """val/loss at update k, the best so far and the update that measured it; the
-        `seconds` validation took do not count against tokens/s."""
+                   seconds: float, ema: float | None = None) -> None:
+        """val/loss at update k, the best so far and the update that measured it, and
+        val/loss_ema, that of the weights' moving average (trainer.ema_decay; None: none);
+        the `seconds` validation took do not count against tokens/s."""
         self.window_start += seconds
         self._scalars({"val/loss": loss}, k)
         # a message, not a record: validation is rare enough to show above the bar too
         self.console.info(validation_line(k, self.max_steps, loss, best, best_step))
+        if ema is not None:
+            self.writer.add_scalar("val/loss_ema", ema, k)
+            self.console.info(f"update {k}/{self.max_steps}: val_loss_ema {ema:.4f} (the "
+                              f"weights' moving average)")
         self.console.advance(k, val=f"{loss:.4f}")
 
     def translation(self, k: int, scores, seconds: float) -> None:

@@ -120,7 +120,9 @@ def run_training(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str
                                   resume_from)
                 load_checkpoint(components, resume_from)
                 console.info(f"resumed from {resume_from} at update {components.counters.k}")
-                for note in determinism.differences(saved, determinism.record(device, world.size)):
+                for note in [*determinism.differences(saved, determinism.record(device,
+                                                                                world.size)),
+                             *ema_notes(components, resume_from)]:
                     console.warning(note)
                 for note in [*components.resume_notes(), *resume.schedule_notes(
                         cfg, checkpoint.read_meta(resume_from), components.counters.k,
@@ -178,13 +180,27 @@ def run_training(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str
         distributed.close()  # the group's threads end before the interpreter does
 
 
+def ema_notes(t: Components, path: Path) -> list[str]:
+    """What a resume does with the weights' average when only one of the checkpoint and the
+    run has one (trainer.ema_decay set on resume, or set to null)."""
+    has = checkpoint.has_ema(path)
+    if t.ema is not None and not has:
+        return [f"{path.name} holds no average of the weights (it was trained with "
+                f"trainer.ema_decay=null): the average starts from its weights, of update "
+                f"{t.counters.k}"]
+    if t.ema is None and has:
+        return [f"{path.name} holds an average of the weights, which this run drops "
+                f"(trainer.ema_decay=null): its checkpoints hold none"]
+    return []
+
+
 def summarize(t: Components, status: str) -> dict:
     c = t.counters
     return {"status": status, "steps": c.k, "tokens": c.tokens, "train_loss": c.train_loss,
             "val_loss": c.val_loss, "best_val_loss": c.best_val_loss,
             "skipped_updates": c.skipped_updates,  # times and tokens/s: Metrics.finish
             "parameters": t.raw_model.num_params(), "val_bleu": c.val_bleu,
-            "val_chrf": c.val_chrf}
+            "val_chrf": c.val_chrf, "val_loss_ema": c.val_loss_ema}
 
 
 def report_end(summary: dict, run_dir: Path, console: Console, signals: Signals,
@@ -227,7 +243,7 @@ def load_checkpoint(t: Components, path: Path) -> None:
     """Continue from checkpoint `path`: its files are refused in one line (ConfigError) when
     they are not what trainrun writes, whatever meta.json's checksums say."""
     try:
-        state = checkpoint.load(path, t.raw_model, t.replicas, t.optimizer)
+        state = checkpoint.load(path, t.raw_model, t.replicas, t.optimizer, t.ema)
         try:
             t.load_state_dict(state)
         except ConfigError:  # another seed or data than the checkpoint's: said as such

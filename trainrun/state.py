@@ -17,6 +17,7 @@ from trainrun.config import TrainerConfig
 from trainrun.data import Buckets, Pairs, Sequences, Tokenizer
 from trainrun.data.order import DataOrder, sequences_per_update
 from trainrun.distributed import ONE_PROCESS, Replicas, World
+from trainrun.ema import Ema
 from trainrun.precision import Precision
 from trainrun.schedules import Schedule
 
@@ -34,6 +35,7 @@ class Counters:
     wall_seconds: float = 0.0  # the run's training time up to its last checkpoint
     val_bleu: float = math.nan  # translation, trainer.bleu_every: the last BLEU and chrF
     val_chrf: float = math.nan
+    val_loss_ema: float = math.nan  # trainer.ema_decay: the last val/loss of the average
 
 
 @dataclass
@@ -57,6 +59,7 @@ class Components:
     val_size: int = 0  # the validation set: the first val_size sequences of val (validation.py)
     val_batch_size: int = 0  # sequences (or pairs) per validation forward pass
     unit: str = "sequences"  # what an index of val is: sequences, or translation's pairs
+    ema: Ema | None = None  # trainer.ema_decay: the weights' moving average (saved as weights)
 
     def state_dict(self) -> dict:
         """Sharded (FSDP), the optimizer's state is saved with the model's shards instead."""

@@ -32,6 +32,7 @@ from trainrun.precision import Precision
 from trainrun.threads import set_threads
 
 ARG = "RUN_DIR"
+WEIGHTS = ("raw", "ema")  # --weights: the checkpoint's model.safetensors, or model_ema.safetensors
 RUN_ALLOWED = "a run directory of trainrun (outputs/<date>/<time>) with a checkpoint"
 
 
@@ -57,6 +58,9 @@ def arguments(p: Parser) -> None:
                         "another folder of checkpoints/ (best, average-...)")
     p.add_argument("--config-dir", metavar="DIR",
                    help="the folder the run was started with `trainrun --config-dir DIR`")
+    p.add_argument("--weights", choices=WEIGHTS, default="raw",
+                   help="raw: the weights as trained (default); ema: their moving average, "
+                        "which a run with trainer.ema_decay saves in every checkpoint")
 
 
 def threads_argument(p: Parser) -> None:
@@ -199,9 +203,9 @@ def tokenizer_of(run_dir: Path, path: Path, meta: dict, eot: str | None) -> Toke
 
 
 def open_run(run_dir: str, overrides: list[str], checkpoint_name: str | None = None,
-             data: bool = True, config_dir: str | None = None) -> Run:
+             data: bool = True, config_dir: str | None = None, weights: str = "raw") -> Run:
     """Everything a command after training needs; every problem is one ConfigError, raised
-    before the model is built."""
+    before the model is built. `weights`: raw, or ema for the weights' moving average."""
     path = Path(run_dir).expanduser()
     if not path.is_dir():
         raise ConfigError(ARG, f"{run_dir}: no such directory; allowed: {RUN_ALLOWED}")
@@ -211,12 +215,17 @@ def open_run(run_dir: str, overrides: list[str], checkpoint_name: str | None = N
     cfg = config(path.resolve(), overrides, data, config_dir)
     ckpt, warnings = find_checkpoint(path, checkpoint_name)
     step, meta = check_shape(cfg, ckpt)
+    if weights == "ema" and not checkpoint.has_ema(ckpt):
+        raise ConfigError("--weights", f"ema: {ckpt} holds no average of the weights (the run "
+                                       f"was trained with trainer.ema_decay=null); allowed: "
+                                       f"raw, or a checkpoint of a run with trainer.ema_decay")
     tokenizer = tokenizer_of(path, ckpt, meta, getattr(cfg.tokenizer, "eot", None))
     device, precision = runner.device_and_precision(cfg)
     threads_line, _ = set_threads(cfg.trainer.threads)  # as a fresh trainrun run does
     model = builders.build_model(cfg.model, tokenizer.vocab_size, device)
     try:
-        checkpoint.load_weights(ckpt, model)
+        checkpoint.load_weights(ckpt, model, checkpoint.EMA_FILE if weights == "ema"
+                                else checkpoint.MODEL_FILE)
     except NotTrainrun as error:
         raise ConfigError(ARG, f"{error}; allowed: {RUN_ALLOWED}") from None
     return Run(path, cfg, ckpt, step, model.eval(), tokenizer, device, precision, warnings,

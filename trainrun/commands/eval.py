@@ -82,7 +82,7 @@ def evaluate(args: argparse.Namespace, overrides: list[str]) -> None:
     if args.max_sequences is not None and args.max_batches is not None:
         raise ConfigError("--max-batches", "with --max-sequences; allowed: one of them")
     run = open_run(args.run_dir, [*overrides, *thread_overrides(args.threads)],
-                   args.checkpoint, config_dir=args.config_dir)
+                   args.checkpoint, config_dir=args.config_dir, weights=args.weights)
     messages = Messages()
     for warning in run.warnings:
         messages.warning(warning)

@@ -40,7 +40,7 @@ def export(args: argparse.Namespace, _: list[str]) -> None:
     out = Path(args.out).expanduser()
     check_out(out)
     run = open_run(args.run_dir, ["trainer.device=cpu"], args.checkpoint, data=False,
-                   config_dir=args.config_dir)
+                   config_dir=args.config_dir, weights=args.weights)
     if run.cfg.model.hf is None:
         raise ConfigError(ARG, f"{args.run_dir} holds a model of family {run.cfg.model.family}, "
                                f"which has no Hugging Face format; allowed: a run of a family "

@@ -92,7 +92,7 @@ def sample(args: argparse.Namespace, overrides: list[str]) -> None:
     prompt = read_prompt(args)
     device = [f"trainer.device={args.device}"] if args.device else []
     run = open_run(args.run_dir, [*device, *thread_overrides(args.threads)], args.checkpoint,
-                   data=False, config_dir=args.config_dir)
+                   data=False, config_dir=args.config_dir, weights=args.weights)
     messages = Messages()
     for warning in run.warnings:
         messages.warning(warning)
