@@ -85,21 +85,31 @@ def test_a_short_run_learns_the_rule_to_bleu_90_on_held_out_pairs(learned, pairs
 
 
 def test_trainruns_bleu_is_sacrebleus_command_line_on_the_same_files(learned, pairs):
+    """On every line of the files: the test pairs, an empty pair and a source longer than
+    the model's positions (which training would drop: the loss leaves them out)."""
     cwd = learned.parent
+    long = " ".join(["ka di da"] * 60)
+    src, tgt = cwd / "test.src", cwd / "test.tgt"
+    src.write_text((pairs / "test.src").read_text() + f"\n{long}\n")
+    tgt.write_text((pairs / "test.tgt").read_text() + f"\n{translate_rule(long)}\n")
+    files = [f"data.test_source_files={src}", f"data.test_target_files={tgt}"]
     for beam in ("1", "3"):
-        out = command("trainrun-translate", str(learned), str(pairs / "test.src"), "--beam",
-                      beam, cwd=cwd)
+        out = command("trainrun-translate", str(learned), str(src), "--beam", beam, cwd=cwd)
         assert out.returncode == 0, out.stderr
-        assert "tokens/s" in out.stderr
+        assert "tokens/s" in out.stderr and "1 sentence(s) longer than" in out.stderr
         hypotheses = cwd / f"hyp{beam}.txt"
         hypotheses.write_text(out.stdout)
-        assert len(out.stdout.splitlines()) == 400
-        theirs = subprocess.run([str(BIN / "sacrebleu"), str(pairs / "test.tgt"), "-i",
+        assert len(out.stdout.splitlines()) == 402 and out.stdout.splitlines()[400] == ""
+        theirs = subprocess.run([str(BIN / "sacrebleu"), str(tgt), "-i",
                                  str(hypotheses), "-m", "bleu", "chrf", "-w", "6", "-f", "json"],
                                 capture_output=True, text=True, check=True)
         bleu, chrf = json.loads(theirs.stdout)
-        ours = json.loads(command("trainrun-eval", str(learned), "--split", "test", "--beam",
-                                  beam, "--json", cwd=cwd).stdout)
+        done = command("trainrun-eval", str(learned), *files, "--beam", beam, "--json",
+                       cwd=cwd)
+        assert done.returncode == 0, done.stderr
+        ours = json.loads(done.stdout)
+        assert ours["split"] == "test" and ours["sentences"] == 402
+        assert ours["loss_pairs"] == 400  # the empty and the long pair: not read by training
         assert ours["bleu"] == pytest.approx(bleu["score"], abs=1e-6)
         assert ours["chrf"] == pytest.approx(chrf["score"], abs=1e-6)
         assert ours["bleu_signature"] == bleu["signature"]
@@ -193,6 +203,8 @@ def test_a_resume_in_the_middle_of_an_epoch_is_bit_identical(pairs, tmp_path):
     state = torch.load(part / "checkpoints/step-00000003" / checkpoint.STATE_FILE,
                        weights_only=True)
     assert state["order"]["epoch"] == 0 and 0 < state["order"]["offset"] < state["order"]["n"]
+    other = cli(f"resume={part}", "data.max_tokens=200", cwd=tmp_path)  # other batches
+    assert other.returncode == 2 and "batched otherwise than in checkpoint" in other.stderr
     resumed = cli(f"resume={part}", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert_identical(final_weights(part), final_weights(tmp_path / "full"))
@@ -330,6 +342,12 @@ def test_bad_decoding_options_are_one_line(learned, args, key):
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.strip().splitlines() == [out.stderr.strip()]
     assert out.stderr.startswith(f"trainrun-translate: error: {key}:")
+
+
+def test_sample_refuses_a_translation_run(learned):
+    out = command("trainrun-sample", str(learned), "ka", cwd=learned.parent)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith("trainrun-sample: error: RUN_DIR: ") and "translates" in out.stderr
 
 
 def test_translate_refuses_a_decoder_run(tmp_path):

@@ -172,10 +172,13 @@ def translate_validation(t: Components, out: Outputs) -> None:
     every rank; rank 0 records)."""
     started = time.perf_counter()
     t.replicas.module.eval()
-    with eval_weights(t.optimizer):
-        scores, _ = translate.scores_of(t.raw_model, t.tokenizer, t.val, t.cfg.bleu_sentences,
-                                        translate.Search(beam=1), t.precision.autocast)
-    t.replicas.module.train()
+    try:
+        with eval_weights(t.optimizer):
+            scores, _ = translate.scores_of(t.raw_model, t.tokenizer, t.val,
+                                            t.cfg.bleu_sentences, translate.Search(beam=1),
+                                            t.precision.autocast)
+    finally:
+        t.replicas.module.train()
     t.counters.val_bleu, t.counters.val_chrf = scores.bleu, scores.chrf
     out.metrics.translation(t.counters.k, scores, time.perf_counter() - started)
 

@@ -112,11 +112,11 @@ class Metrics:
         val/loss_ema, that of the weights' moving average (trainer.ema_decay; None: none);
         the `seconds` validation took do not count against tokens/s."""
         self.window_start += seconds
-        self._scalars({"val/loss": loss}, k)
+        self._scalars({"val/loss": loss, **({"val/loss_ema": ema} if ema is not None else {})},
+                      k)
         # a message, not a record: validation is rare enough to show above the bar too
         self.console.info(validation_line(k, self.max_steps, loss, best, best_step))
         if ema is not None:
-            self.writer.add_scalar("val/loss_ema", ema, k)
             self.console.info(f"update {k}/{self.max_steps}: val_loss_ema {ema:.4f} (the "
                               f"weights' moving average)")
         self.console.advance(k, val=f"{loss:.4f}")

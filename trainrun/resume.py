@@ -142,6 +142,14 @@ def check_data(record: dict, path: Path) -> None:
                                   f"{new['count']:,} now; allowed: that data, as it was "
                                   f"(a resumed run continues on the same tokens), or a new run "
                                   f"from these weights (trainrun-export, then model.init_from)")
+    old = (saved.get("train") or {}).get("batching")
+    new = (record.get("train") or {}).get("batching")
+    if isinstance(old, str) and new is not None and old != new:  # translation's buckets
+        raise ConfigError("data", f"the training pairs are batched otherwise than in checkpoint "
+                                  f"{path.name} (data.max_tokens, data.batch_size, "
+                                  f"data.max_source_len, data.max_target_len or trainer.seed "
+                                  f"changed); allowed: the checkpoint's, so that the run "
+                                  f"continues on the same batches")
 
 
 def reproducibility(path: Path | None) -> dict:

@@ -200,7 +200,7 @@ def write_average(run_dir: Path, n: int, name: str | None) -> tuple[list[Path], 
         weights, metadata = average(paths)
         try:
             out = write(root, name, weights, metadata, meta)
-        except OSError as error:
+        except (OSError, SafetensorError) as error:  # safetensors' own for a failed write
             raise ConfigError(ARG, f"cannot write {root / name} ({reason(error)}); nothing "
                                    f"was written") from None
     finally:

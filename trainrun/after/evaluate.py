@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from trainrun import data, translate
+from trainrun import bleu, data, translate
 from trainrun.after.run import Run
 from trainrun.validation import batches as micro_batches
 from trainrun.validation import sequence_losses
@@ -76,28 +76,44 @@ def score(run: Run, split: str, max_sequences: int | None, max_batches: int | No
 def score_translation(run: Run, split: str, max_sequences: int | None,
                       search: translate.Search, info: Callable[[str], None]) -> dict:
     """Loss, perplexity, BLEU and chrF of a translation run's checkpoint on `split`
-    (validation, test or train) of its data, over its first max_sequences pairs (None: all):
-    the loss as validation measures it during training (the plain negative log-likelihood
-    of the target tokens), BLEU and chrF by sacreBLEU on the translations `search` makes."""
-    loaded = data.load_pairs(run.cfg.data, run.cfg.tokenizer, tokenizer=run.tokenizer,
-                             seed=run.cfg.trainer.seed, with_test=split == "test")
+    (validation, test or train) of its data, over its first max_sequences pairs (None: all).
+
+    BLEU and chrF are sacreBLEU's over every pair of the split as the files have them (an
+    empty source line translated as an empty line, a source longer than the model's
+    positions cut to them), translated by `search` as trainrun-translate translates: the
+    figure sacreBLEU's command line gives for trainrun-translate's output and the target
+    file. The loss is validation's (the plain negative log-likelihood of the target tokens)
+    over the first max_sequences pairs that training reads: those with both sides, within
+    the length limits (load_pairs says how many it dropped)."""
+    test = split == "test"
+    loaded = data.load_pairs(run.cfg.data, run.cfg.tokenizer, info, tokenizer=run.tokenizer,
+                             seed=run.cfg.trainer.seed, with_test=test)
     pairs = {"validation": loaded.validation, "test": loaded.test,
              "train": loaded.train.pairs}[split]
-    n = len(pairs) if max_sequences is None else min(len(pairs), max_sequences)
+    lines = run.cfg.data.pairs(with_test=test, keep_empty=True)[0][split]
+    n = len(lines) if max_sequences is None else min(len(lines), max_sequences)
+    lines = lines.select(range(n))
+    kept = len(pairs) if max_sequences is None else min(len(pairs), max_sequences)
     batch_size = max(1, (run.cfg.data.max_tokens or 0) // max(run.cfg.data.limits())) \
         if run.cfg.data.max_tokens else run.cfg.data.batch_size
-    batches = micro_batches(n, batch_size)
+    batches = micro_batches(kept, batch_size)
     how = "greedy" if search.beam == 1 else (f"beam {search.beam}, length penalty "
                                              f"{search.length_penalty:g}")
     info(f"{run.checkpoint} (update {run.step}), {run.device}, {run.precision.mode}; {split} "
-         f"split: {n:,} of its {len(pairs):,} pairs; translations: {how}")
-    total = sequence_losses(run.model, pairs, batches, n, run.device, run.precision).sum()
-    targets = pairs.num_targets(np.arange(n))
+         f"split: BLEU and chrF of {n:,} pairs as the files have them, the loss over {kept:,} "
+         f"pairs as training reads them; translations: {how}")
+    total = sequence_losses(run.model, pairs, batches, kept, run.device, run.precision).sum()
+    targets = pairs.num_targets(np.arange(kept))
     loss = (total / targets).item()
-    scores, _ = translate.scores_of(run.model, run.tokenizer, pairs, n, search,
-                                    run.precision.autocast)
+    hypotheses, done = translate.translate_lines(run.model, run.tokenizer, lines["source"],
+                                                 search, run.precision.autocast)
+    if done.cut:
+        info(f"{done.cut} source sentence(s) longer than the model's "
+             f"{run.cfg.model.max_seq_len} positions were cut to them")
+    scores = bleu.score(hypotheses, [r.rstrip() for r in lines["target"]])
     return {"loss": loss, "perplexity": math.exp(loss), "bleu": scores.bleu,
             "chrf": scores.chrf, "bleu_signature": scores.bleu_signature,
-            "chrf_signature": scores.chrf_signature, "sentences": n, "tokens": targets,
-            "split": split, "beam": search.beam, "length_penalty": search.length_penalty,
-            "checkpoint": str(run.checkpoint), "step": run.step}
+            "chrf_signature": scores.chrf_signature, "sentences": n, "loss_pairs": kept,
+            "tokens": targets, "split": split, "beam": search.beam,
+            "length_penalty": search.length_penalty, "checkpoint": str(run.checkpoint),
+            "step": run.step}

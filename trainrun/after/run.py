@@ -216,9 +216,12 @@ def open_run(run_dir: str, overrides: list[str], checkpoint_name: str | None = N
     ckpt, warnings = find_checkpoint(path, checkpoint_name)
     step, meta = check_shape(cfg, ckpt)
     if weights == "ema" and not checkpoint.has_ema(ckpt):
-        raise ConfigError("--weights", f"ema: {ckpt} holds no average of the weights (the run "
-                                       f"was trained with trainer.ema_decay=null); allowed: "
-                                       f"raw, or a checkpoint of a run with trainer.ema_decay")
+        why = ("an average of checkpoints (trainrun-average) keeps their raw weights only"
+               if meta.get(checkpoint.WEIGHTS_ONLY) else
+               "the run was trained with trainer.ema_decay=null")
+        raise ConfigError("--weights", f"ema: {ckpt} holds no average of the weights ({why}); "
+                                       f"allowed: raw, or a checkpoint of a run with "
+                                       f"trainer.ema_decay")
     tokenizer = tokenizer_of(path, ckpt, meta, getattr(cfg.tokenizer, "eot", None))
     device, precision = runner.device_and_precision(cfg)
     threads_line, _ = set_threads(cfg.trainer.threads)  # as a fresh trainrun run does

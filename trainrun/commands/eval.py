@@ -59,8 +59,8 @@ def parser() -> Parser:
                    help="print one JSON object: loss, perplexity, bits_per_byte, sequences, "
                         "tokens, bytes, batches, split, documents (split all), checkpoint, "
                         "step; for a translation run loss, perplexity, bleu, chrf, their "
-                        "signatures, sentences, tokens, split, beam, length_penalty, "
-                        "checkpoint, step")
+                        "signatures, sentences (those BLEU scores), loss_pairs (those the "
+                        "loss reads), tokens, split, beam, length_penalty, checkpoint, step")
     return p
 
 

@@ -27,7 +27,7 @@ def parser() -> Parser:
                epilog=f"examples:\n  {PROG} outputs/2026-12-05/10-00-00 test.de > test.hyp.en\n"
                       f"  echo 'Ein Hund rennt.' | {PROG} RUN_DIR - --beam 1\n"
                       f"  {PROG} RUN_DIR test.de --beam 5 --length-penalty 1.0 "
-                      f"--checkpoint average-8-10")
+                      f"--checkpoint average-00000008-00000010")
     arguments(p)
     p.add_argument("file", metavar="FILE", nargs="?", default="-",
                    help="the sentences, one per line (UTF-8); '-' or none: stdin")

@@ -125,7 +125,8 @@ class Buckets:
         self.pairs, self.max_tokens = pairs, max_tokens
         self.buckets = buckets(pairs, max_tokens, batch_size, seed)
         self.targets = np.array([pairs.num_targets(b) for b in self.buckets], dtype=np.int64)
-        digest = hashlib.sha256(json.dumps([pairs.identity(), max_tokens, batch_size, seed])
+        size = batch_size if max_tokens is None else None  # what cuts the buckets
+        digest = hashlib.sha256(json.dumps([pairs.identity(), max_tokens, size, seed])
                                 .encode()).hexdigest()[:16]
         self.record = {**pairs.record, "buckets": len(self.buckets), "batching": digest}
 

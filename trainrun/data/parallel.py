@@ -126,10 +126,10 @@ class ParallelDataConfig(DataConfig):
     def documents(self, whole: bool = False):
         raise TypeError("data=parallel holds pairs: use pairs()")
 
-    def pairs(self, with_test: bool = False):
+    def pairs(self, with_test: bool = False, keep_empty: bool = False):
         """The DatasetDict of pairs: train, validation (and test when asked and given), each
-        with the columns source and target, pairs with an empty side dropped; and how many
-        were dropped per split."""
+        with the columns source and target, pairs with an empty side dropped (keep_empty:
+        every pair, as the files have them, for BLEU); and how many were dropped per split."""
         import datasets
 
         if self.source_files is not None:
@@ -144,7 +144,7 @@ class ParallelDataConfig(DataConfig):
             held = splits["train"].train_test_split(test_size=n_val, seed=SPLIT_SEED)
             splits["train"], splits["validation"] = held["train"], held["test"]
         dropped = {}
-        for split, ds in list(splits.items()):
+        for split, ds in list(splits.items()) if not keep_empty else []:
             kept = ds.filter(_both_sides, batched=True, batch_size=10_000)
             dropped[split] = len(ds) - len(kept)
             splits[split] = kept

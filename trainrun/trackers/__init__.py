@@ -16,9 +16,12 @@ and training goes on, its exit status unchanged.
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import os
+import re
+import stat
 from pathlib import Path
 
 from trainrun import rundir
@@ -32,6 +35,7 @@ __all__ = ["IDS_FILE", "NAMES", "TRACKERS", "Identity", "Tracker", "Trackers", "
 RECORD = "tensorboard"  # Metrics' own SummaryWriter, always written
 NAMES = (RECORD, *TRACKERS)
 IDS_FILE = "trackers.json"  # tracker name -> the id of its run, to continue it on resume
+ID = re.compile(r"[^\x00-\x1f\x7f]{1,4096}")  # a saved id: one line of text (a run directory)
 
 
 def check(key: str, names: list[str]) -> None:
@@ -113,20 +117,28 @@ def read_ids(run_dir: Path, console: Console) -> dict[str, str]:
     directory is data: the file is read as JSON, without following a link; one that is not
     a name -> id object is ignored with a warning (new tracker runs are opened)."""
     try:
-        fd = os.open(run_dir / IDS_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(run_dir / IDS_FILE,
+                     os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         return {}
     except OSError as error:
         console.warning(f"{run_dir / IDS_FILE} not read ({reason(error)}): new tracker runs")
         return {}
-    with os.fdopen(fd, "rb") as f:
-        text = f.read(1 << 20)
+    try:
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise IsADirectoryError(errno.EISDIR, "not a regular file")
+            text = f.read(1 << 20)
+    except OSError as error:
+        console.warning(f"{run_dir / IDS_FILE} not read ({reason(error)}): new tracker runs")
+        return {}
     try:
         ids = json.loads(text)
     except ValueError:
         ids = None
     if not isinstance(ids, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in ids.items()):
+            isinstance(k, str) and isinstance(v, str) and ID.fullmatch(v)
+            for k, v in ids.items()):
         console.warning(f"{run_dir / IDS_FILE} is not what trainrun writes (tracker name -> "
                         f"run id): new tracker runs")
         return {}

@@ -55,15 +55,25 @@ class Tracker:
     params: dict  # the run's config, flat (dotted keys): recorded once, in a new run
     id: str = field(init=False, default="")
     where: str = field(init=False, default="")
+    pending: list = field(init=False, default_factory=list)  # log()'s, until flush()
 
     name: ClassVar[str]
     package: ClassVar[str]
 
     def log(self, values: dict[str, float], k: int) -> None:
-        raise NotImplementedError
+        """Keep update k's scalars until flush(): an update calls no library."""
+        self.pending.append((values, k))
 
     def flush(self) -> None:
-        """Hand what log() buffered to the library (which may queue it further)."""
+        """Hand what log() buffered to the library (which may queue it further), at a
+        record or a validation."""
+        pending, self.pending = self.pending, []
+        for values, k in pending:
+            self.send(values, k)
+
+    def send(self, values: dict[str, float], k: int) -> None:
+        """Update k's scalars to the library."""
+        raise NotImplementedError
 
     def finish(self, summary: dict, status: str) -> None:
         """metrics.json's summary, then end the tracker run as `status` (completed, stopped,

@@ -42,10 +42,11 @@ class Trackio(Tracker):
         self.where = (f"run {self.id} of project {self.project} in {TRACKIO_DIR} (to look: "
                       f"trackio show --project {self.project})")
 
-    def log(self, values: dict[str, float], k: int) -> None:
+    def send(self, values: dict[str, float], k: int) -> None:
         self.run.log(values, step=k)
 
     def finish(self, summary: dict, status: str) -> None:
+        self.flush()
         self.run.log({f"summary/{k}": v for k, v in numbers(summary).items()},
                      step=summary.get("steps") or 0)
         with contextlib.redirect_stdout(io.StringIO()):

@@ -40,10 +40,11 @@ class WandB(Tracker):
         else:
             self.where = f"run {self.id}: {self.run.url}"
 
-    def log(self, values: dict[str, float], k: int) -> None:
+    def send(self, values: dict[str, float], k: int) -> None:
         self.run.log(values, step=k)
 
     def finish(self, summary: dict, status: str) -> None:
+        self.flush()
         self.run.summary.update({f"summary/{k}": v for k, v in summary.items()})
         self.run.finish(exit_code=0 if status == "completed" else 1)
 
