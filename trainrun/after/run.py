@@ -32,6 +32,11 @@ from trainrun.precision import Precision
 from trainrun.threads import set_threads
 
 ARG = "RUN_DIR"
+# what a command that needs a model of one task (open_run's `task`) says of another's run
+TASKS = {"lm": "which translates rather than continues a text; allowed: a decoder's run "
+               "(trainrun-translate RUN_DIR FILE translates with this one)",
+         "translation": "which does not translate; allowed: a run of model=transformer_* on "
+                        "data=parallel (trainrun-sample writes text with a decoder)"}
 WEIGHTS = ("raw", "ema")  # --weights: the checkpoint's model.safetensors, or model_ema.safetensors
 RUN_ALLOWED = "a run directory of trainrun (outputs/<date>/<time>) with a checkpoint"
 
@@ -203,9 +208,11 @@ def tokenizer_of(run_dir: Path, path: Path, meta: dict, eot: str | None) -> Toke
 
 
 def open_run(run_dir: str, overrides: list[str], checkpoint_name: str | None = None,
-             data: bool = True, config_dir: str | None = None, weights: str = "raw") -> Run:
+             data: bool = True, config_dir: str | None = None, weights: str = "raw",
+             task: str | None = None) -> Run:
     """Everything a command after training needs; every problem is one ConfigError, raised
-    before the model is built. `weights`: raw, or ema for the weights' moving average."""
+    before the model is built. `weights`: raw, or ema for the weights' moving average;
+    `task`: the model task the command needs (None: any)."""
     path = Path(run_dir).expanduser()
     if not path.is_dir():
         raise ConfigError(ARG, f"{run_dir}: no such directory; allowed: {RUN_ALLOWED}")
@@ -215,6 +222,8 @@ def open_run(run_dir: str, overrides: list[str], checkpoint_name: str | None = N
     cfg = config(path.resolve(), overrides, data, config_dir)
     ckpt, warnings = find_checkpoint(path, checkpoint_name)
     step, meta = check_shape(cfg, ckpt)
+    if task is not None and cfg.model.task != task:
+        raise ConfigError(ARG, f"{run_dir} trained a {cfg.model.family} model, {TASKS[task]}")
     if weights == "ema" and not checkpoint.has_ema(ckpt):
         why = ("an average of checkpoints (trainrun-average) keeps their raw weights only"
                if meta.get(checkpoint.WEIGHTS_ONLY) else

@@ -92,12 +92,7 @@ def sample(args: argparse.Namespace, overrides: list[str]) -> None:
     prompt = read_prompt(args)
     device = [f"trainer.device={args.device}"] if args.device else []
     run = open_run(args.run_dir, [*device, *thread_overrides(args.threads)], args.checkpoint,
-                   data=False, config_dir=args.config_dir, weights=args.weights)
-    if run.cfg.model.task != "lm":
-        raise ConfigError("RUN_DIR", f"{args.run_dir} trained a {run.cfg.model.family} model, "
-                                     f"which translates rather than continues a text; "
-                                     f"allowed: a decoder's run (trainrun-translate "
-                                     f"{args.run_dir} FILE translates with this one)")
+                   data=False, config_dir=args.config_dir, weights=args.weights, task="lm")
     messages = Messages()
     for warning in run.warnings:
         messages.warning(warning)

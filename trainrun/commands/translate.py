@@ -59,12 +59,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> None:
     search = translate.search_of(args)
     device = [f"trainer.device={args.device}"] if args.device else []
     opened = open_run(args.run_dir, [*device, *thread_overrides(args.threads)], args.checkpoint,
-                      data=False, config_dir=args.config_dir, weights=args.weights)
-    if opened.cfg.model.task != "translation":
-        raise ConfigError("RUN_DIR", f"{args.run_dir} trained a {opened.cfg.model.family} model, "
-                                     f"which does not translate; allowed: a run of "
-                                     f"model=transformer_* on data=parallel (trainrun-sample "
-                                     f"writes text with a decoder)")
+                      data=False, config_dir=args.config_dir, weights=args.weights,
+                      task="translation")
     lines = read_lines(args.file)
     messages = Messages()
     for warning in opened.warnings:
