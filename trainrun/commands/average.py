@@ -55,7 +55,7 @@ def average(args: argparse.Namespace, _: list[str]) -> None:
         print(f"averaged {path}", flush=True)
     print(f"wrote {out}", flush=True)
     messages.info(f"use it with --checkpoint {out.name} (trainrun-sample, trainrun-eval, "
-                  f"trainrun-export)")
+                  f"trainrun-export, trainrun-translate)")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
