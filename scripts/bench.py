@@ -184,6 +184,9 @@ def main() -> None:
 
     try:
         cfg = validated_configs([args.overrides])[0]
+        if cfg.model.task != "lm":  # the bare loop below reads sequences: model(x)
+            raise ConfigError("model", f"{cfg.model.family} ({cfg.model.task}): the benchmark "
+                                       f"measures decoders; allowed: a gpt_* or llama_* option")
         device, precision = runner.device_and_precision(cfg)
     except ConfigError as error:
         fail(error, "bench")
