@@ -155,7 +155,7 @@ def test_without_packing_one_document_per_sequence_padding_ignored(hf_folder):
             F.cross_entropy(model(x[r : r + 1, :n])[0], y[r, :n], reduction="sum")
             for r, n in enumerate(n_real)
         )
-        torch.testing.assert_close(loss_sum(model, x, y), alone, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(loss_sum(model, (x, y)), alone, rtol=1e-5, atol=1e-4)
 
 
 # -- sources -------------------------------------------------------------------------
@@ -410,7 +410,7 @@ def test_an_empty_micro_batch_is_a_valid_batch(hf_folder):
         assert seqs.num_targets(np.array([], dtype=np.int64)) == 0
     model = GPT(GPTConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.0,
                             max_seq_len=8), VOCAB_SIZE)
-    loss = loss_sum(model, x, y)
+    loss = loss_sum(model, (x, y))
     loss.backward()
     assert loss.item() == 0.0
     assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
