@@ -58,7 +58,8 @@ def test_the_folders_options_are_checked_before_anything_is_written(tmp_path, fo
     assert unknown.returncode == 2
     assert unknown.stderr == ("trainrun: error: model: unknown option 'nope'; allowed: "
                               "gpt2_124m, gpt_small, gpt_tiny, llama_small, llama_tiny, "
-                              "smollm_135m, wee\n")
+                              "smollm_135m, transformer_base, transformer_small, "
+                              "transformer_tiny, wee\n")
     bad = cli(f"-cd={folder}", "--cfg", "job", *wee(corpus, "trainer.max_steps=0"), cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.startswith("trainrun: error: trainer.max_steps: ")
     assert len(bad.stderr.splitlines()) == 1 and bad.stdout == ""

@@ -12,9 +12,10 @@ import itertools
 import json
 
 import pytest
-from helpers import REPO, TINY, assert_identical, config, final_weights, tiny
+from helpers import REPO, TINY, assert_identical, config, final_weights, make_pairs, tiny
 
 from trainrun import identical, runner
+from trainrun.composition.init_from import option_family
 from trainrun.config import Config, validate
 from trainrun.errors import ConfigError
 from trainrun.schedules import build_schedule
@@ -42,16 +43,29 @@ def inputs(tmp_path_factory, corpus) -> dict[tuple[str, str], list[str]]:
         (root / "ds" / f"{split}.jsonl").write_text(
             "".join(json.dumps({"text": f"{split} document {i}"}) + "\n" for i in range(20)))
     ByteTokenizer().hf().save(str(root / "tokenizer.json"))
-    return {("data", "text"): [f"data.files={corpus}"],
+    pairs = make_pairs(root / "pairs", n=60)
+    return {"pairs": [f"data.source_files={pairs / 'train.src'}",
+                      f"data.target_files={pairs / 'train.tgt'}"],
+            ("data", "text"): [f"data.files={corpus}"],
             ("data", "hf"): [f"data.path={root / 'ds'}", "data.val_split=validation"],
             ("tokenizer", "hf"): [f"tokenizer.path={root / 'tokenizer.json'}"],
             ("scheduler", "multistep"): ["scheduler.milestones=[10,20]"],  # within N updates
             ("model", "smollm_135m"): ["model.n_kv_heads=1"]}  # of tiny()'s 2 heads
 
 
-def base(group: str, corpus) -> list[str]:
+def base(group: str, corpus, option: str, inputs: dict) -> list[str]:
     """The run every option of `group` is tried in: tiny, on the test corpus unless the data
-    group is compared; a constant schedule when optimizers are (schedulefree takes no other)."""
+    group is compared; a constant schedule when optimizers are (schedulefree takes no other);
+    an encoder-decoder and sentence pairs together (they train on nothing else)."""
+    if (group, option) == ("data", "parallel") or (
+            group == "model" and option_family(option, None) == "seq2seq"):
+        pair = [o for o in ("model=transformer_tiny", "data=parallel")
+                if not o.startswith(f"{group}=")]  # the option compared is chosen after
+        return [*pair, *inputs["pairs"], "data.seq_len=32", "data.batch_size=4",
+                "model.d_model=32", "model.n_heads=2", "model.d_ff=64",
+                "model.n_encoder_layers=1", "model.n_decoder_layers=1", "model.max_seq_len=64",
+                f"trainer.max_steps={N}", "trainer.eval_sequences=8", "trainer.device=cpu",
+                "precision=fp32"]
     if group == "data":
         return [*TINY, f"trainer.max_steps={N}"]
     return tiny(corpus, f"trainer.max_steps={N}", *(["scheduler=constant"]
@@ -101,8 +115,8 @@ def test_two_options_of_a_group_are_identical_only_when_they_train_the_same_run(
     wrong, checked = [], []
     for group in GROUPS:
         names = options(group)
-        configs = {o: config(*base(group, corpus), f"{group}={o}", *inputs.get((group, o), []))
-                   for o in names}
+        configs = {o: config(*base(group, corpus, o, inputs), f"{group}={o}",
+                             *inputs.get((group, o), [])) for o in names}
         for a, b in itertools.combinations(names, 2):
             first, second = configs[a], aligned(configs[a], configs[b], group)
             jobs = [[f"{group}={a}"], [f"{group}={b}"]]

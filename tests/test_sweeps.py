@@ -13,10 +13,11 @@ import pytest
 import yaml
 from helpers import TINY, cli, tiny
 
-HEADER = ["job", "overrides", "status", "best_val_loss", "val_loss", "steps", "skipped_updates",
-          "wall_seconds", "tokens_per_sec", "parameters", "run_dir", "same_as", "error"]
-METRICS = ["status", "best_val_loss", "val_loss", "steps", "skipped_updates", "wall_seconds",
-           "tokens_per_sec", "parameters"]
+HEADER = ["job", "overrides", "status", "best_val_loss", "val_loss", "val_bleu", "steps",
+          "skipped_updates", "wall_seconds", "tokens_per_sec", "parameters", "run_dir", "same_as",
+          "error"]
+METRICS = ["status", "best_val_loss", "val_loss", "val_bleu", "steps", "skipped_updates",
+           "wall_seconds", "tokens_per_sec", "parameters"]
 SHORT = ("trainer.max_steps=10", "trainer.eval_every=5")
 
 
