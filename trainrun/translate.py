@@ -132,4 +132,4 @@ def scores_of(model: torch.nn.Module, tokenizer: Tokenizer, pairs: Pairs, n: int
     indices = np.arange(min(n, len(pairs)))
     done = translate_ids(model, pairs.sources(indices), tokenizer.eot, search, autocast)
     hypotheses = [text(tokenizer, ids) for ids in done.ids]
-    return bleu.score(hypotheses, [r.strip() for r in pairs.references(indices)]), hypotheses
+    return bleu.score(hypotheses, [r.rstrip() for r in pairs.references(indices)]), hypotheses

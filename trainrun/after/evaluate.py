@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from trainrun import bleu, data, translate
+from trainrun import bleu, builders, data, translate
 from trainrun.after.run import Run
 from trainrun.validation import batches as micro_batches
 from trainrun.validation import sequence_losses
@@ -94,9 +94,7 @@ def score_translation(run: Run, split: str, max_sequences: int | None,
     n = len(lines) if max_sequences is None else min(len(lines), max_sequences)
     lines = lines.select(range(n))
     kept = len(pairs) if max_sequences is None else min(len(pairs), max_sequences)
-    batch_size = max(1, (run.cfg.data.max_tokens or 0) // max(run.cfg.data.limits())) \
-        if run.cfg.data.max_tokens else run.cfg.data.batch_size
-    batches = micro_batches(kept, batch_size)
+    batches = micro_batches(kept, builders.eval_batch_size(run.cfg))  # as validation reads
     how = "greedy" if search.beam == 1 else (f"beam {search.beam}, length penalty "
                                              f"{search.length_penalty:g}")
     info(f"{run.checkpoint} (update {run.step}), {run.device}, {run.precision.mode}; {split} "
