@@ -80,7 +80,7 @@ def build_components(cfg: Config, device: torch.device, precision: Precision, co
     return Components(
         cfg=t, replicas=replicas, raw_model=model, optimizer=optimizer, schedule=schedule,
         clipper=cfg.clip.build(model), precision=precision, train=splits["train"],
-        val=splits["validation"], order=DataOrder(len(splits["train"]), t.seed),
+        val=splits["validation"], order=order_of(splits.train, t.seed),
         batch_size=batch_size, device=device, counters=Counters(), world=world,
         tokenizer=splits.tokenizer,
         val_size=validation.size(t, cfg.data.batch_size, len(splits["validation"])),
@@ -88,6 +88,14 @@ def build_components(cfg: Config, device: torch.device, precision: Precision, co
         # of the weights training starts from, sharded as they are; a resume loads its own
         ema=None if t.ema_decay is None else Ema(model, t.ema_decay, t.ema_warmup),
     )
+
+
+def order_of(train, seed: int):
+    """The position in the training data's stream: the seeded order over its sequences
+    (order.DataOrder), or the one a kind of data makes for itself (`train.make_order(seed)`:
+    a mixture's, a stream's), with the same next_window, state_dict and load_state_dict."""
+    make = getattr(train, "make_order", None)
+    return make(seed) if make is not None else DataOrder(len(train), seed)
 
 
 def translation(cfg: Config) -> bool:
