@@ -77,13 +77,14 @@ def build_components(cfg: Config, device: torch.device, precision: Precision, co
     console.info(update)
     for note in schedule.notes():  # noam: optimizer.lr unused, warmup longer than the run
         console.warning(note)
+    val, val_size = validation.validation_set(t, cfg.data.batch_size, splits["validation"])
     return Components(
         cfg=t, replicas=replicas, raw_model=model, optimizer=optimizer, schedule=schedule,
         clipper=cfg.clip.build(model), precision=precision, train=splits["train"],
-        val=splits["validation"], order=order_of(splits.train, t.seed),
+        val=val, order=order_of(splits.train, t.seed),
         batch_size=batch_size, device=device, counters=Counters(), world=world,
         tokenizer=splits.tokenizer,
-        val_size=validation.size(t, cfg.data.batch_size, len(splits["validation"])),
+        val_size=val_size,
         val_batch_size=eval_batch_size(cfg), unit="pairs" if translation(cfg) else "sequences",
         # of the weights training starts from, sharded as they are; a resume loads its own
         ema=None if t.ema_decay is None else Ema(model, t.ema_decay, t.ema_warmup),

@@ -154,7 +154,7 @@ def validate(t: Components, out: Outputs) -> None:
     c = t.counters
     started = time.perf_counter()
     with eval_weights(t.optimizer):
-        c.val_loss = validation.loss(t)
+        c.val_loss, c.val_sources = validation.losses(t)
     if t.ema is not None:
         with t.ema.swapped_in():
             c.val_loss_ema = validation.loss(t)
@@ -164,6 +164,8 @@ def validate(t: Components, out: Outputs) -> None:
     out.metrics.validation(c.k, c.val_loss, c.best_val_loss, c.best_val_step,
                            time.perf_counter() - started,
                            c.val_loss_ema if t.ema is not None else None)
+    if c.val_sources:  # a mixture: each source's loss, and how much of it has been seen
+        out.metrics.sources(c.k, c.val_sources, t.order.seen())
 
 
 def translate_validation(t: Components, out: Outputs) -> None:

@@ -27,7 +27,8 @@ from trainrun.update import UpdateResult
 # session_*: this process's alone (they differ after a resume)
 SUMMARY_KEYS = ("status", "steps", "tokens", "train_loss", "val_loss", "best_val_loss",
                 "skipped_updates", "wall_seconds", "tokens_per_sec", "session_wall_seconds",
-                "session_tokens_per_sec", "parameters", "val_bleu", "val_chrf", "val_loss_ema")
+                "session_tokens_per_sec", "parameters", "val_bleu", "val_chrf", "val_loss_ema",
+                "sources")
 
 
 class Metrics:
@@ -120,6 +121,15 @@ class Metrics:
             self.console.info(f"update {k}/{self.max_steps}: val_loss_ema {ema:.4f} (the "
                               f"weights' moving average)")
         self.console.advance(k, val=f"{loss:.4f}")
+
+    def sources(self, k: int, losses: dict[str, float], seen: dict[str, dict]) -> None:
+        """A mixture's val/<name>/loss at update k, and how often each source has been seen
+        (data/<name>/epochs: its sequences drawn over its training sequences)."""
+        self._scalars({**{f"val/{name}/loss": loss for name, loss in losses.items()},
+                       **{f"data/{name}/epochs": s["epochs"] for name, s in seen.items()}}, k)
+        self.console.info(f"update {k}/{self.max_steps}: " + " | ".join(
+            f"{name} val_loss {losses[name]:.4f}, {s['epochs']:.2f} epochs "
+            f"({s['sequences']:,} sequences)" for name, s in seen.items()))
 
     def translation(self, k: int, scores, seconds: float) -> None:
         """val/bleu and val/chrf at update k (trainer.bleu_every): sacreBLEU's scores of the

@@ -203,7 +203,8 @@ def check_compatible(cfg: Config, meta: dict, path: Path) -> None:
     changed += [(f"model.{k}", saved["model"][k]) for k in cfg.model.shape_keys
                 if saved["model"].get(k) != now["model"][k]]
     changed += [(f"data.{k}", v) for k, v in saved["data"].items()
-                if k not in DATA_KEYS_FREE and v != now["data"].get(k)]
+                if k not in DATA_KEYS_FREE and _unweighted(k, v) != _unweighted(
+                    k, now["data"].get(k))]
     changed += [(f"tokenizer.{k}", v) for k, v in saved.get("tokenizer", {}).items()
                 if v != now["tokenizer"].get(k)]
     changed += [(f"optimizer.{k}", v) for k, v in saved["optimizer"].items()
@@ -219,6 +220,15 @@ def check_compatible(cfg: Config, meta: dict, path: Path) -> None:
             key, f"the checkpoint {path.name} was trained with {old}; a resumed run keeps "
                  f"the model's shape, the data, the tokenizer, the seed, the optimizer and "
                  f"the strategy (allowed: {old})")
+
+
+def _unweighted(key: str, value):
+    """A data key's value as a resume compares it: a mixture's sources without their
+    weights, which a resume may change (the draws after it follow them)."""
+    if key != "sources" or not isinstance(value, dict):
+        return value
+    return {name: {k: v for k, v in entry.items() if k != "weight"}
+            if isinstance(entry, dict) else entry for name, entry in value.items()}
 
 
 def check_family(cfg: Config, meta: dict, path: Path) -> None:

@@ -5,6 +5,7 @@ how it ended."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -200,7 +201,22 @@ def summarize(t: Components, status: str) -> dict:
             "val_loss": c.val_loss, "best_val_loss": c.best_val_loss,
             "skipped_updates": c.skipped_updates,  # times and tokens/s: Metrics.finish
             "parameters": t.raw_model.num_params(), "val_bleu": c.val_bleu,
-            "val_chrf": c.val_chrf, "val_loss_ema": c.val_loss_ema}
+            "val_chrf": c.val_chrf, "val_loss_ema": c.val_loss_ema,
+            "sources": sources(t)}
+
+
+def sources(t: Components) -> dict | None:
+    """A mixture's sources for metrics.json: each one's weight, the sequences drawn from it
+    and the epochs they make, and its last val/loss; None for one source."""
+    if not hasattr(t.order, "seen"):
+        return None
+    return {name: {"weight": t.order.weights[name], **seen,
+                   "val_loss": finite(t.counters.val_sources.get(name))}
+            for name, seen in t.order.seen().items()}
+
+
+def finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
 
 
 def report_end(summary: dict, run_dir: Path, console: Console, signals: Signals,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ class Counters:
     val_bleu: float = math.nan  # translation, trainer.bleu_every: the last BLEU and chrF
     val_chrf: float = math.nan
     val_loss_ema: float = math.nan  # trainer.ema_decay: the last val/loss of the average
+    val_sources: dict = field(default_factory=dict)  # data=mix: name -> its last val/loss
 
 
 @dataclass
@@ -95,14 +96,16 @@ class Components:
         return sequences_per_update(self.batch_size, self.cfg.grad_accum_steps, self.world.size)
 
     def resume_notes(self) -> list[str]:
-        """What a resume on another number of processes changes, and what it does not."""
+        """What a resume on another number of processes changes, and what it does not; what
+        a mixture's new weights change."""
+        notes = list(getattr(self.order, "notes", []))
         if self.saved_world is None or self.saved_world[0] == self.world.size:
-            return []
+            return notes
         processes, sequences = self.saved_world
         return [f"the checkpoint was written by {processes} process(es) with updates of "
                 f"{sequences} sequences; this run has {self.world.size}, with updates of "
                 f"{self.sequences_per_update()}: the data order continues where it stopped (it "
-                f"does not depend on the number of processes)"]
+                f"does not depend on the number of processes)", *notes]
 
 
 LIKE = {("float", "int"), ("bool", "null")}  # (written, read) kinds that check_like takes

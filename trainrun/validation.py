@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from trainrun.config import TrainerConfig
-from trainrun.data import IGNORE, Pairs, Sequences
+from trainrun.data import IGNORE, Mixture, Pairs, Sequences
 from trainrun.data.order import micro_batches
 from trainrun.errors import ConfigError
 from trainrun.precision import Precision
@@ -42,6 +42,15 @@ def size(cfg: TrainerConfig, batch_size: int, available: int) -> int:
     """The number of validation sequences a fresh run reads, of the `available` ones."""
     asked = cfg.eval_sequences if cfg.eval_batches is None else cfg.eval_batches * batch_size
     return available if asked is None else min(asked, available)
+
+
+def validation_set(cfg: TrainerConfig, batch_size: int, val):
+    """(the validation split, the size of the set a fresh run reads of it): size(); of a
+    mixture, the first size() sequences of each source's split, as one Mixture."""
+    if isinstance(val, Mixture):
+        val = val.heads({name: size(cfg, batch_size, end - first)
+                         for name, (first, end) in val.spans().items()})
+    return val, size(cfg, batch_size, len(val)) if not isinstance(val, Mixture) else len(val)
 
 
 def batches(n: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[np.ndarray]:
@@ -70,13 +79,25 @@ def sequence_losses(forward, seqs, batches: list[np.ndarray], n: int, device: to
 
 def loss(t: Components) -> float:
     """The token-mean loss over the run's validation set (t.val_size sequences)."""
+    return losses(t)[0]
+
+
+def losses(t: Components) -> tuple[float, dict[str, float]]:
+    """loss(), and of a mixture each source's token-mean loss over its part of the set
+    (name -> loss; {} for one source)."""
     t.replicas.module.eval()
     w, n = t.world, t.val_size
-    losses = sequence_losses(t.replicas.forward, t.val,
-                             batches(n, t.val_batch_size, w.rank, w.size), n, t.device,
-                             t.precision)
+    each = sequence_losses(t.replicas.forward, t.val,
+                           batches(n, t.val_batch_size, w.rank, w.size), n, t.device,
+                           t.precision)
     t.replicas.module.train()
-    return (t.replicas.sum(losses).sum() / t.val.num_targets(np.arange(n))).item()
+    sums = t.replicas.sum(each)
+    spans = t.val.spans() if isinstance(t.val, Mixture) else {}
+    parts = torch.stack([sums[first:end].sum() for first, end in spans.values()]
+                        + [sums.sum()]).tolist()  # one read back
+    total = parts.pop() / t.val.num_targets(np.arange(n))
+    return total, {name: value / t.val.num_targets(np.arange(first, end)) for value, (name, (
+        first, end)) in zip(parts, spans.items(), strict=True)}
 
 
 def fingerprint(seqs: Sequences | Pairs, n: int) -> str:
@@ -93,6 +114,13 @@ def record(seqs: Sequences, n: int) -> dict:
 
 def describe(t: Components) -> str:
     """The run's log line about its validation set."""
+    if isinstance(t.val, Mixture):
+        return (f"validation: the first {t.cfg.eval_sequences or 'all'} validation sequences of "
+                f"each source (" + ", ".join(
+                    f"{name} {end - first:,} of {len(part.seqs):,}" for part, (name, (
+                        first, end)) in zip(t.val.parts, t.val.spans().items(), strict=True))
+                + f"), {t.val.num_targets(np.arange(t.val_size)):,} target tokens, every "
+                  f"{t.cfg.eval_every} updates")
     n, available = t.val_size, len(t.val)
     which = f"all {n:,}" if n == available else f"the first {n:,} of {available:,}"
     return (f"validation: {which} validation {t.unit}, "

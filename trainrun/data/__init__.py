@@ -9,6 +9,7 @@
     sequences.py         fixed-length sequences over a split's tokens (packing or not), and
                          the windows that make every token a target
     order.py             the seeded order of the training sequences (docs/design.md, Data)
+    mixture.py           data=mix: several sources drawn by weight, each counting its epochs
     parallel.py          data=parallel: sentence pairs for translation, a split per side
     pairs.py             pairs as tensors, and the training pairs in length buckets
     hub.py               a quick look whether the Hugging Face hub can be reached
@@ -25,6 +26,7 @@ import numpy as np
 
 from trainrun import signals
 from trainrun.data import storage
+from trainrun.data.mixture import MixDataConfig, Mixture
 from trainrun.data.pairs import Buckets, Pairs, Side
 from trainrun.data.parallel import SIDES, ParallelDataConfig
 from trainrun.data.sequences import IGNORE, Sequences, Windows
@@ -33,15 +35,15 @@ from trainrun.data.tokenizer_options import TOKENIZERS, TokenizerConfig
 from trainrun.data.tokenizers import RUN_FILE, Tokenizer, for_run
 from trainrun.errors import ConfigError
 
-__all__ = ["DATA", "IGNORE", "RUN_FILE", "TOKENIZERS", "Buckets", "DataConfig", "Loaded", "Pairs",
-           "ParallelDataConfig", "Sequences", "Tokenizer", "TokenizerConfig", "Windows",
+__all__ = ["DATA", "IGNORE", "RUN_FILE", "TOKENIZERS", "Buckets", "DataConfig", "Loaded",
+           "MixDataConfig", "Mixture", "Pairs", "ParallelDataConfig", "Sequences", "Tokenizer", "TokenizerConfig", "Windows",
            "check_batch", "for_run", "load", "load_pairs", "load_whole"]
 
 
 @dataclass
 class Loaded:
-    train: Sequences | Buckets
-    validation: Sequences | Pairs
+    train: Sequences | Buckets | Mixture
+    validation: Sequences | Pairs | Mixture
     tokenizer: Tokenizer
     test: Pairs | None = None  # data=parallel's test split, when asked for
 
@@ -54,6 +56,8 @@ def load(cfg: DataConfig, tokenizer_cfg: TokenizerConfig | None = None,
          tokenizer: Tokenizer | None = None) -> Loaded:
     """The splits as Sequences over the cached token files, and the tokenizer (`tokenizer`,
     e.g. a finished run's copy, else the one tokenizer_cfg builds)."""
+    if isinstance(cfg, MixDataConfig):
+        return load_mix(cfg, tokenizer_cfg, log, tokenizer)
     _quiet_datasets()
     docs = cfg.splits()
     log(f"data: {len(docs['train']):,} train / {len(docs['validation']):,} validation "
@@ -73,6 +77,40 @@ def load(cfg: DataConfig, tokenizer_cfg: TokenizerConfig | None = None,
     log(f"tokens: {len(out['train'].tokens):,} train / {len(out['validation'].tokens):,} "
         f"validation, vocabulary {tokenizer.vocab_size:,} ids; cache {folder}")
     return Loaded(out["train"], out["validation"], tokenizer)
+
+
+def load_mix(cfg: MixDataConfig, tokenizer_cfg: TokenizerConfig | None = None,
+             log: Callable[[str], None] = lambda line: None,
+             tokenizer: Tokenizer | None = None) -> Loaded:
+    """A mixture's splits, each a Mixture of its sources' Sequences; one tokenizer for all
+    (tokenizer=bpe is trained on every source's training documents together)."""
+    import datasets
+
+    _quiet_datasets()
+    parts, weights = cfg.parts(), cfg.weights()
+    docs = {}
+    for name, part in parts.items():
+        docs[name] = part.splits()
+        log(f"data {name}: {len(docs[name]['train']):,} train / "
+            f"{len(docs[name]['validation']):,} validation documents; {part.describe()}")
+        signals.check()
+    if tokenizer is None:
+        every = datasets.concatenate_datasets([d["train"] for d in docs.values()])
+        tokenizer = (tokenizer_cfg or TOKENIZERS["byte"]()).build({"train": every}, log)
+    signals.check()
+    out = {split: {} for split in storage.SPLITS}
+    for name, part in parts.items():
+        folder = storage.tokenize(docs[name], tokenizer, log)
+        for split in storage.SPLITS:
+            seqs = _sequences(part, folder, split, docs[name], tokenizer)
+            if len(seqs) == 0:
+                raise ConfigError(f"data.sources.{name}", f"the {split} split has no sequence "
+                                                          f"of data.seq_len={cfg.seq_len} tokens")
+            out[split][name] = seqs
+        log(f"tokens {name}: {len(out['train'][name].tokens):,} train / "
+            f"{len(out['validation'][name].tokens):,} validation; cache {folder}")
+    log(f"data: {cfg.describe()}; vocabulary {tokenizer.vocab_size:,} ids")
+    return Loaded(Mixture(out["train"], weights), Mixture(out["validation"]), tokenizer)
 
 
 def load_pairs(cfg: ParallelDataConfig, tokenizer_cfg: TokenizerConfig | None = None,
@@ -161,6 +199,10 @@ def load_whole(cfg: DataConfig, tokenizer: Tokenizer,
                log: Callable[[str], None] = lambda line: None) -> Windows:
     """Every document of the source, none held out (DataConfig.documents(whole=True)), as
     Windows that make each of its tokens a target: data scored whole (trainrun-eval)."""
+    if isinstance(cfg, MixDataConfig):
+        raise ConfigError("data", "a mixture is scored a source at a time; allowed: "
+                                  "trainrun-eval --split validation (every source's), or that "
+                                  "source's data option and keys, e.g. data=text data.files=...")
     _quiet_datasets()
     docs = cfg.splits(whole=True)
     folder = storage.tokenize(docs, tokenizer, log)
@@ -186,8 +228,11 @@ def _sequences(cfg: DataConfig, folder, split: str, docs, tokenizer: Tokenizer) 
     return Sequences(tokens, offsets, cfg.seq_len, cfg.packing, tokenizer.eot, record)
 
 
-def check_batch(cfg: DataConfig, train: Sequences) -> None:
-    """A micro-batch holds no more sequences than the training split has."""
+def check_batch(cfg: DataConfig, train: Sequences | Mixture) -> None:
+    """A micro-batch holds no more sequences than the training split has (a mixture's
+    sources repeat, each by itself: any batch size is drawn)."""
+    if isinstance(train, Mixture):
+        return
     if cfg.batch_size > len(train):
         raise ConfigError("data.batch_size", f"{cfg.batch_size} exceeds the {len(train)} "
                           f"training sequences of data.seq_len={cfg.seq_len} tokens; allowed: "
