@@ -71,7 +71,9 @@ def needs(group: str, option: str, inputs: dict) -> list[str]:
              ("data", "hf"): [f"data.path={inputs['ds']}", "data.val_split=validation"],
              ("tokenizer", "hf"): [f"tokenizer.path={inputs['tokenizer']}"],
              ("optimizer", "schedulefree"): ["scheduler=constant"],  # the one it takes
-             ("data", "parallel"): ["model=transformer_tiny", *inputs["pairs"]]}
+             ("data", "parallel"): ["model=transformer_tiny", *inputs["pairs"]],
+             ("data", "mix"): [f"data.sources={{a: {{data: text, files: '{inputs['corpus']}'}}, "
+                               f"b: {{data: builtin, weight: 2}}}}"]}
     if group == "model" and option_family(option, None) == "seq2seq":  # its data: pairs
         return [select, "data=parallel", *inputs["pairs"]]
     return [select, *extra.get((group, option), [])]

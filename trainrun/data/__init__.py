@@ -200,9 +200,9 @@ def load_whole(cfg: DataConfig, tokenizer: Tokenizer,
     """Every document of the source, none held out (DataConfig.documents(whole=True)), as
     Windows that make each of its tokens a target: data scored whole (trainrun-eval)."""
     if isinstance(cfg, MixDataConfig):
-        raise ConfigError("data", "a mixture is scored a source at a time; allowed: "
-                                  "trainrun-eval --split validation (every source's), or that "
-                                  "source's data option and keys, e.g. data=text data.files=...")
+        raise ConfigError("data", "a mixture has no whole to score (its sources are drawn by "
+                                  "weight); allowed: --split validation or --split train, "
+                                  "every source's split as one set")
     _quiet_datasets()
     docs = cfg.splits(whole=True)
     folder = storage.tokenize(docs, tokenizer, log)
