@@ -145,6 +145,13 @@ def test_a_mixture_resumes_exactly_counts_each_source_and_validates_each(sources
     assert counts["code"]["epochs"] > 1 > counts["web"]["epochs"]  # the small source repeats
     log = (tmp_path / "whole/train.log").read_text()
     assert "update 12/12: web val_loss" in log and "epochs (" in log
+    # new weights on resume: said in one line, each source going on from where it was
+    more = train(tmp_path / "half", *mix_args(sources, 0, 1), "trainer.max_steps=14",
+                 "resume=" + str(tmp_path / "half"))
+    assert ("data.sources weights now web 0, code 1, the checkpoint's web 3, code 1: the draws "
+            "after 48 follow") in (tmp_path / "half/train.log").read_text()
+    assert more["sources"]["web"]["sequences"] == counts["web"]["sequences"]
+    assert more["sources"]["code"]["sequences"] == counts["code"]["sequences"] + 2 * 4
 
 
 @pytest.mark.slow
