@@ -5,6 +5,8 @@ exact resume, on another number of processes too; bad input in one line."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -144,7 +146,7 @@ def test_a_mixture_resumes_exactly_counts_each_source_and_validates_each(sources
         assert epochs == pytest.approx(counts[name]["epochs"], rel=1e-4)
     assert counts["code"]["epochs"] > 1 > counts["web"]["epochs"]  # the small source repeats
     log = (tmp_path / "whole/train.log").read_text()
-    assert "update 12/12: web val_loss" in log and "epochs (" in log
+    assert "update 12/12: code val_loss" in log and "| web val_loss" in log and "epochs (" in log
     # new weights on resume: said in one line, each source going on from where it was
     more = train(tmp_path / "half", *mix_args(sources, 0, 1), "trainer.max_steps=14",
                  "resume=" + str(tmp_path / "half"))
@@ -161,14 +163,31 @@ def test_two_processes_draw_the_mixture_as_one_and_resume_on_one(sources, tmp_pa
     two = torchrun(*mix_args(sources), "data.batch_size=2", "trainer.max_steps=6",
                    "hydra.run.dir=two", cwd=tmp_path)
     assert two.returncode == 0, two.stderr
-    resumed = cli("resume=two", "trainer.max_steps=12", "data.batch_size=4", cwd=tmp_path)
+    # resumed from its overrides.yaml, on one process, with a smaller validation set
+    resumed = cli("resume=two", "trainer.max_steps=12", "data.batch_size=4",
+                  "trainer.eval_sequences=4", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
+    assert "validation now reads 6 sequences, the checkpoint's 10" in (
+        tmp_path / "two/train.log").read_text()
     metrics = [json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("one", "two")]
     assert metrics[1]["sources"].keys() == metrics[0]["sources"].keys()
     for name, seen in metrics[0]["sources"].items():  # the same stream: the same draws
         assert metrics[1]["sources"][name]["sequences"] == seen["sequences"]
     assert max_relative_difference(final_weights(tmp_path / "two"),
                                    final_weights(tmp_path / "one")) < 1e-5
+    # trainrun-eval reads the first N of each source, as the run's validation does
+    proc = cli_eval("one", "--max-sequences", "8", "--json", cwd=tmp_path)
+    scored = json.loads(proc.stdout)
+    assert scored["loss"] == pytest.approx(metrics[0]["val_loss"], rel=1e-6)
+    for name, seen in metrics[0]["sources"].items():
+        assert scored["sources"][name] == pytest.approx(seen["val_loss"], rel=1e-6)
+
+
+def cli_eval(*args: str, cwd: Path):
+    exe = Path(sys.executable).with_name("trainrun-eval")
+    proc = subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc
 
 
 @pytest.mark.slow
@@ -200,6 +219,42 @@ def test_bad_mixtures_name_the_key(sources, entry, key):
     with pytest.raises(ConfigError) as err:
         config(*TINY, "data=mix", f"data.sources={value}")
     assert err.value.key == key, err.value
+
+
+def test_an_entry_takes_new_keys_and_new_sources_without_a_plus(sources):
+    cfg = config(*TINY, "data=mix", f"data.sources={{web: {{data: text, files: '{sources['web']}'}}}}",
+                 "data.sources.web.weight=2", "data.sources.web.sample_by=paragraph",
+                 f"data.sources.code={{data: text, files: '{sources['code']}'}}")
+    assert cfg.data.weights() == {"web": 2.0, "code": 1.0}
+    assert cfg.data.parts()["web"].sample_by == "paragraph"
+
+
+def test_a_source_added_with_a_plus_is_refused_in_one_line(sources, tmp_path):
+    proc = cli(*mix_args(sources), f"+data.sources.more={{data: text, files: '{sources['web']}'}}",
+               "hydra.run.dir=run", cwd=tmp_path)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("trainrun: error: data.sources.more: ")
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_empty_micro_batch_of_a_mixture_is_empty():
+    parts = {n: Sequences(np.arange(40, dtype=np.uint16), None, 4, True, 0) for n in "xy"}
+    x, y = Mixture(parts).batch(np.array([], dtype=np.int64))
+    assert x.shape == y.shape == (0, 4)
+
+
+def test_bpe_is_trained_on_sources_of_other_string_types(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    text = [" ".join(f"w{i % 7} v{i % 5}" for i in range(j, j + 30)) for j in range(40)]
+    pq.write_table(pa.table({"text": pa.array(text, pa.large_string())}), tmp_path / "a.parquet")
+    (tmp_path / "b.txt").write_text("\n".join(text) + "\n")
+    cfg = config(*TINY, "data=mix", f"data.sources={{a: {{data: text, files: '{tmp_path}/a.parquet'}}, "
+                 f"b: {{data: text, files: '{tmp_path}/b.txt', sample_by: line}}}}",
+                 "tokenizer=bpe", "tokenizer.vocab_size=300", "data.seq_len=8")
+    loaded = data.load(cfg.data, cfg.tokenizer)
+    assert loaded.train.names == ["a", "b"] and loaded.tokenizer.vocab_size > 257  # merges
 
 
 def test_a_bad_weight_is_one_line_exit_2_and_writes_nothing(sources, tmp_path):

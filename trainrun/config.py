@@ -16,7 +16,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from trainrun import bleu, threads
 from trainrun.clip import CLIPPERS, ClipConfig
-from trainrun.data import DATA, TOKENIZERS, DataConfig, TokenizerConfig
+from trainrun.data import DATA, TOKENIZERS, DataConfig, MixDataConfig, TokenizerConfig
 from trainrun.data.tokenizers import ByteTokenizer
 from trainrun.distributed import STRATEGIES
 from trainrun.errors import ConfigError, require_in, require_positive
@@ -178,6 +178,9 @@ def validate(cfg: Config, data: bool = True) -> Config:
     for key in ("eval_sequences", "eval_batches", "ckpt_every_minutes", "early_stop_patience"):
         if getattr(t, key) is not None:
             require_positive(f"trainer.{key}", getattr(t, key))
+    if t.eval_batches is not None and data and isinstance(cfg.data, MixDataConfig):
+        raise ConfigError("trainer.eval_batches", "deprecated, and not for data=mix; allowed: "
+                                                  "trainer.eval_sequences=N (of each source)")
     if t.eval_batches is not None and t.eval_sequences is not None:
         raise ConfigError("trainer.eval_batches", f"{t.eval_batches} with trainer.eval_sequences="
                                                   f"{t.eval_sequences}; eval_batches is the "

@@ -115,8 +115,8 @@ def record(seqs: Sequences, n: int) -> dict:
 def describe(t: Components) -> str:
     """The run's log line about its validation set."""
     if isinstance(t.val, Mixture):
-        return (f"validation: the first {t.cfg.eval_sequences or 'all'} validation sequences of "
-                f"each source (" + ", ".join(
+        first = f"the first {t.cfg.eval_sequences:,}" if t.cfg.eval_sequences else "all the"
+        return (f"validation: {first} validation sequences of each source (" + ", ".join(
                     f"{name} {end - first:,} of {len(part.seqs):,}" for part, (name, (
                         first, end)) in zip(t.val.parts, t.val.spans().items(), strict=True))
                 + f"), {t.val.num_targets(np.arange(t.val_size)):,} target tokens, every "
@@ -153,10 +153,11 @@ def saved_set(meta: dict, t: Components) -> dict:
                              f"it from")
         n = min(old * batch * processes, len(t.val))
         return {"sequences": n, "fingerprint": fingerprint(t.val, n)}
+    available = t.val.available() if isinstance(t.val, Mixture) else len(t.val)
     if not (isinstance(saved, dict) and type(saved.get("sequences")) is int
-            and 0 < saved["sequences"] <= len(t.val) and isinstance(saved.get("fingerprint"), str)):
+            and 0 < saved["sequences"] <= available and isinstance(saved.get("fingerprint"), str)):
         raise ValueError(f"validation: {saved!r}, where trainrun writes the number of sequences "
-                         f"(at most the {len(t.val):,} of the validation split) and a fingerprint")
+                         f"(at most the {available:,} of the validation split) and a fingerprint")
     return saved
 
 
@@ -180,7 +181,7 @@ def resumed(t: Components, meta: dict) -> list[str]:
     c = t.counters
     best = (f"best_val_loss {c.best_val_loss:.4f} of update {c.best_val_step}"
             if c.best_val_step else "best_val_loss")
-    c.val_loss, c.best_val_loss, c.best_val_step = math.nan, math.inf, 0
+    c.val_loss, c.best_val_loss, c.best_val_step, c.val_sources = math.nan, math.inf, 0, {}
     return [*notes, f"validation now reads {now:,} sequences, the checkpoint's {was:,}: "
                     f"{best} and early stopping start over from this run's first validation, "
                     f"losses of other sequences not being comparable"]

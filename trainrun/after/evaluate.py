@@ -45,21 +45,30 @@ def score(run: Run, split: str, max_sequences: int | None, max_batches: int | No
         seqs = data.load(run.cfg.data, run.cfg.tokenizer, tokenizer=run.tokenizer)[split]
         documents = {}
     batch_size = run.cfg.data.batch_size
-    n = len(seqs)
+    n = available = len(seqs)
     if max_sequences is not None:
         n = min(n, max_sequences)
     if max_batches is not None:
         n = min(n, max_batches * batch_size)
+    if isinstance(seqs, data.Mixture):  # the first n of each source, as the run validates
+        seqs = seqs.heads({name: min(n, end - first) for name, (first, end) in
+                           seqs.spans().items()})
+        n = len(seqs)
     batches = micro_batches(n, batch_size)
     but = "" if run.cfg.data.packing else " but a document's first"
-    what = (f"{split} split: {n:,} of its {len(seqs):,} sequences of {seqs.seq_len} tokens"
+    each = " of each source" if isinstance(seqs, data.Mixture) else ""
+    what = (f"{split} split: {n:,} of its {available:,} sequences{each} of {seqs.seq_len} "
+            f"tokens"
             if split != "all" else
             f"all {documents['documents']:,} documents, none held out, each token{but} a "
             f"target once: {n:,} of {len(seqs):,} sequences of up to {seqs.seq_len} tokens")
     info(f"{run.checkpoint} (update {run.step}), {run.device}, {run.precision.mode}; "
          f"{what}, in {len(batches)} batch(es) of {batch_size}")
-    total = sequence_losses(run.model, seqs, batches, n, run.device, run.precision).sum()
-    targets = seqs.num_targets(np.arange(n))
+    losses = sequence_losses(run.model, seqs, batches, n, run.device, run.precision)
+    total, targets = losses.sum(), seqs.num_targets(np.arange(n))
+    sources = {} if not isinstance(seqs, data.Mixture) else {"sources": {
+        name: (losses[first:end].sum() / seqs.num_targets(np.arange(first, end))).item()
+        for name, (first, end) in seqs.spans().items()}}
     sizes = run.tokenizer.token_bytes()
     n_bytes = 0
     for idx in batches:
@@ -70,7 +79,7 @@ def score(run: Run, split: str, max_sequences: int | None, max_batches: int | No
     return {"loss": loss, "perplexity": math.exp(loss),
             "bits_per_byte": nats / math.log(2) / n_bytes if n_bytes else math.nan,
             "sequences": n, "tokens": targets, "bytes": n_bytes, "batches": len(batches),
-            "split": split, **documents, "checkpoint": str(run.checkpoint), "step": run.step}
+            "split": split, **documents, **sources, "checkpoint": str(run.checkpoint), "step": run.step}
 
 
 def score_translation(run: Run, split: str, max_sequences: int | None,

@@ -4,6 +4,7 @@ as `<prog>: error: <line>` and exits with status 2."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import sys
 
@@ -45,9 +46,7 @@ def explain(exc: Exception) -> ConfigError:
     key = getattr(cause, "full_key", None) or "config"
     schema = getattr(cause, "object_type", None)
     text = str(cause).splitlines()[0]
-    if " not in " in text and schema is not None:
-        import dataclasses
-
+    if " not in " in text and dataclasses.is_dataclass(schema):  # not a plain dict's
         allowed = ", ".join(f.name for f in dataclasses.fields(schema))
         return ConfigError(key, f"unknown key; allowed keys here: {allowed}")
     return ConfigError(key, text)

@@ -62,6 +62,13 @@ def preflight(argv: list[str]) -> list[Config]:
         return []
     folder = config_dir_from_flags(flags)
     overrides = task_overrides(argv)
+    added = [a for a in overrides if a.startswith(("+", "~")) and key(a).startswith("data.sources")]
+    if added:  # a run records key=value overrides only (overrides.yaml), to be resumed
+        from trainrun.errors import ConfigError
+
+        raise ConfigError(key(added[0]), f"{added[0]!r}: a mixture's sources and their keys are "
+                                         f"set without + or ~ (they take new names); allowed: "
+                                         f"{added[0].lstrip('+~')}")
     searches = [a for a in overrides if key(a) == "hparams_search" and not a.endswith("=null")]
     hydra_own = [a for a in argv if not a.startswith("-") and a not in overrides]
     if hydra_own or searches:

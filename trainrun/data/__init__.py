@@ -87,7 +87,8 @@ def load_mix(cfg: MixDataConfig, tokenizer_cfg: TokenizerConfig | None = None,
     import datasets
 
     _quiet_datasets()
-    parts, weights = cfg.parts(), cfg.weights()
+    parts, weights = dict(sorted(cfg.parts().items())), cfg.weights()  # by name: the stream
+    # and the record do not depend on the order the sources were written in
     docs = {}
     for name, part in parts.items():
         docs[name] = part.splits()
@@ -95,7 +96,8 @@ def load_mix(cfg: MixDataConfig, tokenizer_cfg: TokenizerConfig | None = None,
             f"{len(docs[name]['validation']):,} validation documents; {part.describe()}")
         signals.check()
     if tokenizer is None:
-        every = datasets.concatenate_datasets([d["train"] for d in docs.values()])
+        text = datasets.Features({"text": datasets.Value("string")})  # large_string too
+        every = datasets.concatenate_datasets([d["train"].cast(text) for d in docs.values()])
         tokenizer = (tokenizer_cfg or TOKENIZERS["byte"]()).build({"train": every}, log)
     signals.check()
     out = {split: {} for split in storage.SPLITS}

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import MISSING, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from trainrun.data.order import DataOrder
@@ -48,7 +48,9 @@ class MixDataConfig(DataConfig):
     mixture's packing, val_fraction and max_documents are every source's unless it sets its
     own, and its batch_size and seq_len are every source's."""
 
-    sources: Any = MISSING  # name -> entry; Any: a dict of new keys, which Hydra sets whole
+    # name -> entry: a dict open to new keys (not in Hydra's struct mode), so that a source
+    # or a key of one is added on the command line without `+`: data.sources.web.weight=2
+    sources: Any = field(default_factory=lambda: DictConfig({}, flags={"struct": False}))
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
@@ -148,12 +150,19 @@ class Mixture:
     def __len__(self) -> int:
         return int(self.starts[-1])
 
+    def available(self) -> int:
+        """The sequences of the splits its parts are taken from (heads() keeps the first of
+        each): what a validation set may be drawn from."""
+        return sum(getattr(p, "seqs", p).__len__() for p in self.parts)
+
     def source_of(self, indices: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.starts, indices, side="right") - 1
 
     def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, ...]:
         """Each source's rows from its own Sequences, in the order of `indices`."""
         indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) == 0:  # a rank's empty micro-batch at the end of a validation
+            return self.parts[0].batch(indices)
         which = self.source_of(indices)
         out = None
         for i in np.unique(which):
