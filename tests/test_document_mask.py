@@ -54,7 +54,7 @@ def one_by_one(model, window: torch.Tensor) -> torch.Tensor:
     first token the end-of-document id before it (or the window's first)."""
     x, y = window[:-1], window[1:]
     cuts = [0, *[i for i, t in enumerate(x.tolist()) if t == EOT and i > 0], len(x)]
-    return sum(loss_sum(model, x[None, a:b], y[None, a:b]) for a, b in zip(cuts, cuts[1:]))
+    return sum(loss_sum(model, x[None, a:b], y[None, a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True))
 
 
 @pytest.mark.parametrize("family", MASKING)
