@@ -45,7 +45,7 @@ class Documents:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask,
                                                   dropout_p=dropout_p, enable_gqa=enable_gqa)
         assert dropout_p == 0.0, "flex_attention has no dropout: documents(flex=False)"
-        kernel = compiled(flex_attention) if q.is_cuda else flex_attention  # eager: CPU tests
+        kernel = fused(flex_attention) if q.is_cuda else flex_attention  # eager: CPU tests
         return kernel(q, k, v, block_mask=self.mask, enable_gqa=enable_gqa)
 
 
@@ -60,7 +60,7 @@ def documents(idx: torch.Tensor, eot: int, flex: bool = False) -> Documents:
         def same_document(b, h, q_idx, kv_idx):
             return (kv_idx >= start[b, q_idx]) & (kv_idx <= q_idx)
 
-        make = compiled(create_block_mask) if idx.is_cuda else create_block_mask
+        make = fused(create_block_mask) if idx.is_cuda else create_block_mask
         mask = make(same_document, B, None, T, T, device=idx.device)
     else:  # key j is seen by query i when start[i] <= j <= i
         mask = ((t[None, None, :] >= start[:, :, None]) & (t[None, None, :] <= t[None, :, None]))
@@ -74,11 +74,16 @@ def flex_available(device: torch.device) -> bool:
     return device.type == "cuda" and flex_attention is not None
 
 
+def fused(function):
+    """flex_attention or create_block_mask compiled, as torchtitan does: uncompiled they
+    materialize the (T, T) scores and mask that they exist to avoid. Within a compiled
+    model (trainer.compile=true) the function itself: the model's compilation fuses it."""
+    return function if torch.compiler.is_compiling() else compiled(function)
+
+
 @functools.cache
 def compiled(function):
-    """flex_attention or create_block_mask compiled once per process, as torchtitan does:
-    uncompiled they materialize the (T, T) scores and mask that they exist to avoid
-    (trainer.compile=true compiles them with the model)."""
+    """function compiled once per process."""
     return torch.compile(function)
 
 
