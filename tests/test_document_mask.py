@@ -36,10 +36,10 @@ WINDOWS = torch.tensor([
 ])
 
 
-def tiny_model(family: str) -> torch.nn.Module:
+def tiny_model(family: str, *more: str) -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = model_config(f"model={MODELS[family].default_option}", *SMALL,
-                       *VARIANTS.get(family, []))
+                       *VARIANTS.get(family, []), *more)
     return cfg.build(VOCAB).eval()
 
 
@@ -96,7 +96,7 @@ def test_flex_attentions_block_mask_gives_the_boolean_masks_logits(family, monke
     model.mask_documents(EOT)
     with torch.no_grad():
         boolean = model(WINDOWS)
-        monkeypatch.setattr(documents, "flex_available", lambda device: True)
+        monkeypatch.setattr(documents, "flex_available", lambda device, head_dim: True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # flex_attention called without torch.compile
             flex = model(WINDOWS)
@@ -105,13 +105,17 @@ def test_flex_attentions_block_mask_gives_the_boolean_masks_logits(family, monke
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("family", MASKING)
-def test_on_cuda_the_compiled_flex_attention_gives_the_cpus_loss(family):
-    model = tiny_model(family)
+def test_on_cuda_the_compiled_flex_attention_gives_the_cpus_loss_and_trains(family):
+    wide = ["model.n_heads=2", *(["model.n_kv_heads=1"] if family == "llama" else [])]
+    model = tiny_model(family, *wide)  # heads of 16: flex_attention's kernels take them
     model.mask_documents(EOT)
     x, y = WINDOWS[:, :-1], WINDOWS[:, 1:]
     on_cpu = loss_sum(model, x, y)
-    on_cuda = loss_sum(model.cuda(), x.cuda(), y.cuda())
-    assert on_cuda.item() == pytest.approx(on_cpu.item(), rel=1e-4)
+    model, x, y = model.cuda(), x.cuda(), y.cuda()
+    assert documents.flex_available(x.device, 16) == (documents.flex_attention is not None)
+    assert loss_sum(model, x, y).item() == pytest.approx(on_cpu.item(), rel=1e-4)
+    F.cross_entropy(model.train()(x).flatten(0, 1), y.flatten()).backward()  # flex's backward
+    assert all(p.grad.isfinite().all() for p in model.parameters() if p.grad is not None)
 
 
 def test_cached_generation_of_a_masked_model_is_the_unmasked_ones():

@@ -12,8 +12,9 @@ loss is the sum of its documents' losses, each read alone.
 
 On CUDA, where torch has flex_attention, the mask is a BlockMask and attention a compiled
 flex_attention, which skips the blocks of (query, key) tiles that lie wholly across
-documents; elsewhere (the CPU, dropout in training, which flex_attention lacks) it is a
-boolean (B, 1, T, T) mask given to scaled_dot_product_attention.
+documents; elsewhere (the CPU, dropout in training, which flex_attention lacks, heads
+narrower than its kernels take) it is a boolean (B, 1, T, T) mask given to
+scaled_dot_product_attention.
 """
 
 from __future__ import annotations
@@ -68,10 +69,13 @@ def documents(idx: torch.Tensor, eot: int, flex: bool = False) -> Documents:
     return Documents(t - start, mask)
 
 
-def flex_available(device: torch.device) -> bool:
-    """Whether a model on `device` masks documents with flex_attention: CUDA, with a torch
-    that has it."""
-    return device.type == "cuda" and flex_attention is not None
+FLEX_MIN_HEAD = 16  # flex_attention's CUDA kernels (Triton's tl.dot) need heads this wide
+
+
+def flex_available(device: torch.device, head_dim: int) -> bool:
+    """Whether a model on `device` with heads of head_dim masks documents with
+    flex_attention: CUDA, with a torch that has it, and heads of 16 dimensions or more."""
+    return device.type == "cuda" and flex_attention is not None and head_dim >= FLEX_MIN_HEAD
 
 
 def fused(function):
@@ -89,8 +93,8 @@ def compiled(function):
 
 class MasksDocuments:
     """What a decoder family's module mixes in to support data.document_mask:
-    `mask_documents(eot)` turns it on (None: off, the default), and `documents(idx, cache)`
-    gives forward the Documents of its input, or None for plain causal attention: masking
+    `mask_documents(eot)` turns it on (None: off, the default), and
+    `documents(idx, cache, dropout, head_dim)` gives forward the Documents of its input, or None for plain causal attention: masking
     off, or a KV cache (generation reads one document, its prompt after one end-of-document
     id)."""
 
@@ -99,8 +103,9 @@ class MasksDocuments:
     def mask_documents(self, eot: int | None) -> None:
         self.eot = eot
 
-    def documents(self, idx: torch.Tensor, cache, dropout: float) -> Documents | None:
+    def documents(self, idx: torch.Tensor, cache, dropout: float,
+                  head_dim: int) -> Documents | None:
         if self.eot is None or cache is not None:
             return None
-        flex = flex_available(idx.device) and not (self.training and dropout > 0)
+        flex = flex_available(idx.device, head_dim) and not (self.training and dropout > 0)
         return documents(idx, self.eot, flex)

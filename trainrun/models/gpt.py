@@ -166,7 +166,7 @@ class GPT(MasksDocuments, nn.Module):
         added to it."""
         past, T = (0 if cache is None else len(cache)), idx.shape[1]
         check_length(past, T, self.cfg.max_seq_len)
-        docs = self.documents(idx, cache, self.cfg.dropout)
+        docs = self.documents(idx, cache, self.cfg.dropout, self.cfg.d_model // self.cfg.n_heads)
         # (T,) or, masking documents, (B, T): each token's position in its document
         pos = torch.arange(past, past + T, device=idx.device) if docs is None else docs.positions
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)

@@ -244,7 +244,7 @@ class Llama(MasksDocuments, nn.Module):
         past, T = (0 if cache is None else len(cache)), idx.shape[1]
         check_length(past, T, self.cfg.max_seq_len)
         x = self.embed(idx)  # (B, T, C)
-        docs = self.documents(idx, cache, self.cfg.dropout)
+        docs = self.documents(idx, cache, self.cfg.dropout, self.cfg.head_dim)
         cos, sin = self.rotary(past, T) if docs is None else self.rotary.at(docs.positions)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, None if cache is None else partial(cache.extend, i), docs)
