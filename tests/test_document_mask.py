@@ -19,7 +19,7 @@ from helpers import train as train_in_process
 from test_accumulation import max_relative_difference
 from test_distributed import only_run_dir, torchrun
 
-from trainrun import checkpoint
+from trainrun import checkpoint, resume
 from trainrun.errors import ConfigError
 from trainrun.models import MODELS, documents
 
@@ -179,6 +179,15 @@ def test_a_masked_run_sweeps_trains_on_2_processes_resumes_and_evaluates_masked(
     train_in_process(part, *args, "data.batch_size=8", "data.document_mask=true",
                      f"resume={part}")
     assert_identical(final_weights(part), masked)
+    # nor may a resume turn the mask on or off, also for a run recorded before the key
+    masking = config(*args, "data.batch_size=8", "data.document_mask=true")
+    step = part / "checkpoints/step-00000003"
+    meta = checkpoint.read_meta(sweep / "1/checkpoints/step-00000003")
+    for saved in (meta, {**meta, "config": {**meta["config"], "data": {
+            k: v for k, v in meta["config"]["data"].items() if k != "document_mask"}}}):
+        with pytest.raises(ConfigError) as refused:
+            resume.check_compatible(masking, saved, step)
+        assert refused.value.key == "data.document_mask"
 
     run = open_run(str(sweep / "0"), [])
     assert run.model.eot == EOT
