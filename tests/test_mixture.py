@@ -210,6 +210,8 @@ def test_a_sweep_over_the_weights_runs_a_job_each(sources, tmp_path):
     ("{web: {files: '{web}'}}", "data.sources.web.data"),
     ("{web: {data: text, files: '{web}', colour: red}}", "data.sources.web.colour"),
     ("{web: {data: text, files: '{web}', seq_len: 8}}", "data.sources.web.seq_len"),
+    ("{web: {data: text, files: '{web}', document_mask: true}}",
+     "data.sources.web.document_mask"),
     ("{web: {data: text}}", "data.sources.web.files"),
     ("{web: 3}", "data.sources.web"),
     ("[1, 2]", "data.sources"),

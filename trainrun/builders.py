@@ -29,11 +29,16 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, device: torch.device,
-                console: Console | None = None) -> torch.nn.Module:
+                console: Console | None = None, document_eot: int | None = None
+                ) -> torch.nn.Module:
     """The model of cfg's family on device over vocab_size ids (the tokenizer's), its
     initialization drawn from the seeded generator; given a console (a run that starts from
-    its config, not from a checkpoint), model.init_from's weights then replace it."""
+    its config, not from a checkpoint), model.init_from's weights then replace it.
+    `document_eot`: the end-of-document id under data.document_mask (validate() has checked
+    that the family masks documents), None otherwise."""
     model = cfg.build(vocab_size)
+    if document_eot is not None:
+        model.mask_documents(document_eot)
     if console is not None and cfg.init_from is not None:
         for note in cfg.hf.load(cfg, model):
             console.warning(note)
@@ -62,7 +67,8 @@ def build_components(cfg: Config, device: torch.device, precision: Precision, co
     splits = load_data(cfg, world, console)
     signals.check()
     model = build_model(cfg.model, splits.tokenizer.vocab_size, device,
-                        console if pretrained else None)
+                        console if pretrained else None,
+                        splits.tokenizer.eot if cfg.data.document_mask else None)
     replicas = distributed.Replicas(model, t.strategy, world, device, t.compile)
     signals.check()
     optimizer = build_optimizer(cfg.optimizer, model, device)

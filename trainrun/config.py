@@ -210,6 +210,10 @@ def validate(cfg: Config, data: bool = True) -> Config:
     if data:
         cfg.data.validate("data")
         cfg.tokenizer.validate("tokenizer")  # the commands after training read the run's copy
+    if cfg.data.document_mask and not cfg.model.masks_documents:
+        raise ConfigError("data.document_mask", f"true with model family {cfg.model.family}, "
+                                                f"which cannot mask documents; allowed: false, "
+                                                f"or a decoder (gpt_*, llama_*)")
     if data and cfg.data.task != cfg.model.task:
         raise ConfigError("model", f"a {cfg.model.family} model ({cfg.model.task}) with data of "
                                    f"{cfg.data.task}; allowed: "

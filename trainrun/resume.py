@@ -35,6 +35,9 @@ PLAIN = re.compile(r"[A-Za-z0-9_./-]*/[A-Za-z0-9_./-]*")  # a path Hydra reads a
 # a run had, where it is not today's default. Before data.sample_by, a .txt file was read
 # as a document per line.
 EARLIER = {("data", "TextDataConfig"): {"sample_by": "line"}}
+# Data keys of every data option that came after runs were recorded without them, and the
+# value those runs had (their default): a resume may not set another.
+LATER_DATA = {"document_mask": False}
 
 
 class AlreadyComplete(Exception):
@@ -205,6 +208,8 @@ def check_compatible(cfg: Config, meta: dict, path: Path) -> None:
     changed += [(f"data.{k}", v) for k, v in saved["data"].items()
                 if k not in DATA_KEYS_FREE and _unweighted(k, v) != _unweighted(
                     k, now["data"].get(k))]
+    changed += [(f"data.{k}", v) for k, v in LATER_DATA.items()
+                if k not in saved["data"] and now["data"].get(k, v) != v]
     changed += [(f"tokenizer.{k}", v) for k, v in saved.get("tokenizer", {}).items()
                 if v != now["tokenizer"].get(k)]
     changed += [(f"optimizer.{k}", v) for k, v in saved["optimizer"].items()

@@ -6,7 +6,8 @@ reaches Hydra or OmegaConf's resolvers), then the command's own overrides, compo
 validated as `trainrun` does it; model.init_from is left out (the checkpoint holds the
 weights). The checkpoint is the newest intact step-* one (a damaged newer one is skipped
 with a warning, and left where it is) or the one asked for (a step, best/, an average); its
-meta.json must describe the model that the config builds and name the tokenizer it was
+meta.json must describe the model that the config builds (which masks documents as the
+run was trained, unless the command sets data.document_mask) and name the tokenizer it was
 trained with: the run's copy (tokenizer.json) must be there exactly when meta.json names
 one, with the fingerprint it records, so that no figure, sample or export is made with
 other ids. torch's CPU threads are set as `trainrun` sets them (trainrun.threads): the run's
@@ -166,6 +167,18 @@ def check_shape(cfg: Config, path: Path) -> tuple[int, dict]:
     return step, meta
 
 
+def document_mask(meta: dict, overrides: list[str], composed: bool) -> bool:
+    """Whether the model masks documents: as the run was trained (its checkpoint's
+    meta.json), whatever data the command reads (data=text ... drops the run's data keys),
+    unless the command itself sets data.document_mask (the `composed` value then)."""
+    from trainrun.composition.overrides import key
+
+    if any(key(o) == "data.document_mask" for o in overrides):
+        return composed
+    saved = meta.get("config", {}).get("data")
+    return isinstance(saved, dict) and saved.get("document_mask") is True
+
+
 def tokenizer_of(run_dir: Path, path: Path, meta: dict, eot: str | None) -> Tokenizer:
     """The tokenizer checkpoint `path` was trained with, as its meta.json records it: the
     byte tokenizer, or the run's copy (run_dir/tokenizer.json, end of document `eot`) with
@@ -234,7 +247,9 @@ def open_run(run_dir: str, overrides: list[str], checkpoint_name: str | None = N
     tokenizer = tokenizer_of(path, ckpt, meta, getattr(cfg.tokenizer, "eot", None))
     device, precision = runner.device_and_precision(cfg)
     threads_line, _ = set_threads(cfg.trainer.threads)  # as a fresh trainrun run does
-    model = builders.build_model(cfg.model, tokenizer.vocab_size, device)
+    masked = document_mask(meta, overrides, cfg.data.document_mask)
+    model = builders.build_model(cfg.model, tokenizer.vocab_size, device,
+                                 document_eot=tokenizer.eot if masked else None)
     try:
         checkpoint.load_weights(ckpt, model, checkpoint.EMA_FILE if weights == "ema"
                                 else checkpoint.MODEL_FILE)

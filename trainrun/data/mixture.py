@@ -37,7 +37,7 @@ from trainrun.registry import register
 
 BLOCK = 4096  # draws per seeded block of the source choices
 MIX_SEED = 0x6D6978  # "mix": the choices' stream, apart from every source's own order
-SHARED = ("batch_size", "seq_len")  # the batch's shape: the mixture's, for every source
+SHARED = ("batch_size", "seq_len", "document_mask")  # the mixture's, for every source
 ENTRY = ("data", "weight")  # a source entry's own keys; the rest are its option's
 
 
@@ -95,7 +95,8 @@ class MixDataConfig(DataConfig):
             for shared in SHARED:
                 if shared in entry:
                     raise ConfigError(f"{key}.{shared}", f"data.{shared} is the mixture's, the "
-                                      f"same for every source; allowed: data.{shared}=<n>")
+                                      f"same for every source; allowed: data.{shared}=... for "
+                                      f"the whole mixture")
             out[name] = _source_config(DATA[option], option, key, entry, {
                 k: getattr(self, k) for k in ("batch_size", "seq_len", "packing",
                                               "val_fraction", "max_documents")})

@@ -72,6 +72,11 @@ class ParallelDataConfig(DataConfig):
         if self.packing:
             raise ConfigError(f"{prefix}.packing", "true; allowed: false (a pair is never "
                                                    "packed with another)")
+        if self.document_mask:
+            raise ConfigError(f"{prefix}.document_mask", "true; allowed: false (a pair is one "
+                                                         "source and one target, never packed "
+                                                         "with another: there are no documents "
+                                                         "to keep apart)")
         check_encoding(f"{prefix}.encoding", self.encoding)
         for key in ("max_source_len", "max_target_len", "max_tokens"):
             if getattr(self, key) is not None:

@@ -57,6 +57,9 @@ class DataConfig:
     packing: bool = MISSING  # concatenate documents into windows (false: one per sequence)
     val_fraction: float = MISSING  # documents held out when the source has no validation split
     max_documents: int | None = None  # at most this many documents per split (null: all)
+    # attention within each document of a packed window, positions from 0 in each (a
+    # decoder's; docs/data.md, Document masking); with packing=false a no-op
+    document_mask: bool = False
 
     def validate(self, prefix: str) -> None:
         require_positive(f"{prefix}.batch_size", self.batch_size)

@@ -5,6 +5,8 @@ base.py), family_of, adapter_for, and the helpers every family shares.
 
     base.py       ModelConfig, the module interface, KVCache, padding, parameter kinds
     hf.py         Adapter: a family's Hugging Face format (export, model.init_from)
+    documents.py  document masking (data.document_mask): the documents of a packed window,
+                  their positions and attention mask, for the decoders that mix it in
     gpt.py        gpt: GPT-2's decoder (gpt_tiny, gpt_small, gpt2_124m)
     gpt_hf.py     its format, GPT2LMHeadModel
     llama.py      llama: RMSNorm, rotary positions, SwiGLU, grouped-query attention

@@ -12,6 +12,9 @@ whose `build(vocab_size)` returns an nn.Module with this interface:
     num_params()             parameters counted once, the padding rows left out
     flops_per_token(seq_len) training FLOPs per token, for MFU
     head                     the output layer (an embedding kind: no weight decay, no Muon)
+    mask_documents(eot)      where the config's masks_documents: each document of a window
+                             (one begins at each eot id) attends only to itself, from
+                             position 0 (data.document_mask; documents.MasksDocuments)
 
 A family of task "translation" (seq2seq.py) reads a source too: its forward is
 forward(src (B, S), src_lengths (B,), tgt (B, T)) -> logits (B, T, padded(vocab_size)), and
@@ -50,6 +53,8 @@ class ModelConfig:
     default_option: ClassVar[str]
     # lm: forward(idx) over one stream; translation: forward(src, src_lengths, tgt)
     task: ClassVar[str] = "lm"
+    # data.document_mask: its module has mask_documents(eot) (models/documents.py)
+    masks_documents: ClassVar[bool] = False
 
     d_model: int = MISSING  # width of the residual stream (noam's default d_model)
     max_seq_len: int = MISSING  # the longest sequence the model reads

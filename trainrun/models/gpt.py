@@ -26,6 +26,7 @@ from trainrun.models.base import (
     padded,
     require_heads,
 )
+from trainrun.models.documents import Documents, MasksDocuments
 
 
 @dataclass
@@ -35,6 +36,7 @@ class GPTConfig(ModelConfig):
                                              "max_seq_len")
     default_option: ClassVar[str] = "gpt_tiny"
     hf: ClassVar = gpt_hf.ADAPTER
+    masks_documents: ClassVar[bool] = True
 
     # d_model: width of the residual stream; max_seq_len: number of learned positions
     n_layers: int = MISSING
@@ -82,7 +84,8 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
 
-    def forward(self, x: torch.Tensor, extend: Extend | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, extend: Extend | None = None,
+                docs: Documents | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, T, C) -> (B, nh, T, hs)
@@ -90,10 +93,12 @@ class CausalSelfAttention(nn.Module):
         if extend is not None:
             k, v = extend(k, v)  # (B, nh, T_past + T, hs): the cached positions, then these
         past = k.shape[2] - T
-        mask = causal_mask(past, T, x.device)
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
-                                           is_causal=past == 0)  # (B, nh, T, hs)
+        if docs is not None:  # data.document_mask: within each document
+            y = docs.attend(q, k, v, p)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(past, T, x.device),
+                                               dropout_p=p, is_causal=past == 0)  # (B, nh, T, hs)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -116,16 +121,18 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, extend: Extend | None = None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln_attn(x), extend))
+    def forward(self, x: torch.Tensor, extend: Extend | None = None,
+                docs: Documents | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln_attn(x), extend, docs))
         return x + self.drop(self.mlp(self.ln_mlp(x)))
 
 
-class GPT(nn.Module):
+class GPT(MasksDocuments, nn.Module):
     """GPT-2's architecture over `vocab_size` ids. The embedding (tied with the output
     layer) has padded(vocab_size) rows, for faster matrix products; the logits of the
     padding ids are the lowest finite value, so that no softmax (loss, sampling, evaluation) gives them any
-    probability, and their rows get no gradient from the loss."""
+    probability, and their rows get no gradient from the loss. After mask_documents(eot),
+    each document of a window attends only to itself, from position 0 (documents.py)."""
 
     def __init__(self, cfg: GPTConfig, vocab_size: int):
         super().__init__()
@@ -159,10 +166,12 @@ class GPT(nn.Module):
         added to it."""
         past, T = (0 if cache is None else len(cache)), idx.shape[1]
         check_length(past, T, self.cfg.max_seq_len)
-        pos = torch.arange(past, past + T, device=idx.device)
+        docs = self.documents(idx, cache, self.cfg.dropout, self.cfg.d_model // self.cfg.n_heads)
+        # (T,) or, masking documents, (B, T): each token's position in its document
+        pos = torch.arange(past, past + T, device=idx.device) if docs is None else docs.positions
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
         for i, block in enumerate(self.blocks):
-            x = block(x, None if cache is None else partial(cache.extend, i))
+            x = block(x, None if cache is None else partial(cache.extend, i), docs)
         logits = self.head(self.ln_f(x))
         return mask_padding(logits, self.padding) if self.padded else logits
 

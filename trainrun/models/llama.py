@@ -28,6 +28,7 @@ from trainrun.models.base import (
     padded,
     require_heads,
 )
+from trainrun.models.documents import Documents, MasksDocuments
 
 
 @dataclass
@@ -37,6 +38,7 @@ class LlamaConfig(ModelConfig):
                                              "d_ff", "max_seq_len", "tie_embeddings", "qk_norm")
     default_option: ClassVar[str] = "llama_tiny"
     hf: ClassVar = llama_hf.ADAPTER
+    masks_documents: ClassVar[bool] = True
 
     # d_model: width of the residual stream; max_seq_len: the rotary positions precomputed
     n_layers: int = MISSING
@@ -138,7 +140,13 @@ class Rotary(nn.Module):
         self.register_buffer("sin", angles.sin(), persistent=False)
 
     def forward(self, past: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (T, hs) of positions past .. past + T - 1."""
         return self.cos[past:past + T], self.sin[past:past + T]
+
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (B, 1, T, hs) of the positions (B, T): one angle per token, the same
+        for every head."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
 
 class Attention(nn.Module):
@@ -154,7 +162,7 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(self.hs, eps=cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                extend: Extend | None = None) -> torch.Tensor:
+                extend: Extend | None = None, docs: Documents | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.hs).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
@@ -166,10 +174,13 @@ class Attention(nn.Module):
         if extend is not None:
             k, v = extend(k, v)  # (B, n_kv, T_past + T, hs): the cached positions, then these
         past = k.shape[2] - T
-        p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(past, T, x.device),
-                                           dropout_p=p, is_causal=past == 0,
-                                           enable_gqa=self.n_kv != self.n_heads)  # (B, nh, T, hs)
+        p, gqa = (self.dropout if self.training else 0.0), self.n_kv != self.n_heads
+        if docs is not None:  # data.document_mask: within each document
+            y = docs.attend(q, k, v, p, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(past, T, x.device),
+                                               dropout_p=p, is_causal=past == 0,
+                                               enable_gqa=gqa)  # (B, nh, T, hs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hs))
 
 
@@ -194,15 +205,17 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                extend: Extend | None = None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, extend))
+                extend: Extend | None = None, docs: Documents | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, extend, docs))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
-class Llama(nn.Module):
+class Llama(MasksDocuments, nn.Module):
     """A Llama-style decoder over `vocab_size` ids. The embedding and the head have
     padded(vocab_size) rows, for faster matrix products; the padding ids' logits are the
-    lowest finite value, so that no softmax gives them any probability."""
+    lowest finite value, so that no softmax gives them any probability. After
+    mask_documents(eot), each document of a window attends only to itself, its rotations
+    those of positions 0, 1, ... from its start (documents.py)."""
 
     def __init__(self, cfg: LlamaConfig, vocab_size: int):
         super().__init__()
@@ -231,9 +244,10 @@ class Llama(nn.Module):
         past, T = (0 if cache is None else len(cache)), idx.shape[1]
         check_length(past, T, self.cfg.max_seq_len)
         x = self.embed(idx)  # (B, T, C)
-        cos, sin = self.rotary(past, T)
+        docs = self.documents(idx, cache, self.cfg.dropout, self.cfg.head_dim)
+        cos, sin = self.rotary(past, T) if docs is None else self.rotary.at(docs.positions)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, None if cache is None else partial(cache.extend, i))
+            x = layer(x, cos, sin, None if cache is None else partial(cache.extend, i), docs)
         logits = self.head(self.norm(x))
         return mask_padding(logits, self.padding) if self.padded else logits
 
