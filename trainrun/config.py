@@ -207,6 +207,12 @@ def validate(cfg: Config, data: bool = True) -> Config:
     if data:
         cfg.data.validate("data")
         cfg.tokenizer.validate("tokenizer")  # the commands after training read the run's copy
+        if getattr(cfg.data, "streaming", False) and type(cfg.tokenizer) is TOKENIZERS["bpe"]:
+            raise ConfigError("tokenizer", "bpe with data.streaming=true, which would have to read "
+                                           "the whole stream to train it first; allowed: "
+                                           "tokenizer=byte, or tokenizer=hf tokenizer.path=<a "
+                                           "tokenizer.json>, e.g. the one a tokenizer=bpe run on "
+                                           "a sample of the corpus keeps in its directory")
     if data and cfg.data.task != cfg.model.task:
         raise ConfigError("model", f"a {cfg.model.family} model ({cfg.model.task}) with data of "
                                    f"{cfg.data.task}; allowed: "

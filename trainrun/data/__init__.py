@@ -12,6 +12,7 @@
     parallel.py          data=parallel: sentence pairs for translation, a split per side
     pairs.py             pairs as tensors, and the training pairs in length buckets
     hub.py               a quick look whether the Hugging Face hub can be reached
+    stream.py            data.streaming=true: tokenized on the fly, its position checkpointed
 """
 
 from __future__ import annotations
@@ -24,23 +25,24 @@ from dataclasses import dataclass
 import numpy as np
 
 from trainrun import signals
-from trainrun.data import storage
+from trainrun.data import storage, stream
 from trainrun.data.pairs import Buckets, Pairs, Side
 from trainrun.data.parallel import SIDES, ParallelDataConfig
 from trainrun.data.sequences import IGNORE, Sequences, Windows
 from trainrun.data.sources import DATA, DataConfig
+from trainrun.data.stream import Stream
 from trainrun.data.tokenizer_options import TOKENIZERS, TokenizerConfig
 from trainrun.data.tokenizers import RUN_FILE, Tokenizer, for_run
 from trainrun.errors import ConfigError
 
 __all__ = ["DATA", "IGNORE", "RUN_FILE", "TOKENIZERS", "Buckets", "DataConfig", "Loaded", "Pairs",
            "ParallelDataConfig", "Sequences", "Tokenizer", "TokenizerConfig", "Windows",
-           "check_batch", "for_run", "load", "load_pairs", "load_whole"]
+           "Stream", "check_batch", "for_run", "load", "load_pairs", "load_whole"]
 
 
 @dataclass
 class Loaded:
-    train: Sequences | Buckets
+    train: Sequences | Buckets | Stream
     validation: Sequences | Pairs
     tokenizer: Tokenizer
     test: Pairs | None = None  # data=parallel's test split, when asked for
@@ -53,8 +55,11 @@ def load(cfg: DataConfig, tokenizer_cfg: TokenizerConfig | None = None,
          log: Callable[[str], None] = lambda line: None,
          tokenizer: Tokenizer | None = None) -> Loaded:
     """The splits as Sequences over the cached token files, and the tokenizer (`tokenizer`,
-    e.g. a finished run's copy, else the one tokenizer_cfg builds)."""
+    e.g. a finished run's copy, else the one tokenizer_cfg builds). With data.streaming,
+    train is a Stream and validation the stream's first slice (stream.py)."""
     _quiet_datasets()
+    if getattr(cfg, "streaming", False):
+        return Loaded(*stream.load(cfg, tokenizer_cfg or TOKENIZERS["byte"](), log, tokenizer))
     docs = cfg.splits()
     log(f"data: {len(docs['train']):,} train / {len(docs['validation']):,} validation "
         f"documents; {cfg.describe()}")
@@ -188,6 +193,8 @@ def _sequences(cfg: DataConfig, folder, split: str, docs, tokenizer: Tokenizer) 
 
 def check_batch(cfg: DataConfig, train: Sequences) -> None:
     """A micro-batch holds no more sequences than the training split has."""
+    if isinstance(train, Stream):
+        return  # a stream has no end: its windows go on into the next epoch
     if cfg.batch_size > len(train):
         raise ConfigError("data.batch_size", f"{cfg.batch_size} exceeds the {len(train)} "
                           f"training sequences of data.seq_len={cfg.seq_len} tokens; allowed: "
