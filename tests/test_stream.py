@@ -197,3 +197,21 @@ def test_bad_streaming_input_is_one_line_and_writes_nothing(shards, tmp_path):
     proc = cli("data.streaming=true", cwd=tmp_path)  # data=builtin does not stream
     assert proc.returncode == 2 and "data.streaming" in proc.stderr, proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_resume_on_files_that_changed_is_refused_in_one_line(full, shards, tmp_path):
+    """A stream's record names each file by path, size and modification time."""
+    import os
+
+    part = rewind(full, tmp_path / "part", 3)
+    file = shards / "part-1.txt"
+    times = os.stat(file)
+    os.utime(file, ns=(times.st_atime_ns, times.st_mtime_ns + 10**9))
+    try:
+        proc = cli(f"resume={part}", cwd=tmp_path)
+    finally:
+        os.utime(file, ns=(times.st_atime_ns, times.st_mtime_ns))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("trainrun: error: data: the train stream (3 file(s)) is not "
+                                  "the one checkpoint step-00000003 was trained on: its "
+                                  "documents changed")
