@@ -215,3 +215,23 @@ def test_a_resume_on_files_that_changed_is_refused_in_one_line(full, shards, tmp
     assert proc.stderr.startswith("trainrun: error: data: the train stream (3 file(s)) is not "
                                   "the one checkpoint step-00000003 was trained on: its "
                                   "documents changed")
+
+
+def test_a_folder_with_a_validation_split_gives_its_first_documents(tmp_path):
+    import json
+
+    for split, n in (("train", 30), ("validation", 12)):
+        (tmp_path / f"{split}.jsonl").write_text("".join(
+            json.dumps({"text": f"{split} document {i} " * 3}) + "\n" for i in range(n)))
+    cfg = config(*TINY_HF, f"data.path={tmp_path}", "data.streaming=true",
+                 "data.val_documents=5")
+    loaded = data.load(cfg.data)
+    expected = [t for i in range(5) for t in [*f"validation document {i} ".encode() * 3, 256]]
+    assert np.asarray(loaded.validation.tokens).tolist() == expected
+    assert loaded.train.held == (0, 0)  # training reads all of its own split
+    first = next(loaded.train.reader().rows(0, (0, 0, 0)))[1]
+    assert bytes(first[:14].tolist()) == b"train document"
+
+
+TINY_HF = [o for o in tiny(Path("unused")) if not o.startswith(("data=", "data.files",
+                                                                  "data.sample_by"))] + ["data=hf"]
