@@ -13,6 +13,7 @@
     pairs.py             pairs as tensors, and the training pairs in length buckets
     hub.py               a quick look whether the Hugging Face hub can be reached
     stream.py            data.streaming=true: tokenized on the fly, its position checkpointed
+    stream_reader.py     a stream's rows from any position: read, tokenized, packed, shuffled
 """
 
 from __future__ import annotations

@@ -28,16 +28,15 @@ import json
 import queue
 import threading
 import weakref
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from trainrun.data.order import permutation
 from trainrun.data.sequences import Sequences
-from trainrun.data.storage import BATCH, dtype_for
+from trainrun.data.storage import dtype_for
+from trainrun.data.stream_reader import Chunk, Reader
 from trainrun.errors import ConfigError, require_positive
 
 PREFETCH = 2  # chunks tokenized ahead of the one the loop reads
@@ -120,113 +119,6 @@ def validation_slice(texts: list[str], tokenizer, seq_len: int) -> Sequences:
 
 def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class Chunk:
-    epoch: int
-    number: int  # of the chunk in its epoch, 0-based
-    start: tuple[int, int, int]  # its first row: shard (in the epoch's order), document, token
-    rows: np.ndarray  # (n, seq_len + 1), shuffled
-
-
-class Reader:
-    """The stream's rows, from any position: what the background thread runs."""
-
-    def __init__(self, source: Source, tokenizer, seq_len: int, buffer: int, seed: int,
-                 held: tuple[int, int]):
-        self.source, self.tokenizer, self.seq_len = source, tokenizer, seq_len
-        self.buffer, self.seed, self.held = buffer, seed, held
-        self.dtype = dtype_for(tokenizer.vocab_size)
-
-    def shard_order(self, epoch: int) -> np.ndarray:
-        return permutation(self.source.shards, self.seed, epoch)
-
-    def documents(self, epoch: int, shard: int, doc: int) -> Iterator[tuple[int, int, str]]:
-        """(shard position, document index, text) of the epoch's non-blank training
-        documents from (shard, doc) on; those held out for validation are left out."""
-        order = self.shard_order(epoch)
-        for s in range(shard, self.source.shards):
-            k, held_shard, held_doc = int(order[s]), *self.held
-            if k < held_shard:
-                continue  # wholly held out
-            first = max(doc if s == shard else 0, held_doc if k == held_shard else 0)
-            for i, text in enumerate(self.source.open(k)):
-                if i >= first and text and text.strip():
-                    yield s, i, text
-
-    def tokenized(self, epoch: int, shard: int, doc: int) -> Iterator[tuple[int, int, np.ndarray]]:
-        """documents(), as their ids followed by the end-of-document id, tokenized BATCH at a
-        time."""
-        eot, batch = np.array([self.tokenizer.eot]), []
-        for item in _with_end(self.documents(epoch, shard, doc)):
-            if item is not None:
-                batch.append(item)
-            if batch and (item is None or len(batch) == BATCH):
-                ids = self.tokenizer.encode_batch([text for _, _, text in batch])
-                for (s, i, _), a in zip(batch, ids, strict=True):
-                    yield s, i, np.concatenate([a, eot]).astype(self.dtype)
-                batch = []
-
-    def rows(self, epoch: int, start: tuple[int, int, int]
-             ) -> Iterator[tuple[tuple[int, int, int], np.ndarray]]:
-        """(where it starts, row) of each row of seq_len + 1 tokens of the epoch from `start`
-        on; the tokens left at the epoch's end, too few for a row, are dropped."""
-        T = self.seq_len
-        pending: deque = deque()  # [shard, doc, offset, ids]: tokens not yet past
-        have = 0
-        for s, i, ids in self.tokenized(epoch, start[0], start[1]):
-            offset = start[2] if (s, i) == start[:2] else 0
-            pending.append([s, i, offset, ids])
-            have += len(ids) - offset
-            while have >= T + 1:
-                row, filled = np.empty(T + 1, self.dtype), 0
-                for _, _, off, part in pending:
-                    take = min(T + 1 - filled, len(part) - off)
-                    row[filled : filled + take] = part[off : off + take]
-                    filled += take
-                    if filled == T + 1:
-                        break
-                yield tuple(pending[0][:3]), row
-                dropped = T  # the row's last token starts the next row
-                while dropped:
-                    head = pending[0]
-                    step = min(dropped, len(head[3]) - head[2])
-                    head[2] += step
-                    dropped -= step
-                    if head[2] == len(head[3]):
-                        pending.popleft()
-                have -= T
-
-    def chunks(self, epoch: int, number: int, start: tuple[int, int, int]) -> Iterator[Chunk]:
-        """The shuffled chunks from chunk `number` of `epoch`, which starts at `start`, on,
-        epoch after epoch."""
-        while True:
-            rows: list = []
-            first = start
-            produced = number > 0
-            for where, row in self.rows(epoch, start):
-                if not rows:
-                    first = where
-                rows.append(row)
-                if len(rows) == self.buffer:
-                    yield self.chunk(epoch, number, first, rows)
-                    number, rows, produced = number + 1, [], True
-            if rows:
-                yield self.chunk(epoch, number, first, rows)
-            elif not produced:
-                raise ConfigError("data", f"epoch {epoch} of the stream has no sequence of "
-                                          f"data.seq_len={self.seq_len} tokens")
-            epoch, number, start = epoch + 1, 0, (0, 0, 0)
-
-    def chunk(self, epoch: int, number: int, start, rows: list) -> Chunk:
-        shuffle = np.random.default_rng([self.seed, epoch, 1, number]).permutation(len(rows))
-        return Chunk(epoch, number, tuple(start), np.stack(rows)[shuffle])
-
-
-def _with_end(items):
-    yield from items
-    yield None
 
 
 class Prefetch:
