@@ -176,6 +176,20 @@ def test_two_processes_continue_the_stream_of_one(full, tmp_path):
     assert max_relative_difference(final_weights(part), final_weights(reference)) < 1e-5
 
 
+def test_a_sweep_over_the_streams_keys_runs_each_job(shards, tmp_path):
+    """The keys sweep as any other; each job reads its own stream, whose thread ends with it."""
+    import csv
+
+    proc = cli("-m", *stream_args(shards, "trainer.max_steps=2", "trainer.eval_every=2"),
+               "data.shuffle_buffer=1,8", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    with (tmp_path / "sweep/summary.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["status"], r["steps"]) for r in rows] == [("completed", "2")] * 2
+    assert sorted(o for r in rows for o in r["overrides"].split() if "shuffle_buffer" in o) \
+        == ["data.shuffle_buffer=1", "data.shuffle_buffer=8"]  # rows sorted by best val loss
+
+
 @pytest.mark.parametrize(("override", "key"), [
     ("data.packing=false", "data.packing"),
     ("tokenizer=bpe", "tokenizer"),
