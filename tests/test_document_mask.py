@@ -113,6 +113,8 @@ def test_on_cuda_the_compiled_flex_attention_gives_the_cpus_loss_and_trains(fami
     on_cpu = loss_sum(model, x, y)
     model, x, y = model.cuda(), x.cuda(), y.cuda()
     assert documents.flex_available(x.device, 16) == (documents.flex_attention is not None)
+    if documents.flex_attention is not None:  # the block mask, not the boolean one, is used
+        assert isinstance(model.eval().documents(x, None, 0.0, 16).mask, documents.BlockMask)
     assert loss_sum(model, x, y).item() == pytest.approx(on_cpu.item(), rel=1e-4)
     F.cross_entropy(model.train()(x).flatten(0, 1), y.flatten()).backward()  # flex's backward
     assert all(p.grad.isfinite().all() for p in model.parameters() if p.grad is not None)

@@ -213,6 +213,7 @@ def test_a_sweep_over_the_weights_runs_a_job_each(sources, tmp_path):
     ("{web: {data: text, files: '{web}', document_mask: true}}",
      "data.sources.web.document_mask"),
     ("{web: {data: text}}", "data.sources.web.files"),
+    ("{web: {data: text, files: '{web}', streaming: true}}", "data.sources.web.streaming"),
     ("{web: 3}", "data.sources.web"),
     ("[1, 2]", "data.sources"),
 ])

@@ -129,7 +129,9 @@ def describe_data(cfg: Config, splits: data.Loaded, processes: int) -> tuple[str
                 f"process(es), the loss normalized by all their target tokens; "
                 f"{t.max_steps} updates")
     sequences = sequences_per_update(cfg.data.batch_size, t.grad_accum_steps, processes)
-    return (f"data {len(splits['train']):,} train / {len(splits['validation']):,} validation "
+    train = (f"{len(splits['train']):,} train" if not isinstance(splits.train, data.Stream)
+             else "streamed train")  # a stream's length is unknown: max_steps ends the run
+    return (f"data {train} / {len(splits['validation']):,} validation "
             f"sequences of {cfg.data.seq_len} tokens",
             f"update = {t.grad_accum_steps} micro-batch(es) x {cfg.data.batch_size} sequences x "
             f"{processes} process(es) = {sequences} sequences, up to "

@@ -210,10 +210,18 @@ def validate(cfg: Config, data: bool = True) -> Config:
     if data:
         cfg.data.validate("data")
         cfg.tokenizer.validate("tokenizer")  # the commands after training read the run's copy
+        if getattr(cfg.data, "streaming", False) and type(cfg.tokenizer) is TOKENIZERS["bpe"]:
+            raise ConfigError("tokenizer", "bpe with data.streaming=true, which would have to read "
+                                           "the whole stream to train it first; allowed: "
+                                           "tokenizer=byte, or tokenizer=hf tokenizer.path=<a "
+                                           "tokenizer.json>, e.g. the one a tokenizer=bpe run on "
+                                           "a sample of the corpus keeps in its directory")
     if cfg.data.document_mask and not cfg.model.masks_documents:
         raise ConfigError("data.document_mask", f"true with model family {cfg.model.family}, "
                                                 f"which cannot mask documents; allowed: false, "
-                                                f"or a decoder (gpt_*, llama_*)")
+                                                f"or a model of family " + " or ".join(
+                                                    f for f, m in MODELS.items()
+                                                    if m.masks_documents))
     if data and cfg.data.task != cfg.model.task:
         raise ConfigError("model", f"a {cfg.model.family} model ({cfg.model.task}) with data of "
                                    f"{cfg.data.task}; allowed: "

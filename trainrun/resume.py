@@ -138,6 +138,12 @@ def check_data(record: dict, path: Path) -> None:
             continue
         why = ("its documents changed" if old.get("documents") != new["documents"] else
                "it was tokenized differently (another version of datasets or trainrun?)")
+        if "stream" in new:  # no token file: the source and the tokenizer name it
+            raise ConfigError("data", f"the {split} stream ({new['stream']}) is not the one "
+                                      f"checkpoint {path.name} was trained on: "
+                                      f"{why if 'stream' in old else 'that was no stream'}; "
+                                      f"allowed: that data, as it was, or a new run from these "
+                                      f"weights (trainrun-export, then model.init_from)")
         then = old.get("count")
         then = f"{then:,}" if isinstance(then, int) else "?"
         raise ConfigError("data", f"the {split} split is not the one checkpoint {path.name} "

@@ -169,6 +169,8 @@ def run_training(cfg: Config, run_dir: Path, config_yaml: str, choices: dict[str
             with Signals(on_hangup=console.detach_terminal) as stops:
                 status = fit(components, outputs, stops)
         finally:
+            if hasattr(components.order, "close"):  # a stream's reading thread ends with the run
+                components.order.close()
             summary = metrics.finish(summarize(components, status), hparams(cfg, choices))
         return report_end(summary, run_dir, console, stops, outputs.failure, world,
                           launch.config_dir)

@@ -94,6 +94,10 @@ def evaluate(args: argparse.Namespace, overrides: list[str]) -> None:
     if split == "test":
         raise ConfigError("--split", "test: the run's data has no test split (data=parallel's "
                                      "alone); allowed: all, validation, train")
+    if split == "train" and getattr(run.cfg.data, "streaming", False):
+        raise ConfigError("--split", "train of a run with data.streaming=true, a stream with "
+                                     "no end to score; allowed: validation (the stream's "
+                                     "first slice), or all with the data named (data.files=...)")
     result = score(run, split, args.max_sequences, args.max_batches, messages.info)
     show(result, args.json)
 

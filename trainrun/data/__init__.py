@@ -13,6 +13,8 @@
     parallel.py          data=parallel: sentence pairs for translation, a split per side
     pairs.py             pairs as tensors, and the training pairs in length buckets
     hub.py               a quick look whether the Hugging Face hub can be reached
+    stream.py            data.streaming=true: tokenized on the fly, its position checkpointed
+    stream_reader.py     a stream's rows from any position: read, tokenized, packed, shuffled
 """
 
 from __future__ import annotations
@@ -25,24 +27,26 @@ from dataclasses import dataclass
 import numpy as np
 
 from trainrun import signals
-from trainrun.data import storage
+from trainrun.data import storage, stream
 from trainrun.data.mixture import MixDataConfig, Mixture
 from trainrun.data.pairs import Buckets, Pairs, Side
 from trainrun.data.parallel import SIDES, ParallelDataConfig
 from trainrun.data.sequences import IGNORE, Sequences, Windows
 from trainrun.data.sources import DATA, DataConfig
+from trainrun.data.stream import Stream
 from trainrun.data.tokenizer_options import TOKENIZERS, TokenizerConfig
 from trainrun.data.tokenizers import RUN_FILE, Tokenizer, for_run
 from trainrun.errors import ConfigError
 
 __all__ = ["DATA", "IGNORE", "RUN_FILE", "TOKENIZERS", "Buckets", "DataConfig", "Loaded",
-           "MixDataConfig", "Mixture", "Pairs", "ParallelDataConfig", "Sequences", "Tokenizer", "TokenizerConfig", "Windows",
-           "check_batch", "for_run", "load", "load_pairs", "load_whole"]
+           "MixDataConfig", "Mixture", "Pairs", "ParallelDataConfig", "Sequences", "Stream",
+           "Tokenizer", "TokenizerConfig", "Windows", "check_batch", "for_run", "load",
+           "load_pairs", "load_whole"]
 
 
 @dataclass
 class Loaded:
-    train: Sequences | Buckets | Mixture
+    train: Sequences | Buckets | Mixture | Stream
     validation: Sequences | Pairs | Mixture
     tokenizer: Tokenizer
     test: Pairs | None = None  # data=parallel's test split, when asked for
@@ -55,10 +59,14 @@ def load(cfg: DataConfig, tokenizer_cfg: TokenizerConfig | None = None,
          log: Callable[[str], None] = lambda line: None,
          tokenizer: Tokenizer | None = None) -> Loaded:
     """The splits as Sequences over the cached token files, and the tokenizer (`tokenizer`,
-    e.g. a finished run's copy, else the one tokenizer_cfg builds)."""
+    e.g. a finished run's copy, else the one tokenizer_cfg builds). With data.streaming,
+    train is a Stream and validation the stream's first slice (stream.py); data=mix's
+    splits are Mixtures of its sources' (load_mix)."""
     if isinstance(cfg, MixDataConfig):
         return load_mix(cfg, tokenizer_cfg, log, tokenizer)
     _quiet_datasets()
+    if getattr(cfg, "streaming", False):
+        return Loaded(*stream.load(cfg, tokenizer_cfg or TOKENIZERS["byte"](), log, tokenizer))
     docs = cfg.splits()
     log(f"data: {len(docs['train']):,} train / {len(docs['validation']):,} validation "
         f"documents; {cfg.describe()}")
@@ -230,10 +238,10 @@ def _sequences(cfg: DataConfig, folder, split: str, docs, tokenizer: Tokenizer) 
     return Sequences(tokens, offsets, cfg.seq_len, cfg.packing, tokenizer.eot, record)
 
 
-def check_batch(cfg: DataConfig, train: Sequences | Mixture) -> None:
+def check_batch(cfg: DataConfig, train: Sequences | Mixture | Stream) -> None:
     """A micro-batch holds no more sequences than the training split has (a mixture's
-    sources repeat, each by itself: any batch size is drawn)."""
-    if isinstance(train, Mixture):
+    sources repeat, each by itself, and a stream has no end: any batch size is drawn)."""
+    if isinstance(train, (Mixture, Stream)):
         return
     if cfg.batch_size > len(train):
         raise ConfigError("data.batch_size", f"{cfg.batch_size} exceeds the {len(train)} "

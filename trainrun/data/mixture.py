@@ -92,6 +92,10 @@ class MixDataConfig(DataConfig):
             if option not in options:
                 raise ConfigError(f"{key}.data", f"got {option!r}; allowed: a data option of "
                                                  f"documents: {', '.join(options)}")
+            if entry.get("streaming"):
+                raise ConfigError(f"{key}.streaming", "true: a mixture draws from token files; "
+                                                      "allowed: false (a stream is a run's only "
+                                                      "source)")
             for shared in SHARED:
                 if shared in entry:
                     raise ConfigError(f"{key}.{shared}", f"data.{shared} is the mixture's, the "

@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 
 from omegaconf import MISSING
 
+from trainrun.data.stream import Source, StreamingKeys, of_iterable
 from trainrun.errors import ConfigError, require_in, require_positive
 from trainrun.registry import options_of, register
 from trainrun.textcheck import (
@@ -109,7 +110,7 @@ class BuiltinDataConfig(DataConfig):
 
 @register("data", "text")
 @dataclass
-class TextDataConfig(DataConfig):
+class TextDataConfig(StreamingKeys, DataConfig):
     """Local files by extension: .txt (a document per file, paragraph or line: sample_by),
     .jsonl/.json, .csv, .parquet (a document per row, its text in `text_column`); all but
     Parquet are text in `encoding`."""
@@ -190,10 +191,26 @@ class TextDataConfig(DataConfig):
             return _hold_out_tails(ds, self.val_fraction, content)
         return _hold_out(ds, self.val_fraction, content, whole)
 
+    def stream_sources(self) -> tuple[Source, None]:
+        """The files as a stream, a shard per file (Parquet: as `datasets` cuts them); no
+        validation split of their own."""
+        import datasets
+
+        paths = self.paths()
+        builder = _BUILDERS[Path(paths[0]).suffix.lower()]
+        options = {} if builder == "parquet" else {"encoding": self.encoding}
+        if builder == "text" and SAMPLE_BY[self.sample_by] is not None:
+            options["sample_by"] = SAMPLE_BY[self.sample_by]
+        ds = datasets.load_dataset(builder, data_files=paths, split="train", streaming=True,
+                                   **options)
+        identity = {"files": [_stat(p) for p in paths], "options": options}
+        return of_iterable(ds, self.text_column, "data.text_column", identity,
+                           f"{len(paths)} file(s)"), None
+
 
 @register("data", "hf")
 @dataclass
-class HFDataConfig(DataConfig):
+class HFDataConfig(StreamingKeys, DataConfig):
     """`datasets.load_dataset(path, name)`: the hub (network or local cache) or a local dir."""
 
     path: str = MISSING
@@ -226,6 +243,23 @@ class HFDataConfig(DataConfig):
         return datasets.DatasetDict(train=_text_only(train, content),
                                     validation=_text_only(val, content))
 
+    def stream_sources(self) -> tuple[Source, Source | None]:
+        """data.train_split as a stream, and data.val_split (or the source's `validation`
+        split) if there is one."""
+        available = self._load(None, "data.path", streaming=True)
+        val_split = self.val_split
+        if val_split is None and "validation" in available and self.train_split != "validation":
+            val_split = "validation"
+        folder = os.path.expanduser(self.path)
+        files = [_stat(p) for p in _folder_files(folder)] if os.path.isdir(folder) else None
+        sources = []
+        for split, key in ((self.train_split, "data.train_split"), (val_split, "data.val_split")):
+            identity = {"path": self.path, "name": self.name, "split": split, "files": files}
+            sources.append(None if split is None else of_iterable(
+                self._pick(available, split, key), self.text_column, "data.text_column",
+                identity, f"{self.path} split {split!r}"))
+        return sources[0], sources[1]
+
     def describe(self) -> str:
         return (f"validation: split {self.val_split!r}" if self.val_split is not None else
                 f"validation: split 'validation' if {self.path} has one, else "
@@ -237,7 +271,8 @@ class HFDataConfig(DataConfig):
                                    f"{', '.join(available)}")
         return available[split]
 
-    def _load(self, split: str | None, key: str, content: str | None = None):
+    def _load(self, split: str | None, key: str, content: str | None = None,
+              streaming: bool = False):
         """The data set's splits (a DatasetDict), with the usual ways of not finding it as one
         ConfigError line; a hub name fails at once when the hub cannot be reached. `content`:
         a local folder's fingerprint."""
@@ -249,7 +284,7 @@ class HFDataConfig(DataConfig):
         try:
             with offline_unless_reachable(self.path):
                 return datasets.load_dataset(self.path, self.name, split=split,
-                                             cache_dir=_cache_dir(content))
+                                             cache_dir=_cache_dir(content), streaming=streaming)
         except (FileNotFoundError, DatasetNotFoundError, ConnectionError) as exc:
             why = str(exc).splitlines()[0].rstrip(".")
             raise ConfigError("data.path", f"{self.path!r}: {why}; allowed: a local folder, or "
@@ -287,6 +322,13 @@ def _cache_dir(content: str | None) -> str | None:
     from trainrun.data.storage import cache_root
 
     return str(cache_root() / "documents" / content[:24])
+
+
+def _stat(path: str) -> list:
+    """A file as a stream's record names it: path, size and modification time (its content
+    is not read: it may be larger than a start-up should read)."""
+    st = os.stat(path)
+    return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
 
 
 def _folder_files(folder: str) -> list[str]:

@@ -20,7 +20,7 @@ scaled_dot_product_attention.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -37,17 +37,32 @@ class Documents:
 
     positions: torch.Tensor  # (B, T) each token's position in its document, from 0
     mask: torch.Tensor | BlockMask  # (B, 1, T, T) bool, True: may attend; or flex's BlockMask
+    _additive: dict = field(default_factory=dict)  # dtype -> the mask as 0 / -inf (additive)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
                enable_gqa: bool = False) -> torch.Tensor:
         """Causal attention within documents: q (B, nh, T, hs), k and v (B, n_kv, T, hs)
         -> (B, nh, T, hs)."""
         if isinstance(self.mask, torch.Tensor):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask,
+            if enable_gqa and q.is_cuda:  # SDPA's kernels that take a mask lack grouped heads
+                repeat = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1)
+                enable_gqa = False
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.additive(q.dtype),
                                                   dropout_p=dropout_p, enable_gqa=enable_gqa)
         assert dropout_p == 0.0, "flex_attention has no dropout: documents(flex=False)"
         kernel = fused(flex_attention) if q.is_cuda else flex_attention  # eager: CPU tests
         return kernel(q, k, v, block_mask=self.mask, enable_gqa=enable_gqa)
+
+
+    def additive(self, dtype: torch.dtype) -> torch.Tensor:
+        """The boolean mask as 0 / -inf in `dtype`, made once for every layer: SDPA would
+        convert a boolean one to that at each call and keep each copy for the backward."""
+        if dtype not in self._additive:
+            self._additive[dtype] = torch.zeros(self.mask.shape, dtype=dtype,
+                                                device=self.mask.device).masked_fill_(
+                ~self.mask, float("-inf"))
+        return self._additive[dtype]
 
 
 def documents(idx: torch.Tensor, eot: int, flex: bool = False) -> Documents:
