@@ -249,3 +249,112 @@ def test_a_folder_with_a_validation_split_gives_its_first_documents(tmp_path):
 
 TINY_HF = [o for o in tiny(Path("unused")) if not o.startswith(("data=", "data.files",
                                                                   "data.sample_by"))] + ["data=hf"]
+
+
+def within(seconds: float, call):
+    """call()'s result or exception; a safety net against a hang, not a timing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(call).result(timeout=seconds)
+
+
+def failing_source(after: int, error: Exception) -> Source:
+    """One shard of documents that, read a second time (epoch 1), raises `error` after
+    `after` of them."""
+    opened = []
+
+    def open_shard(k: int):
+        opened.append(k)
+        for i in range(after):
+            yield f"document {i} " * 3
+        if len(opened) > 1:
+            raise error
+
+    return Source(1, open_shard, {"failing": after}, "failing")
+
+
+def test_an_error_of_the_reader_is_raised_by_every_later_window_and_never_hangs():
+    stream = Stream(failing_source(20, OSError("disk gone")), ByteTokenizer(), T, 2, (0, 0),
+                    {}).make_order(0)
+
+    def windows_until_error():
+        for n in range(1000):
+            try:
+                stream.next_window(3)
+            except OSError as error:
+                return n, error
+        raise AssertionError("no error")
+
+    n, error = within(60, windows_until_error)
+    assert n > 0 and str(error) == "disk gone"
+    for _ in range(3):  # every call, at once: the reader has ended
+        with pytest.raises(OSError, match="disk gone"):
+            within(60, lambda: stream.next_window(3))
+    stream.close()
+
+
+def test_a_stop_while_the_reader_stalls_leaves_the_position_as_it_was():
+    import threading
+
+    from trainrun.data.stream import StreamStopped
+
+    stalled, release = threading.Event(), threading.Event()
+
+    def open_shard(k: int):
+        for i in range(10):
+            yield f"document {i} " * 3
+        stalled.set()
+        release.wait()  # a network that does not answer
+        yield from ()
+
+    stream = Stream(Source(1, open_shard, {}, "stalling"), ByteTokenizer(), T, 2, (0, 0),
+                    {}).make_order(0)
+    # the stop comes once the reader waits; then the network answers, so that close() finds
+    # the reader between documents
+    stream.stopping = lambda: stalled.is_set() and (release.set() or True)
+    before = None
+    with pytest.raises(StreamStopped):
+        for _ in range(1000):
+            before = stream.state_dict()
+            within(60, lambda: stream.next_window(3))
+    assert stream.state_dict() == before and stream._prefetch is None  # joined and let go
+
+
+def test_close_ends_the_reader_between_documents():
+    import threading
+
+    endless = Source(1, lambda k: (f"document {i} " for i in iter(int, 1)), {}, "endless")
+    stream = Stream(endless, ByteTokenizer(), T, 1, (0, 0), {}).make_order(0)
+    stream.next_window(2)
+    prefetch = stream._prefetch
+    with prefetch._ready:  # the reader fills what it may read ahead: 2 windows and a chunk
+        assert prefetch._ready.wait_for(lambda: prefetch._rows >= 2 * 2 + 1, timeout=60)
+    stream.close()
+    assert not prefetch._thread.is_alive()
+    assert "trainrun-stream" not in [t.name for t in threading.enumerate()]
+
+
+def test_a_file_not_in_its_encoding_is_one_line_at_start_up_and_named_mid_way(tmp_path,
+                                                                             monkeypatch):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    make_corpus(folder / "a.txt", n_docs=40, seed=0)
+    (folder / "b.txt").write_bytes(b"caf\xe9\n" * 5)
+    run = tmp_path / "run"
+    run.mkdir()
+    proc = cli(*tiny(folder / "*.txt", "data.streaming=true", "data.val_documents=5"), cwd=run)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"trainrun: error: data.files: {folder / 'b.txt'} is not "
+                                  f"UTF-8 text (byte 0xe9 at offset 3)")
+    assert list(run.iterdir()) == []
+    # past the checked prefix, the stream meets it mid-run: one line naming the file
+    from trainrun.data import sources
+    from trainrun.data.stream import StreamFailed
+
+    monkeypatch.setattr(sources, "PREFIX", 2)
+    cfg = config(*tiny(folder / "*.txt", "data.streaming=true", "data.val_documents=5")).data
+    train, _ = sources.TextDataConfig.stream_sources(cfg)
+    with pytest.raises(StreamFailed) as err:
+        list(train.open(1))
+    assert err.value.key == "data.encoding" and str(folder / "b.txt") in str(err.value)
