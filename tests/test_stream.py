@@ -358,3 +358,25 @@ def test_a_file_not_in_its_encoding_is_one_line_at_start_up_and_named_mid_way(tm
     with pytest.raises(StreamFailed) as err:
         list(train.open(1))
     assert err.value.key == "data.encoding" and str(folder / "b.txt") in str(err.value)
+
+
+def test_eval_of_a_streaming_run_scores_validation_without_reading_the_stream(full, capsys,
+                                                                              monkeypatch):
+    """--split all would tokenize the whole corpus into the cache: refused unless data is
+    named; --split validation reads the validation slice alone."""
+    from trainrun.commands import eval as evaluate
+    from trainrun.data.stream_reader import Reader
+
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main([str(full), "--split", "all"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and sum("error" in line for line in err) == 1, err
+    assert err[-1].startswith("trainrun-eval: error: --split: all of a run with "
+                             "data.streaming=true")
+
+    def unread(*args, **kwargs):
+        raise AssertionError("the training stream was read")
+
+    monkeypatch.setattr(Reader, "rows", unread)
+    evaluate.main([str(full), "--split", "validation", "--json"])
+    assert '"split": "validation"' in capsys.readouterr().out

@@ -329,10 +329,12 @@ class Stream:
             self._prefetch = None
 
 
-def load(cfg: StreamingKeys, tokenizer_cfg, log: Callable[[str], None], tokenizer=None
-         ) -> tuple[Stream, Sequences, object]:
+def load(cfg: StreamingKeys, tokenizer_cfg, log: Callable[[str], None], tokenizer=None,
+         check_train: bool = True) -> tuple[Stream, Sequences, object]:
     """The training stream, the validation slice (tokenized now) and the tokenizer (given,
-    or built by tokenizer_cfg: byte or hf, which need no pass over the documents)."""
+    or built by tokenizer_cfg: byte or hf, which need no pass over the documents);
+    check_train=False: the stream's first training row is not read (only validation is
+    wanted: trainrun-eval)."""
     train, validation = cfg.stream_sources()
     tokenizer = tokenizer or tokenizer_cfg.build(None, log)
     texts, end = first_documents(validation or train, cfg.val_documents)
@@ -347,7 +349,7 @@ def load(cfg: StreamingKeys, tokenizer_cfg, log: Callable[[str], None], tokenize
               "tokens": _digest([train.identity, tokenizer.fingerprint(), list(held)]),
               "count": None}
     stream = Stream(train, tokenizer, cfg.seq_len, cfg.shuffle_buffer, held, record)
-    if next(stream.reader().rows(0, (0, 0, 0)), None) is None:
+    if check_train and next(stream.reader().rows(0, (0, 0, 0)), None) is None:
         raise ConfigError("data.val_documents" if validation is None else "data", f"no "
                           f"training sequence of data.seq_len={cfg.seq_len} tokens in "
                           f"{train.name}" + ("" if validation is not None else
