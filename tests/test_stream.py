@@ -380,3 +380,21 @@ def test_eval_of_a_streaming_run_scores_validation_without_reading_the_stream(fu
     monkeypatch.setattr(Reader, "rows", unread)
     evaluate.main([str(full), "--split", "validation", "--json"])
     assert '"split": "validation"' in capsys.readouterr().out
+
+
+def test_a_stop_while_waiting_on_a_stalled_reader_saves_the_position_before(full, shards,
+                                                                            tmp_path):
+    """The reader stalls before its fourth chunk (row 24: update 5's window) and SIGTERM
+    comes while the loop waits for it: update 4 is saved, and the resume ends as `full`."""
+    run = tmp_path / "run"
+    proc = cli(*stream_args(shards, f"trainer.max_steps={N}", "trainer.ckpt_every=3",
+                            "trainer.keep_last=5", "model.dropout=0.1", "optimizer=sgd",
+                            "optimizer.lr=0.5", "scheduler=constant", "data.batch_size=6",
+                            f"hydra.run.dir={run}"),
+               cwd=tmp_path, env={"TRAINRUN_STREAM_STALL_AT": "3"}, timeout=120)
+    assert proc.returncode == 128 + 15, proc.stderr
+    assert "stopped after update 4, while waiting for the stream's rows" in proc.stdout
+    assert (run / "checkpoints/latest").read_text().strip() == checkpoint.step_name(4)
+    proc = cli(f"resume={run}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert_identical(final_weights(run), final_weights(full))

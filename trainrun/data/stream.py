@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from trainrun import faults
 from trainrun.data.sequences import Sequences
 from trainrun.data.storage import dtype_for
 from trainrun.data.stream_reader import Chunk, Closed, Reader
@@ -165,13 +166,20 @@ class Prefetch:
         self._rows, self._ahead = 0, max(1, ahead)
         self._error: BaseException | None = None
         self._ended = False
+        self._stalled = False  # tests: TRAINRUN_STREAM_STALL_AT (faults.py)
         self._thread = threading.Thread(target=self._run, args=(start(self._stop),),
                                         daemon=True, name="trainrun-stream")
         self._thread.start()
 
     def _run(self, chunks: Iterator[Chunk]) -> None:
+        stall = faults.stream_stall_at()
         try:
-            for chunk in chunks:
+            for n, chunk in enumerate(chunks):
+                if n == stall:
+                    with self._ready:
+                        self._stalled = True
+                    self._stop.wait()
+                    return
                 with self._ready:
                     while self._rows >= self._ahead and not self._stop.is_set():
                         self._ready.wait(POLL_SECONDS)
@@ -207,6 +215,9 @@ class Prefetch:
                     raise RuntimeError("the stream's reader ended without its rows")
                 if stopping is not None and stopping():
                     raise StreamStopped
+                if self._stalled:  # tests: a stop signal that comes while the loop waits
+                    self._stalled = False
+                    faults.stop_while_stalled()
                 self._ready.wait(POLL_SECONDS)
 
     def close(self) -> None:
