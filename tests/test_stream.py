@@ -67,6 +67,21 @@ def test_rows_are_the_epochs_token_stream_in_overlapping_windows_and_restart_any
                                                          strict=True))
 
 
+def test_tokenize_batches_cut_by_characters_give_the_same_rows(monkeypatch):
+    """A tokenize batch ends at CHARACTERS characters too (memory does not follow the
+    documents' size): the rows are those of whole batches."""
+    from trainrun.data import stream_reader
+
+    reader = Stream(fake_source(SHARDS), ByteTokenizer(), T, 4, (0, 3), {}).make_order(5).reader()
+    rows = [row for _, row in reader.rows(0, (0, 0, 0))]
+    monkeypatch.setattr(stream_reader, "CHARACTERS", 10)
+    batches = list(reader.batches(reader.documents(0, 0, 0)))
+    assert len(batches) > 10 and all(sum(len(t) for *_, t in b[:-1]) < 10 for b in batches)
+    again = [row for _, row in reader.rows(0, (0, 0, 0))]
+    assert all(np.array_equal(a, b) for a, b in zip(again, rows, strict=True))
+    assert again[0].dtype == np.uint16
+
+
 def test_chunks_shuffle_the_rows_and_a_saved_position_continues_exactly():
     source = fake_source(SHARDS)
     stream = Stream(source, ByteTokenizer(), T, 4, (0, 0), {}).make_order(1)
@@ -398,3 +413,13 @@ def test_a_stop_while_waiting_on_a_stalled_reader_saves_the_position_before(full
     proc = cli(f"resume={run}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert_identical(final_weights(run), final_weights(full))
+
+
+def test_lrfind_on_a_stream_ends_its_reader(shards, tmp_path):
+    import threading
+
+    from trainrun.commands import lrfind
+
+    lrfind.main([*stream_args(shards, "lrfind.num_updates=4"), f"out={tmp_path / 'find'}"])
+    assert (tmp_path / "find/lrfind.csv").exists()
+    assert "trainrun-stream" not in [t.name for t in threading.enumerate()]

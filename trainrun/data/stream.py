@@ -166,7 +166,7 @@ class Prefetch:
         self._rows, self._ahead = 0, max(1, ahead)
         self._error: BaseException | None = None
         self._ended = False
-        self._stalled = False  # tests: TRAINRUN_STREAM_STALL_AT (faults.py)
+        self._stalled = False  # tests: faults.stream_stall_at()
         self._thread = threading.Thread(target=self._run, args=(start(self._stop),),
                                         daemon=True, name="trainrun-stream")
         self._thread.start()
