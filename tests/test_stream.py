@@ -325,15 +325,14 @@ def test_a_stop_while_the_reader_stalls_leaves_the_position_as_it_was():
 
     stream = Stream(Source(1, open_shard, {}, "stalling"), ByteTokenizer(), T, 2, (0, 0),
                     {}).make_order(0)
-    # the stop comes once the reader waits; then the network answers, so that close() finds
-    # the reader between documents
-    stream.stopping = lambda: stalled.is_set() and (release.set() or True)
+    stream.stopping = stalled.is_set  # the stop comes once the reader waits
     before = None
     with pytest.raises(StreamStopped):
         for _ in range(1000):
             before = stream.state_dict()
             within(60, lambda: stream.next_window(3))
-    assert stream.state_dict() == before and stream._prefetch is None  # joined and let go
+    assert stream.state_dict() == before and stream._prefetch is None  # let go, not waited for
+    release.set()  # the network answers: the reader, told to stop, ends
 
 
 def test_close_ends_the_reader_between_documents():

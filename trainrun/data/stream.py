@@ -220,12 +220,12 @@ class Prefetch:
                     faults.stop_while_stalled()
                 self._ready.wait(POLL_SECONDS)
 
-    def close(self) -> None:
+    def close(self, wait: float = JOIN_SECONDS) -> None:
         self._stop.set()
         with self._ready:
             self._ready.notify_all()
-        if self._thread is not threading.current_thread():
-            self._thread.join(JOIN_SECONDS)
+        if wait > 0 and self._thread is not threading.current_thread():
+            self._thread.join(wait)
 
 
 class Stream:
@@ -264,6 +264,7 @@ class Stream:
         try:
             return self._next_window(size)
         except StreamStopped:
+            self.close(wait=0)  # a stalled reader (a daemon) ends when it can: not waited for
             self.load_state_dict(before)
             raise
 
@@ -333,10 +334,11 @@ class Stream:
                                                             state["taken"], state["served"])
         self.start = tuple(state["start"])
 
-    def close(self) -> None:
-        """Stop the background thread, if it runs, and wait (a while) for it to end."""
+    def close(self, wait: float = JOIN_SECONDS) -> None:
+        """Stop the background thread, if it runs, and wait up to `wait` seconds for it to
+        end."""
         if self._prefetch is not None:
-            self._prefetch.close()
+            self._prefetch.close(wait)
             self._prefetch = None
 
 
