@@ -422,3 +422,13 @@ def test_lrfind_on_a_stream_ends_its_reader(shards, tmp_path):
     lrfind.main([*stream_args(shards, "lrfind.num_updates=4"), f"out={tmp_path / 'find'}"])
     assert (tmp_path / "find/lrfind.csv").exists()
     assert "trainrun-stream" not in [t.name for t in threading.enumerate()]
+
+
+def test_a_folder_not_utf8_is_refused_in_one_line_before_it_streams(tmp_path):
+    (tmp_path / "train.jsonl").write_bytes(b'{"text": "caf\xe9"}\n' * 3)
+    cfg = config(*TINY_HF, f"data.path={tmp_path}", "data.streaming=true")
+    with pytest.raises(ConfigError) as err:
+        data.load(cfg.data)
+    assert err.value.key == "data.path"
+    assert f"{tmp_path / 'train.jsonl'} is not UTF-8 text (byte 0xe9 at offset 13)" \
+        in str(err.value)
