@@ -129,13 +129,19 @@ def windows(trainer, count: int) -> list:
     """The run's first `count` updates' micro-batches and target counts, from a copy of its
     data order (the runner's own order is left to the runner)."""
     order, b = copy.deepcopy(trainer.order), trainer.batch_size
+    # a stream (data.streaming=true) is its own order: its copy holds the window it handed out
+    data = order if trainer.order is trainer.train else trainer.train
     out = []
-    for _ in range(count):
-        idx = order.next_window(trainer.sequences_per_update())  # one process
-        micro = [trainer.train.batch(idx[i:i + b]) for i in range(0, len(idx), b)]
-        if trainer.device.type == "cuda":
-            micro = [(x.pin_memory(), y.pin_memory()) for x, y in micro]
-        out.append((micro, trainer.train.num_targets(idx)))
+    try:
+        for _ in range(count):
+            idx = order.next_window(trainer.sequences_per_update())  # one process
+            micro = [data.batch(idx[i:i + b]) for i in range(0, len(idx), b)]
+            if trainer.device.type == "cuda":
+                micro = [(x.pin_memory(), y.pin_memory()) for x, y in micro]
+            out.append((micro, data.num_targets(idx)))
+    finally:
+        if hasattr(order, "close"):  # the copy's reading thread
+            order.close()
     return out
 
 

@@ -17,7 +17,9 @@ KEYS = {"runner_tokens_per_s", "bare_tokens_per_s", "overhead_ratio", "mfu", "st
         "overrides"}
 
 
-@pytest.mark.parametrize("extra", [[], ["trainer.grad_accum_steps=2", "clip=none"]])
+@pytest.mark.parametrize("extra", [[], ["trainer.grad_accum_steps=2", "clip=none"],
+                                   ["data.streaming=true", "data.sample_by=line",
+                                    "data.val_documents=20"]])
 def test_bench_prints_one_json_object_last(tmp_path, corpus, extra):
     overrides = [*TINY, "data=text", f"data.files={corpus}", *extra]
     proc = subprocess.run([sys.executable, str(REPO / "scripts/bench.py"), *overrides,

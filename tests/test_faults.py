@@ -11,7 +11,7 @@ from trainrun import faults
 
 ROOT = Path(__file__).resolve().parents[1] / "trainrun"
 VARIABLES = (faults.SAVE_FAIL_ENOSPC_AT, faults.SAVE_PAUSE, faults.BEST_PAUSE,
-             faults.SIGNAL_INSIDE)
+             faults.SIGNAL_INSIDE, faults.STREAM_STALL_AT)
 
 
 def test_each_variable_is_documented_in_faults_and_named_nowhere_else():

@@ -67,6 +67,21 @@ def test_rows_are_the_epochs_token_stream_in_overlapping_windows_and_restart_any
                                                          strict=True))
 
 
+def test_tokenize_batches_cut_by_characters_give_the_same_rows(monkeypatch):
+    """A tokenize batch ends at CHARACTERS characters too (memory does not follow the
+    documents' size): the rows are those of whole batches."""
+    from trainrun.data import stream_reader
+
+    reader = Stream(fake_source(SHARDS), ByteTokenizer(), T, 4, (0, 3), {}).make_order(5).reader()
+    rows = [row for _, row in reader.rows(0, (0, 0, 0))]
+    monkeypatch.setattr(stream_reader, "CHARACTERS", 10)
+    batches = list(reader.batches(reader.documents(0, 0, 0)))
+    assert len(batches) > 10 and all(sum(len(t) for *_, t in b[:-1]) < 10 for b in batches)
+    again = [row for _, row in reader.rows(0, (0, 0, 0))]
+    assert all(np.array_equal(a, b) for a, b in zip(again, rows, strict=True))
+    assert again[0].dtype == np.uint16
+
+
 def test_chunks_shuffle_the_rows_and_a_saved_position_continues_exactly():
     source = fake_source(SHARDS)
     stream = Stream(source, ByteTokenizer(), T, 4, (0, 0), {}).make_order(1)
@@ -249,3 +264,171 @@ def test_a_folder_with_a_validation_split_gives_its_first_documents(tmp_path):
 
 TINY_HF = [o for o in tiny(Path("unused")) if not o.startswith(("data=", "data.files",
                                                                   "data.sample_by"))] + ["data=hf"]
+
+
+def within(seconds: float, call):
+    """call()'s result or exception; a safety net against a hang, not a timing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(call).result(timeout=seconds)
+
+
+def failing_source(after: int, error: Exception) -> Source:
+    """One shard of documents that, read a second time (epoch 1), raises `error` after
+    `after` of them."""
+    opened = []
+
+    def open_shard(k: int):
+        opened.append(k)
+        for i in range(after):
+            yield f"document {i} " * 3
+        if len(opened) > 1:
+            raise error
+
+    return Source(1, open_shard, {"failing": after}, "failing")
+
+
+def test_an_error_of_the_reader_is_raised_by_every_later_window_and_never_hangs():
+    stream = Stream(failing_source(20, OSError("disk gone")), ByteTokenizer(), T, 2, (0, 0),
+                    {}).make_order(0)
+
+    def windows_until_error():
+        for n in range(1000):
+            try:
+                stream.next_window(3)
+            except OSError as error:
+                return n, error
+        raise AssertionError("no error")
+
+    n, error = within(60, windows_until_error)
+    assert n > 0 and str(error) == "disk gone"
+    for _ in range(3):  # every call, at once: the reader has ended
+        with pytest.raises(OSError, match="disk gone"):
+            within(60, lambda: stream.next_window(3))
+    stream.close()
+
+
+def test_a_stop_while_the_reader_stalls_leaves_the_position_as_it_was():
+    import threading
+
+    from trainrun.data.stream import StreamStopped
+
+    stalled, release = threading.Event(), threading.Event()
+
+    def open_shard(k: int):
+        for i in range(10):
+            yield f"document {i} " * 3
+        stalled.set()
+        release.wait()  # a network that does not answer
+        yield from ()
+
+    stream = Stream(Source(1, open_shard, {}, "stalling"), ByteTokenizer(), T, 2, (0, 0),
+                    {}).make_order(0)
+    stream.stopping = stalled.is_set  # the stop comes once the reader waits
+    before = None
+    with pytest.raises(StreamStopped):
+        for _ in range(1000):
+            before = stream.state_dict()
+            within(60, lambda: stream.next_window(3))
+    assert stream.state_dict() == before and stream._prefetch is None  # let go, not waited for
+    release.set()  # the network answers: the reader, told to stop, ends
+
+
+def test_close_ends_the_reader_between_documents():
+    import threading
+
+    endless = Source(1, lambda k: (f"document {i} " for i in iter(int, 1)), {}, "endless")
+    stream = Stream(endless, ByteTokenizer(), T, 1, (0, 0), {}).make_order(0)
+    stream.next_window(2)
+    prefetch = stream._prefetch
+    with prefetch._ready:  # the reader fills what it may read ahead: 2 windows and a chunk
+        assert prefetch._ready.wait_for(lambda: prefetch._rows >= 2 * 2 + 1, timeout=60)
+    stream.close()
+    assert not prefetch._thread.is_alive()
+    assert "trainrun-stream" not in [t.name for t in threading.enumerate()]
+
+
+def test_a_file_not_in_its_encoding_is_one_line_at_start_up_and_named_mid_way(tmp_path,
+                                                                             monkeypatch):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    make_corpus(folder / "a.txt", n_docs=40, seed=0)
+    (folder / "b.txt").write_bytes(b"caf\xe9\n" * 5)
+    run = tmp_path / "run"
+    run.mkdir()
+    proc = cli(*tiny(folder / "*.txt", "data.streaming=true", "data.val_documents=5"), cwd=run)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"trainrun: error: data.files: {folder / 'b.txt'} is not "
+                                  f"UTF-8 text (byte 0xe9 at offset 3)")
+    assert list(run.iterdir()) == []
+    # past the checked prefix, the stream meets it mid-run: one line naming the file
+    from trainrun.data import sources
+    from trainrun.data.stream import StreamFailed
+
+    monkeypatch.setattr(sources, "PREFIX", 2)
+    cfg = config(*tiny(folder / "*.txt", "data.streaming=true", "data.val_documents=5")).data
+    train, _ = sources.TextDataConfig.stream_sources(cfg)
+    with pytest.raises(StreamFailed) as err:
+        list(train.open(1))
+    assert err.value.key == "data.encoding" and str(folder / "b.txt") in str(err.value)
+
+
+def test_eval_of_a_streaming_run_scores_validation_without_reading_the_stream(full, capsys,
+                                                                              monkeypatch):
+    """--split all would tokenize the whole corpus into the cache: refused unless data is
+    named; --split validation reads the validation slice alone."""
+    from trainrun.commands import eval as evaluate
+    from trainrun.data.stream_reader import Reader
+
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main([str(full), "--split", "all"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and sum("error" in line for line in err) == 1, err
+    assert err[-1].startswith("trainrun-eval: error: --split: all of a run with "
+                             "data.streaming=true")
+
+    def unread(*args, **kwargs):
+        raise AssertionError("the training stream was read")
+
+    monkeypatch.setattr(Reader, "rows", unread)
+    evaluate.main([str(full), "--split", "validation", "--json"])
+    assert '"split": "validation"' in capsys.readouterr().out
+
+
+def test_a_stop_while_waiting_on_a_stalled_reader_saves_the_position_before(full, shards,
+                                                                            tmp_path):
+    """The reader stalls before its fourth chunk (row 24: update 5's window) and SIGTERM
+    comes while the loop waits for it: update 4 is saved, and the resume ends as `full`."""
+    run = tmp_path / "run"
+    proc = cli(*stream_args(shards, f"trainer.max_steps={N}", "trainer.ckpt_every=3",
+                            "trainer.keep_last=5", "model.dropout=0.1", "optimizer=sgd",
+                            "optimizer.lr=0.5", "scheduler=constant", "data.batch_size=6",
+                            f"hydra.run.dir={run}"),
+               cwd=tmp_path, env={"TRAINRUN_STREAM_STALL_AT": "3"}, timeout=120)
+    assert proc.returncode == 128 + 15, proc.stderr
+    assert "stopped after update 4, while waiting for the stream's rows" in proc.stdout
+    assert (run / "checkpoints/latest").read_text().strip() == checkpoint.step_name(4)
+    proc = cli(f"resume={run}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert_identical(final_weights(run), final_weights(full))
+
+
+def test_lrfind_on_a_stream_ends_its_reader(shards, tmp_path):
+    import threading
+
+    from trainrun.commands import lrfind
+
+    lrfind.main([*stream_args(shards, "lrfind.num_updates=4"), f"out={tmp_path / 'find'}"])
+    assert (tmp_path / "find/lrfind.csv").exists()
+    assert "trainrun-stream" not in [t.name for t in threading.enumerate()]
+
+
+def test_a_folder_not_utf8_is_refused_in_one_line_before_it_streams(tmp_path):
+    (tmp_path / "train.jsonl").write_bytes(b'{"text": "caf\xe9"}\n' * 3)
+    cfg = config(*TINY_HF, f"data.path={tmp_path}", "data.streaming=true")
+    with pytest.raises(ConfigError) as err:
+        data.load(cfg.data)
+    assert err.value.key == "data.path"
+    assert f"{tmp_path / 'train.jsonl'} is not UTF-8 text (byte 0xe9 at offset 13)" \
+        in str(err.value)

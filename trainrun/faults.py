@@ -15,6 +15,10 @@ nowhere else. Each is off unless its variable is set; none changes what a run co
                                       any of its functions), so that a stop lands inside a
                                       library on purpose rather than by timing
                                       (trainrun.signals)
+    TRAINRUN_STREAM_STALL_AT=N        a stream's reading thread stalls before its chunk N
+                                      (0-based, from where it started) until closed, and
+                                      the process sends itself SIGTERM once the loop waits
+                                      for those rows (trainrun.data.stream)
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ SAVE_FAIL_ENOSPC_AT = "TRAINRUN_SAVE_FAIL_ENOSPC_AT"
 SAVE_PAUSE = "TRAINRUN_SAVE_PAUSE"
 BEST_PAUSE = "TRAINRUN_BEST_PAUSE"
 SIGNAL_INSIDE = "TRAINRUN_SIGNAL_INSIDE"
+STREAM_STALL_AT = "TRAINRUN_STREAM_STALL_AT"
 
 
 def disk_full_in_save(k: int, path: Path) -> None:
@@ -54,3 +59,16 @@ def signal_inside() -> tuple[str, str] | None:
         return None
     sig, _, where = value.partition(":")
     return sig, where
+
+
+def stream_stall_at() -> int | None:
+    """N of TRAINRUN_STREAM_STALL_AT; None when it is unset."""
+    value = os.environ.get(STREAM_STALL_AT)
+    return int(value) if value else None
+
+
+def stop_while_stalled() -> None:
+    """SIGTERM to this process: the loop waits on a stalled stream (TRAINRUN_STREAM_STALL_AT)."""
+    import signal
+
+    os.kill(os.getpid(), signal.SIGTERM)

@@ -13,6 +13,7 @@ from trainrun import checkpoint, translate, validation
 from trainrun.cadence import Cadence
 from trainrun.console import Console
 from trainrun.data.order import micro_batches
+from trainrun.data.stream import StreamFailed, StreamStopped
 from trainrun.distributed import one_name_per_tensor
 from trainrun.errors import out_of_space
 from trainrun.metrics import Metrics
@@ -46,7 +47,7 @@ class Outputs:
     ckpt_root: Path  # run_dir / "checkpoints"
     meta: dict  # written into every checkpoint's meta.json
     saved_k: int | None = None  # the update whose checkpoint this run last wrote or loaded
-    failure: checkpoint.NoSpace | NonFinite | None = None  # why a save failed the run
+    failure: checkpoint.NoSpace | NonFinite | StreamFailed | None = None  # why the run failed
     cadence: Cadence = field(init=False)  # saves by time and best val/loss, early stopping
 
     def __post_init__(self) -> None:
@@ -63,6 +64,10 @@ def fit(t: Components, out: Outputs, signals: Signals) -> str:
         return train(t, out, signals)
     except (checkpoint.NoSpace, NonFinite) as error:
         out.failure = error
+    except StreamFailed as error:  # data that cannot be read on: nothing new is saved
+        saved = checkpoint.complete(out.ckpt_root) if out.ckpt_root.exists() else []
+        error.previous = saved[-1] if saved else None
+        out.failure = error
     except Exception as error:
         full = out_of_space(error)  # TensorBoard's events, for one
         if full is None:
@@ -76,11 +81,19 @@ def train(t: Components, out: Outputs, signals: Signals) -> str:
     """fit() without the handling of a full disk."""
     cfg, c = t.cfg, t.counters
     out.console.start_progress(cfg.max_steps, c.k)
+    if hasattr(t.order, "stopping") and t.world.size == 1:  # a stream: it can stop a wait
+        t.order.stopping = lambda: signals.requested is not None
     t.replicas.module.train()
     while c.k < cfg.max_steps:
         k = c.k + 1
         lr = t.schedule.apply(t.optimizer, k)
-        result, n_targets = one_update(t, stop=signals.requested or 0)
+        try:
+            result, n_targets = one_update(t, stop=signals.requested or 0)
+        except StreamStopped:  # asked to stop while the stream's reader was behind
+            save(t, out)
+            out.console.warning(f"{name(signals.requested)}: stopped after update {c.k}, "
+                                f"while waiting for the stream's rows")
+            return "stopped"
         if result.stepped:
             c.k, c.tokens, c.skipped_in_a_row = k, c.tokens + n_targets, 0
             if t.ema is not None:  # a skipped update leaves it too

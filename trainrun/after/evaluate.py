@@ -42,7 +42,8 @@ def score(run: Run, split: str, max_sequences: int | None, max_batches: int | No
         seqs = data.load_whole(run.cfg.data, run.tokenizer)
         documents = {"documents": len(seqs.seqs.offsets) - 1}
     else:
-        seqs = data.load(run.cfg.data, run.cfg.tokenizer, tokenizer=run.tokenizer)[split]
+        seqs = data.load(run.cfg.data, run.cfg.tokenizer, tokenizer=run.tokenizer,
+                         train=split == "train")[split]  # a stream's training rows unread
         documents = {}
     batch_size = run.cfg.data.batch_size
     n = available = len(seqs)

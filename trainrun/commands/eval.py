@@ -94,6 +94,12 @@ def evaluate(args: argparse.Namespace, overrides: list[str]) -> None:
     if split == "test":
         raise ConfigError("--split", "test: the run's data has no test split (data=parallel's "
                                      "alone); allowed: all, validation, train")
+    named = any(key(o) in NAMING for o in overrides)
+    if split == "all" and getattr(run.cfg.data, "streaming", False) and not named:
+        raise ConfigError("--split", "all of a run with data.streaming=true, whose corpus is "
+                                     "read as a stream (scored whole it would be tokenized "
+                                     "into the cache); allowed: validation (the stream's first "
+                                     "slice), or all with the data named (data.files=...)")
     if split == "train" and getattr(run.cfg.data, "streaming", False):
         raise ConfigError("--split", "train of a run with data.streaming=true, a stream with "
                                      "no end to score; allowed: validation (the stream's "

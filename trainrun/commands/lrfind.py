@@ -83,6 +83,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = out or default_out()
     out.mkdir(parents=True, exist_ok=True)
     console = Console(out / "lrfind.log")
+    components = None
     try:
         try:
             components = builders.build_components(cfg, device, precision, console)
@@ -107,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         console.info(f"wrote {out / 'lrfind.csv'} and {out / 'lrfind.png'} in "
                      f"{time.perf_counter() - started:.1f}s")
     finally:
+        if components is not None and hasattr(components.order, "close"):
+            components.order.close()  # a stream's reading thread ends with the test
         determinism.restore()  # build_components() applied trainer.deterministic
         console.close()
 

@@ -57,16 +57,18 @@ class Loaded:
 
 def load(cfg: DataConfig, tokenizer_cfg: TokenizerConfig | None = None,
          log: Callable[[str], None] = lambda line: None,
-         tokenizer: Tokenizer | None = None) -> Loaded:
+         tokenizer: Tokenizer | None = None, train: bool = True) -> Loaded:
     """The splits as Sequences over the cached token files, and the tokenizer (`tokenizer`,
     e.g. a finished run's copy, else the one tokenizer_cfg builds). With data.streaming,
-    train is a Stream and validation the stream's first slice (stream.py); data=mix's
-    splits are Mixtures of its sources' (load_mix)."""
+    train is a Stream and validation the stream's first slice (stream.py); train=False: the
+    stream's training rows are not looked at (validation alone is wanted). data=mix's splits
+    are Mixtures of its sources' (load_mix)."""
     if isinstance(cfg, MixDataConfig):
         return load_mix(cfg, tokenizer_cfg, log, tokenizer)
     _quiet_datasets()
     if getattr(cfg, "streaming", False):
-        return Loaded(*stream.load(cfg, tokenizer_cfg or TOKENIZERS["byte"](), log, tokenizer))
+        return Loaded(*stream.load(cfg, tokenizer_cfg or TOKENIZERS["byte"](), log, tokenizer,
+                                   check_train=train))
     docs = cfg.splits()
     log(f"data: {len(docs['train']):,} train / {len(docs['validation']):,} validation "
         f"documents; {cfg.describe()}")

@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 
 from omegaconf import MISSING
 
-from trainrun.data.stream import Source, StreamingKeys, of_iterable
+from trainrun.data.stream import Source, StreamFailed, StreamingKeys, of_iterable
 from trainrun.errors import ConfigError, require_in, require_positive
 from trainrun.registry import options_of, register
 from trainrun.textcheck import (
@@ -201,11 +201,21 @@ class TextDataConfig(StreamingKeys, DataConfig):
         options = {} if builder == "parquet" else {"encoding": self.encoding}
         if builder == "text" and SAMPLE_BY[self.sample_by] is not None:
             options["sample_by"] = SAMPLE_BY[self.sample_by]
+        if builder != "parquet":  # the whole files are read only as the stream goes
+            require_text_prefix("data.files", paths, self.encoding, _allowed(self.encoding))
         ds = datasets.load_dataset(builder, data_files=paths, split="train", streaming=True,
                                    **options)
         identity = {"files": [_stat(p) for p in paths], "options": options}
+
+        def undecodable(k: int, error: UnicodeDecodeError) -> StreamFailed:
+            where = paths[k] if ds.n_shards == len(paths) else f"shard {k} of the files"
+            return StreamFailed("data.encoding", f"{where} is not {_codec_name(self.encoding)} "
+                                f"text (byte 0x{error.object[error.start]:02x}: {error.reason}); "
+                                f"allowed: "
+                                f"{_allowed(self.encoding)}")
+
         return of_iterable(ds, self.text_column, "data.text_column", identity,
-                           f"{len(paths)} file(s)"), None
+                           f"{len(paths)} file(s)", undecodable), None
 
 
 @register("data", "hf")
@@ -252,12 +262,21 @@ class HFDataConfig(StreamingKeys, DataConfig):
             val_split = "validation"
         folder = os.path.expanduser(self.path)
         files = [_stat(p) for p in _folder_files(folder)] if os.path.isdir(folder) else None
+        allowed = "UTF-8 text files (or data=text with data.encoding=<codec>)"
+        if files is not None:
+            require_text_prefix("data.path", _text_files(folder), "utf-8", allowed)
+
+        def undecodable(k: int, error: UnicodeDecodeError) -> StreamFailed:
+            return StreamFailed("data.path", f"shard {k} of {self.path!r} is not UTF-8 text "
+                                f"(byte 0x{error.object[error.start]:02x}: {error.reason}); "
+                                f"allowed: {allowed}")
+
         sources = []
         for split, key in ((self.train_split, "data.train_split"), (val_split, "data.val_split")):
             identity = {"path": self.path, "name": self.name, "split": split, "files": files}
             sources.append(None if split is None else of_iterable(
                 self._pick(available, split, key), self.text_column, "data.text_column",
-                identity, f"{self.path} split {split!r}"))
+                identity, f"{self.path} split {split!r}", undecodable))
         return sources[0], sources[1]
 
     def describe(self) -> str:
@@ -311,6 +330,37 @@ def _allowed(encoding: str) -> str:
     if codecs.lookup(encoding).name == "utf-8":
         return "UTF-8 text files, or data.encoding=<codec> for another encoding"
     return f"text files in {encoding} (data.encoding), or data.encoding=<codec> for another"
+
+
+def _codec_name(encoding: str) -> str:
+    return "UTF-8" if codecs.lookup(encoding).name == "utf-8" else encoding
+
+
+PREFIX = 1 << 20  # bytes of each file a stream's start-up checks
+
+
+def require_text_prefix(key: str, paths: list[str], encoding: str, allowed: str) -> None:
+    """ConfigError on `key` for the first of `paths` whose first PREFIX bytes are not text
+    in `encoding` (as require_text says it): a stream's files may be too large to read whole
+    at start-up; a bad byte further on fails the run when the stream meets it (StreamFailed)."""
+    for path in paths:
+        with open_regular(path) as f:
+            block = f.read(PREFIX)
+            whole = len(block) < PREFIX or not f.read(1)
+        what = None
+        nul = block.find(b"\0") if "\0".encode(encoding) == b"\0" else -1
+        try:  # a character cut by the prefix's end is no error
+            codecs.getincrementaldecoder(encoding)().decode(block[:nul] if nul >= 0 else block,
+                                                            final=whole or nul >= 0)
+        except UnicodeDecodeError as exc:
+            what = f"byte 0x{exc.object[exc.start]:02x} at offset {exc.start}"
+        except UnicodeError as exc:
+            what = str(exc)
+        if what is None and nul >= 0:
+            what = f"NUL byte at offset {nul}"
+        if what is not None:
+            raise ConfigError(key, f"{path} is not {_codec_name(encoding)} text ({what}); "
+                                   f"allowed: {allowed}")
 
 
 def _cache_dir(content: str | None) -> str | None:

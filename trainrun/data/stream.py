@@ -25,22 +25,37 @@ from __future__ import annotations
 
 import hashlib
 import json
-import queue
 import threading
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from trainrun import faults
 from trainrun.data.sequences import Sequences
 from trainrun.data.storage import dtype_for
-from trainrun.data.stream_reader import Chunk, Reader
+from trainrun.data.stream_reader import Chunk, Closed, Reader
 from trainrun.errors import ConfigError, require_positive
 
-PREFETCH = 2  # chunks tokenized ahead of the one the loop reads
-POLL_SECONDS = 0.1  # how often a producer with a full queue looks whether it should stop
+POLL_SECONDS = 0.1  # how often a waiting reader or loop looks whether it should stop
+JOIN_SECONDS = 10.0  # how long close() waits for the reader to end (it checks per document)
+
+
+class StreamFailed(ConfigError):
+    """The stream's data cannot be read on (a file not text in data.encoding, met mid-run):
+    one line. Before training it is a refused start; during training it fails the run, which
+    saves nothing new (`previous`: the newest checkpoint, set by the loop)."""
+
+    advice = "fix or replace the file"
+    previous = None
+
+
+class StreamStopped(Exception):
+    """A stop signal came while the loop waited for the stream's rows: the stream is back at
+    the position it had before the window was asked for, which a checkpoint can save."""
 
 
 @dataclass
@@ -80,16 +95,33 @@ class Source:
     name: str  # for the run's log
 
 
-def of_iterable(ds, column: str, key: str, identity: dict, name: str) -> Source:
-    """A Source over a `datasets.IterableDataset`, its texts in `column`."""
+def of_iterable(ds, column: str, key: str, identity: dict, name: str,
+                undecodable: Callable[[int, UnicodeDecodeError], StreamFailed] | None = None
+                ) -> Source:
+    """A Source over a `datasets.IterableDataset`, its texts in `column`; `undecodable`(shard,
+    error) is the one-line error for a shard that is not text in its encoding."""
     def open_shard(k: int) -> Iterator[str]:
-        for example in ds.shard(num_shards=ds.n_shards, index=k):
-            if column not in example:
-                raise ConfigError(key, f"no column {column!r}; the data has "
-                                       f"{', '.join(example)}")
-            yield example[column]
+        try:
+            for example in ds.shard(num_shards=ds.n_shards, index=k):
+                if column not in example:
+                    raise ConfigError(key, f"no column {column!r}; the data has "
+                                           f"{', '.join(example)}")
+                yield example[column]
+        except Exception as exc:  # datasets may wrap the UnicodeDecodeError of a builder
+            cause = decode_error(exc)
+            if cause is None:
+                raise
+            raise (undecodable(k, cause) if undecodable is not None else StreamFailed(
+                "data", f"shard {k} of {name} is not text in its encoding ({cause})")) from None
 
     return Source(ds.n_shards, open_shard, identity, name)
+
+
+def decode_error(exc: BaseException | None) -> UnicodeDecodeError | None:
+    """The UnicodeDecodeError `exc` is or was raised from, if any."""
+    while exc is not None and not isinstance(exc, UnicodeDecodeError):
+        exc = exc.__cause__ or exc.__context__
+    return exc
 
 
 def first_documents(source: Source, n: int) -> tuple[list[str], tuple[int, int]]:
@@ -122,41 +154,78 @@ def _digest(value) -> str:
 
 
 class Prefetch:
-    """Runs an iterator in a daemon thread, PREFETCH items ahead of get(); its exceptions
-    are raised by get(). close() stops it."""
+    """Runs a Reader's chunks in a daemon thread, at least `ahead` rows ahead of get() (the
+    thread waits once that many are queued); its error, once the chunks before it are taken,
+    is raised by every get() from then on. close() stops the thread (the reader looks at the
+    stop event per document) and waits for it to end."""
 
-    def __init__(self, items: Iterator):
-        self._queue: queue.Queue = queue.Queue(PREFETCH)
+    def __init__(self, start: Callable[[threading.Event], Iterator[Chunk]], ahead: int):
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(items,), daemon=True,
-                                        name="trainrun-stream")
+        self._ready = threading.Condition()
+        self._queue: deque[Chunk] = deque()
+        self._rows, self._ahead = 0, max(1, ahead)
+        self._error: BaseException | None = None
+        self._ended = False
+        self._stalled = False  # tests: faults.stream_stall_at()
+        self._thread = threading.Thread(target=self._run, args=(start(self._stop),),
+                                        daemon=True, name="trainrun-stream")
         self._thread.start()
 
-    def _run(self, items: Iterator) -> None:
+    def _run(self, chunks: Iterator[Chunk]) -> None:
+        stall = faults.stream_stall_at()
         try:
-            for item in items:
-                if not self._put((True, item)):
+            for n, chunk in enumerate(chunks):
+                if n == stall:
+                    with self._ready:
+                        self._stalled = True
+                    self._stop.wait()
                     return
+                with self._ready:
+                    while self._rows >= self._ahead and not self._stop.is_set():
+                        self._ready.wait(POLL_SECONDS)
+                    if self._stop.is_set():
+                        return
+                    self._queue.append(chunk)
+                    self._rows += len(chunk.rows)
+                    self._ready.notify_all()
+        except Closed:
+            pass
         except BaseException as error:  # noqa: BLE001 (handed to the loop's thread)
-            self._put((False, error))
+            with self._ready:
+                self._error = error
+        finally:
+            with self._ready:
+                self._ended = True
+                self._ready.notify_all()
 
-    def _put(self, entry) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(entry, timeout=POLL_SECONDS)
-                return True
-            except queue.Full:
-                continue
-        return False
+    def get(self, stopping: Callable[[], bool] | None = None) -> Chunk:
+        """The next chunk; the reader's error if it failed (every time); StreamStopped when
+        `stopping`() turns true while the queue is empty. Never waits on a reader that has
+        ended."""
+        with self._ready:
+            while True:
+                if self._queue:
+                    chunk = self._queue.popleft()
+                    self._rows -= len(chunk.rows)
+                    self._ready.notify_all()
+                    return chunk
+                if self._error is not None:
+                    raise self._error
+                if self._ended or not self._thread.is_alive():
+                    raise RuntimeError("the stream's reader ended without its rows")
+                if stopping is not None and stopping():
+                    raise StreamStopped
+                if self._stalled:  # tests: a stop signal that comes while the loop waits
+                    self._stalled = False
+                    faults.stop_while_stalled()
+                self._ready.wait(POLL_SECONDS)
 
-    def get(self):
-        ok, item = self._queue.get()
-        if not ok:
-            raise item
-        return item
-
-    def close(self) -> None:
+    def close(self, wait: float = JOIN_SECONDS) -> None:
         self._stop.set()
+        with self._ready:
+            self._ready.notify_all()
+        if wait > 0 and self._thread is not threading.current_thread():
+            self._thread.join(wait)
 
 
 class Stream:
@@ -171,14 +240,17 @@ class Stream:
         self._chunk: Chunk | None = None
         self._prefetch: Prefetch | None = None
         self._window, self._first = np.zeros((0, seq_len + 1), np.int64), 0
+        # set by the loop (one process): whether a stop was asked for, so that a wait for
+        # rows ends in StreamStopped instead of lasting as long as the reader stalls
+        self.stopping: Callable[[], bool] | None = None
 
     def make_order(self, seed: int) -> Stream:
         self.seed = seed
         return self
 
-    def reader(self) -> Reader:
+    def reader(self, stop: threading.Event | None = None) -> Reader:
         return Reader(self.source, self.tokenizer, self.seq_len, self.buffer, self.seed,
-                      self.held)
+                      self.held, stop)
 
     def describe(self) -> str:
         return (f"a stream of {self.source.name} ({self.source.shards} shard(s)), rows of "
@@ -186,11 +258,21 @@ class Stream:
 
     def next_window(self, size: int) -> np.ndarray:
         """The next `size` rows, as sequence numbers counted from the run's start: batch()
-        reads them (those of this window only)."""
+        reads them (those of this window only). StreamStopped (with `stopping` set) leaves
+        the position as it was before the call."""
+        before = self.state_dict() if self.stopping is not None else None
+        try:
+            return self._next_window(size)
+        except StreamStopped:
+            self.close(wait=0)  # a stalled reader (a daemon) ends when it can: not waited for
+            self.load_state_dict(before)
+            raise
+
+    def _next_window(self, size: int) -> np.ndarray:
         parts = []
         while size > sum(len(p) for p in parts):
             if self._chunk is None:
-                self._start_reading()
+                self._start_reading(size)
             rows = self._chunk.rows
             if self.taken == len(rows):
                 self._chunk = self._next_chunk()
@@ -204,16 +286,18 @@ class Stream:
         self.served += size
         return np.arange(self._first, self.served, dtype=np.int64)
 
-    def _start_reading(self) -> None:
-        """The background thread, from the chunk of the current position; its rows taken
-        already are skipped."""
+    def _start_reading(self, size: int) -> None:
+        """The background thread, from the chunk of the current position (its rows taken
+        already are skipped), two windows of `size` rows and a chunk ahead of the loop."""
         self.close()
-        self._prefetch = Prefetch(self.reader().chunks(self.epoch, self.number, self.start))
+        epoch, number, start = self.epoch, self.number, self.start
+        self._prefetch = Prefetch(lambda stop: self.reader(stop).chunks(epoch, number, start),
+                                  2 * size + self.buffer)
         weakref.finalize(self, self._prefetch.close)
         self._chunk = self._next_chunk()
 
     def _next_chunk(self) -> Chunk:
-        return self._prefetch.get()
+        return self._prefetch.get(self.stopping)
 
     def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self._window[np.asarray(indices, dtype=np.int64) - self._first]
@@ -250,17 +334,20 @@ class Stream:
                                                             state["taken"], state["served"])
         self.start = tuple(state["start"])
 
-    def close(self) -> None:
-        """Stop the background thread, if it runs."""
+    def close(self, wait: float = JOIN_SECONDS) -> None:
+        """Stop the background thread, if it runs, and wait up to `wait` seconds for it to
+        end."""
         if self._prefetch is not None:
-            self._prefetch.close()
+            self._prefetch.close(wait)
             self._prefetch = None
 
 
-def load(cfg: StreamingKeys, tokenizer_cfg, log: Callable[[str], None], tokenizer=None
-         ) -> tuple[Stream, Sequences, object]:
+def load(cfg: StreamingKeys, tokenizer_cfg, log: Callable[[str], None], tokenizer=None,
+         check_train: bool = True) -> tuple[Stream, Sequences, object]:
     """The training stream, the validation slice (tokenized now) and the tokenizer (given,
-    or built by tokenizer_cfg: byte or hf, which need no pass over the documents)."""
+    or built by tokenizer_cfg: byte or hf, which need no pass over the documents);
+    check_train=False: the stream's first training row is not read (only validation is
+    wanted: trainrun-eval)."""
     train, validation = cfg.stream_sources()
     tokenizer = tokenizer or tokenizer_cfg.build(None, log)
     texts, end = first_documents(validation or train, cfg.val_documents)
@@ -275,7 +362,7 @@ def load(cfg: StreamingKeys, tokenizer_cfg, log: Callable[[str], None], tokenize
               "tokens": _digest([train.identity, tokenizer.fingerprint(), list(held)]),
               "count": None}
     stream = Stream(train, tokenizer, cfg.seq_len, cfg.shuffle_buffer, held, record)
-    if next(stream.reader().rows(0, (0, 0, 0)), None) is None:
+    if check_train and next(stream.reader().rows(0, (0, 0, 0)), None) is None:
         raise ConfigError("data.val_documents" if validation is None else "data", f"no "
                           f"training sequence of data.seq_len={cfg.seq_len} tokens in "
                           f"{train.name}" + ("" if validation is not None else

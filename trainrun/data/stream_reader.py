@@ -7,13 +7,18 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import islice
 
 import numpy as np
 
 from trainrun.data.order import permutation
 from trainrun.data.storage import BATCH, dtype_for
 from trainrun.errors import ConfigError
+
+CHARACTERS = 8 << 20  # a tokenize batch ends at BATCH documents or this many characters
+
+
+class Closed(Exception):
+    """The reader was asked to stop (Reader.stop): raised between documents."""
 
 
 @dataclass(frozen=True)
@@ -28,9 +33,10 @@ class Reader:
     """The stream's rows, from any position: what the background thread runs."""
 
     def __init__(self, source, tokenizer, seq_len: int, buffer: int, seed: int,
-                 held: tuple[int, int]):
+                 held: tuple[int, int], stop=None):
         self.source, self.tokenizer, self.seq_len = source, tokenizer, seq_len
         self.buffer, self.seed, self.held = buffer, seed, held
+        self.stop = stop  # a threading.Event: once set, the next document raises Closed
         self.dtype = dtype_for(tokenizer.vocab_size)
 
     def shard_order(self, epoch: int) -> np.ndarray:
@@ -46,17 +52,34 @@ class Reader:
                 continue  # wholly held out
             first = max(doc if s == shard else 0, held_doc if k == held_shard else 0)
             for i, text in enumerate(self.source.open(k)):
+                if self.stop is not None and self.stop.is_set():
+                    raise Closed
                 if i >= first and text and text.strip():
                     yield s, i, text
 
     def tokenized(self, epoch: int, shard: int, doc: int) -> Iterator[tuple[int, int, np.ndarray]]:
-        """documents(), as their ids followed by the end-of-document id, tokenized BATCH at a
-        time."""
-        eot, docs = np.array([self.tokenizer.eot]), self.documents(epoch, shard, doc)
-        while batch := list(islice(docs, BATCH)):
+        """documents(), as their ids (in the token dtype) followed by the end-of-document id,
+        tokenized BATCH documents or CHARACTERS characters at a time, whichever comes first,
+        so that what is held does not grow with the documents' size."""
+        for batch in self.batches(self.documents(epoch, shard, doc)):
             ids = self.tokenizer.encode_batch([text for _, _, text in batch])
-            for (s, i, _), a in zip(batch, ids, strict=True):
-                yield s, i, np.concatenate([a, eot]).astype(self.dtype)
+            for j, (s, i, _) in enumerate(batch):
+                a, ids[j] = ids[j], None  # each document's ids are let go once converted
+                out = np.empty(len(a) + 1, self.dtype)
+                out[:-1], out[-1] = a, self.tokenizer.eot
+                yield s, i, out
+
+    @staticmethod
+    def batches(docs: Iterator[tuple[int, int, str]]) -> Iterator[list]:
+        batch, characters = [], 0
+        for d in docs:
+            batch.append(d)
+            characters += len(d[2])
+            if len(batch) == BATCH or characters >= CHARACTERS:
+                yield batch
+                batch, characters = [], 0
+        if batch:
+            yield batch
 
     def rows(self, epoch: int, start: tuple[int, int, int]
              ) -> Iterator[tuple[tuple[int, int, int], np.ndarray]]:
