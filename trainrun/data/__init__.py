@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from trainrun import signals
-from trainrun.data import storage
+from trainrun.data import storage, tokenizing
 from trainrun.data.pairs import Buckets, Pairs, Side
 from trainrun.data.parallel import SIDES, ParallelDataConfig
 from trainrun.data.sequences import IGNORE, Sequences, Windows
@@ -51,9 +51,10 @@ class Loaded:
 
 def load(cfg: DataConfig, tokenizer_cfg: TokenizerConfig | None = None,
          log: Callable[[str], None] = lambda line: None,
-         tokenizer: Tokenizer | None = None) -> Loaded:
+         tokenizer: Tokenizer | None = None, bar: storage.Bar | None = None) -> Loaded:
     """The splits as Sequences over the cached token files, and the tokenizer (`tokenizer`,
-    e.g. a finished run's copy, else the one tokenizer_cfg builds)."""
+    e.g. a finished run's copy, else the one tokenizer_cfg builds); `bar`: the progress bar
+    of the tokenization on a terminal (storage.Bar)."""
     _quiet_datasets()
     docs = cfg.splits()
     log(f"data: {len(docs['train']):,} train / {len(docs['validation']):,} validation "
@@ -61,7 +62,7 @@ def load(cfg: DataConfig, tokenizer_cfg: TokenizerConfig | None = None,
     signals.check()  # a start-up stop that came while `datasets` loaded them
     tokenizer = tokenizer or (tokenizer_cfg or TOKENIZERS["byte"]()).build(docs, log)
     signals.check()
-    folder = storage.tokenize(docs, tokenizer, log)
+    folder = storage.tokenize(docs, tokenizer, log, workers(cfg), bar)
     out = {}
     for split in storage.SPLITS:
         seqs = _sequences(cfg, folder, split, docs, tokenizer)
@@ -78,7 +79,7 @@ def load(cfg: DataConfig, tokenizer_cfg: TokenizerConfig | None = None,
 def load_pairs(cfg: ParallelDataConfig, tokenizer_cfg: TokenizerConfig | None = None,
                log: Callable[[str], None] = lambda line: None,
                tokenizer: Tokenizer | None = None, seed: int = 0,
-               with_test: bool = False) -> Loaded:
+               with_test: bool = False, bar: storage.Bar | None = None) -> Loaded:
     """Sentence pairs: train as Buckets, validation (and test, with_test) as Pairs.
     One tokenizer for both sides (tokenizer=bpe is trained on the source and target sentences
     of the training split together), so that the model can share one embedding."""
@@ -95,7 +96,8 @@ def load_pairs(cfg: ParallelDataConfig, tokenizer_cfg: TokenizerConfig | None = 
     check_coverage(tokenizer, pairs["train"])
     signals.check()
     folders = {s: storage.tokenize(datasets.DatasetDict(
-        {split: _side(ds, s) for split, ds in pairs.items()}), tokenizer, log) for s in SIDES}
+        {split: _side(ds, s) for split, ds in pairs.items()}), tokenizer, log, workers(cfg), bar)
+        for s in SIDES}
     out, long = {}, {}
     for split in pairs:
         sides = [Side(*storage.open_split(folders[s], split, tokenizer.vocab_size))
@@ -163,12 +165,17 @@ def load_whole(cfg: DataConfig, tokenizer: Tokenizer,
     Windows that make each of its tokens a target: data scored whole (trainrun-eval)."""
     _quiet_datasets()
     docs = cfg.splits(whole=True)
-    folder = storage.tokenize(docs, tokenizer, log)
+    folder = storage.tokenize(docs, tokenizer, log, workers(cfg))
     windows = Windows(_sequences(cfg, folder, "all", docs, tokenizer))
     if windows.num_targets(np.arange(len(windows))) == 0:
         raise ConfigError("data", f"{len(docs['all']):,} document(s) with no token to score; "
                                   f"allowed: data with some text")
     return windows
+
+
+def workers(cfg: DataConfig) -> int:
+    """The threads that tokenize (data.tokenize_workers)."""
+    return tokenizing.workers(cfg.tokenize_workers)
 
 
 def _quiet_datasets() -> None:

@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 
 from omegaconf import MISSING
 
+from trainrun.data.tokenizing import check_workers
 from trainrun.errors import ConfigError, require_in, require_positive
 from trainrun.registry import options_of, register
 from trainrun.textcheck import (
@@ -57,9 +58,13 @@ class DataConfig:
     packing: bool = MISSING  # concatenate documents into windows (false: one per sequence)
     val_fraction: float = MISSING  # documents held out when the source has no validation split
     max_documents: int | None = None  # at most this many documents per split (null: all)
+    # threads that tokenize: auto (one per core this process may use) or N; the token files
+    # are the same whatever the number, so it is in no cache key (docs/data.md, Token storage)
+    tokenize_workers: str = "auto"
 
     def validate(self, prefix: str) -> None:
         require_positive(f"{prefix}.batch_size", self.batch_size)
+        check_workers(f"{prefix}.tokenize_workers", self.tokenize_workers)
         require_positive(f"{prefix}.seq_len", self.seq_len)
         if not 0 < self.val_fraction <= 0.5:
             raise ConfigError(f"{prefix}.val_fraction",
