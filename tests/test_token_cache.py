@@ -1,10 +1,12 @@
 """The data a run trains on is the data on disk (docs/data.md, Token storage): a corpus edited at
 the same size and modification time is read and tokenized anew, token files that are not
-as written (truncated, overwritten, ids beyond the vocabulary) are one line, and a resume
-after the corpus changed is refused in one line, the run directory untouched."""
+as written (truncated, overwritten, ids beyond the vocabulary) are one line, a resume
+after the corpus changed is refused in one line, the run directory untouched, and the token
+files are the same bytes whatever the number of threads that tokenize them."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -143,3 +145,79 @@ def test_a_resume_after_the_corpus_changed_is_one_line(tmp_path):
     edit_in_place(corpus, b"MODEL", b"model")  # the control: the same data again
     proc = cli(f"resume={run}", "trainer.max_steps=6", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+
+
+# -- parallel tokenization (data.tokenize_workers) --------------------------------------
+
+# documents of every kind a chunk must keep or drop: blank ones (empty, whitespace, Unicode
+# whitespace alone), one that is a character sharing a lead byte with a space (U+2014), text
+# beyond ASCII, the end-of-document token's text
+ODD_LINES = ["", "  \t", "\u3000\u2003", "\u2014", "héllo wörld 日本語 🎉", " leading space",
+             "a literal <|endoftext|> is text", "\x1c\x85"]
+
+
+def mixed_corpus(path: Path) -> Path:
+    lines = make_corpus(path).read_text().splitlines()
+    for i, odd in enumerate(ODD_LINES * 5):
+        lines.insert(7 * i + 3, odd)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("tokenizer", [["tokenizer=byte"],
+                                       ["tokenizer=bpe", "tokenizer.vocab_size=320"]],
+                         ids=["byte", "bpe"])
+def test_the_token_files_are_the_same_bytes_whatever_the_number_of_workers(
+        tmp_path, monkeypatch, tokenizer):
+    from trainrun.data import tokenizing
+
+    monkeypatch.setattr(tokenizing, "CHUNK", 7)  # ~50 chunks a split: the work is cut up
+    monkeypatch.setattr(storage, "PROGRESS_SECONDS", 0.0)  # a progress line per chunk
+    corpus = mixed_corpus(tmp_path / "corpus.txt")
+    files, lines = {}, []
+    for workers in (1, 2, 3):
+        monkeypatch.setenv("TRAINRUN_CACHE", str(tmp_path / f"cache-{workers}"))
+        cfg = config("data=text", f"data.files={corpus}", "data.sample_by=line", *tokenizer,
+                     f"data.tokenize_workers={workers}")
+        loaded = data.load(cfg.data, cfg.tokenizer, lines.append)
+        folder = Path(loaded.train.tokens.filename).parent
+        info = json.loads((folder / "info.json").read_text())
+        for split in info["splits"].values():
+            del split["seconds"]
+        files[workers] = {p.name: p.read_bytes() for p in folder.iterdir() if p.suffix != ".json"}
+        files[workers]["info"] = info
+    assert sorted(files[1]) == ["info", "train.bin", "train.offsets.npy", "validation.bin",
+                                "validation.offsets.npy"]
+    assert files[1] == files[2] == files[3]
+    # the reference: each non-blank document's ids from encode(), then the end of document
+    docs, tok = cfg.data.splits(), loaded.tokenizer
+    for split in ("train", "validation"):
+        expected = [i for t in docs[split]["text"] if t and t.strip()
+                    for i in [*tok.encode(t), tok.eot]]
+        assert np.asarray(loaded[split].tokens).tolist() == expected
+        assert files[1]["info"]["splits"][split]["sha256"] == hashlib.sha256(
+            np.asarray(expected, np.uint16).tobytes()).hexdigest()
+    done = [line for line in lines if line.startswith("tokenizing train: ")]
+    assert done and all("% of " in line and "s left" in line for line in done), lines[:3]
+    assert any("; 3 worker(s)" in line for line in lines)
+
+
+def test_the_progress_bar_counts_the_text_bytes_of_the_split(tmp_path):
+    """bar(description, total) gets the UTF-8 bytes of the split's texts (blank ones too),
+    its advances add up to the text of the documents kept."""
+    corpus = mixed_corpus(tmp_path / "corpus.txt")
+    cfg = config("data=text", f"data.files={corpus}", "data.sample_by=line").data
+    seen = {}
+
+    @contextlib.contextmanager
+    def bar(description, total):
+        seen[description] = [total, 0]
+        yield lambda n: seen[description].__setitem__(1, seen[description][1] + n)
+
+    data.load(cfg, bar=bar)
+    docs = cfg.splits()
+    for split in ("train", "validation"):
+        texts = [t for t in docs[split]["text"] if t]
+        assert seen[f"tokenizing {split}"] == [
+            sum(len(t.encode()) for t in texts),
+            sum(len(t.encode()) for t in texts if t.strip())]
