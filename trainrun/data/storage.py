@@ -104,22 +104,24 @@ def write_split(docs, tokenizer, folder: Path, split: str, log: Callable[[str], 
     digest = hashlib.sha256()
     total = text_bytes(docs)
     began = last = time.monotonic()
-    with open(folder / f"{split}.bin", "wb") as out, \
-            (bar or no_bar)(f"tokenizing {split}", total) as advance, \
-            contextlib.closing(tokenizing.chunks(docs, tokenizer, dtype, n_workers)) as chunks:
-        for chunk in chunks:
-            signals.check()  # a start-up stop that came while `datasets` read the chunk
-            out.write(chunk.tokens.data)
-            digest.update(chunk.tokens)
-            starts.append(n_tokens + np.cumsum(chunk.lengths))
-            n_docs, n_tokens = n_docs + len(chunk.lengths), n_tokens + int(chunk.lengths.sum())
-            n_bytes += chunk.text_bytes
-            if advance is not None:
-                advance(chunk.text_bytes)
-            elif time.monotonic() - last >= PROGRESS_SECONDS:
-                last = time.monotonic()
-                log(f"tokenizing {split}: {rates(n_docs, n_tokens, n_bytes, last - began)}"
-                    f"{time_left(n_bytes, total, last - began)}")
+    fd = os.open(folder / f"{split}.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        with (bar or no_bar)(f"tokenizing {split}", total) as advance, contextlib.closing(
+                tokenizing.write_chunks(docs, tokenizer, dtype, n_workers, fd)) as chunks:
+            for chunk in chunks:
+                signals.check()  # a start-up stop that came while `datasets` read the chunk
+                digest.update(chunk.tokens)
+                starts.append(n_tokens + np.cumsum(chunk.lengths))
+                n_docs, n_tokens = n_docs + len(chunk.lengths), n_tokens + len(chunk.tokens)
+                n_bytes += chunk.text_bytes
+                if advance is not None:
+                    advance(chunk.text_bytes)
+                elif time.monotonic() - last >= PROGRESS_SECONDS:
+                    last = time.monotonic()
+                    log(f"tokenizing {split}: {rates(n_docs, n_tokens, n_bytes, last - began)}"
+                        f"{time_left(n_bytes, total, last - began)}")
+    finally:
+        os.close(fd)  # after the writes: closing `chunks` waits for those under way
     np.save(folder / f"{split}.offsets.npy", np.concatenate(starts))
     seconds = time.monotonic() - began
     log(f"tokenized {split}: {rates(n_docs, n_tokens, n_bytes, seconds)}; "

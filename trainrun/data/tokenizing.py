@@ -151,22 +151,46 @@ def own_threads_only():
             os.environ[name] = before
 
 
-def chunks(docs, tokenizer, dtype: np.dtype, n_workers: int) -> Iterator[Chunk]:
-    """The split's documents as Chunks of CHUNK documents, in order, encoded by n_workers
-    threads, at most AHEAD per worker ahead of the caller. Closing the generator (a stop
-    while tokenizing) cancels the chunks not begun and waits for those under way."""
+def write_chunks(docs, tokenizer, dtype: np.dtype, n_workers: int, fd: int) -> Iterator[Chunk]:
+    """The split's documents as Chunks of CHUNK documents, encoded by n_workers threads and
+    written into the file `fd` one after the other, each at its place, by the same threads
+    (a fresh file's pages cost about as much CPU as encoding bytes: one writer would cap the
+    byte tokenizer). Yielded in order once its write is queued, at most AHEAD per worker
+    ahead; the generator ends once every chunk is written. Closing it early (a stop while
+    tokenizing) cancels what has not begun and waits for what has."""
     table = docs.with_format("arrow")
-    spans = [(a, min(a + CHUNK, len(docs))) for a in range(0, len(docs), CHUNK)]
+    spans = deque((a, min(a + CHUNK, len(docs))) for a in range(0, len(docs), CHUNK))
+    encoding: deque = deque()
+    writing: deque = deque()
+    at = 0  # bytes of the file before the next chunk
     with own_threads_only(), ThreadPoolExecutor(n_workers, "tokenize") as pool:
-        pending: deque = deque()
+
+        def encode_ahead() -> None:
+            while spans and len(encoding) < AHEAD * n_workers:
+                a, b = spans.popleft()
+                encoding.append(pool.submit(lambda a=a, b=b: encode_chunk(
+                    table[a:b], tokenizer, dtype)))
+
         try:
-            for a, b in spans:
-                pending.append(pool.submit(lambda a=a, b=b: encode_chunk(table[a:b], tokenizer,
-                                                                          dtype)))
-                if len(pending) >= AHEAD * n_workers:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
+            encode_ahead()
+            while encoding:
+                chunk = encoding.popleft().result()
+                writing.append(pool.submit(write_at, fd, chunk.tokens, at))
+                at += chunk.tokens.nbytes
+                encode_ahead()
+                while writing and (writing[0].done() or len(writing) > AHEAD * n_workers):
+                    writing.popleft().result()  # a failed write's error (a full disk) here
+                yield chunk
+            while writing:
+                writing.popleft().result()
         finally:
-            for future in pending:
-                future.cancel()
+            for future in (*encoding, *writing):
+                future.cancel()  # those under way finish before the pool's threads end
+
+
+def write_at(fd: int, tokens: np.ndarray, at: int) -> None:
+    """tokens' bytes into the file fd from byte `at` on."""
+    view = memoryview(np.ascontiguousarray(tokens)).cast("B")
+    while view:
+        n = os.pwrite(fd, view, at)
+        view, at = view[n:], at + n
