@@ -221,3 +221,18 @@ def test_the_progress_bar_counts_the_text_bytes_of_the_split(tmp_path):
         assert seen[f"tokenizing {split}"] == [
             sum(len(t.encode()) for t in texts),
             sum(len(t.encode()) for t in texts if t.strip())]
+
+
+def test_a_stop_while_tokenizing_in_threads_ends_in_one_line_and_leaves_no_tokens(tmp_path):
+    """SIGTERM from a worker thread as it writes its first chunk: the writer stops, the
+    workers finish what they began, and the half-written folder is removed."""
+    corpus = make_corpus(tmp_path / "corpus.txt")
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    proc = cli(*tiny(corpus, "data.tokenize_workers=2", f"hydra.run.dir={run_dir}"),
+               cwd=tmp_path, env={"TRAINRUN_CACHE": str(cache), "TRAINRUN_SIGNAL_INSIDE":
+                                  "SIGTERM:trainrun.data.tokenizing.write_at"})
+    assert proc.returncode == 128 + 15, proc.stderr
+    assert proc.stderr == "trainrun: SIGTERM: stopped before the first update\n"
+    assert "data: " in proc.stdout and "tokenized train" not in proc.stdout  # while tokenizing
+    assert not run_dir.exists()
+    assert [p.name for p in (cache / "tokens").iterdir() if not p.name.endswith(".lock")] == []
