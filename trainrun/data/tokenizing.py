@@ -1,14 +1,15 @@
 """A split's documents tokenized in parallel (docs/data.md, Token storage): cut into chunks of
-CHUNK consecutive documents, each chunk encoded by one of `data.tokenize_workers` threads, the
-chunks handed back in their order. The token files are the same bytes whatever the number of
-workers: a document's ids do not depend on which chunk or thread encoded it, and the writer
-(storage.write_split) takes the chunks in order.
+CHUNK consecutive documents, each chunk encoded by one of `data.tokenize_workers` threads and
+written by one at its place in the token file (where the chunks before it end); the writer
+(storage.write_split) takes the chunks in their order for the checksum and the offsets. The
+token files are the same bytes whatever the number of workers: a document's ids do not
+depend on which chunk or thread encoded it, nor a chunk's place on which thread wrote it.
 
 Threads, not processes: the documents are `datasets`' memory-mapped Arrow table, which every
-thread reads without a copy, and the work holds no lock: `tokenizers` lets go of Python's
-lock while it encodes, and the byte tokenizer is a few numpy operations on the Arrow buffers.
-While they run, `tokenizers`' own thread pool is turned off (TOKENIZERS_PARALLELISM=false), so
-that N workers use N cores rather than N times every core.
+thread reads without a copy, and the work mostly runs outside Python's lock: `tokenizers`
+lets go of it while it encodes, and the byte tokenizer is a few NumPy operations on the Arrow
+buffers. While they run, `tokenizers`' own thread pool is turned off
+(TOKENIZERS_PARALLELISM=false), so that N workers use N cores rather than N times every core.
 """
 
 from __future__ import annotations
