@@ -8,6 +8,9 @@ It writes a synthetic corpus (documents of Zipf-distributed made-up words, one p
 trainrun's own data code in fresh processes (their own caches under --work), then trains
 gpt_tiny for --steps updates on the large and on the 20 MB corpus with each tokenizer and
 reads each run's peak RSS (getrusage of the child process). It prints a Markdown table.
+Besides the throughput (MB of text per second, wall clock), it gives the CPU seconds that
+tokenizing the training split took (every thread) and the MB per CPU-second: on a machine
+shared with other jobs the first moves with their load, the second much less.
 --tokenize-only measures the large corpus's tokenization alone (no training runs, no small
 corpus); --workers N passes data.tokenize_workers=N.
 """
@@ -30,15 +33,26 @@ SMALL_MB = 20
 CHUNK_WORDS = 200_000  # about 1.2 MB of text
 
 TOKENIZE = """
-import json, sys, time
+import json, resource, sys, time
 from trainrun import data
 from trainrun.composition import validated_configs
+from trainrun.data import storage
 cfg = validated_configs([sys.argv[1:]])[0]
+cpu, write_split = {}, storage.write_split
+
+def timed(docs, tokenizer, folder, split, *args, **kwargs):  # the CPU time of each split
+    before = resource.getrusage(resource.RUSAGE_SELF)  # every thread of the process
+    record = write_split(docs, tokenizer, folder, split, *args, **kwargs)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu[split] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return record
+
+storage.write_split = timed
 began = time.monotonic()
 loaded = data.load(cfg.data, cfg.tokenizer, lambda line: print(line, flush=True))
 seconds = time.monotonic() - began
 folder = __import__("pathlib").Path(loaded.train.tokens.filename).parent
-print("RESULT " + json.dumps({"seconds": seconds, "folder": str(folder)}))
+print("RESULT " + json.dumps({"seconds": seconds, "folder": str(folder), "cpu": cpu}))
 """
 
 
@@ -139,6 +153,10 @@ def main(argv=None) -> None:
                 "load_s": round(result["seconds"], 1), "tokenize_s": train["seconds"],
                 "mb_per_s": round(train["text_bytes"] / 1e6 / max(train["seconds"], 1e-9), 1),
                 "tokens_per_s": round(train["tokens"] / max(train["seconds"], 1e-9)),
+                # CPU seconds of all its threads: what other jobs on the machine do not change
+                "tokenize_cpu_s": round(result["cpu"]["train"], 2),
+                "mb_per_cpu_s": round(train["text_bytes"] / 1e6 / max(result["cpu"]["train"], 1e-9), 1),
+                "load_average": round(os.getloadavg()[0], 2),
                 "tokens": train["tokens"] + info["splits"]["validation"]["tokens"],
                 "dtype": info["dtype"], "token_files_mb": round(files / 1e6, 1),
                 "tokenize_peak_rss_mb": round(peak / 1e6),
