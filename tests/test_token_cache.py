@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import cli, config, make_corpus, tiny
+from helpers import cli, config, make_corpus, tiny, train
 
-from trainrun import data
+from trainrun import checkpoint, data, resume
 from trainrun.data import storage
 from trainrun.data.tokenizers import ByteTokenizer
 from trainrun.errors import ConfigError
@@ -236,3 +236,16 @@ def test_a_stop_while_tokenizing_in_threads_ends_in_one_line_and_leaves_no_token
     assert "data: " in proc.stdout and "tokenized train" not in proc.stdout  # while tokenizing
     assert not run_dir.exists()
     assert [p.name for p in (cache / "tokens").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_a_resume_may_change_the_tokenizing_workers_not_the_data(tmp_path):
+
+    corpus = make_corpus(tmp_path / "corpus.txt")
+    run = tmp_path / "run"
+    train(run, *tiny(corpus, "trainer.max_steps=2", "data.tokenize_workers=1"))
+    path = run / "checkpoints" / "step-00000002"
+    meta = checkpoint.read_meta(path)
+    resume.check_compatible(config(*tiny(corpus, "data.tokenize_workers=3")), meta, path)
+    with pytest.raises(ConfigError) as err:  # the control: a key that changes the data
+        resume.check_compatible(config(*tiny(corpus, "data.val_fraction=0.1")), meta, path)
+    assert err.value.key == "data.val_fraction"
