@@ -185,9 +185,9 @@ def test_the_token_files_are_the_same_bytes_whatever_the_number_of_workers(
         for split in info["splits"].values():
             del split["seconds"]
         files[workers] = {p.name: p.read_bytes() for p in folder.iterdir() if p.suffix != ".json"}
-        files[workers]["info"] = info
-    assert sorted(files[1]) == ["info", "train.bin", "train.offsets.npy", "validation.bin",
-                                "validation.offsets.npy"]
+        files[workers]["info"], files[workers]["key"] = info, folder.name  # in no cache key
+    assert sorted(files[1]) == ["info", "key", "train.bin", "train.offsets.npy",
+                                "validation.bin", "validation.offsets.npy"]
     assert files[1] == files[2] == files[3]
     # the reference: each non-blank document's ids from encode(), then the end of document
     docs, tok = cfg.data.splits(), loaded.tokenizer
