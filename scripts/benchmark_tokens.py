@@ -8,6 +8,11 @@ It writes a synthetic corpus (documents of Zipf-distributed made-up words, one p
 trainrun's own data code in fresh processes (their own caches under --work), then trains
 gpt_tiny for --steps updates on the large and on the 20 MB corpus with each tokenizer and
 reads each run's peak RSS (getrusage of the child process). It prints a Markdown table.
+Besides the throughput (MB of text per second, wall clock), it gives the CPU seconds that
+tokenizing the training split took (every thread) and the MB per CPU-second: on a machine
+shared with other jobs the first moves with their load, the second much less.
+--tokenize-only measures the large corpus's tokenization alone (no training runs, no small
+corpus); --workers N passes data.tokenize_workers=N.
 """
 
 from __future__ import annotations
@@ -28,15 +33,26 @@ SMALL_MB = 20
 CHUNK_WORDS = 200_000  # about 1.2 MB of text
 
 TOKENIZE = """
-import json, sys, time
+import json, resource, sys, time
 from trainrun import data
 from trainrun.composition import validated_configs
+from trainrun.data import storage
 cfg = validated_configs([sys.argv[1:]])[0]
+cpu, write_split = {}, storage.write_split
+
+def timed(docs, tokenizer, folder, split, *args, **kwargs):  # the CPU time of each split
+    before = resource.getrusage(resource.RUSAGE_SELF)  # every thread of the process
+    record = write_split(docs, tokenizer, folder, split, *args, **kwargs)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu[split] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return record
+
+storage.write_split = timed
 began = time.monotonic()
 loaded = data.load(cfg.data, cfg.tokenizer, lambda line: print(line, flush=True))
 seconds = time.monotonic() - began
 folder = __import__("pathlib").Path(loaded.train.tokens.filename).parent
-print("RESULT " + json.dumps({"seconds": seconds, "folder": str(folder)}))
+print("RESULT " + json.dumps({"seconds": seconds, "folder": str(folder), "cpu": cpu}))
 """
 
 
@@ -87,13 +103,18 @@ def main(argv=None) -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/trainrun-bench"))
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--tokenizers", default="byte,bpe")
+    parser.add_argument("--tokenize-only", action="store_true",
+                        help="tokenize the large corpus only: no training, no small corpus")
+    parser.add_argument("--workers", default=None,
+                        help="data.tokenize_workers (default: the config's, auto)")
     args = parser.parse_args(argv)
     work = args.work
     env = {**os.environ, "HF_DATASETS_CACHE": str(work / "hf-cache"),
            "TRAINRUN_CACHE": str(work / "trainrun-cache"), "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1"}
     corpora = {}
-    for name, size, seed in (("large", args.size_mb, 0), ("small", SMALL_MB, 1)):
+    sizes = [("large", args.size_mb, 0)] + ([] if args.tokenize_only else [("small", SMALL_MB, 1)])
+    for name, size, seed in sizes:
         folder = work / f"corpus-{name}-{size}mb"
         if not folder.is_dir():
             began = time.monotonic()
@@ -108,6 +129,8 @@ def main(argv=None) -> None:
         for name, folder in corpora.items():
             overrides = ["data=text", f"data.files={folder}/*.txt", "data.sample_by=line",
                          *tok_overrides[tok]]  # its documents are the shards' lines
+            if args.workers is not None:
+                overrides.append(f"data.tokenize_workers={args.workers}")
             seconds, peak, out = child_peak_rss(
                 [sys.executable, "-c", TOKENIZE, *overrides], env,
                 work / f"tokenize-{tok}-{name}.log")
@@ -115,24 +138,32 @@ def main(argv=None) -> None:
             info = json.loads((Path(result["folder"]) / "info.json").read_text())
             train = info["splits"]["train"]
             files = sum(p.stat().st_size for p in Path(result["folder"]).iterdir())
-            run_dir = work / f"run-{tok}-{name}"
-            shutil.rmtree(run_dir, ignore_errors=True)
-            t_seconds, t_peak, _ = child_peak_rss(
-                [shutil.which("trainrun") or "trainrun", *overrides,
-                 f"trainer.max_steps={args.steps}", "trainer.eval_every=1000",
-                 "trainer.ckpt_every=1000", "trainer.device=cpu", "precision=fp32",
-                 f"hydra.run.dir={run_dir}"], env, work / f"train-{tok}-{name}.log")
+            t_seconds = t_peak = None
+            if not args.tokenize_only:
+                run_dir = work / f"run-{tok}-{name}"
+                shutil.rmtree(run_dir, ignore_errors=True)
+                t_seconds, t_peak, _ = child_peak_rss(
+                    [shutil.which("trainrun") or "trainrun", *overrides,
+                     f"trainer.max_steps={args.steps}", "trainer.eval_every=1000",
+                     "trainer.ckpt_every=1000", "trainer.device=cpu", "precision=fp32",
+                     f"hydra.run.dir={run_dir}"], env, work / f"train-{tok}-{name}.log")
             rows.append({
                 "tokenizer": tok, "corpus": name,
                 "text_mb": round(sum(p.stat().st_size for p in folder.iterdir()) / 1e6, 1),
                 "load_s": round(result["seconds"], 1), "tokenize_s": train["seconds"],
                 "mb_per_s": round(train["text_bytes"] / 1e6 / max(train["seconds"], 1e-9), 1),
                 "tokens_per_s": round(train["tokens"] / max(train["seconds"], 1e-9)),
+                # CPU seconds of all its threads: what other jobs on the machine do not change
+                "tokenize_cpu_s": round(result["cpu"]["train"], 2),
+                "mb_per_cpu_s": round(train["text_bytes"] / 1e6 / max(result["cpu"]["train"], 1e-9), 1),
+                "load_average": round(os.getloadavg()[0], 2),
                 "tokens": train["tokens"] + info["splits"]["validation"]["tokens"],
                 "dtype": info["dtype"], "token_files_mb": round(files / 1e6, 1),
-                "tokenize_peak_rss_mb": round(peak / 1e6), "train_s": round(t_seconds, 1),
-                "train_peak_rss_mb": round(t_peak / 1e6)})
+                "tokenize_peak_rss_mb": round(peak / 1e6),
+                "train_s": None if t_seconds is None else round(t_seconds, 1),
+                "train_peak_rss_mb": None if t_peak is None else round(t_peak / 1e6)})
             print(json.dumps(rows[-1]), flush=True)
+            shutil.rmtree(result["folder"])  # the next measurement tokenizes anew
     (work / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     keys = list(rows[0])
     print("| " + " | ".join(keys) + " |")

@@ -220,6 +220,10 @@ BAD = [
                  id="seq-len-above-positions"),
     pytest.param(["model.dropout=1.5"], "model.dropout", ["1.5"], id="dropout-above-one"),
     pytest.param(["data.batch_size=0"], "data.batch_size", ["0"], id="zero-batch"),
+    pytest.param(["data.tokenize_workers=0"], "data.tokenize_workers",
+                 ["'0'", "auto", "from 1 to 1024"], id="zero-tokenize-workers"),
+    pytest.param(["data.tokenize_workers=many"], "data.tokenize_workers",
+                 ["'many'", "auto", "from 1 to 1024"], id="tokenize-workers-not-a-number"),
     pytest.param(["trainer.seed=-1"], "trainer.seed", ["-1"], id="negative-seed"),
     pytest.param(["optimizer.betas=[0.9]"], "optimizer.betas", ["0.9"], id="one-beta"),
     pytest.param(["scheduler.min_lr=0.1"], "scheduler.min_lr",
@@ -260,6 +264,7 @@ CLI_CASES = {
                                 "trainer.max_steps=10"], "scheduler.warmup_steps"),
     "no-cuda": (["trainer.device=cuda"], "trainer.device"),
     "min-lr-above-lr": (["scheduler.min_lr=0.1"], "scheduler.min_lr"),
+    "tokenize-workers-not-a-number": (["data.tokenize_workers=many"], "data.tokenize_workers"),
 }
 
 

@@ -1,10 +1,12 @@
 """The data a run trains on is the data on disk (docs/data.md, Token storage): a corpus edited at
 the same size and modification time is read and tokenized anew, token files that are not
-as written (truncated, overwritten, ids beyond the vocabulary) are one line, and a resume
-after the corpus changed is refused in one line, the run directory untouched."""
+as written (truncated, overwritten, ids beyond the vocabulary) are one line, a resume
+after the corpus changed is refused in one line, the run directory untouched, and the token
+files are the same bytes whatever the number of threads that tokenize them."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -12,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import cli, config, make_corpus, tiny
+from helpers import cli, config, make_corpus, tiny, train
 
-from trainrun import data
+from trainrun import checkpoint, data, resume
 from trainrun.data import storage
 from trainrun.data.tokenizers import ByteTokenizer
 from trainrun.errors import ConfigError
@@ -143,3 +145,107 @@ def test_a_resume_after_the_corpus_changed_is_one_line(tmp_path):
     edit_in_place(corpus, b"MODEL", b"model")  # the control: the same data again
     proc = cli(f"resume={run}", "trainer.max_steps=6", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+
+
+# -- parallel tokenization (data.tokenize_workers) --------------------------------------
+
+# documents of every kind a chunk must keep or drop: blank ones (empty, whitespace, Unicode
+# whitespace alone), one that is a character sharing a lead byte with a space (U+2014), text
+# beyond ASCII, the end-of-document token's text
+ODD_LINES = ["", "  \t", "\u3000\u2003", "\u2014", "héllo wörld 日本語 🎉", " leading space",
+             "a literal <|endoftext|> is text", "\x1c\x85"]
+
+
+def mixed_corpus(path: Path) -> Path:
+    lines = make_corpus(path).read_text().splitlines()
+    for i, odd in enumerate(ODD_LINES * 5):
+        lines.insert(7 * i + 3, odd)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("tokenizer", [["tokenizer=byte"],
+                                       ["tokenizer=bpe", "tokenizer.vocab_size=320"]],
+                         ids=["byte", "bpe"])
+def test_the_token_files_are_the_same_bytes_whatever_the_number_of_workers(
+        tmp_path, monkeypatch, tokenizer):
+    from trainrun.data import tokenizing
+
+    monkeypatch.setattr(tokenizing, "CHUNK", 7)  # ~50 chunks a split: the work is cut up
+    monkeypatch.setattr(storage, "PROGRESS_SECONDS", 0.0)  # a progress line per chunk
+    corpus = mixed_corpus(tmp_path / "corpus.txt")
+    files, lines = {}, []
+    for workers in (1, 2, 3):
+        monkeypatch.setenv("TRAINRUN_CACHE", str(tmp_path / f"cache-{workers}"))
+        cfg = config("data=text", f"data.files={corpus}", "data.sample_by=line", *tokenizer,
+                     f"data.tokenize_workers={workers}")
+        loaded = data.load(cfg.data, cfg.tokenizer, lines.append)
+        folder = Path(loaded.train.tokens.filename).parent
+        info = json.loads((folder / "info.json").read_text())
+        for split in info["splits"].values():
+            del split["seconds"]
+        files[workers] = {p.name: p.read_bytes() for p in folder.iterdir() if p.suffix != ".json"}
+        files[workers]["info"], files[workers]["key"] = info, folder.name  # in no cache key
+    assert sorted(files[1]) == ["info", "key", "train.bin", "train.offsets.npy",
+                                "validation.bin", "validation.offsets.npy"]
+    assert files[1] == files[2] == files[3]
+    # the reference: each non-blank document's ids from encode(), then the end of document
+    docs, tok = cfg.data.splits(), loaded.tokenizer
+    for split in ("train", "validation"):
+        expected = [i for t in docs[split]["text"] if t and t.strip()
+                    for i in [*tok.encode(t), tok.eot]]
+        assert np.asarray(loaded[split].tokens).tolist() == expected
+        assert files[1]["info"]["splits"][split]["sha256"] == hashlib.sha256(
+            np.asarray(expected, np.uint16).tobytes()).hexdigest()
+    done = [line for line in lines if line.startswith("tokenizing train: ")]
+    assert done and all("% of " in line and "s left" in line for line in done), lines[:3]
+    assert any("; 3 worker(s)" in line for line in lines)
+
+
+def test_the_progress_bar_counts_the_text_bytes_of_the_split(tmp_path):
+    """bar(description, total) gets the UTF-8 bytes of the split's texts (blank ones too),
+    its advances add up to the text of the documents kept."""
+    corpus = mixed_corpus(tmp_path / "corpus.txt")
+    cfg = config("data=text", f"data.files={corpus}", "data.sample_by=line").data
+    seen = {}
+
+    @contextlib.contextmanager
+    def bar(description, total):
+        seen[description] = [total, 0]
+        yield lambda n: seen[description].__setitem__(1, seen[description][1] + n)
+
+    data.load(cfg, bar=bar)
+    docs = cfg.splits()
+    for split in ("train", "validation"):
+        texts = [t for t in docs[split]["text"] if t]
+        assert seen[f"tokenizing {split}"] == [
+            sum(len(t.encode()) for t in texts),
+            sum(len(t.encode()) for t in texts if t.strip())]
+
+
+def test_a_stop_while_tokenizing_in_threads_ends_in_one_line_and_leaves_no_tokens(tmp_path):
+    """SIGTERM from a worker thread as it writes its first chunk: the writer stops, the
+    workers finish what they began, and the half-written folder is removed."""
+    corpus = make_corpus(tmp_path / "corpus.txt")
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    proc = cli(*tiny(corpus, "data.tokenize_workers=2", f"hydra.run.dir={run_dir}"),
+               cwd=tmp_path, env={"TRAINRUN_CACHE": str(cache), "TRAINRUN_SIGNAL_INSIDE":
+                                  "SIGTERM:trainrun.data.tokenizing.write_at"})
+    assert proc.returncode == 128 + 15, proc.stderr
+    assert proc.stderr == "trainrun: SIGTERM: stopped before the first update\n"
+    assert "data: " in proc.stdout and "tokenized train" not in proc.stdout  # while tokenizing
+    assert not run_dir.exists()
+    assert [p.name for p in (cache / "tokens").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_a_resume_may_change_the_tokenizing_workers_not_the_data(tmp_path):
+
+    corpus = make_corpus(tmp_path / "corpus.txt")
+    run = tmp_path / "run"
+    train(run, *tiny(corpus, "trainer.max_steps=2", "data.tokenize_workers=1"))
+    path = run / "checkpoints" / "step-00000002"
+    meta = checkpoint.read_meta(path)
+    resume.check_compatible(config(*tiny(corpus, "data.tokenize_workers=3")), meta, path)
+    with pytest.raises(ConfigError) as err:  # the control: a key that changes the data
+        resume.check_compatible(config(*tiny(corpus, "data.val_fraction=0.1")), meta, path)
+    assert err.value.key == "data.val_fraction"

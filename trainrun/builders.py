@@ -145,9 +145,10 @@ def load_data(cfg: Config, world: distributed.World, console: Console) -> data.L
     if not world.main:
         distributed.barrier()
     if translation(cfg):
-        splits = data.load_pairs(cfg.data, cfg.tokenizer, console.info, seed=cfg.trainer.seed)
+        splits = data.load_pairs(cfg.data, cfg.tokenizer, console.info, seed=cfg.trainer.seed,
+                                 bar=console.bytes_bar)
     else:
-        splits = data.load(cfg.data, cfg.tokenizer, console.info)
+        splits = data.load(cfg.data, cfg.tokenizer, console.info, bar=console.bytes_bar)
         data.check_batch(cfg.data, splits.train)
     if world.main:
         distributed.barrier()

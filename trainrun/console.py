@@ -146,6 +146,34 @@ class Console:
                                            loss="-", val="-", lr="-", tps="-")
         self.progress.start()
 
+    @contextlib.contextmanager
+    def bytes_bar(self, description: str, total: int | None):
+        """A transient bar of `total` bytes (done/total MB, MB/s, time left) on a terminal,
+        for work before training (tokenizing); yields the function that advances it by n
+        bytes. Elsewhere it yields None: the caller writes plain lines (trainrun.data.storage.Bar)."""
+        if self.rich is None or self.term_handler not in self.log.handlers:
+            yield None
+            return
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        bar = Progress(TextColumn(description), BarColumn(), DownloadColumn(),
+                       TransferSpeedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                       console=self.rich, transient=True)
+        task = bar.add_task(description, total=total)
+        bar.start()
+        try:
+            yield lambda n: bar.advance(task, n)
+        finally:
+            with contextlib.suppress(OSError, ValueError):  # a terminal gone meanwhile (SIGHUP)
+                bar.stop()
+
     def advance(self, k: int, **fields: str) -> None:
         """Move the bar to update k, with new loss/val/lr/tps text where given."""
         if self.progress is not None:

@@ -10,10 +10,10 @@ nowhere else. Each is off unless its variable is set; none changes what a run co
     TRAINRUN_BEST_PAUSE=SECONDS       trainer.keep_best pauses this long between its two
                                       renames of checkpoints/best/ (trainrun.cadence)
     TRAINRUN_SIGNAL_INSIDE=SIG:WHERE  the process sends itself SIG (SIGTERM, SIGINT, ...)
-                                      when code named WHERE first runs during start-up: a
-                                      function `module.function` or a module (its import, or
-                                      any of its functions), so that a stop lands inside a
-                                      library on purpose rather than by timing
+                                      when code named WHERE first runs during start-up, in
+                                      any thread: a function `module.function` or a module
+                                      (its import, or any of its functions), so that a stop
+                                      lands inside a library on purpose rather than by timing
                                       (trainrun.signals)
     TRAINRUN_STREAM_STALL_AT=N        a stream's reading thread stalls before its chunk N
                                       (0-based, from where it started) until closed, and

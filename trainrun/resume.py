@@ -28,7 +28,8 @@ from trainrun.threads import MAX_THREADS
 
 # What a resumed run may not change: the model's family and its shape (the family's
 # shape_keys), the data and the data order's seed, and the optimizer (its state would not fit).
-DATA_KEYS_FREE = ("batch_size",)  # the order does not depend on it (docs/design.md, Data)
+# the order does not depend on them (docs/design.md, Data), nor the tokens on the workers
+DATA_KEYS_FREE = ("batch_size", "tokenize_workers")
 OPTIMIZER_GROUP_KEYS = ("no_decay", "exclude")  # they decide the parameter groups
 PLAIN = re.compile(r"[A-Za-z0-9_./-]*/[A-Za-z0-9_./-]*")  # a path Hydra reads as itself
 # Keys that came after runs were recorded without them, by (section, schema): the value such

@@ -21,6 +21,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
 
 from trainrun import faults
@@ -122,14 +123,19 @@ def _signal_inside(sig: str, where: str) -> None:
     """Tests: send this process `sig` when code named `where` first runs, a function
     (`module.function`) or a module (its import, or any of its functions), so that a stop
     lands inside a library on purpose rather than by timing."""
+    sent = []
+
     def profile(frame, event, arg) -> None:
         module = frame.f_globals.get("__name__") or ""
-        if event == "call" and (where in (module, f"{module}.{frame.f_code.co_name}")
-                                or module.startswith(f"{where}.")):
+        if not sent and event == "call" and (where in (module, f"{module}.{frame.f_code.co_name}")
+                                             or module.startswith(f"{where}.")):
+            sent.append(sig)
             sys.setprofile(None)
+            threading.setprofile(None)
             os.kill(os.getpid(), signal.Signals[sig])
 
     sys.setprofile(profile)
+    threading.setprofile(profile)  # and the threads started later (the tokenizing workers)
 
 
 def hold() -> None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from trainrun import signals
-from trainrun.data import storage, stream
+from trainrun.data import storage, stream, tokenizing
 from trainrun.data.mixture import MixDataConfig, Mixture
 from trainrun.data.pairs import Buckets, Pairs, Side
 from trainrun.data.parallel import SIDES, ParallelDataConfig
@@ -57,14 +57,16 @@ class Loaded:
 
 def load(cfg: DataConfig, tokenizer_cfg: TokenizerConfig | None = None,
          log: Callable[[str], None] = lambda line: None,
-         tokenizer: Tokenizer | None = None, train: bool = True) -> Loaded:
+         tokenizer: Tokenizer | None = None, train: bool = True,
+         bar: storage.Bar | None = None) -> Loaded:
     """The splits as Sequences over the cached token files, and the tokenizer (`tokenizer`,
-    e.g. a finished run's copy, else the one tokenizer_cfg builds). With data.streaming,
-    train is a Stream and validation the stream's first slice (stream.py); train=False: the
-    stream's training rows are not looked at (validation alone is wanted). data=mix's splits
-    are Mixtures of its sources' (load_mix)."""
+    e.g. a finished run's copy, else the one tokenizer_cfg builds); `bar`: the progress bar
+    of the tokenization on a terminal (storage.Bar). With data.streaming, train is a Stream
+    and validation the stream's first slice (stream.py); train=False: the stream's training
+    rows are not looked at (validation alone is wanted). data=mix's splits are Mixtures of
+    its sources' (load_mix)."""
     if isinstance(cfg, MixDataConfig):
-        return load_mix(cfg, tokenizer_cfg, log, tokenizer)
+        return load_mix(cfg, tokenizer_cfg, log, tokenizer, bar)
     _quiet_datasets()
     if getattr(cfg, "streaming", False):
         return Loaded(*stream.load(cfg, tokenizer_cfg or TOKENIZERS["byte"](), log, tokenizer,
@@ -75,7 +77,7 @@ def load(cfg: DataConfig, tokenizer_cfg: TokenizerConfig | None = None,
     signals.check()  # a start-up stop that came while `datasets` loaded them
     tokenizer = tokenizer or (tokenizer_cfg or TOKENIZERS["byte"]()).build(docs, log)
     signals.check()
-    folder = storage.tokenize(docs, tokenizer, log)
+    folder = storage.tokenize(docs, tokenizer, log, workers(cfg), bar)
     out = {}
     for split in storage.SPLITS:
         seqs = _sequences(cfg, folder, split, docs, tokenizer)
@@ -91,7 +93,7 @@ def load(cfg: DataConfig, tokenizer_cfg: TokenizerConfig | None = None,
 
 def load_mix(cfg: MixDataConfig, tokenizer_cfg: TokenizerConfig | None = None,
              log: Callable[[str], None] = lambda line: None,
-             tokenizer: Tokenizer | None = None) -> Loaded:
+             tokenizer: Tokenizer | None = None, bar: storage.Bar | None = None) -> Loaded:
     """A mixture's splits, each a Mixture of its sources' Sequences; one tokenizer for all
     (tokenizer=bpe is trained on every source's training documents together)."""
     import datasets
@@ -112,7 +114,7 @@ def load_mix(cfg: MixDataConfig, tokenizer_cfg: TokenizerConfig | None = None,
     signals.check()
     out = {split: {} for split in storage.SPLITS}
     for name, part in parts.items():
-        folder = storage.tokenize(docs[name], tokenizer, log)
+        folder = storage.tokenize(docs[name], tokenizer, log, workers(cfg), bar)
         for split in storage.SPLITS:
             seqs = _sequences(part, folder, split, docs[name], tokenizer)
             if len(seqs) == 0:
@@ -128,7 +130,7 @@ def load_mix(cfg: MixDataConfig, tokenizer_cfg: TokenizerConfig | None = None,
 def load_pairs(cfg: ParallelDataConfig, tokenizer_cfg: TokenizerConfig | None = None,
                log: Callable[[str], None] = lambda line: None,
                tokenizer: Tokenizer | None = None, seed: int = 0,
-               with_test: bool = False) -> Loaded:
+               with_test: bool = False, bar: storage.Bar | None = None) -> Loaded:
     """Sentence pairs: train as Buckets, validation (and test, with_test) as Pairs.
     One tokenizer for both sides (tokenizer=bpe is trained on the source and target sentences
     of the training split together), so that the model can share one embedding."""
@@ -145,7 +147,8 @@ def load_pairs(cfg: ParallelDataConfig, tokenizer_cfg: TokenizerConfig | None = 
     check_coverage(tokenizer, pairs["train"])
     signals.check()
     folders = {s: storage.tokenize(datasets.DatasetDict(
-        {split: _side(ds, s) for split, ds in pairs.items()}), tokenizer, log) for s in SIDES}
+        {split: _side(ds, s) for split, ds in pairs.items()}), tokenizer, log, workers(cfg), bar)
+        for s in SIDES}
     out, long = {}, {}
     for split in pairs:
         sides = [Side(*storage.open_split(folders[s], split, tokenizer.vocab_size))
@@ -217,12 +220,17 @@ def load_whole(cfg: DataConfig, tokenizer: Tokenizer,
                                   "every source's split as one set")
     _quiet_datasets()
     docs = cfg.splits(whole=True)
-    folder = storage.tokenize(docs, tokenizer, log)
+    folder = storage.tokenize(docs, tokenizer, log, workers(cfg))
     windows = Windows(_sequences(cfg, folder, "all", docs, tokenizer))
     if windows.num_targets(np.arange(len(windows))) == 0:
         raise ConfigError("data", f"{len(docs['all']):,} document(s) with no token to score; "
                                   f"allowed: data with some text")
     return windows
+
+
+def workers(cfg: DataConfig) -> int:
+    """The threads that tokenize (data.tokenize_workers)."""
+    return tokenizing.workers(cfg.tokenize_workers)
 
 
 def _quiet_datasets() -> None:

@@ -37,7 +37,7 @@ from trainrun.registry import register
 
 BLOCK = 4096  # draws per seeded block of the source choices
 MIX_SEED = 0x6D6978  # "mix": the choices' stream, apart from every source's own order
-SHARED = ("batch_size", "seq_len", "document_mask")  # the mixture's, for every source
+SHARED = ("batch_size", "seq_len", "document_mask", "tokenize_workers")  # the mixture's
 ENTRY = ("data", "weight")  # a source entry's own keys; the rest are its option's
 
 

@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 from omegaconf import MISSING
 
 from trainrun.data.stream import Source, StreamFailed, StreamingKeys, of_iterable
+from trainrun.data.tokenizing import check_workers
 from trainrun.errors import ConfigError, require_in, require_positive
 from trainrun.registry import options_of, register
 from trainrun.textcheck import (
@@ -61,9 +62,13 @@ class DataConfig:
     # attention within each document of a packed window, positions from 0 in each (a
     # decoder's; docs/data.md, Document masking); with packing=false a no-op
     document_mask: bool = False
+    # threads that tokenize: auto (one per core this process may use) or N; the token files
+    # are the same whatever the number, so it is in no cache key (docs/data.md, Token storage)
+    tokenize_workers: str = "auto"
 
     def validate(self, prefix: str) -> None:
         require_positive(f"{prefix}.batch_size", self.batch_size)
+        check_workers(f"{prefix}.tokenize_workers", self.tokenize_workers)
         require_positive(f"{prefix}.seq_len", self.seq_len)
         if not 0 < self.val_fraction <= 0.5:
             raise ConfigError(f"{prefix}.val_fraction",

@@ -23,6 +23,7 @@ An id beyond the vocabulary in what was read is an error too.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -35,10 +36,11 @@ from pathlib import Path
 import numpy as np
 
 from trainrun import rundir, signals
+from trainrun.data import tokenizing
 from trainrun.errors import ConfigError
 
 FORMAT = 2  # of the files below; part of every key (2: checksums in info.json)
-BATCH = 1000  # documents per encode_batch call
+BATCH = 1000  # documents per batch read to train a BPE (tokenizer_options.py)
 PROGRESS_SECONDS = 10.0
 SPLITS = ("train", "validation")
 VERIFY_ALL = 2 << 30  # token files up to this size are read whole at every open (~1 GB/s)
@@ -89,39 +91,82 @@ def dtype_for(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-def write_split(docs, tokenizer, folder: Path, split: str, log: Callable[[str], None]) -> dict:
+def write_split(docs, tokenizer, folder: Path, split: str, log: Callable[[str], None],
+                workers: int | None = None, bar: Bar | None = None) -> dict:
     """Tokenize one split's documents into folder/<split>.bin and .offsets.npy: each
-    non-blank document's ids, then the end-of-document id."""
-    dtype, eot = dtype_for(tokenizer.vocab_size), np.array([tokenizer.eot])
+    non-blank document's ids, then the end-of-document id; encoded by `workers` threads
+    (default: one per core this process may use) in chunks that are written in order, so
+    that the files are the same whatever the number (trainrun.data.tokenizing). Progress:
+    `bar`'s on a terminal, else a line every PROGRESS_SECONDS."""
+    dtype = dtype_for(tokenizer.vocab_size)
+    n_workers = workers or tokenizing.workers("auto")
     starts, n_docs, n_tokens, n_bytes = [np.zeros(1, np.int64)], 0, 0, 0
     digest = hashlib.sha256()
+    total = text_bytes(docs)
     began = last = time.monotonic()
-    with open(folder / f"{split}.bin", "wb") as out:
-        for batch in docs.iter(batch_size=BATCH):
-            signals.check()  # a start-up stop that came while `datasets` read the batch
-            texts = [t for t in batch["text"] if t and t.strip()]
-            if not texts:
-                continue
-            ids = tokenizer.encode_batch(texts)
-            chunk = np.concatenate([part for a in ids for part in (a, eot)]).astype(dtype)
-            chunk.tofile(out)
-            digest.update(chunk)
-            lengths = np.fromiter((len(a) + 1 for a in ids), np.int64, len(ids))
-            starts.append(n_tokens + np.cumsum(lengths))
-            n_docs, n_tokens = n_docs + len(ids), n_tokens + int(lengths.sum())
-            n_bytes += sum(len(t.encode("utf-8")) for t in texts)
-            if time.monotonic() - last >= PROGRESS_SECONDS:
-                last = time.monotonic()
-                log(f"tokenizing {split}: {rates(n_docs, n_tokens, n_bytes, last - began)}")
+    fd = os.open(folder / f"{split}.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        with (bar or no_bar)(f"tokenizing {split}", total) as advance, contextlib.closing(
+                tokenizing.write_chunks(docs, tokenizer, dtype, n_workers, fd)) as chunks:
+            for chunk in chunks:
+                signals.check()  # a start-up stop that came while `datasets` read the chunk
+                digest.update(chunk.tokens)
+                starts.append(n_tokens + np.cumsum(chunk.lengths))
+                n_docs, n_tokens = n_docs + len(chunk.lengths), n_tokens + len(chunk.tokens)
+                n_bytes += chunk.text_bytes
+                if advance is not None:
+                    advance(chunk.text_bytes)
+                elif time.monotonic() - last >= PROGRESS_SECONDS:
+                    last = time.monotonic()
+                    log(f"tokenizing {split}: {rates(n_docs, n_tokens, n_bytes, last - began)}"
+                        f"{time_left(n_bytes, total, last - began)}")
+    finally:
+        os.close(fd)  # after the writes: closing `chunks` waits for those under way
     np.save(folder / f"{split}.offsets.npy", np.concatenate(starts))
     seconds = time.monotonic() - began
-    log(f"tokenized {split}: {rates(n_docs, n_tokens, n_bytes, seconds)}")
+    log(f"tokenized {split}: {rates(n_docs, n_tokens, n_bytes, seconds)}; "
+        f"{n_workers} worker(s)")
     bin_path, offsets_path = folder / f"{split}.bin", folder / f"{split}.offsets.npy"
     return {"documents": n_docs, "tokens": n_tokens, "text_bytes": n_bytes,
             "seconds": round(seconds, 3), "bytes": bin_path.stat().st_size,
             "sha256": digest.hexdigest(), "sampled_sha256": _read(bin_path, dtype)[0],
             "offsets_bytes": offsets_path.stat().st_size,
             "offsets_sha256": _read(offsets_path, np.dtype(np.uint8), whole=True)[0]}
+
+
+# A progress bar of bytes: bar(description, total bytes or None) is a context manager that
+# gives the function advancing it by n bytes, or None where it shows nothing (not a
+# terminal: write_split logs lines instead). trainrun.console.Console.bytes_bar is one.
+Bar = Callable[[str, "int | None"], contextlib.AbstractContextManager]
+
+
+@contextlib.contextmanager
+def no_bar(description: str, total: int | None):
+    yield None
+
+
+def text_bytes(docs) -> int | None:
+    """The UTF-8 bytes of the split's texts, blank ones included (what the progress and its
+    ETA count against): summed from the Arrow offsets, without reading the text. None where
+    `datasets` holds the split otherwise than as a table and its indices mapping."""
+    try:
+        import pyarrow.compute as pc
+
+        sizes = pc.binary_length(docs.data.column("text"))
+        indices = docs._indices  # train_test_split, select: the rows of the table, in order
+        if indices is not None:
+            sizes = sizes.take(indices.column(0))
+        return int(pc.sum(sizes).as_py() or 0)
+    except Exception:  # a future `datasets`' internals: the progress just has no ETA
+        return None
+
+
+def time_left(done: int, total: int | None, seconds: float) -> str:
+    """'; 42% of 300.2 MB, about 12s left' (nothing without a total)."""
+    if not total or not done:
+        return ""
+    left = seconds * max(total - done, 0) / done
+    return f"; {min(done / total, 1):.0%} of {total / 1e6:,.1f} MB, about {left:,.0f}s left"
 
 
 def rates(docs: int, tokens: int, text_bytes: int, seconds: float) -> str:
@@ -131,8 +176,10 @@ def rates(docs: int, tokens: int, text_bytes: int, seconds: float) -> str:
             f"{text_bytes / 1e6 / s:,.1f} MB/s)")
 
 
-def tokenize(docs, tokenizer, log: Callable[[str], None]) -> Path:
-    """The cache folder of these documents' tokens, written first if it is not there."""
+def tokenize(docs, tokenizer, log: Callable[[str], None], workers: int | None = None,
+             bar: Bar | None = None) -> Path:
+    """The cache folder of these documents' tokens, written first if it is not there (by
+    `workers` threads, which the folder's key leaves out: the files are the same)."""
     fingerprints = [docs[split]._fingerprint for split in docs]  # SPLITS, or `all`
     folder = cache_root() / "tokens" / key(*fingerprints, tokenizer.fingerprint())
 
@@ -140,7 +187,8 @@ def tokenize(docs, tokenizer, log: Callable[[str], None]) -> Path:
         info = {"format": FORMAT, "dtype": dtype_for(tokenizer.vocab_size).name,
                 "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.fingerprint(),
                 "data": fingerprints,
-                "splits": {split: write_split(docs[split], tokenizer, tmp, split, log)
+                "splits": {split: write_split(docs[split], tokenizer, tmp, split, log,
+                                              workers, bar)
                            for split in docs}}
         (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n")
 

@@ -12,6 +12,7 @@ special id (as in GPT-2's training data): only the data code puts end-of-documen
 from __future__ import annotations
 
 import codecs
+import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +37,11 @@ class Tokenizer(Protocol):
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         """encode() of each text, as integer arrays; batches use every core."""
+
+    def encode_many(self, texts) -> tuple[np.ndarray, np.ndarray]:
+        """encode() of each text of a pyarrow string array without nulls, on the calling
+        thread (the token files' workers call it, trainrun.data.tokenizing): all the ids one
+        after the other, as one integer array, and the number of ids of each text."""
 
     def fingerprint(self) -> str:
         """Changes whenever the ids of some text would."""
@@ -70,6 +76,12 @@ class ByteTokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         return [np.frombuffer(t.encode("utf-8"), np.uint8) for t in texts]
+
+    def encode_many(self, texts) -> tuple[np.ndarray, np.ndarray]:
+        from trainrun.data.tokenizing import utf8
+
+        data, offsets = utf8(texts)  # the ids are the bytes: Arrow holds them already
+        return data[offsets[0]:offsets[-1]], np.diff(offsets)
 
     def fingerprint(self) -> str:
         return "byte"
@@ -173,6 +185,13 @@ class JSONTokenizer:
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         return [np.asarray(e.ids, dtype=np.int64)
                 for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def encode_many(self, texts) -> tuple[np.ndarray, np.ndarray]:
+        # encode_batch_fast (tokenizers >= 0.21): the same ids, without the character offsets
+        encode = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
+        ids = [e.ids for e in encode(texts.to_pylist(), add_special_tokens=False)]
+        counts = np.fromiter(map(len, ids), np.int64, len(ids))
+        return np.fromiter(itertools.chain.from_iterable(ids), np.int64, int(counts.sum())), counts
 
     def unknown_id(self) -> int | None:
         """The id of the unknown token its model maps unseen text to, if it has one."""
