@@ -11,6 +11,8 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -109,7 +111,7 @@ def test_the_word_cache_gives_the_library_s_ids(bpe, tmp_path, monkeypatch, chan
     assert 0 < len(tok.words.words) <= 50
     # the pre-tokens themselves are the library's (ids alone may hide a cut between two
     # pieces that no merge joins)
-    pre, chars = tok.tok.pre_tokenizer, word_cache.byte_chars()
+    pre, chars = tok.tok.pre_tokenizer, tok.words.chars
     for text in texts:
         if text.isascii():
             ours = word_cache.PATTERN.findall(text)
@@ -184,7 +186,7 @@ def test_the_token_files_are_the_library_s_bytes_from_1_2_3_worker_processes(
         return files, loaded.tokenizer, pids
 
     with monkeypatch.context() as m:  # the reference: the library's encode_batch_fast
-        m.setattr(word_cache.WordCache, "of", classmethod(lambda cls, tok: None))
+        m.setattr(word_cache.WordCache, "of", classmethod(lambda cls, tok, chars: None))
         library, tok, pids = token_files(1)
         assert tok.words is None and set(pids) == {os.getpid()}
     assert library["train.bin"] and set(library) == {
@@ -214,3 +216,24 @@ def test_a_stop_while_worker_processes_tokenize_ends_in_one_line(tmp_path):
     assert "data: " in proc.stdout and "tokenized train" not in proc.stdout
     assert not run_dir.exists()
     assert [p.name for p in (cache / "tokens").iterdir() if not p.name.endswith(".lock")] == []
+
+
+ORPHANS = """
+import multiprocessing, os, numpy as np
+from trainrun.data import tokenizing
+class Tok:
+    holds_gil = True
+with tokenizing.processes(None, Tok(), np.dtype(np.uint16), 2) as pool:
+    assert pool.submit(os.getpid).result() != os.getpid()
+    print(len(multiprocessing.active_children()), flush=True)  # both forked at once
+    os._exit(3)  # as a second stop signal ends the process: no shutdown of the pool
+"""
+
+
+def test_worker_processes_end_with_a_parent_that_ends_at_once():
+    """They hold the parent's stdout: its end of file comes once both have ended (they
+    ignore the stop signals and wait for work that never comes, unless PR_SET_PDEATHSIG)."""
+    proc = subprocess.run([sys.executable, "-c", ORPHANS], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout.split() == ["2"]

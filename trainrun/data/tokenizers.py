@@ -20,6 +20,7 @@ from typing import Protocol
 
 import numpy as np
 
+from trainrun.data.word_cache import WordCache
 from trainrun.errors import ConfigError
 
 EOT_TEXT = "<|endoftext|>"  # GPT-2's name for the end-of-document token
@@ -165,9 +166,7 @@ class JSONTokenizer:
             raise ConfigError("tokenizer.eot", f"{source} {named}; allowed: the name of one of "
                                                f"its special tokens")
         self.eot = tok.token_to_id(self.eot_text)
-        from trainrun.data.word_cache import WordCache
-
-        self.words = WordCache.of(tok)  # byte-level BPE: the same ids, fewer CPU-seconds
+        self.words = WordCache.of(tok, bytes_to_unicode())  # byte-level BPE: fewer CPU-s
         self.holds_gil = self.words is not None
 
     @classmethod

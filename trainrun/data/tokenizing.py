@@ -203,23 +203,29 @@ def processes(table, tokenizer, dtype: np.dtype, n: int) -> Iterator[Executor | 
     """n forked processes that encode spans of the table (encode_span), where the tokenizer
     holds Python's lock while it encodes and there are 2 workers or more; else None (the
     threads encode). They are forked before the threads start, and ignore the stop signals:
-    the parent stops, cancels what has not begun, and they end with it."""
+    the parent stops, cancels what has not begun, and they end with it; a parent killed
+    outright, or ended at once by a second signal, takes them with it (PR_SET_PDEATHSIG)."""
     if not (getattr(tokenizer, "holds_gil", False) and n > 1 and sys.platform == "linux"):
         yield None
         return
     context = multiprocessing.get_context("fork")  # the mapped table, without a copy
     with ProcessPoolExecutor(n, context, initializer=_in_process,
-                             initargs=(table, tokenizer, dtype)) as pool:
+                             initargs=(table, tokenizer, dtype, os.getpid())) as pool:
         yield pool
 
 
 _process_state: tuple = ()
 
 
-def _in_process(table, tokenizer, dtype: np.dtype) -> None:
+def _in_process(table, tokenizer, dtype: np.dtype, parent: int) -> None:
     global _process_state
+    import ctypes
+
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: killed as its parent ends
+    if os.getppid() != parent:  # it ended before that
+        os._exit(1)
     _process_state = (table, tokenizer, dtype)
 
 

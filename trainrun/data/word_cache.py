@@ -33,13 +33,6 @@ PATTERN = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z
                      r"|\s+(?!\S)|\s+", re.ASCII)
 
 
-def byte_chars() -> dict[int, str]:
-    """str.translate's table from each ASCII character to its byte-level character."""
-    from trainrun.data.tokenizers import bytes_to_unicode
-
-    return {b: c for b, c in bytes_to_unicode().items() if b < 0x80}
-
-
 def eligible(spec: dict) -> bool:
     """Whether the tokenizer.json (parsed) encodes as WordCache does."""
     pre, post = spec.get("pre_tokenizer"), spec.get("post_processor")
@@ -56,18 +49,20 @@ class WordCache:
     """encode_many() of a byte-level BPE `tokenizers.Tokenizer` (eligible()), its special
     tokens' text encoded as text."""
 
-    def __init__(self, tok, prefix_space: bool):
+    def __init__(self, tok, prefix_space: bool, byte_chars: dict[int, str]):
         self.tok, self.model, self.prefix_space = tok, tok.model, prefix_space
-        self.chars = byte_chars()
+        # str.translate's table from each ASCII character to its byte-level character
+        self.chars = {b: c for b, c in byte_chars.items() if b < 0x80}
         self.words: dict[str, tuple[int, ...]] = {}
 
     @classmethod
-    def of(cls, tok) -> WordCache | None:
-        """The fast encoder of tok, or None where its pipeline is not one it reproduces."""
+    def of(cls, tok, byte_chars: dict[int, str]) -> WordCache | None:
+        """The fast encoder of tok (byte_chars: the byte-level character of each byte,
+        tokenizers.bytes_to_unicode), or None where its pipeline is not one it reproduces."""
         spec = json.loads(tok.to_str())
         if not eligible(spec):
             return None
-        return cls(tok, bool(spec["pre_tokenizer"].get("add_prefix_space")))
+        return cls(tok, bool(spec["pre_tokenizer"].get("add_prefix_space")), byte_chars)
 
     def word(self, piece: str) -> tuple[int, ...]:
         """The ids of one pre-token, as the library's BPE model gives them; kept."""
