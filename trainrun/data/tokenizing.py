@@ -50,7 +50,8 @@ def check_workers(key: str, value: str) -> None:
 
 
 def workers(value: str) -> int:
-    """The number of threads that data.tokenize_workers=value asks for."""
+    """The number of workers (threads, or processes: write_chunks) that
+    data.tokenize_workers=value asks for."""
     if str(value).strip() != "auto":
         return int(str(value).strip())
     from trainrun.threads import cores
