@@ -9,7 +9,8 @@ trainrun's own data code in fresh processes (their own caches under --work), the
 gpt_tiny for --steps updates on the large and on the 20 MB corpus with each tokenizer and
 reads each run's peak RSS (getrusage of the child process). It prints a Markdown table.
 Besides the throughput (MB of text per second, wall clock), it gives the CPU seconds that
-tokenizing the training split took (every thread) and the MB per CPU-second: on a machine
+tokenizing the training split took (every thread, and the worker processes of a tokenizer
+that encodes in processes) and the MB per CPU-second: on a machine
 shared with other jobs the first moves with their load, the second much less.
 --tokenize-only measures the large corpus's tokenization alone (no training runs, no small
 corpus); --workers N passes data.tokenize_workers=N.
@@ -40,11 +41,14 @@ from trainrun.data import storage
 cfg = validated_configs([sys.argv[1:]])[0]
 cpu, write_split = {}, storage.write_split
 
+def used():  # every thread of the process, and its worker processes once ended
+    return sum(r.ru_utime + r.ru_stime for r in map(resource.getrusage, (
+        resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
+
 def timed(docs, tokenizer, folder, split, *args, **kwargs):  # the CPU time of each split
-    before = resource.getrusage(resource.RUSAGE_SELF)  # every thread of the process
+    before = used()
     record = write_split(docs, tokenizer, folder, split, *args, **kwargs)
-    after = resource.getrusage(resource.RUSAGE_SELF)
-    cpu[split] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    cpu[split] = used() - before
     return record
 
 storage.write_split = timed

@@ -47,6 +47,7 @@ def inputs(tmp_path_factory, corpus) -> dict[tuple[str, str], list[str]]:
     return {"pairs": [f"data.source_files={pairs / 'train.src'}",
                       f"data.target_files={pairs / 'train.tgt'}"],
             ("data", "text"): [f"data.files={corpus}"],
+            ("data", "mix"): [f"data.sources={{a: {{data: text, files: '{corpus}'}}}}"],
             ("data", "hf"): [f"data.path={root / 'ds'}", "data.val_split=validation"],
             ("tokenizer", "hf"): [f"tokenizer.path={root / 'tokenizer.json'}"],
             ("scheduler", "multistep"): ["scheduler.milestones=[10,20]"],  # within N updates

@@ -5,21 +5,26 @@ written by one at its place in the token file (where the chunks before it end); 
 token files are the same bytes whatever the number of workers: a document's ids do not
 depend on which chunk or thread encoded it, nor a chunk's place on which thread wrote it.
 
-Threads, not processes: the documents are `datasets`' memory-mapped Arrow table, which every
-thread reads without a copy, and the work mostly runs outside Python's lock: `tokenizers`
-lets go of it while it encodes, and the byte tokenizer is a few NumPy operations on the Arrow
+Threads where the work mostly runs outside Python's lock: the documents are `datasets'`
+memory-mapped Arrow table, which every thread reads without a copy; `tokenizers` lets go of
+the lock while it encodes, and the byte tokenizer is a few NumPy operations on the Arrow
 buffers. While they run, `tokenizers`' own thread pool is turned off
 (TOKENIZERS_PARALLELISM=false), so that N workers use N cores rather than N times every core.
+A tokenizer whose encode_many holds the lock (`holds_gil`: the byte-level BPE's word cache,
+trainrun.data.word_cache) encodes in N forked processes instead, which read the same mapped
+table and send each chunk's Chunk back; the threads still write them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
+import signal
 import sys
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,7 +50,8 @@ def check_workers(key: str, value: str) -> None:
 
 
 def workers(value: str) -> int:
-    """The number of threads that data.tokenize_workers=value asks for."""
+    """The number of workers (threads, or processes: write_chunks) that
+    data.tokenize_workers=value asks for."""
     if str(value).strip() != "auto":
         return int(str(value).strip())
     from trainrun.threads import cores
@@ -164,13 +170,17 @@ def write_chunks(docs, tokenizer, dtype: np.dtype, n_workers: int, fd: int) -> I
     encoding: deque = deque()
     writing: deque = deque()
     at = 0  # bytes of the file before the next chunk
-    with own_threads_only(), ThreadPoolExecutor(n_workers, "tokenize") as pool:
+    with own_threads_only(), processes(table, tokenizer, dtype, min(n_workers, len(spans))) \
+            as encoders, ThreadPoolExecutor(n_workers, "tokenize") as pool:
 
         def encode_ahead() -> None:
             while spans and len(encoding) < AHEAD * n_workers:
                 a, b = spans.popleft()
-                encoding.append(pool.submit(lambda a=a, b=b: encode_chunk(
-                    table[a:b], tokenizer, dtype)))
+                if encoders is not None:
+                    encoding.append(encoders.submit(encode_span, a, b))
+                else:
+                    encoding.append(pool.submit(lambda a=a, b=b: encode_chunk(
+                        table[a:b], tokenizer, dtype)))
 
         try:
             encode_ahead()
@@ -187,6 +197,43 @@ def write_chunks(docs, tokenizer, dtype: np.dtype, n_workers: int, fd: int) -> I
         finally:
             for future in (*encoding, *writing):
                 future.cancel()  # those under way finish before the pool's threads end
+
+
+@contextlib.contextmanager
+def processes(table, tokenizer, dtype: np.dtype, n: int) -> Iterator[Executor | None]:
+    """n forked processes that encode spans of the table (encode_span), where the tokenizer
+    holds Python's lock while it encodes and there are 2 workers or more; else None (the
+    threads encode). They are forked before the threads start, and ignore the stop signals:
+    the parent stops, cancels what has not begun, and they end with it; a parent killed
+    outright, or ended at once by a second signal, takes them with it (PR_SET_PDEATHSIG)."""
+    if not (getattr(tokenizer, "holds_gil", False) and n > 1 and sys.platform == "linux"):
+        yield None
+        return
+    context = multiprocessing.get_context("fork")  # the mapped table, without a copy
+    with ProcessPoolExecutor(n, context, initializer=_in_process,
+                             initargs=(table, tokenizer, dtype, os.getpid())) as pool:
+        yield pool
+
+
+_process_state: tuple = ()
+
+
+def _in_process(table, tokenizer, dtype: np.dtype, parent: int) -> None:
+    global _process_state
+    import ctypes
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: killed as its parent ends
+    if os.getppid() != parent:  # it ended before that
+        os._exit(1)
+    _process_state = (table, tokenizer, dtype)
+
+
+def encode_span(a: int, b: int) -> Chunk:
+    """In a worker process: the Chunk of documents a..b-1 of its table."""
+    table, tokenizer, dtype = _process_state
+    return encode_chunk(table[a:b], tokenizer, dtype)
 
 
 def write_at(fd: int, tokens: np.ndarray, at: int) -> None:
