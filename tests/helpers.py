@@ -130,9 +130,12 @@ def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
-def cli(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None):
-    """Run the real `trainrun` console script in a subprocess."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+def cli(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None,
+        unset: tuple[str, ...] = ()):
+    """Run the real `trainrun` console script in a subprocess (`unset`: variables of this
+    process it does not get)."""
+    full_env = {**{k: v for k, v in os.environ.items() if k not in unset},
+                "PYTHONUNBUFFERED": "1", **(env or {})}
     exe = Path(sys.executable).with_name("trainrun")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "trainrun"]
     return subprocess.run([*cmd, *args], cwd=cwd, capture_output=True, text=True,
