@@ -120,14 +120,19 @@ def read_through(args) -> None:
                       "samples": len(samples), "wall_s": round(time.monotonic() - began, 1)}))
 
 
-def read_through_all(args) -> None:
-    """--read-through: each corpus read through, each in a fresh process with its caches."""
-    rows = []
+def corpora(args):
+    """(size in MB, folder, MB of text) of each --sizes corpus, written the first time."""
     for size in map(int, args.sizes.split(",")):
         corpus = args.work / f"corpus-stream-{size}mb"
         if not corpus.is_dir():
             make_corpus(corpus, size, seed=size)
-        text_mb = folder_bytes(corpus) / 1e6
+        yield size, corpus, folder_bytes(corpus) / 1e6
+
+
+def read_through_all(args) -> None:
+    """--read-through: each corpus read through, each in a fresh process with its caches."""
+    rows = []
+    for size, corpus, text_mb in corpora(args):
         for mode in (["stream", "files"] if args.token_files else ["stream"]):
             name = f"read-{mode}-{size}mb"
             caches = args.work / f"caches-{name}"
@@ -186,11 +191,7 @@ def main(argv=None) -> None:
         read_through_all(args)
         return
     rows = []
-    for size in map(int, args.sizes.split(",")):
-        corpus = args.work / f"corpus-stream-{size}mb"
-        if not corpus.is_dir():
-            make_corpus(corpus, size, seed=size)
-        text_mb = folder_bytes(corpus) / 1e6
+    for size, corpus, text_mb in corpora(args):
         for streaming in ([True, False] if args.token_files else [True]):
             name = f"{'stream' if streaming else 'files'}-{size}mb"
             caches = args.work / f"caches-{name}"

@@ -158,7 +158,7 @@ class Mixture:
     def available(self) -> int:
         """The sequences of the splits its parts are taken from (heads() keeps the first of
         each): what a validation set may be drawn from."""
-        return sum(getattr(p, "seqs", p).__len__() for p in self.parts)
+        return sum(len(getattr(p, "seqs", p)) for p in self.parts)
 
     def source_of(self, indices: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.starts, indices, side="right") - 1
@@ -264,11 +264,8 @@ class MixOrder:
         start = 0
         for i, order in enumerate(self.orders):
             rows = np.flatnonzero(which == i)
-            got = []
-            while sum(len(g) for g in got) < len(rows):
-                got.append(order.next_window(len(rows) - sum(len(g) for g in got)))
             if len(rows):
-                out[rows] = np.concatenate(got).astype(np.int64) + start
+                out[rows] = _take(order, len(rows)) + start
             start += self.sizes[i]
         return out
 
@@ -301,6 +298,15 @@ class MixOrder:
             self.notes = [f"data.sources weights now {_shares(self.weights)}, the checkpoint's "
                           f"{_shares(saved)}: the draws after {drawn:,} follow the new weights, "
                           f"each source continuing from its position"]
+
+
+def _take(order: DataOrder, n: int) -> np.ndarray:
+    """The next n indices of a source's order, across as many of its epochs as they span."""
+    got, have = [], 0
+    while have < n:
+        got.append(order.next_window(n - have))
+        have += len(got[-1])
+    return np.concatenate(got).astype(np.int64)
 
 
 def _shares(weights: dict[str, float]) -> str:
